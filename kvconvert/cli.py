@@ -1,0 +1,268 @@
+"""The kvconvert command line (Typer). The only module that prints: results to stdout, progress to stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import KvconvertError
+
+app = typer.Typer(
+    name="kvconvert",
+    help="Shrink the KV cache of an LLM: convert a checkpoint to Cross-Layer Latent Attention, evaluate and profile it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+profile_app = typer.Typer(help="Memory (and, with the runtime, speed) profiles of a model.", no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def user_errors(fn):
+    """One clear line and a non-zero exit for every error a user can cause; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KvconvertError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # a bug: still one line, with a way to get the traceback
+            if os.environ.get("KVCONVERT_DEBUG"):
+                raise
+            err.print(
+                f"[bold red]error:[/] internal error: {e.__class__.__name__}: {e} (set KVCONVERT_DEBUG=1 for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def log(msg: str) -> None:
+    err.print(f"[dim]•[/] {msg}", highlight=False)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------- convert
+@app.command()
+@user_errors
+def convert(
+    src: Annotated[str, typer.Argument(help="Source: a transformers folder (safetensors), a .gguf file, or 'smollm2'.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (written atomically).")],
+    identity: Annotated[bool, typer.Option("--identity", help="Exact conversion: full-width latent, no compression.")] = False,
+    kv_ratio: Annotated[
+        Optional[float], typer.Option("--kv-ratio", help="Target KV cache size as a fraction of the source's, in (0, 1].")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the conversion record as JSON.")] = False,
+):
+    """Convert SRC into a CLLA model at OUT (model.safetensors, config, tokenizer, conversion.json, model card)."""
+    from .convert.pipeline import ConvertOptions, convert as run_convert
+
+    record = run_convert(src, out_dir, ConvertOptions(identity=identity, kv_ratio=kv_ratio, force=force, dtype=dtype, log=log))
+    if as_json:
+        print_json(record)
+        return
+    t = Table(title=f"converted {record['source']} -> {out_dir}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("plan", record["plan"])
+    t.add_row("KV bytes / token", f"{record['kv_bytes_per_token']:,} (source {record['source_kv_bytes_per_token']:,})")
+    t.add_row("KV ratio", f"{record['kv_ratio']:.4f}")
+    t.add_row("max rel. logit error vs source (fp32)", f"{record['check']['max_relative_logit_error_fp32']:.2e}")
+    t.add_row("weights dtype", record["dtype"])
+    t.add_row("time (s)", f"{record['timings_s']['total']:.1f}")
+    out.print(t)
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def parse_lengths(spec: str) -> list[int]:
+    try:
+        lengths = [int(x.replace("k", "000")) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise KvconvertError(f"--passkey wants comma-separated token counts like 1024,4096; got {spec!r}") from None
+    if not lengths or any(n < 64 for n in lengths):
+        raise KvconvertError(f"--passkey lengths must be at least 64 tokens; got {spec!r}")
+    return lengths
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model_path: Annotated[str, typer.Argument(metavar="MODEL", help="A converted folder or any source (folder, .gguf, 'smollm2').")],
+    text: Annotated[Optional[Path], typer.Option(help="UTF-8 text file for perplexity.")] = None,
+    window: Annotated[int, typer.Option(help="Tokens per non-overlapping window.")] = 512,
+    max_tokens: Annotated[int, typer.Option(help="Tokens of the text read (from its start).")] = 20480,
+    reference: Annotated[
+        Optional[str], typer.Option(help="Reference model (usually the source): adds top-1 agreement and KL(ref || model).")
+    ] = None,
+    passkey: Annotated[Optional[str], typer.Option(help="Passkey-retrieval prompt lengths in tokens, e.g. 1024,4096.")] = None,
+    passkey_trials: Annotated[int, typer.Option(help="Prompts per passkey length (key depths spread evenly).")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+):
+    """Perplexity on --text (protocol: no BOS, non-overlapping windows, window-1 predictions each), agreement with
+    --reference, and passkey retrieval accuracy."""
+    from .evaluate import passkey_accuracy, read_text, score_windows, text_windows
+    from .loading import load_any
+
+    if text is None and passkey is None:
+        raise KvconvertError("nothing to evaluate: give --text FILE and/or --passkey LENGTHS")
+    if passkey_trials < 1:
+        raise KvconvertError("--passkey-trials must be at least 1")
+    if batch_size < 1:
+        raise KvconvertError("--batch-size must be at least 1")
+    lengths = parse_lengths(passkey) if passkey else []
+    raw = read_text(text) if text is not None else None
+    set_threads(threads)
+    log(f"loading {model_path}")
+    loaded = load_any(model_path)
+    if loaded.tokenizer is None:
+        raise KvconvertError(f"{model_path}: no tokenizer files; evaluation needs one")
+    ref = None
+    if reference:
+        log(f"loading reference {reference}")
+        ref = load_any(reference).model
+        if ref.config.vocab_size != loaded.model.config.vocab_size:
+            raise KvconvertError("--reference has a different vocabulary; it must share the model's tokenizer")
+    result: dict = {"model": model_path, "reference": reference}
+    if raw is not None:
+        windows = text_windows(loaded.tokenizer, raw, window, max_tokens)
+        with progress_bar() as bar:
+            task = bar.add_task("perplexity", total=windows.shape[0])
+            result["text"] = {"file": str(text)} | score_windows(
+                loaded.model, windows, ref, batch_size, lambda d, n: bar.update(task, completed=d)
+            )
+    if lengths:
+        with progress_bar() as bar:
+            task = bar.add_task("passkey", total=len(lengths) * passkey_trials)
+            result["passkey"] = passkey_accuracy(
+                loaded.model, loaded.tokenizer, lengths, passkey_trials, progress=lambda d, n: bar.update(task, completed=d)
+            )
+    if as_json:
+        print_json(result)
+        return
+    t = Table(title=f"eval {model_path}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    if "text" in result:
+        r = result["text"]
+        t.add_row("perplexity", f"{r['perplexity']:.4f}")
+        t.add_row("predictions scored", f"{r['predictions']:,} ({r['windows']} × {r['window'] - 1})")
+        if ref is not None:
+            t.add_row("top-1 agreement", f"{r['top1_agreement']:.2%}")
+            t.add_row("KL(ref || model)", f"{r['kl']:.5f}")
+    for p in result.get("passkey", []):
+        t.add_row(f"passkey {p['length']} tok", f"{p['accuracy']:.0%} of {p['trials']}")
+    out.print(t)
+
+
+# ----------------------------------------------------------------------------------------------- profile
+@profile_app.command("memory")
+@user_errors
+def profile_memory(
+    model_path: Annotated[str, typer.Argument(metavar="MODEL", help="A converted folder or any source (folder, .gguf, 'smollm2').")],
+    context: Annotated[int, typer.Option(help="Tokens per sequence.")] = 32768,
+    batch: Annotated[int, typer.Option(help="Sequences.")] = 1,
+    budget_gib: Annotated[float, typer.Option(help="Memory for weights + KV cache, GiB.")] = 16.0,
+    weight_bytes: Annotated[int, typer.Option(help="Bytes per weight (2 = bf16 serving).")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+):
+    """KV bytes per token by cached tensor, the source's figure and the ratio, totals at --context × --batch, and the
+    largest context or batch that fits --budget-gib."""
+    from .config import CllaConfig
+    from .convert.identity import identity_config
+    from .convert.source import load_source_config, model_type_of, resolve
+    from .loading import is_clla_folder
+    from .runtime.profile import memory_profile
+
+    if context < 1 or batch < 1 or budget_gib <= 0 or weight_bytes < 1:
+        raise KvconvertError("--context, --batch, --budget-gib and --weight-bytes must be positive")
+    if model_path != "smollm2" and is_clla_folder(model_path):
+        try:
+            cfg = CllaConfig.from_pretrained(model_path)
+        except ValueError as e:
+            raise KvconvertError(f"{model_path}/config.json: invalid CLLA plan ({e})") from None
+        kind = "converted"
+    else:
+        ref = resolve(model_path)
+        cfg = identity_config(load_source_config(ref), model_type_of(ref), ref.name)
+        kind = "source (identity plan)"
+    result = {"model": model_path, "kind": kind} | memory_profile(cfg, context, batch, budget_gib, weight_bytes)
+    if as_json:
+        print_json(result)
+        return
+    t = Table(title=f"KV cache of {model_path} ({kind})")
+    t.add_column("cached tensor")
+    t.add_column("bytes / token", justify="right")
+    for name, b in result["kv_bytes_per_token"].items():
+        t.add_row(name, f"{b:,}")
+    t.add_row("source (16-bit K+V)", f"{result['source_kv_bytes_per_token']:,}")
+    t.add_row("ratio", f"{result['kv_ratio']:.4f}")
+    out.print(t)
+    gib = lambda b: f"{b / 2**30:,.3f} GiB"  # noqa: E731
+    s = Table(title=f"context {context:,} × batch {batch}, budget {budget_gib:g} GiB (weights at {weight_bytes} B)")
+    s.add_column("")
+    s.add_column("converted", justify="right")
+    s.add_column("source", justify="right")
+    c, o = result["converted"], result["source"]
+    s.add_row("KV cache", gib(c["kv_bytes_total"]), gib(o["kv_bytes_total"]))
+    s.add_row("weights", gib(c["weights_bytes"]), gib(o["weights_bytes"]))
+    s.add_row(f"max context at batch {batch}", f"{c['max_context_at_batch']:,}", f"{o['max_context_at_batch']:,}")
+    s.add_row(f"max batch at context {context:,}", f"{c['max_batch_at_context']:,}", f"{o['max_batch_at_context']:,}")
+    out.print(s)
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # kvconvert reports its own progress; transformers' tqdm bars clutter stderr
+    app()
+
+
+if __name__ == "__main__":
+    main()

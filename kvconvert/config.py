@@ -1,0 +1,185 @@
+"""CllaConfig: the transformers config of a Cross-Layer Latent Attention model, holding the whole plan.
+
+What is cached per token and per layer group g (see DESIGN.md):
+  latent  c      = quant(W_dkv[g] · x_first)   kv_latent_dim values at kv_bits
+                   (+ one fp16 scale and one fp16 zero-point per kv_quant_group values when kv_bits < 16)
+  rope key k_r   = RoPE(W_kr[g] · x_first)     rope_heads × rope_dim values at 16 bits
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PretrainedConfig
+
+SUPPORTED_KV_BITS = (16, 8, 4)
+SCALE_BYTES = 2  # scales and zero-points are stored as fp16
+CACHE_ELEMENT_BYTES_16 = 2  # a 16-bit cache stores fp16/bf16
+
+
+class CllaConfig(PretrainedConfig):
+    """Config of `CllaForCausalLM`.
+
+    Source-model fields mirror Llama's (`hidden_size`, `num_attention_heads`, ...). The plan fields are:
+
+    - `layer_groups`: list of lists of consecutive layer indices; each group shares one latent stream.
+    - `kv_latent_dim` (R): latent width per group.
+    - `qk_nope_dim`: per-head query/key dims scored through the latent (keys reconstructed by `k_up`).
+    - `rope_dim`: per-head query/key dims that carry RoPE (even); `rope_heads` rope-key heads per group,
+      query head h reads rope head h // (num_attention_heads // rope_heads).
+    - `rope_freq_index`: per rope head, the `rope_dim // 2` RoPE frequency indices it keeps (rotate-half layout:
+      dims [i, i + rope_dim/2] rotate with frequency `rope_inv_freq[rope_freq_index[head][i]]`).
+    - `kv_bits` (16, 8, 4) and `kv_quant_group`: latent storage; asymmetric group-wise quantization.
+    - `layer_windows`: per layer, a sliding-window length or None (full attention).
+    - `source_name`, `source_kv_bytes_per_token`: what the model was converted from and its 16-bit KV figure.
+    """
+
+    model_type = "clla"
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        hidden_size: int = 64,
+        intermediate_size: int = 128,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        head_dim: int = 16,
+        hidden_act: str = "silu",
+        rms_norm_eps: float = 1e-6,
+        max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
+        rope_inv_freq: list[float] | None = None,
+        rope_attention_scaling: float = 1.0,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        mlp_bias: bool = False,
+        softmax_scale: float | None = None,
+        layer_windows: list[int | None] | None = None,
+        layer_groups: list[list[int]] | None = None,
+        kv_latent_dim: int | None = None,
+        qk_nope_dim: int = 0,
+        rope_dim: int | None = None,
+        rope_heads: int | None = None,
+        rope_freq_index: list[list[int]] | None = None,
+        kv_bits: int = 16,
+        kv_quant_group: int = 32,
+        source_name: str | None = None,
+        source_model_type: str | None = None,
+        source_kv_bytes_per_token: int | None = None,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        half = head_dim // 2
+        # Default RoPE: theta 10000 over the full head dim (what Llama uses).
+        self.rope_inv_freq = list(rope_inv_freq) if rope_inv_freq is not None else [
+            1.0 / (10000.0 ** (2 * i / head_dim)) for i in range(half)
+        ]
+        self.rope_attention_scaling = rope_attention_scaling
+        self.qkv_bias = qkv_bias
+        self.o_bias = o_bias
+        self.mlp_bias = mlp_bias
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
+        self.layer_windows = list(layer_windows) if layer_windows is not None else [None] * num_hidden_layers
+        # Defaults describe the identity plan: one layer per group, values in the latent, all of the key in RoPE.
+        self.layer_groups = [list(g) for g in layer_groups] if layer_groups is not None else [
+            [i] for i in range(num_hidden_layers)
+        ]
+        self.rope_dim = rope_dim if rope_dim is not None else head_dim
+        self.rope_heads = rope_heads if rope_heads is not None else num_key_value_heads
+        self.qk_nope_dim = qk_nope_dim
+        self.kv_latent_dim = kv_latent_dim if kv_latent_dim is not None else num_key_value_heads * (
+            head_dim + qk_nope_dim
+        )
+        self.rope_freq_index = [list(f) for f in rope_freq_index] if rope_freq_index is not None else [
+            list(range(self.rope_dim // 2)) for _ in range(self.rope_heads)
+        ]
+        self.kv_bits = kv_bits
+        self.kv_quant_group = kv_quant_group
+        self.source_name = source_name
+        self.source_model_type = source_model_type
+        self.source_kv_bytes_per_token = source_kv_bytes_per_token
+        self.use_cache = use_cache
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate_plan()
+
+    # ------------------------------------------------------------------ plan checks
+    def validate_plan(self) -> None:
+        """Raise ValueError naming the first inconsistency of the plan."""
+        L = self.num_hidden_layers
+        flat = [i for g in self.layer_groups for i in g]
+        if flat != list(range(L)):
+            raise ValueError(f"layer_groups must cover layers 0..{L - 1} once, in order, got {self.layer_groups}")
+        for g in self.layer_groups:
+            if not g or g != list(range(g[0], g[0] + len(g))):
+                raise ValueError(f"each layer group must be a non-empty run of consecutive layers, got {g}")
+        if len(self.layer_windows) != L:
+            raise ValueError(f"layer_windows needs {L} entries, got {len(self.layer_windows)}")
+        if self.kv_bits not in SUPPORTED_KV_BITS:
+            raise ValueError(f"kv_bits must be one of {SUPPORTED_KV_BITS}, got {self.kv_bits}")
+        if self.kv_latent_dim < 1:
+            raise ValueError(f"kv_latent_dim must be positive, got {self.kv_latent_dim}")
+        if self.kv_bits < 16 and self.kv_latent_dim % self.kv_quant_group:
+            raise ValueError(
+                f"kv_latent_dim {self.kv_latent_dim} must be a multiple of kv_quant_group {self.kv_quant_group}"
+            )
+        if self.kv_bits == 4 and self.kv_quant_group % 2:
+            raise ValueError("kv_quant_group must be even at 4 bits (two values per byte)")
+        if self.rope_dim % 2 or self.rope_dim < 0:
+            raise ValueError(f"rope_dim must be even and non-negative, got {self.rope_dim}")
+        H = self.num_attention_heads
+        if self.rope_dim and (self.rope_heads < 1 or H % self.rope_heads):
+            raise ValueError(f"rope_heads ({self.rope_heads}) must divide num_attention_heads ({H})")
+        if H % self.num_key_value_heads:
+            raise ValueError("num_key_value_heads must divide num_attention_heads")
+        if self.rope_dim and (
+            len(self.rope_freq_index) != self.rope_heads
+            or any(len(f) != self.rope_dim // 2 for f in self.rope_freq_index)
+            or any(not 0 <= i < len(self.rope_inv_freq) for f in self.rope_freq_index for i in f)
+        ):
+            raise ValueError("rope_freq_index needs rope_heads lists of rope_dim/2 valid frequency indices")
+        if self.qk_nope_dim + self.rope_dim < 1:
+            raise ValueError("queries need at least one dim (qk_nope_dim + rope_dim)")
+
+    @property
+    def num_layer_groups(self) -> int:
+        return len(self.layer_groups)
+
+    def group_of_layer(self) -> list[int]:
+        """layer index -> group index."""
+        return [g for g, layers in enumerate(self.layer_groups) for _ in layers]
+
+
+def source_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    """A standard 16-bit KV cache: keys and values of every kv head of every layer."""
+    return num_layers * 2 * num_kv_heads * head_dim * CACHE_ELEMENT_BYTES_16
+
+
+def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
+    """Bytes per token of each cached tensor, summed over layer groups (what the runtime allocates per token).
+
+    latent: kv_latent_dim values at kv_bits (int4 packs two per byte); latent_scales: an fp16 scale and an fp16
+    zero-point per kv_quant_group values (only below 16 bits); rope_keys: rope_heads × rope_dim values at 16 bits.
+    """
+    G = config.num_layer_groups
+    R = config.kv_latent_dim
+    latent = G * math.ceil(R * config.kv_bits / 8)
+    scales = G * (R // config.kv_quant_group) * 2 * SCALE_BYTES if config.kv_bits < 16 else 0
+    rope = G * config.rope_heads * config.rope_dim * CACHE_ELEMENT_BYTES_16
+    return {"latent": latent, "latent_scales": scales, "rope_keys": rope}
+
+
+def kv_bytes_per_token(config: CllaConfig) -> int:
+    return sum(kv_bytes_breakdown(config).values())

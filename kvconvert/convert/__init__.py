@@ -1,0 +1,1 @@
+"""Conversion stages: load a source, build the CLLA model, export it."""

@@ -1,0 +1,146 @@
+"""The identity conversion: the CLLA model that is exactly its source.
+
+One layer per group; the latent holds the values (W_dkv = Wv, W_uv = I); every key dim is a rope dim
+(W_kr = Wk, one rope head per kv head, all frequencies). Its logits equal the source's to float tolerance,
+which is what proves the model code right; compressed plans start from the same source description.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..config import CllaConfig, source_kv_bytes_per_token
+from ..errors import KvconvertError
+from ..model import CllaForCausalLM
+
+
+def source_rope(hf_config, model_type: str) -> tuple[list[float], float]:
+    """inv_freq (head_dim/2 floats) and the attention scaling of the source's rotary embedding."""
+    rope_type = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type == "dynamic":
+        raise KvconvertError("dynamic-NTK RoPE scaling is not supported (its frequencies change with length)")
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    rotary_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+    rotary = rotary_cls(config=hf_config)
+    return rotary.inv_freq.float().tolist(), float(rotary.attention_scaling)
+
+
+def source_layer_windows(hf_config, model_type: str) -> list[int | None]:
+    L = hf_config.num_hidden_layers
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    if model_type == "mistral" and window:
+        return [window] * L
+    return [None] * L
+
+
+def source_biases(hf_config, model_type: str) -> tuple[bool, bool, bool]:
+    """(q/k/v bias, o bias, mlp bias) of a supported architecture."""
+    mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
+    if model_type == "qwen2":
+        return True, False, mlp_bias
+    if model_type == "llama":
+        b = bool(getattr(hf_config, "attention_bias", False))
+        return b, b, mlp_bias
+    return False, False, mlp_bias
+
+
+def identity_config(hf_config, model_type: str, source_name: str) -> CllaConfig:
+    """CllaConfig of the identity plan for a source config (no weights needed)."""
+    H = hf_config.num_attention_heads
+    K = getattr(hf_config, "num_key_value_heads", None) or H
+    D = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // H
+    L = hf_config.num_hidden_layers
+    inv_freq, scaling = source_rope(hf_config, model_type)
+    qkv_bias, o_bias, mlp_bias = source_biases(hf_config, model_type)
+    gen = {k: getattr(hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return CllaConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=K,
+        head_dim=D,
+        hidden_act=hf_config.hidden_act,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        rope_inv_freq=inv_freq,
+        rope_attention_scaling=scaling,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        softmax_scale=D**-0.5,
+        layer_windows=source_layer_windows(hf_config, model_type),
+        layer_groups=[[i] for i in range(L)],
+        kv_latent_dim=K * D,
+        qk_nope_dim=0,
+        rope_dim=D,
+        rope_heads=K,
+        rope_freq_index=[list(range(D // 2)) for _ in range(K)],
+        kv_bits=16,
+        source_name=source_name,
+        source_model_type=model_type,
+        source_kv_bytes_per_token=source_kv_bytes_per_token(L, K, D),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        **{k: v for k, v in gen.items() if v is not None},
+    )
+
+
+def _bias(linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
+def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Tensor]:
+    """Map the source's weights onto the identity plan's parameter names."""
+    src = source_model.model
+    sd: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": src.embed_tokens.weight.detach(),
+        "model.norm.weight": src.norm.weight.detach(),
+        "lm_head.weight": source_model.lm_head.weight.detach(),
+    }
+    KD = config.num_key_value_heads * config.head_dim
+    for i, layer in enumerate(src.layers):
+        a = layer.self_attn
+        if (a.q_proj.bias is not None) != config.qkv_bias or (a.o_proj.bias is not None) != config.o_bias:
+            raise KvconvertError(f"layer {i}: attention biases differ from what the {config.source_model_type} config says")
+        p = f"model.layers.{i}."
+        tensors = {
+            "input_layernorm.weight": layer.input_layernorm.weight,
+            "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+            "self_attn.q_proj.weight": a.q_proj.weight,
+            "self_attn.q_proj.bias": _bias(a.q_proj),
+            "self_attn.o_proj.weight": a.o_proj.weight,
+            "self_attn.o_proj.bias": _bias(a.o_proj),
+            "self_attn.v_up.weight": torch.eye(KD, dtype=a.v_proj.weight.dtype),
+            "self_attn.v_up.bias": _bias(a.v_proj),
+        }
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(layer.mlp, name)
+            tensors[f"mlp.{name}.weight"] = lin.weight
+            tensors[f"mlp.{name}.bias"] = _bias(lin)
+        sd.update({p + k: v.detach() for k, v in tensors.items() if v is not None})
+        g = f"model.latent_proj.{i}."
+        sd[g + "kv_down.weight"] = a.v_proj.weight.detach()
+        sd[g + "rope_proj.weight"] = a.k_proj.weight.detach()
+        if a.k_proj.bias is not None:
+            sd[g + "rope_proj.bias"] = a.k_proj.bias.detach()
+    return sd
+
+
+def build_identity(source_model, model_type: str, source_name: str) -> CllaForCausalLM:
+    config = identity_config(source_model.config, model_type, source_name)
+    model = CllaForCausalLM(config).to(source_model.dtype)
+    sd = identity_state_dict(source_model, config)
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise KvconvertError(f"identity conversion: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()

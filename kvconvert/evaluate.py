@@ -1,0 +1,145 @@
+"""Evaluation: perplexity on a text, agreement with a reference model, passkey retrieval.
+
+Perplexity protocol (fixed, so numbers compare across models and runs):
+  the text is tokenized without special tokens (no BOS); the first `max_tokens` tokens are cut into
+  non-overlapping windows of `window` tokens (a trailing partial window is dropped); each window is run
+  on its own from an empty cache and its tokens 2..window are scored (window - 1 predictions per window).
+  perplexity = exp(mean negative log-likelihood over all scored predictions).
+With a reference model on the same tokens: top-1 agreement = share of predictions where both argmaxes
+match; KL = mean over predictions of KL(reference || model) on the full next-token distributions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import KvconvertError
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file, refusing missing, binary and empty files with one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise KvconvertError(f"{path}: no such file")
+    data = p.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise KvconvertError(f"{path}: binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KvconvertError(f"{path}: not UTF-8 text") from None
+    if not text.strip():
+        raise KvconvertError(f"{path}: empty text")
+    return text
+
+
+def text_windows(tokenizer, text: str, window: int, max_tokens: int) -> torch.Tensor:
+    """(N, window) token ids following the protocol above; refuses text shorter than one window."""
+    if window < 2:
+        raise KvconvertError(f"--window must be at least 2, got {window}")
+    if max_tokens < window:
+        raise KvconvertError(f"--max-tokens ({max_tokens}) must be at least --window ({window})")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    n = len(ids) // window
+    if n == 0:
+        raise KvconvertError(f"text too short: {len(ids)} tokens, need at least one window of {window} (see --window)")
+    return torch.tensor(ids[: n * window]).view(n, window)
+
+
+@torch.no_grad()
+def score_windows(
+    model,
+    windows: torch.Tensor,
+    reference=None,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+) -> dict:
+    """Perplexity of `model` on (N, W) windows; with `reference`, top-1 agreement and KL(reference || model)."""
+    device = next(model.parameters()).device
+    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    N = windows.shape[0]
+    for start in range(0, N, batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        logp = F.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+        target = ids[:, 1:]
+        nll_sum += -logp.gather(-1, target[..., None]).sum().item()
+        count += target.numel()
+        if reference is not None:
+            ref_device = next(reference.parameters()).device
+            ref_logp = F.log_softmax(reference(ids.to(ref_device), use_cache=False).logits[:, :-1].float(), -1)
+            ref_logp = ref_logp.to(device)
+            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+        if progress:
+            progress(min(start + batch_size, N), N)
+    out = {
+        "windows": N,
+        "window": windows.shape[1],
+        "predictions": count,
+        "nll": nll_sum / count,
+        "perplexity": math.exp(nll_sum / count),
+    }
+    if reference is not None:
+        out["top1_agreement"] = agree / count
+        out["kl"] = kl_sum / count
+    return out
+
+
+PASSKEY_INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about the important information there.\n"
+)
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompt(tokenizer, length: int, key: int, depth: float) -> list[int]:
+    """Token ids of a prompt of about `length` tokens hiding `key` at relative `depth` (0 = start, 1 = end)."""
+    sentences = [s.strip() + " " for s in PASSKEY_FILLER.split(". ") if s.strip()]
+    sentences = [s if s.endswith(". ") else s.rstrip() + ". " for s in sentences]
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    fixed = count(PASSKEY_INTRO + PASSKEY_NEEDLE.format(key=key) + PASSKEY_QUESTION)
+    per_sentence = count("".join(sentences) * 4) / (4 * len(sentences))
+    n = max(1, round((length - fixed) / per_sentence))
+    filler = [sentences[i % len(sentences)] for i in range(n)]
+    before = round(n * depth)
+    text = PASSKEY_INTRO + "".join(filler[:before]) + PASSKEY_NEEDLE.format(key=key) + "".join(filler[before:]) + PASSKEY_QUESTION
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def passkey_accuracy(
+    model, tokenizer, lengths: list[int], trials: int = 5, seed: int = 0, progress: Progress | None = None
+) -> list[dict]:
+    """Greedy-decode the answer to each prompt; a trial passes when the first number generated is the key."""
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results, done, total = [], 0, len(lengths) * trials
+    for length in lengths:
+        hits, n_tokens = 0, 0
+        for t in range(trials):
+            key = rng.randint(10000, 99999)
+            depth = (t + 0.5) / trials
+            ids = passkey_prompt(tokenizer, length, key, depth)
+            n_tokens = len(ids)
+            inp = torch.tensor([ids], device=device)
+            out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=8, do_sample=False, pad_token_id=pad)
+            answer = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+            found = re.search(r"\d+", answer)
+            hits += int(found is not None and found.group() == str(key))
+            done += 1
+            if progress:
+                progress(done, total)
+        results.append({"length": length, "prompt_tokens": n_tokens, "trials": trials, "accuracy": hits / trials})
+    return results

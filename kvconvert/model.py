@@ -1,0 +1,264 @@
+"""CllaForCausalLM: the Cross-Layer Latent Attention model (training and evaluation forward, HF generate).
+
+Per layer group g, from the normalized input x of the group's first layer (B, T, hidden):
+  c   = fake_quant(kv_down[g](x))                 (B, T, R)       the cached latent
+  k_r = RoPE(rope_proj[g](x))                     (B, Hr, T, Dr)  the cached rope keys
+Per layer l of the group:
+  q            = q_proj(x_l)                      (B, H, T, Dn + Dr)  = [q_nope | q_rope]
+  k_nope, v    = k_up[l](c), v_up[l](c)           (B, K, S, Dn), (B, K, S, Dv), repeated to H heads (GQA)
+  scores       = q_nope · k_nope + RoPE(q_rope) · k_r   (query head h reads rope head h // (H / Hr))
+This path reconstructs keys/values (simple, exact); the runtime's absorbed decode reads the latent directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import CllaConfig
+from .quant import fake_quantize
+
+
+class CllaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(config: CllaConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, Hr, T, Dr) for the kept frequencies of each rope head (rotate-half layout)."""
+    inv = torch.tensor(
+        [[config.rope_inv_freq[i] for i in f] for f in config.rope_freq_index],
+        dtype=torch.float32,
+        device=position_ids.device,
+    )  # (Hr, Dr/2)
+    freqs = position_ids.float()[:, None, :, None] * inv[None, :, None, :]  # (B, Hr, T, Dr/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    scale = config.rope_attention_scaling
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class CllaLatentProjection(nn.Module):
+    """One per layer group: what the cache stores, computed from the group's first-layer input."""
+
+    def __init__(self, config: CllaConfig):
+        super().__init__()
+        self.config = config
+        self.kv_down = nn.Linear(config.hidden_size, config.kv_latent_dim, bias=False)
+        self.rope_proj = (
+            nn.Linear(config.hidden_size, config.rope_heads * config.rope_dim, bias=config.qkv_bias)
+            if config.rope_dim
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, hidden) -> latent (B, T, R) quantized as cached, rope keys (B, Hr, T, Dr) after RoPE."""
+        cfg = self.config
+        B, T, _ = x.shape
+        latent = fake_quantize(self.kv_down(x), cfg.kv_bits, cfg.kv_quant_group)
+        if self.rope_proj is None:
+            return latent, x.new_zeros(B, 1, T, 0)
+        k_rope = self.rope_proj(x).view(B, T, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
+        return latent, apply_rope(k_rope, cos, sin)
+
+
+class CllaAttention(nn.Module):
+    def __init__(self, config: CllaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        H, K = config.num_attention_heads, config.num_key_value_heads
+        R, Dn, Dr, Dv = config.kv_latent_dim, config.qk_nope_dim, config.rope_dim, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, H * (Dn + Dr), bias=config.qkv_bias)
+        self.k_up = nn.Linear(R, K * Dn, bias=config.qkv_bias) if Dn else None
+        self.v_up = nn.Linear(R, K * Dv, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * Dv, config.hidden_size, bias=config.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """x (B, T, hidden); latent (B, S, R); k_rope (B, Hr, S, Dr); cos/sin (B, Hr, T, Dr); mask (B, 1, T, S)."""
+        cfg = self.config
+        B, T, _ = x.shape
+        S = latent.shape[1]
+        H, K = cfg.num_attention_heads, cfg.num_key_value_heads
+        Dn, Dr, Dv = cfg.qk_nope_dim, cfg.rope_dim, cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, Dn + Dr).transpose(1, 2)
+        v = self.v_up(latent).view(B, S, K, Dv).transpose(1, 2).repeat_interleave(H // K, dim=1)
+        q_parts, k_parts = [], []
+        if Dn:
+            q_parts.append(q[..., :Dn])
+            k_nope = self.k_up(latent).view(B, S, K, Dn).transpose(1, 2)
+            k_parts.append(k_nope.repeat_interleave(H // K, dim=1))
+        if Dr:
+            per = H // cfg.rope_heads
+            q_parts.append(apply_rope(q[..., Dn:], cos.repeat_interleave(per, 1), sin.repeat_interleave(per, 1)))
+            k_parts.append(k_rope.repeat_interleave(per, dim=1))
+        q = torch.cat(q_parts, -1) if len(q_parts) > 1 else q_parts[0]
+        k = torch.cat(k_parts, -1) if len(k_parts) > 1 else k_parts[0]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=cfg.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * Dv))
+
+
+class CllaMLP(nn.Module):
+    def __init__(self, config: CllaConfig):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CllaDecoderLayer(nn.Module):
+    def __init__(self, config: CllaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = CllaAttention(config, layer_idx)
+        self.post_attention_layernorm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = CllaMLP(config)
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    past_len: int,
+    window: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Additive mask (B, 1, T, S) over cache positions: causal, optional sliding window, padding (0 = pad).
+
+    Fully masked rows (queries at left-padding positions) get a finite minimum everywhere, so they stay finite.
+    """
+    S = past_len + q_len
+    q_idx = torch.arange(past_len, S, device=device)[:, None]
+    k_idx = torch.arange(S, device=device)[None, :]
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (q_idx - k_idx < window)
+    allowed = allowed[None, None].expand(batch, 1, q_len, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, -S:].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class CllaPreTrainedModel(PreTrainedModel):
+    config_class = CllaConfig
+    config: CllaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CllaDecoderLayer"]
+
+
+class CllaModel(CllaPreTrainedModel):
+    def __init__(self, config: CllaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([CllaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.latent_proj = nn.ModuleList([CllaLatentProjection(config) for _ in config.layer_groups])
+        self.norm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        cfg = self.config
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = h.shape
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length(0) if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=h.device)[None].expand(B, T)
+        cos, sin = rope_cos_sin(cfg, position_ids, h.dtype)
+        masks = {
+            w: build_attention_mask(attention_mask, B, T, past, w, h.dtype, h.device) for w in set(cfg.layer_windows)
+        }
+        group_of = cfg.group_of_layer()
+        latent = k_rope = None
+        for i, layer in enumerate(self.layers):
+            g = group_of[i]
+            x = layer.input_layernorm(h)
+            if i == cfg.layer_groups[g][0]:
+                latent, k_rope = self.latent_proj[g](x, cos, sin)
+                if cache is not None:
+                    latent4, k_rope = cache.update(latent[:, None], k_rope, g)
+                    latent = latent4[:, 0]
+            h = h + layer.self_attn(x, latent, k_rope, cos, sin, masks[cfg.layer_windows[i]])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.norm(h), cache
+
+
+class CllaForCausalLM(CllaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CllaConfig):
+        super().__init__(config)
+        self.model = CllaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, T, vocab); `labels` (B, T) gives the mean next-token cross-entropy (-100 ignored)."""
+        cache = cache if cache is not None else past_key_values
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)

@@ -1,0 +1,72 @@
+"""Group-wise asymmetric quantization of the latent, as the cache stores it.
+
+Layout: the last dim (R values) splits into R / group groups; each group stores `bits`-bit codes plus an fp16
+scale and an fp16 zero-point (the group minimum). Dequantized value = code * scale + zero.
+The model's forward calls `fake_quantize` so that what is evaluated and trained is what the cache will return.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., R) float -> codes (..., R) uint8, scale (..., R/group) fp16, zero (..., R/group) fp16."""
+    if bits >= 16:
+        raise ValueError("quantize is for 8 and 4 bits; 16-bit latents are stored as they are")
+    shape = x.shape
+    xg = x.float().reshape(*shape[:-1], shape[-1] // group, group)
+    lo = xg.amin(-1)
+    hi = xg.amax(-1)
+    qmax = (1 << bits) - 1
+    # Scales and zero-points are stored in fp16: round them first so codes are chosen against stored values.
+    zero = lo.to(torch.float16)
+    scale = ((hi - zero.float()) / qmax).clamp_min(1e-8).to(torch.float16)
+    codes = torch.round((xg - zero.float()[..., None]) / scale.float()[..., None]).clamp_(0, qmax)
+    return codes.to(torch.uint8).reshape(shape), scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize`: codes (..., R) uint8 with scale/zero (..., R/group) -> (..., R) in `dtype`."""
+    shape = codes.shape
+    cg = codes.float().reshape(*shape[:-1], shape[-1] // group, group)
+    x = cg * scale.float()[..., None] + zero.float()[..., None]
+    return x.reshape(shape).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Quantize then dequantize with a straight-through gradient; identity at 16 bits."""
+    if bits >= 16:
+        return x
+    codes, scale, zero = quantize(x.detach(), bits, group)
+    xq = dequantize(codes, scale, zero, group, x.dtype)
+    return x + (xq - x).detach()
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(..., R) uint8 codes < 16 -> (..., R/2) uint8; value 2i in the low nibble, 2i+1 in the high nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    out = torch.stack((packed & 0xF, packed >> 4), dim=-1)
+    return out.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def pack_latent(latent: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
+    """What the cache stores for latents (..., R): at 16 bits the values in fp16 (bf16 when given bf16);
+    below, codes (int4 packed two per byte) and `latent_scales` (..., R/group, 2) fp16 = (scale, zero)."""
+    if bits >= 16:
+        return {"latent": latent if latent.dtype in (torch.float16, torch.bfloat16) else latent.half()}
+    codes, scale, zero = quantize(latent, bits, group)
+    packed = pack_int4(codes) if bits == 4 else codes
+    return {"latent": packed, "latent_scales": torch.stack((scale, zero), dim=-1)}
+
+
+def unpack_latent(stored: dict[str, torch.Tensor], bits: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `pack_latent`: the latent values the attention reads."""
+    if bits >= 16:
+        return stored["latent"].to(dtype)
+    codes = unpack_int4(stored["latent"]) if bits == 4 else stored["latent"]
+    scales = stored["latent_scales"]
+    return dequantize(codes, scales[..., 0], scales[..., 1], group, dtype)

@@ -1,0 +1,1 @@
+"""Runtime: profiling now; the latent cache, absorbed decode and chat come with the runtime issue."""

@@ -1,0 +1,82 @@
+"""The plan in CllaConfig: validation, and the KV byte formula against the tensors the model caches."""
+
+import pytest
+import torch
+
+from kvconvert.config import CllaConfig, kv_bytes_breakdown, kv_bytes_per_token, source_kv_bytes_per_token
+from kvconvert.model import CllaForCausalLM
+from kvconvert.quant import pack_latent
+
+from conftest import VOCAB
+
+
+def compressed_config(bits: int, **kw) -> CllaConfig:
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        layer_groups=[[0], [1, 2, 3]],  # uneven groups
+        kv_latent_dim=32,
+        qk_nope_dim=8,
+        rope_dim=8,
+        rope_heads=1,
+        rope_freq_index=[[0, 2, 5, 7]],
+        kv_bits=bits,
+        kv_quant_group=16,
+        source_kv_bytes_per_token=source_kv_bytes_per_token(4, 2, 16),
+    )
+    return CllaConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@torch.no_grad()
+def test_byte_formula_equals_cached_tensors(bits):
+    cfg = compressed_config(bits)
+    torch.manual_seed(0)
+    model = CllaForCausalLM(cfg).eval()
+    T = 11
+    out = model(torch.randint(0, VOCAB, (2, T)), use_cache=True)
+    stored_bytes = 0
+    for g in range(cfg.num_layer_groups):
+        latent, k_rope = out.cache.layers[g].keys, out.cache.layers[g].values
+        stored = pack_latent(latent[:, 0], cfg.kv_bits, cfg.kv_quant_group) | {"rope_keys": k_rope.half()}
+        stored_bytes += sum(t.numel() * t.element_size() for t in stored.values())
+    assert all(out.cache.get_seq_length(g) == T for g in range(cfg.num_layer_groups))
+    assert stored_bytes == kv_bytes_per_token(cfg) * 2 * T
+
+
+def test_byte_formula_by_hand():
+    # 2 groups x (32 latent values at 4 bits = 16 B, 2 quant groups x (scale + zero) x 2 B = 8 B, 1 x 8 rope x 2 B = 16 B)
+    assert kv_bytes_breakdown(compressed_config(4)) == {"latent": 32, "latent_scales": 16, "rope_keys": 32}
+    assert kv_bytes_per_token(compressed_config(8)) == 2 * (32 + 8 + 16)
+    assert kv_bytes_per_token(compressed_config(16)) == 2 * (64 + 16)
+    assert source_kv_bytes_per_token(30, 3, 64) == 23_040  # SmolLM2-135M, as in DESIGN.md
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(layer_groups=[[0], [2, 3], [1]]), "cover layers"),
+        (dict(layer_groups=[[0, 2], [1, 3]]), "cover layers"),
+        (dict(kv_bits=3), "kv_bits"),
+        (dict(kv_latent_dim=30), "multiple of kv_quant_group"),
+        (dict(rope_dim=7), "rope_dim must be even"),
+        (dict(rope_heads=3, rope_freq_index=[[0, 1, 2, 3]] * 3), "rope_heads"),
+        (dict(rope_freq_index=[[0, 1, 2, 99]]), "rope_freq_index"),
+    ],
+)
+def test_invalid_plans_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        compressed_config(4, **kw)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    cfg = compressed_config(4)
+    cfg.save_pretrained(tmp_path)
+    again = CllaConfig.from_pretrained(tmp_path)
+    for key in ("layer_groups", "kv_latent_dim", "rope_freq_index", "kv_bits", "kv_quant_group", "rope_inv_freq"):
+        assert getattr(again, key) == getattr(cfg, key)

@@ -1,0 +1,49 @@
+"""`kvconvert profile memory` (analytic): figures checked against real models and by hand."""
+
+import json
+
+from typer.testing import CliRunner
+
+from kvconvert.cli import app
+from kvconvert.config import kv_bytes_per_token
+from kvconvert.convert.identity import build_identity, identity_config
+from kvconvert.runtime.profile import GIB, clla_param_count, memory_profile, source_param_count
+
+from conftest import save_source, tiny_source
+
+runner = CliRunner()
+
+
+def test_param_counts_match_real_models(arch):
+    src = tiny_source(arch)
+    cfg = identity_config(src.config, arch, "tiny")
+    assert source_param_count(cfg) == sum(p.numel() for p in src.parameters())
+    clla = build_identity(src, arch, "tiny")
+    assert clla_param_count(cfg) == sum(p.numel() for p in clla.parameters())
+
+
+def test_memory_profile_by_hand():
+    cfg = identity_config(tiny_source("qwen2").config, "qwen2", "tiny")
+    per_token = kv_bytes_per_token(cfg)
+    assert per_token == 3 * 2 * 2 * 16 * 2  # layers x (K, V) x kv heads x head dim x 2 bytes
+    p = memory_profile(cfg, context=1000, batch=3, budget_gib=0.001, weight_bytes_per_param=2)
+    assert p["converted"]["kv_bytes_total"] == per_token * 3000
+    free = int(0.001 * GIB) - p["converted"]["weights_bytes"]
+    assert p["converted"]["max_context_at_batch"] == free // (per_token * 3)
+    assert p["converted"]["max_batch_at_context"] == free // (per_token * 1000)
+    assert p["kv_ratio"] == 1.0
+
+
+def test_profile_cli_on_source_and_converted(tmp_path):
+    src, _ = save_source(tmp_path, "llama")
+    out = tmp_path / "clla"
+    assert runner.invoke(app, ["convert", str(src), str(out), "--identity"]).exit_code == 0
+    a = runner.invoke(app, ["profile", "memory", str(src), "--json", "--context", "4096", "--batch", "2"])
+    b = runner.invoke(app, ["profile", "memory", str(out), "--json", "--context", "4096", "--batch", "2"])
+    assert a.exit_code == 0 and b.exit_code == 0, b.output
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ja["kind"].startswith("source") and jb["kind"] == "converted"
+    assert ja["kv_bytes_per_token"] == jb["kv_bytes_per_token"]
+    assert jb["converted"]["kv_bytes_total"] == jb["kv_bytes_per_token"]["total"] * 4096 * 2
+    table = runner.invoke(app, ["profile", "memory", str(out)])
+    assert table.exit_code == 0 and "rope_keys" in table.stdout and "ratio" in table.stdout

