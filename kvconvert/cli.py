@@ -86,23 +86,67 @@ def set_threads(threads: int | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- convert
+def parse_group_sizes(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise KvconvertError(f"--groups wants comma-separated group sizes like 1,2,3,3; got {spec!r}") from None
+
+
 @app.command()
 @user_errors
 def convert(
     src: Annotated[str, typer.Argument(help="Source: a transformers folder (safetensors), a .gguf file, or 'smollm2'.")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (written atomically).")],
-    identity: Annotated[bool, typer.Option("--identity", help="Exact conversion: full-width latent, no compression.")] = False,
     kv_ratio: Annotated[
-        Optional[float], typer.Option("--kv-ratio", help="Target KV cache size as a fraction of the source's, in (0, 1].")
+        Optional[float],
+        typer.Option("--kv-ratio", help="Target KV cache size as a fraction of the source's 16-bit cache, in (0, 1]."),
     ] = None,
+    identity: Annotated[bool, typer.Option("--identity", help="Exact conversion: full-width latent, no compression.")] = False,
+    latent_dim: Annotated[Optional[int], typer.Option(help="Latent width per layer group (overrides the plan).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Layers per group, uniform (overrides the plan).")] = None,
+    groups: Annotated[Optional[str], typer.Option(help="Group sizes in layer order, e.g. 1,2,3,3,... (uneven groups).")] = None,
+    rope_dim: Annotated[Optional[int], typer.Option(help="RoPE dims kept per rope head (even).")] = None,
+    rope_heads: Annotated[Optional[int], typer.Option(help="1: one rope key shared by all heads; K: one per kv head.")] = None,
+    kv_bits: Annotated[Optional[int], typer.Option(help="Latent bits: 16, 8 or 4.")] = None,
+    rope_bits: Annotated[Optional[int], typer.Option(help="Rope-key bits: 16, 8 or 4.")] = None,
+    quant_group: Annotated[Optional[int], typer.Option(help="Values per quantization scale/zero-point.")] = None,
+    data: Annotated[
+        Optional[list[Path]], typer.Option(help="Calibration text (.txt, or .jsonl with a 'text' field); repeatable. Default: text sampled from the source.")
+    ] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens (plus 512 held out to rank plans).")] = 3072,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled calibration text.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the conversion record as JSON.")] = False,
 ):
-    """Convert SRC into a CLLA model at OUT (model.safetensors, config, tokenizer, conversion.json, model card)."""
+    """Convert SRC into a CLLA model at OUT whose KV cache is at most --kv-ratio of the source's (model.safetensors,
+    config, tokenizer, conversion.json with the plan, errors and timings, and a model card)."""
     from .convert.pipeline import ConvertOptions, convert as run_convert
+    from .convert.plan import Overrides
 
-    record = run_convert(src, out_dir, ConvertOptions(identity=identity, kv_ratio=kv_ratio, force=force, dtype=dtype, log=log))
+    set_threads(threads)
+    overrides = Overrides(
+        latent_dim=latent_dim, group_size=group_size, rope_dim=rope_dim, rope_heads=rope_heads, kv_bits=kv_bits,
+        rope_bits=rope_bits, quant_group=quant_group,
+    )
+    with progress_bar() as bar:
+        tasks: dict = {}
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done)
+
+        opts = ConvertOptions(
+            identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
+            data=list(data or []), calib_tokens=calib_tokens, seed=seed, force=force, dtype=dtype, log=log,
+            progress=progress,
+        )
+        record = run_convert(src, out_dir, opts)
     if as_json:
         print_json(record)
         return
@@ -111,11 +155,24 @@ def convert(
     t.add_column("value", justify="right")
     t.add_row("plan", record["plan"])
     t.add_row("KV bytes / token", f"{record['kv_bytes_per_token']:,} (source {record['source_kv_bytes_per_token']:,})")
-    t.add_row("KV ratio", f"{record['kv_ratio']:.4f}")
+    for name, b in record["kv_bytes_breakdown"].items():
+        if b:
+            t.add_row(f"  {name}", f"{b:,}")
+    t.add_row("KV ratio", f"{record['kv_ratio']:.4f}" + (f" (target {record['target_kv_ratio']:g})" if record.get("target_kv_ratio") else ""))
+    if "heldout_kl" in record:
+        t.add_row("held-out KL(source || model)", f"{record['heldout_kl']:.4f}")
     t.add_row("max rel. logit error vs source (fp32)", f"{record['check']['max_relative_logit_error_fp32']:.2e}")
     t.add_row("weights dtype", record["dtype"])
-    t.add_row("time (s)", f"{record['timings_s']['total']:.1f}")
+    t.add_row("time (s)", " ".join(f"{k} {v:.1f}" for k, v in record["timings_s"].items()))
     out.print(t)
+    if record.get("per_group_error"):
+        g = Table(title="per-group error (proxy)")
+        g.add_column("layers")
+        g.add_column("error", justify="right")
+        for row in record["per_group_error"]:
+            layers = row["layers"]
+            g.add_row(f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]), f"{row['proxy_error']:.4g}")
+        out.print(g)
 
 
 # ----------------------------------------------------------------------------------------------- eval

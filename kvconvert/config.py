@@ -3,7 +3,8 @@
 What is cached per token and per layer group g (see DESIGN.md):
   latent  c      = quant(W_dkv[g] · x_first)   kv_latent_dim values at kv_bits
                    (+ one fp16 scale and one fp16 zero-point per kv_quant_group values when kv_bits < 16)
-  rope key k_r   = RoPE(W_kr[g] · x_first)     rope_heads × rope_dim values at 16 bits
+  rope key k_r   = RoPE(W_kr[g] · x_first)     rope_heads × rope_dim values at rope_bits
+                   (+ one fp16 scale and zero-point per rope head when rope_bits < 16)
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ class CllaConfig(PretrainedConfig):
     - `qk_nope_dim`: per-head query/key dims scored through the latent (keys reconstructed by `k_up`).
     - `rope_dim`: per-head query/key dims that carry RoPE (even); `rope_heads` rope-key heads per group,
       query head h reads rope head h // (num_attention_heads // rope_heads).
-    - `rope_freq_index`: per rope head, the `rope_dim // 2` RoPE frequency indices it keeps (rotate-half layout:
-      dims [i, i + rope_dim/2] rotate with frequency `rope_inv_freq[rope_freq_index[head][i]]`).
+    - `rope_freq_index`: per layer group and rope head, the `rope_dim // 2` RoPE frequency indices kept
+      (rotate-half layout: dims [i, i + rope_dim/2] rotate with frequency `rope_inv_freq[rope_freq_index[g][r][i]]`).
     - `kv_bits` (16, 8, 4) and `kv_quant_group`: latent storage; asymmetric group-wise quantization.
+    - `rope_bits` (16, 8, 4): rope-key storage; quantized in groups of `rope_quant_group` = gcd(rope_dim,
+      kv_quant_group) dims of each rope head, one fp16 scale and zero-point per group.
     - `layer_windows`: per layer, a sliding-window length or None (full attention).
     - `source_name`, `source_kv_bytes_per_token`: what the model was converted from and its 16-bit KV figure.
     """
@@ -61,9 +64,10 @@ class CllaConfig(PretrainedConfig):
         qk_nope_dim: int = 0,
         rope_dim: int | None = None,
         rope_heads: int | None = None,
-        rope_freq_index: list[list[int]] | None = None,
+        rope_freq_index: list[list[list[int]]] | None = None,
         kv_bits: int = 16,
         kv_quant_group: int = 32,
+        rope_bits: int = 16,
         source_name: str | None = None,
         source_model_type: str | None = None,
         source_kv_bytes_per_token: int | None = None,
@@ -103,11 +107,14 @@ class CllaConfig(PretrainedConfig):
         self.kv_latent_dim = kv_latent_dim if kv_latent_dim is not None else num_key_value_heads * (
             head_dim + qk_nope_dim
         )
-        self.rope_freq_index = [list(f) for f in rope_freq_index] if rope_freq_index is not None else [
-            list(range(self.rope_dim // 2)) for _ in range(self.rope_heads)
-        ]
+        self.rope_freq_index = (
+            [[list(f) for f in heads] for heads in rope_freq_index]
+            if rope_freq_index is not None
+            else [[list(range(self.rope_dim // 2)) for _ in range(self.rope_heads)] for _ in self.layer_groups]
+        )
         self.kv_bits = kv_bits
         self.kv_quant_group = kv_quant_group
+        self.rope_bits = rope_bits
         self.source_name = source_name
         self.source_model_type = source_model_type
         self.source_kv_bytes_per_token = source_kv_bytes_per_token
@@ -144,14 +151,24 @@ class CllaConfig(PretrainedConfig):
             raise ValueError(f"rope_heads ({self.rope_heads}) must divide num_attention_heads ({H})")
         if H % self.num_key_value_heads:
             raise ValueError("num_key_value_heads must divide num_attention_heads")
+        if self.rope_bits not in SUPPORTED_KV_BITS:
+            raise ValueError(f"rope_bits must be one of {SUPPORTED_KV_BITS}, got {self.rope_bits}")
+        heads = self.rope_freq_index
         if self.rope_dim and (
-            len(self.rope_freq_index) != self.rope_heads
-            or any(len(f) != self.rope_dim // 2 for f in self.rope_freq_index)
-            or any(not 0 <= i < len(self.rope_inv_freq) for f in self.rope_freq_index for i in f)
+            len(heads) != len(self.layer_groups)
+            or any(len(h) != self.rope_heads for h in heads)
+            or any(len(f) != self.rope_dim // 2 for h in heads for f in h)
+            or any(not 0 <= i < len(self.rope_inv_freq) for h in heads for f in h for i in f)
         ):
-            raise ValueError("rope_freq_index needs rope_heads lists of rope_dim/2 valid frequency indices")
+            raise ValueError(
+                "rope_freq_index needs, per layer group, rope_heads lists of rope_dim/2 valid frequency indices"
+            )
         if self.qk_nope_dim + self.rope_dim < 1:
             raise ValueError("queries need at least one dim (qk_nope_dim + rope_dim)")
+
+    @property
+    def rope_quant_group(self) -> int:
+        return math.gcd(self.rope_dim, self.kv_quant_group) if self.rope_dim else 1
 
     @property
     def num_layer_groups(self) -> int:
@@ -171,14 +188,17 @@ def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
     """Bytes per token of each cached tensor, summed over layer groups (what the runtime allocates per token).
 
     latent: kv_latent_dim values at kv_bits (int4 packs two per byte); latent_scales: an fp16 scale and an fp16
-    zero-point per kv_quant_group values (only below 16 bits); rope_keys: rope_heads × rope_dim values at 16 bits.
+    zero-point per kv_quant_group values (only below 16 bits); rope_keys: rope_heads × rope_dim values at rope_bits;
+    rope_scales: an fp16 scale and zero-point per rope_quant_group values (only below 16 bits).
     """
     G = config.num_layer_groups
     R = config.kv_latent_dim
     latent = G * math.ceil(R * config.kv_bits / 8)
     scales = G * (R // config.kv_quant_group) * 2 * SCALE_BYTES if config.kv_bits < 16 else 0
-    rope = G * config.rope_heads * config.rope_dim * CACHE_ELEMENT_BYTES_16
-    return {"latent": latent, "latent_scales": scales, "rope_keys": rope}
+    rope = G * config.rope_heads * config.rope_dim * config.rope_bits // 8
+    rope_groups = config.rope_heads * config.rope_dim // config.rope_quant_group
+    rope_scales = G * rope_groups * 2 * SCALE_BYTES if config.rope_bits < 16 and config.rope_dim else 0
+    return {"latent": latent, "latent_scales": scales, "rope_keys": rope, "rope_scales": rope_scales}
 
 
 def kv_bytes_per_token(config: CllaConfig) -> int:

@@ -43,13 +43,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_cos_sin(config: CllaConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, Hr, T, Dr) for the kept frequencies of each rope head (rotate-half layout)."""
+    """cos, sin of shape (NG, B, Hr, T, Dr): per layer group, the kept frequencies of each rope head
+    (rotate-half layout)."""
     inv = torch.tensor(
-        [[config.rope_inv_freq[i] for i in f] for f in config.rope_freq_index],
+        [[[config.rope_inv_freq[i] for i in f] for f in heads] for heads in config.rope_freq_index],
         dtype=torch.float32,
         device=position_ids.device,
-    )  # (Hr, Dr/2)
-    freqs = position_ids.float()[:, None, :, None] * inv[None, :, None, :]  # (B, Hr, T, Dr/2)
+    )  # (NG, Hr, Dr/2)
+    freqs = position_ids.float()[None, :, None, :, None] * inv[:, None, :, None, :]  # (NG, B, Hr, T, Dr/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     scale = config.rope_attention_scaling
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -80,7 +81,8 @@ class CllaLatentProjection(nn.Module):
         if self.rope_proj is None:
             return latent, x.new_zeros(B, 1, T, 0)
         k_rope = self.rope_proj(x).view(B, T, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
-        return latent, apply_rope(k_rope, cos, sin)
+        k_rope = fake_quantize(apply_rope(k_rope, cos, sin), cfg.rope_bits, cfg.rope_quant_group)
+        return latent, k_rope
 
 
 class CllaAttention(nn.Module):
@@ -219,11 +221,11 @@ class CllaModel(CllaPreTrainedModel):
             g = group_of[i]
             x = layer.input_layernorm(h)
             if i == cfg.layer_groups[g][0]:
-                latent, k_rope = self.latent_proj[g](x, cos, sin)
+                latent, k_rope = self.latent_proj[g](x, cos[g], sin[g])
                 if cache is not None:
                     latent4, k_rope = cache.update(latent[:, None], k_rope, g)
                     latent = latent4[:, 0]
-            h = h + layer.self_attn(x, latent, k_rope, cos, sin, masks[cfg.layer_windows[i]])
+            h = h + layer.self_attn(x, latent, k_rope, cos[g], sin[g], masks[cfg.layer_windows[i]])
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.norm(h), cache
 

@@ -24,7 +24,7 @@ def compressed_config(bits: int, **kw) -> CllaConfig:
         qk_nope_dim=8,
         rope_dim=8,
         rope_heads=1,
-        rope_freq_index=[[0, 2, 5, 7]],
+        rope_freq_index=[[[0, 2, 5, 7]], [[1, 3, 4, 6]]],
         kv_bits=bits,
         kv_quant_group=16,
         source_kv_bytes_per_token=source_kv_bytes_per_token(4, 2, 16),
@@ -32,10 +32,10 @@ def compressed_config(bits: int, **kw) -> CllaConfig:
     return CllaConfig(**(base | kw))
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("bits, rope_bits", [(16, 16), (8, 16), (4, 16), (4, 8), (8, 8), (4, 4)])
 @torch.no_grad()
-def test_byte_formula_equals_cached_tensors(bits):
-    cfg = compressed_config(bits)
+def test_byte_formula_equals_cached_tensors(bits, rope_bits):
+    cfg = compressed_config(bits, rope_bits=rope_bits)
     torch.manual_seed(0)
     model = CllaForCausalLM(cfg).eval()
     T = 11
@@ -43,7 +43,9 @@ def test_byte_formula_equals_cached_tensors(bits):
     stored_bytes = 0
     for g in range(cfg.num_layer_groups):
         latent, k_rope = out.cache.layers[g].keys, out.cache.layers[g].values
-        stored = pack_latent(latent[:, 0], cfg.kv_bits, cfg.kv_quant_group) | {"rope_keys": k_rope.half()}
+        stored = pack_latent(latent[:, 0], cfg.kv_bits, cfg.kv_quant_group)
+        rope = pack_latent(k_rope, cfg.rope_bits, cfg.rope_quant_group)
+        stored |= {"rope_keys": rope["latent"]} | ({"rope_scales": rope["latent_scales"]} if cfg.rope_bits < 16 else {})
         stored_bytes += sum(t.numel() * t.element_size() for t in stored.values())
     assert all(out.cache.get_seq_length(g) == T for g in range(cfg.num_layer_groups))
     assert stored_bytes == kv_bytes_per_token(cfg) * 2 * T
@@ -51,7 +53,10 @@ def test_byte_formula_equals_cached_tensors(bits):
 
 def test_byte_formula_by_hand():
     # 2 groups x (32 latent values at 4 bits = 16 B, 2 quant groups x (scale + zero) x 2 B = 8 B, 1 x 8 rope x 2 B = 16 B)
-    assert kv_bytes_breakdown(compressed_config(4)) == {"latent": 32, "latent_scales": 16, "rope_keys": 32}
+    assert kv_bytes_breakdown(compressed_config(4)) == {"latent": 32, "latent_scales": 16, "rope_keys": 32, "rope_scales": 0}
+    # rope keys at 8 bits: 2 groups x (8 B + one head x (scale + zero) x 2 B)
+    assert kv_bytes_breakdown(compressed_config(4, rope_bits=8))["rope_keys"] == 16
+    assert kv_bytes_breakdown(compressed_config(4, rope_bits=8))["rope_scales"] == 8
     assert kv_bytes_per_token(compressed_config(8)) == 2 * (32 + 8 + 16)
     assert kv_bytes_per_token(compressed_config(16)) == 2 * (64 + 16)
     assert source_kv_bytes_per_token(30, 3, 64) == 23_040  # SmolLM2-135M, as in DESIGN.md
@@ -65,8 +70,10 @@ def test_byte_formula_by_hand():
         (dict(kv_bits=3), "kv_bits"),
         (dict(kv_latent_dim=30), "multiple of kv_quant_group"),
         (dict(rope_dim=7), "rope_dim must be even"),
-        (dict(rope_heads=3, rope_freq_index=[[0, 1, 2, 3]] * 3), "rope_heads"),
-        (dict(rope_freq_index=[[0, 1, 2, 99]]), "rope_freq_index"),
+        (dict(rope_heads=3, rope_freq_index=[[[0, 1, 2, 3]] * 3] * 2), "rope_heads"),
+        (dict(rope_freq_index=[[[0, 1, 2, 99]], [[0, 1, 2, 3]]]), "rope_freq_index"),
+        (dict(rope_freq_index=[[[0, 1, 2, 3]]]), "rope_freq_index"),
+        (dict(rope_bits=2), "rope_bits"),
     ],
 )
 def test_invalid_plans_are_refused(kw, message):

@@ -81,7 +81,7 @@ def identity_config(hf_config, model_type: str, source_name: str) -> CllaConfig:
         qk_nope_dim=0,
         rope_dim=D,
         rope_heads=K,
-        rope_freq_index=[list(range(D // 2)) for _ in range(K)],
+        rope_freq_index=[[list(range(D // 2)) for _ in range(K)] for _ in range(L)],
         kv_bits=16,
         source_name=source_name,
         source_model_type=model_type,

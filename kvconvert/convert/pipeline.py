@@ -10,6 +10,9 @@ from typing import Callable
 import torch
 
 from ..errors import KvconvertError
+from .build import Compressor
+from .calibrate import collect_inputs, read_data_files, sample_tokens, tokens_from_text
+from .plan import Overrides, choose_plan, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
 from .identity import build_identity
 from .source import load_source, resolve
@@ -21,10 +24,18 @@ Log = Callable[[str], None]
 class ConvertOptions:
     identity: bool = False
     kv_ratio: float | None = None
+    overrides: Overrides = field(default_factory=Overrides)
+    group_sizes: list[int] | None = None  # --groups, checked against the layer count once the source is known
+    data: list[Path] = field(default_factory=list)
+    calib_tokens: int = 3072
+    heldout_tokens: int = 512
+    seq_len: int = 256
+    seed: int = 0
     force: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     check_tokens: int = 64  # tokens of the logit check against the source
     log: Log = field(default=lambda msg: None)
+    progress: Callable[[str, int, int], None] = field(default=lambda what, done, total: None)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,44 +70,140 @@ def max_relative_logit_error(a_model, b_model, ids: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
-def convert(src: str, out: str | Path, opts: ConvertOptions) -> dict:
-    """Run a conversion end to end; returns the summary also written to OUT/conversion.json."""
-    out = Path(out)
+def check_options(opts: ConvertOptions) -> None:
+    """Refuse contradictory or out-of-range options before any work starts."""
+    ov = opts.overrides
     if opts.kv_ratio is not None and not 0 < opts.kv_ratio <= 1:
         raise KvconvertError(f"--kv-ratio must be in (0, 1], got {opts.kv_ratio}")
-    if not opts.identity:
-        raise KvconvertError(
-            "only --identity conversion exists in this version; compressed plans (--kv-ratio) are not built yet"
-        )
+    if opts.identity and (opts.kv_ratio is not None or ov.any() or opts.group_sizes):
+        raise KvconvertError("--identity is the exact plan; it takes no --kv-ratio or plan options")
+    if not opts.identity and opts.kv_ratio is None and ov.latent_dim is None:
+        raise KvconvertError("say what to build: --kv-ratio R (e.g. 0.1), --identity, or --latent-dim with plan options")
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise KvconvertError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {opts.dtype}")
+    if ov.group_size is not None and opts.group_sizes:
+        raise KvconvertError("--group-size and --groups contradict each other; give one")
+    for name, value, allowed in (("--kv-bits", ov.kv_bits, (4, 8, 16)), ("--rope-bits", ov.rope_bits, (4, 8, 16))):
+        if value is not None and value not in allowed:
+            raise KvconvertError(f"{name} must be one of 4, 8, 16; got {value}")
+    for name, value in (("--latent-dim", ov.latent_dim), ("--group-size", ov.group_size), ("--quant-group", ov.quant_group),
+                        ("--rope-heads", ov.rope_heads)):
+        if value is not None and value < 1:
+            raise KvconvertError(f"{name} must be positive, got {value}")
+    if ov.rope_dim is not None and (ov.rope_dim < 0 or ov.rope_dim % 2):
+        raise KvconvertError(f"--rope-dim must be even and non-negative, got {ov.rope_dim}")
+    if opts.calib_tokens < 256:
+        raise KvconvertError(f"--calib-tokens must be at least 256, got {opts.calib_tokens}")
+
+
+def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
+    """Plan options that need the model's shapes; returns the overrides with --groups resolved."""
+    ov = opts.overrides
+    L, D, K, H = config.num_hidden_layers, config.head_dim, config.num_key_value_heads, config.num_attention_heads
+    if ov.latent_dim is not None and ov.latent_dim > config.hidden_size:
+        raise KvconvertError(f"--latent-dim {ov.latent_dim} exceeds the hidden size {config.hidden_size}")
+    if ov.rope_dim is not None and ov.rope_dim > D:
+        raise KvconvertError(f"--rope-dim {ov.rope_dim} exceeds the head dim {D}")
+    if ov.rope_heads is not None and ov.rope_heads not in (1, K):
+        raise KvconvertError(f"--rope-heads must be 1 (shared) or {K} (one per kv head), got {ov.rope_heads}")
+    if ov.group_size is not None and ov.group_size > L:
+        raise KvconvertError(f"--group-size {ov.group_size} exceeds the {L} layers")
+    if opts.group_sizes:
+        if sum(opts.group_sizes) != L or min(opts.group_sizes) < 1:
+            raise KvconvertError(f"--groups sizes must be positive and add up to the {L} layers, got {opts.group_sizes}")
+        starts = [sum(opts.group_sizes[:i]) for i in range(len(opts.group_sizes))]
+        groups = tuple(tuple(range(s, s + n)) for s, n in zip(starts, opts.group_sizes))
+        ov = Overrides(**(vars(ov) | {"groups": groups}))
+    if ov.rope_heads == K and K > 1 and (ov.group_size not in (None, 1) or (ov.groups and max(map(len, ov.groups)) > 1)):
+        raise KvconvertError("one rope head per kv head (--rope-heads K) needs one layer per group")
+    del H
+    return ov
+
+
+def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, str]:
+    """(S, seq_len) calibration + held-out tokens: from --data, or sampled from the source itself."""
+    n = opts.calib_tokens + opts.heldout_tokens
+    if opts.data:
+        if source.tokenizer is None:
+            raise KvconvertError("--data needs the source's tokenizer, and this source has none")
+        text = read_data_files(opts.data)
+        return tokens_from_text(source.tokenizer, text, n, opts.seq_len), f"{len(opts.data)} file(s)"
+    return (
+        sample_tokens(source.model, source.tokenizer, n, opts.seq_len, opts.seed, lambda d, t: opts.progress("sampling calibration text", d, t)),
+        "sampled from the source",
+    )
+
+
+def convert(src: str, out: str | Path, opts: ConvertOptions) -> dict:
+    """Run a conversion end to end; returns the record also written to OUT/conversion.json."""
+    out = Path(out)
+    check_options(opts)
     check_output(out, opts.force)
+    if opts.data:
+        read_data_files(opts.data)  # refuse empty/binary files before loading anything
     ref = resolve(src)
     t0 = time.perf_counter()
     opts.log(f"loading {ref.name}")
     source = load_source(ref, dtype=torch.float32)
-    t_load = time.perf_counter() - t0
-    opts.log("building the identity CLLA model")
-    t1 = time.perf_counter()
-    model = build_identity(source.model, source.model_type, ref.name)
-    t_build = time.perf_counter() - t1
+    timings = {"load": round(time.perf_counter() - t0, 3)}
+    if opts.identity:
+        opts.log("building the identity CLLA model")
+        t1 = time.perf_counter()
+        model = build_identity(source.model, source.model_type, ref.name)
+        timings["build"] = round(time.perf_counter() - t1, 3)
+        summary: dict = {"plan": "identity"}
+    else:
+        model, summary = compress(source, ref.name, opts, timings)
     ids = check_tokens(source.tokenizer, model.config.vocab_size, opts.check_tokens)
     err = max_relative_logit_error(source.model, model, ids)
     opts.log(f"max relative logit error vs source on {ids.shape[1]} tokens: {err:.2e}")
     dtype = resolve_dtype(opts.dtype, source.model)
-    summary = {
-        "plan": "identity",
+    summary |= {
         "source_model_type": source.model_type,
         "dtype": str(dtype).removeprefix("torch."),
         "check": {"tokens": int(ids.shape[1]), "max_relative_logit_error_fp32": err},
-        "timings_s": {"load": round(t_load, 3), "build": round(t_build, 3)},
+        "timings_s": timings,
     }
     t2 = time.perf_counter()
     with atomic_folder(out, opts.force) as tmp:
         opts.log(f"writing {out}")
         write_model(tmp, model, source.tokenizer, source.model.generation_config, dtype)
-        summary["timings_s"]["export"] = round(time.perf_counter() - t2, 3)
-        summary["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+        timings["export"] = round(time.perf_counter() - t2, 3)
+        timings["total"] = round(time.perf_counter() - t0, 3)
         record = conversion_record(model.config, summary)
         write_conversion_json(tmp, record)
     return record
+
+
+def compress(source, name: str, opts: ConvertOptions, timings: dict):
+    """Calibrate, plan and build a compressed model; returns it and its part of the conversion record."""
+    from .identity import identity_config
+
+    ov = check_overrides_against(identity_config(source.model.config, source.model_type, name), opts)
+    t = time.perf_counter()
+    tokens, origin = calibration_tokens(source, opts)
+    n_held = max(1, opts.heldout_tokens // opts.seq_len)
+    calib, heldout = tokens[:-n_held], tokens[-n_held:]
+    cal = collect_inputs(source.model, calib, progress=lambda d, n: opts.progress("calibrating", d, n))
+    timings["calibrate"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    comp = Compressor(source.model, source.model_type, name, cal)
+    report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log)
+    timings["plan"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    model = comp.build(report.plan)
+    timings["build"] = round(time.perf_counter() - t, 3)
+    plan = report.plan
+    per_group = []
+    for g in plan.groups:
+        one = type(plan)(**(vars(plan) | {"groups": (g,)}))
+        per_group.append({"layers": list(g), "proxy_error": proxy_error(comp, one)})
+    summary = {
+        "plan": plan.describe(),
+        "target_kv_ratio": opts.kv_ratio,
+        "calibration": {"tokens": int(calib.numel()), "heldout_tokens": int(heldout.numel()), "origin": origin},
+        "heldout_kl": report.heldout_kl,
+        "per_group_error": per_group,
+        "candidates": report.candidates,
+    }
+    return model, summary

@@ -1,0 +1,260 @@
+"""Build a compressed CllaForCausalLM for a plan: RoPE split, latent regression, rotation, weight assembly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import CllaConfig, kv_bytes_per_token
+from ..model import CllaForCausalLM
+from .calibrate import Calibration
+from .identity import identity_config
+from .latent import Block, LatentFit, fit_latent, inverse_sqrt, rotation
+from .rope import RopeChoice, SharedRope, choose_rope, choose_shared_rope, complex_rows, fold_map_into_query, nope_dims, rope_dims
+from .stats import LayerStats, layer_stats
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: tuple[tuple[int, ...], ...]
+    latent_dim: int
+    rope_dim: int
+    kv_bits: int
+    rope_bits: int = 16
+    rope_heads: int = 1  # 1: one rope head shared by all heads and layers of a group; else num_key_value_heads
+    quant_group: int = 32
+    rotate: bool = True  # orthogonal rotation of the latent before quantization
+    activation_aware: bool = True  # False: plain weight SVD (ablation)
+    select_rope: bool = True  # False: keep the highest frequencies, as plain partial RoPE would (ablation)
+    equalize_rope: bool = True  # scale rope-key pairs to unit RMS (queries scaled back) before quantization
+
+    def describe(self) -> str:
+        sizes = [len(g) for g in self.groups]
+        layout = f"{len(sizes)} groups of {sizes[0]}" if len(set(sizes)) == 1 else f"{len(sizes)} groups {sizes}"
+        rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
+        return f"{layout}, latent {self.latent_dim} @ {self.kv_bits} bit, {rope}, quant group {self.quant_group}"
+
+
+def uniform_groups(L: int, size: int, first_alone: int = 0) -> tuple[tuple[int, ...], ...]:
+    """Consecutive groups of `size` layers (the last one may be smaller), after `first_alone` single layers."""
+    groups = [(i,) for i in range(min(first_alone, L))]
+    groups += [tuple(range(i, min(i + size, L))) for i in range(first_alone, L, size)]
+    return tuple(groups)
+
+
+class Compressor:
+    """Source + calibration -> compressed models. Per-group fits are cached so plans share work."""
+
+    def __init__(self, source_model, model_type: str, source_name: str, cal: Calibration):
+        self.src = source_model
+        self.base = identity_config(source_model.config, model_type, source_name)
+        self.cal = cal
+        c = self.base
+        self.H, self.K, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.h = c.hidden_size
+        layers = source_model.model.layers
+        self.stats: list[LayerStats] = [layer_stats(layer, cal, i, self.H, self.K, self.D) for i, layer in enumerate(layers)]
+        self._fits: dict = {}
+
+    # ------------------------------------------------------------------ per-group analysis
+    def rope_choice(self, group: tuple[int, ...], rope_dim: int, select: bool = True, heads: int = 1) -> RopeChoice | SharedRope:
+        key = ("rope", group, rope_dim, select, heads)
+        if key not in self._fits and heads == 1:
+            c = self.base
+            choice = choose_shared_rope(
+                list(group), [self.stats[i] for i in group], self.cal, rope_dim, c.rope_inv_freq, c.softmax_scale,
+                self.H, self.K, self.D, select,
+            )
+            self._fits[key] = choice
+        if key not in self._fits:
+            c = self.base
+            choice = choose_rope(
+                list(group), [self.stats[i] for i in group], self.cal, rope_dim, c.rope_inv_freq, c.softmax_scale,
+                self.H, self.K, self.D,
+            )
+            if not select:  # ablation: the highest-frequency pairs, as a fixed partial RoPE keeps
+                choice.freq = [list(range(rope_dim // 2)) for _ in range(self.K)]
+            self._fits[key] = choice
+        return self._fits[key]
+
+    def blocks(self, group: tuple[int, ...], choice, activation_aware: bool = True) -> list[Block]:
+        H, K, D, s = self.H, self.K, self.D, self.base.softmax_scale
+        per = H // K
+        shared = isinstance(choice, SharedRope)
+        out = []
+        for j, l in enumerate(group):
+            st = self.stats[l]
+            cov = self.cal.cov(l, l)
+            for k in range(K):
+                if shared:  # every key dim: the residual after the shared rope key, position-free
+                    rows = st.wk[k * D : (k + 1) * D]
+                    omega = torch.zeros(D, D, dtype=torch.float64)
+                    for h in range(k * per, (k + 1) * per):
+                        q = st.wq[h * D : (h + 1) * D]
+                        omega += st.vscale[h] * (q @ cov @ q.T)
+                    out.append(Block(l, "k", k, rows, s**2 * omega, complex_rows(choice.u[j, k], choice.freq, choice.ws, D)))
+                    continue
+                dims = nope_dims(choice.freq[k], D)
+                if not dims:
+                    continue
+                rows = st.wk[[k * D + d for d in dims]]
+                omega = torch.zeros(len(dims), len(dims), dtype=torch.float64)
+                for h in range(k * per, (k + 1) * per):
+                    q = st.wq[[h * D + d for d in dims]]
+                    omega += st.vscale[h] * (q @ cov @ q.T)
+                out.append(Block(l, "k", k, rows, s**2 * omega))
+            for k in range(K):
+                wo = st.wo[:, k * per * D : (k + 1) * per * D].reshape(-1, per, D)
+                omega = torch.einsum("ahd,ahe->de", wo, wo)
+                out.append(Block(l, "v", k, st.wv[k * D : (k + 1) * D], omega))
+        if not activation_aware:  # ablation: plain weight SVD, as if inputs were white and outputs unweighted
+            out = [Block(b.layer, b.kind, b.kv_head, b.w, torch.eye(b.w.shape[0], dtype=torch.float64), b.w_f) for b in out]
+        return out
+
+    def latent_fit(
+        self, group: tuple[int, ...], rope_dim: int, select: bool = True, activation_aware: bool = True, heads: int = 1
+    ) -> LatentFit:
+        key = ("latent", group, rope_dim, select, activation_aware, heads)
+        if key not in self._fits:
+            blocks = self.blocks(group, self.rope_choice(group, rope_dim, select, heads), activation_aware)
+            if activation_aware:
+                ci_key = ("Ci", group[0])
+                if ci_key not in self._fits:
+                    self._fits[ci_key] = inverse_sqrt(self.cal.cov(group[0], group[0])[: self.h, : self.h])
+                self._fits[key] = fit_latent(blocks, self.cal.cov, group[0], self._fits[ci_key])
+            else:
+                eye = torch.eye(self.h + 1, dtype=torch.float64)
+                self._fits[key] = fit_latent(blocks, lambda i, j: eye, group[0])
+        return self._fits[key]
+
+    def rope_scale(self, group: tuple[int, ...], choice, k: int) -> torch.Tensor:
+        """(rope_dim, 1) per-pair scales s = (E|k|² / E|q|²)^(1/4): after k/s and q·s both sides carry equal
+        energy, so the quantization noise of the key is not spent on pairs that queries barely read."""
+        per = self.H // self.K
+        if isinstance(choice, SharedRope):
+            keep, m = choice.freq, len(choice.freq)
+            k_e = ((choice.ws @ self.cal.cov(group[0], group[0])) * choice.ws).sum(1)
+            k_e = k_e[:m] + k_e[m:]
+            q_e = sum(
+                (self.stats[l].q_pair_energy[:, keep] * (choice.u[j, torch.arange(self.H) // per][:, keep].abs() ** 2)).sum(0)
+                for j, l in enumerate(group)
+            )
+        else:
+            keep = choice.freq[k]
+            k_e = self.stats[group[0]].k_pair_energy[k, keep]
+            q_e = sum(self.stats[l].q_pair_energy[k * per : (k + 1) * per, keep].sum(0) for l in group)
+        s = (k_e / q_e.clamp_min(1e-12)).clamp_min(1e-12) ** 0.25
+        return s.repeat(2)[:, None]
+
+    # ------------------------------------------------------------------ assembly
+    def config(self, plan: Plan) -> CllaConfig:
+        b = self.base.to_dict()
+        for k in ("model_type", "transformers_version", "architectures"):
+            b.pop(k, None)
+        choices = [self.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads) for g in plan.groups]
+        shared = plan.rope_heads == 1
+        b.update(
+            layer_groups=[list(g) for g in plan.groups],
+            kv_latent_dim=plan.latent_dim,
+            qk_nope_dim=self.D if shared else self.D - plan.rope_dim,
+            rope_dim=plan.rope_dim,
+            rope_heads=plan.rope_heads,
+            rope_freq_index=[[c.freq] if shared else c.freq for c in choices],
+            kv_bits=plan.kv_bits,
+            rope_bits=plan.rope_bits,
+            kv_quant_group=plan.quant_group,
+        )
+        return CllaConfig(**b)
+
+    def kv_bytes(self, plan: Plan) -> int:
+        return kv_bytes_per_token(self.config(plan))
+
+    @torch.no_grad()
+    def build(self, plan: Plan) -> CllaForCausalLM:
+        cfg = self.config(plan)
+        H, K, D, h, R = self.H, self.K, self.D, self.h, plan.latent_dim
+        model = CllaForCausalLM(cfg)
+        src = self.src.model
+        sd = {"model.embed_tokens.weight": src.embed_tokens.weight, "model.norm.weight": src.norm.weight}
+        if not cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = self.src.lm_head.weight
+        for l, layer in enumerate(src.layers):
+            p = f"model.layers.{l}."
+            sd[p + "input_layernorm.weight"] = layer.input_layernorm.weight
+            sd[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+            sd[p + "self_attn.o_proj.weight"] = layer.self_attn.o_proj.weight
+            if layer.self_attn.o_proj.bias is not None:
+                sd[p + "self_attn.o_proj.bias"] = layer.self_attn.o_proj.bias
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                lin = getattr(layer.mlp, name)
+                sd[p + f"mlp.{name}.weight"] = lin.weight
+                if lin.bias is not None:
+                    sd[p + f"mlp.{name}.bias"] = lin.bias
+        for g, group in enumerate(plan.groups):
+            choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
+            fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads)
+            shared = isinstance(choice, SharedRope)
+            A, B = fit.weights(R)
+            if plan.rotate:
+                Q = rotation(R)
+                A, B = A @ Q.T, Q @ B
+            first = self.stats[group[0]]
+            gp = f"model.latent_proj.{g}."
+            sd[gp + "kv_down.weight"] = B
+            # Per-pair key scales: a real scalar per rotate-half pair commutes with RoPE, so dividing the rope key
+            # and multiplying the query by it changes no score, and flattens outlier channels before quantization.
+            scales = [self.rope_scale(group, choice, k) if plan.equalize_rope and plan.rope_bits < 16
+                      else torch.ones(plan.rope_dim, 1, dtype=torch.float64) for k in range(plan.rope_heads)]
+            if plan.rope_dim:
+                if shared:
+                    rope = choice.ws / scales[0]
+                else:
+                    rope = torch.cat(
+                        [first.wk[[k * D + d for d in rope_dims(choice.freq[k], D)]] / scales[k] for k in range(K)]
+                    )
+                sd[gp + "rope_proj.weight"] = rope[:, :h]
+                if cfg.qkv_bias:
+                    sd[gp + "rope_proj.bias"] = rope[:, h]
+            row = 0
+            for j, l in enumerate(group):
+                st = self.stats[l]
+                k_rows, v_rows, k_bias, v_bias = [], [], [], []
+                for blk in fit.blocks:
+                    if blk.layer != l:
+                        continue
+                    n = blk.w.shape[0]
+                    start = sum(b.w.shape[0] for b in fit.blocks[: fit.blocks.index(blk)])
+                    (k_rows if blk.kind == "k" else v_rows).append(A[start : start + n])
+                    (k_bias if blk.kind == "k" else v_bias).append(blk.bias)
+                ap = f"model.layers.{l}.self_attn."
+                if k_rows:
+                    sd[ap + "k_up.weight"] = torch.cat(k_rows)
+                    if cfg.qkv_bias:
+                        sd[ap + "k_up.bias"] = torch.cat(k_bias)
+                sd[ap + "v_up.weight"] = torch.cat(v_rows)
+                if cfg.qkv_bias:
+                    sd[ap + "v_up.bias"] = torch.cat(v_bias)
+                q_rows = []
+                for hq in range(H):
+                    k = hq // (H // K)
+                    head = st.wq[hq * D : (hq + 1) * D]
+                    if shared:
+                        q_rows.append(head)
+                        if plan.rope_dim:
+                            q_rows.append(fold_map_into_query(head, choice.freq, choice.u[j, k], D) * scales[0])
+                        continue
+                    q_rows.append(head[nope_dims(choice.freq[k], D)])
+                    if plan.rope_dim:
+                        q_rows.append(fold_map_into_query(head, choice.freq[k], choice.maps[j][k], D) * scales[k])
+                q = torch.cat(q_rows)
+                sd[ap + "q_proj.weight"] = q[:, :h]
+                if cfg.qkv_bias:
+                    sd[ap + "q_proj.bias"] = q[:, h]
+                row += 1
+        dtype = next(self.src.parameters()).dtype
+        missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]
+        assert not missing and not unexpected, (missing, unexpected)
+        model.tie_weights()
+        return model.to(dtype).eval()

@@ -1,0 +1,134 @@
+"""Calibration: tokens (sampled from the source itself, or read from files) and per-layer attention inputs.
+
+`Calibration.inputs[l]` is (N, hidden) float32: the normalized input of layer l's attention on N calibration
+tokens. Second moments are taken with a constant 1 appended (x̃ = [x; 1]), so biases and means come for free:
+`cov(i, j)` = E[x̃_i x̃_jᵀ], (hidden+1, hidden+1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import KvconvertError
+
+Progress = Callable[[int, int], None]
+
+
+def sample_tokens(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, progress: Progress | None = None) -> torch.Tensor:
+    """(S, seq_len) token ids sampled from the model itself (temperature 1, top-p 0.95): no data needed."""
+    n_seq = max(1, -(-n_tokens // seq_len))
+    start = model.config.bos_token_id
+    if start is None:
+        start = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else 0
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # generate() samples with the global generator
+    out, batch = [], 32  # decode steps dominate: one batch of up to 32 sequences costs about as much as one
+    for i in range(0, n_seq, batch):
+        b = min(batch, n_seq - i)
+        # A random second token diversifies the starts more than sampling alone would.
+        first = torch.randint(0, model.config.vocab_size, (b, 1), generator=gen)
+        ids = torch.cat([torch.full((b, 1), start), first], 1)
+        with torch.no_grad():
+            seqs = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_p=0.95,
+                temperature=1.0,
+                max_new_tokens=seq_len - 2,
+                min_new_tokens=seq_len - 2,
+                pad_token_id=start,
+            )
+        out.append(seqs[:, :seq_len])
+        if progress:
+            progress(min(i + b, n_seq), n_seq)
+    return torch.cat(out)[:n_seq]
+
+
+def read_data_files(paths: list[Path]) -> str:
+    """Text of .txt files and of .jsonl files (the "text" field of each line), refusing empty or binary files."""
+    from ..evaluate import read_text
+
+    parts = []
+    for p in paths:
+        text = read_text(p)
+        if Path(p).suffix.lower() == ".jsonl":
+            lines = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise KvconvertError(f"{p}:{n}: not a JSON line") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise KvconvertError(f"{p}:{n}: a JSONL line needs a string field 'text'")
+                lines.append(obj["text"])
+            text = "\n\n".join(lines)
+            if not text.strip():
+                raise KvconvertError(f"{p}: no text in its 'text' fields")
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
+def tokens_from_text(tokenizer, text: str, n_tokens: int, seq_len: int, what: str = "--data") -> torch.Tensor:
+    """(S, seq_len) consecutive windows of the text's tokens; refuses text shorter than what was asked for."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < n_tokens:
+        raise KvconvertError(f"{what}: {len(ids):,} tokens, fewer than the {n_tokens:,} calibration tokens asked for (see --calib-tokens)")
+    n_seq = max(1, n_tokens // seq_len)
+    return torch.tensor(ids[: n_seq * seq_len]).view(n_seq, seq_len)
+
+
+@dataclass
+class Calibration:
+    tokens: torch.Tensor  # (S, T) used for statistics
+    inputs: list[torch.Tensor]  # per layer (N, hidden) float32
+    _cov: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def cov(self, i: int, j: int) -> torch.Tensor:
+        """E[x̃_i x̃_jᵀ] in float64, x̃ = [x; 1]."""
+        key = (i, j)
+        if key not in self._cov:
+            if (j, i) in self._cov:
+                return self._cov[(j, i)].T
+            xi, xj = self.inputs[i].double(), self.inputs[j].double()
+            n = xi.shape[0]
+            top = torch.cat([xi.T @ xj, xi.sum(0)[:, None]], 1)
+            bottom = torch.cat([xj.sum(0), torch.tensor([float(n)], dtype=torch.float64)])[None]
+            self._cov[key] = torch.cat([top, bottom], 0) / n
+        return self._cov[key]
+
+
+@torch.no_grad()
+def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progress | None = None) -> Calibration:
+    """Run the source on `tokens` and keep every layer's attention input (after its input norm)."""
+    layers = model.model.layers
+    store: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def hook(idx):
+        def fn(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            store[idx].append(x.reshape(-1, x.shape[-1]).float())
+
+        return fn
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for s in range(0, tokens.shape[0], batch):
+            model(tokens[s : s + batch], use_cache=False)
+            if progress:
+                progress(min(s + batch, tokens.shape[0]), tokens.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return Calibration(tokens, [torch.cat(x) for x in store])

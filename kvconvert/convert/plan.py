@@ -1,0 +1,214 @@
+"""Planning: the plan that meets --kv-ratio with the least calibration error.
+
+1. Enumerate plans: layer layouts (groups of 1, 2, 3, ... layers), rope heads (one shared head, or one per kv
+   head for single-layer groups) and rope dims, latent and rope bits, quantization group; the latent width is
+   the largest the byte budget leaves.
+2. Score each with a proxy built from calibration moments, in one unit (expected squared change of attention
+   outputs, summed over layers): rotation loss of what becomes position-free, the latent regression error, and
+   quantization noise (measured relative noise of the quantizer times the signal it quantizes).
+3. Build the best few and measure KL(source || model) on held-out calibration tokens; the lowest KL wins.
+Explicit overrides fix parts of the plan; a target no plan reaches is refused with the smallest reachable ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import CllaConfig, kv_bytes_per_token
+from ..errors import KvconvertError
+from ..quant import fake_quantize
+from .build import Compressor, Plan, uniform_groups
+
+Log = Callable[[str], None]
+GROUP_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
+LATENT_BITS = (4, 8, 16)
+ROPE_BITS = (4, 8, 16)
+QUANT_GROUPS = (32, 64)
+MIN_LATENT = 32
+
+
+@dataclass
+class Overrides:
+    latent_dim: int | None = None
+    group_size: int | None = None
+    groups: tuple[tuple[int, ...], ...] | None = None
+    rope_dim: int | None = None
+    rope_heads: int | None = None
+    kv_bits: int | None = None
+    rope_bits: int | None = None
+    quant_group: int | None = None
+
+    def any(self) -> bool:
+        return any(v is not None for v in vars(self).values())
+
+
+def plan_config(base: CllaConfig, plan: Plan) -> CllaConfig:
+    """A config with the plan's shapes (placeholder rope frequencies): enough for byte counts."""
+    b = base.to_dict()
+    for k in ("model_type", "transformers_version", "architectures"):
+        b.pop(k, None)
+    b.update(
+        layer_groups=[list(g) for g in plan.groups],
+        kv_latent_dim=plan.latent_dim,
+        qk_nope_dim=base.head_dim,
+        rope_dim=plan.rope_dim,
+        rope_heads=plan.rope_heads,
+        rope_freq_index=None,
+        kv_bits=plan.kv_bits,
+        rope_bits=plan.rope_bits,
+        kv_quant_group=plan.quant_group,
+    )
+    return CllaConfig(**b)
+
+
+def plan_bytes(base: CllaConfig, plan: Plan) -> int:
+    return kv_bytes_per_token(plan_config(base, plan))
+
+
+def widest_latent(base: CllaConfig, plan: Plan, budget: int) -> int:
+    """The largest latent width (a multiple of the quant group, or of 8 at 16 bits) within `budget` bytes,
+    capped at the width that already holds every key and value of a group."""
+    step = plan.quant_group if plan.kv_bits < 16 else 8
+    one = plan_bytes(base, replace(plan, latent_dim=step))
+    per_step = plan_bytes(base, replace(plan, latent_dim=2 * step)) - one
+    n = (budget - (one - per_step)) // per_step
+    # The latent is a linear function of the hidden state: wider than it, or than everything a group caches, is waste.
+    full = min(len(plan.groups[0]) * 2 * base.num_key_value_heads * base.head_dim, base.hidden_size)
+    return int(min(n * step, full - full % step))
+
+
+def layouts(L: int, ov: Overrides) -> list[tuple[tuple[int, ...], ...]]:
+    if ov.groups is not None:
+        return [ov.groups]
+    sizes = [ov.group_size] if ov.group_size else [g for g in GROUP_SIZES if g <= L]
+    return [uniform_groups(L, g) for g in sizes]
+
+
+def rope_options(base: CllaConfig, groups, ov: Overrides) -> list[tuple[int, int]]:
+    """(rope heads, rope dim) pairs to try: one rope head shared by every kv head (and layer) of a group with all
+    or half of the frequency pairs, and for single-layer groups one rope head per kv head with every pair."""
+    K, D = base.num_key_value_heads, base.head_dim
+    single = all(len(g) == 1 for g in groups)
+    options = [(1, D), (1, D // 2 - (D // 2) % 2)] + ([(K, D)] if single and K > 1 else [])
+    if ov.rope_heads is not None:
+        options = [(ov.rope_heads, rd) for _, rd in options if ov.rope_heads == 1 or single]
+    if ov.rope_dim is not None:
+        options = [(rh, ov.rope_dim) for rh, _ in options]
+    return sorted(set((rh, rd) for rh, rd in options if rd >= 0))
+
+
+def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_layouts: int | None = None) -> list[Plan]:
+    """Plans the grid and the overrides allow within the budget (all budgets when None). With `max_layouts`,
+    only the that many finest layer layouts that fit the budget: sharing across layers costs quality zero-shot."""
+    L = base.num_hidden_layers
+    plans, used = [], 0
+    for groups in layouts(L, ov):
+        found = False
+        for rh, rd in rope_options(base, groups, ov):
+            for kb in [ov.kv_bits] if ov.kv_bits else LATENT_BITS:
+                for rb in [ov.rope_bits] if ov.rope_bits else ROPE_BITS:
+                    for qg in [ov.quant_group] if ov.quant_group else QUANT_GROUPS:
+                        if kb == 16 and rb == 16 and qg != QUANT_GROUPS[0] and not ov.quant_group:
+                            continue  # the quant group does not matter then
+                        plan = Plan(groups, ov.latent_dim or qg, rd, kb, rb, rh, qg)
+                        if ov.latent_dim is None and budget is not None:
+                            R = widest_latent(base, plan, budget)
+                            if R < MIN_LATENT:
+                                continue
+                            plan = replace(plan, latent_dim=R)
+                        try:
+                            nbytes = plan_bytes(base, plan)
+                        except ValueError:
+                            continue
+                        if budget is None or nbytes <= budget:
+                            plans.append(plan)
+                            found = True
+        used += found
+        if max_layouts is not None and used >= max_layouts:
+            break
+    return plans
+
+
+def smallest_ratio(base: CllaConfig, ov: Overrides) -> float:
+    """The smallest KV ratio any plan of the grid reaches (honouring the overrides)."""
+    tiny = replace(ov, latent_dim=ov.latent_dim or MIN_LATENT)
+    plans = enumerate_plans(base, None, tiny)
+    return min(plan_bytes(base, p) for p in plans) / base.source_kv_bytes_per_token if plans else math.inf
+
+
+def quantizer_noise(bits: int, group: int) -> float:
+    """Relative MSE of the group-wise quantizer on Gaussian data (what a rotated latent looks like)."""
+    if bits >= 16:
+        return 0.0
+    x = torch.randn(4096, 128, generator=torch.Generator().manual_seed(0))
+    return ((fake_quantize(x, bits, group) - x).pow(2).mean() / x.pow(2).mean()).item()
+
+
+def proxy_error(comp: Compressor, plan: Plan) -> float:
+    """Expected squared attention-output change summed over layers (see the module docstring)."""
+    err = 0.0
+    latent_noise = quantizer_noise(plan.kv_bits, plan.quant_group)
+    rope_noise = quantizer_noise(plan.rope_bits, math.gcd(plan.rope_dim, plan.quant_group) if plan.rope_dim else 1)
+    for g in plan.groups:
+        choice = comp.rope_choice(g, plan.rope_dim, True, plan.rope_heads)
+        fit = comp.latent_fit(g, plan.rope_dim, True, True, plan.rope_heads)
+        R = plan.latent_dim
+        err += choice.error + fit.error(R) + latent_noise * fit.S2[:R].sum().item() + rope_noise * choice.kept_energy
+    return err
+
+
+@torch.no_grad()
+def kl_to_source(model, tokens: torch.Tensor, source_logp: torch.Tensor) -> float:
+    logp = F.log_softmax(model(tokens, use_cache=False).logits.float(), -1)
+    return (source_logp.exp() * (source_logp - logp)).sum(-1).mean().item()
+
+
+@dataclass
+class PlanReport:
+    plan: Plan
+    kv_bytes: int
+    kv_ratio: float
+    heldout_kl: float
+    candidates: list[dict] = field(default_factory=list)
+
+
+def choose_plan(
+    comp: Compressor, kv_ratio: float | None, ov: Overrides, heldout: torch.Tensor, per_family: int = 1,
+    log: Log = lambda m: None,
+) -> PlanReport:
+    """Proxy-rank the plans of each (layout, rope heads, rope dim) family, then measure held-out KL on the best
+    `per_family` of each and keep the lowest."""
+    base = comp.base
+    src = base.source_kv_bytes_per_token
+    budget = int(kv_ratio * src) if kv_ratio is not None else None
+    if budget is None and ov.latent_dim is None:
+        raise KvconvertError("give --kv-ratio, or --latent-dim with the other plan options")
+    plans = enumerate_plans(base, budget, ov, max_layouts=2)
+    if not plans:
+        reach = smallest_ratio(base, ov)
+        if kv_ratio is not None and reach > kv_ratio:
+            what = "with these plan options " if ov.any() else ""
+            raise KvconvertError(f"--kv-ratio {kv_ratio:g} is out of reach {what}(smallest reachable ratio: {reach:.4f})")
+        raise KvconvertError("the plan options contradict each other or the model's shapes (no valid plan)")
+    families: dict = {}
+    for p in plans:
+        families.setdefault((p.groups, p.rope_heads, p.rope_dim), []).append(p)
+    log(f"planning: {len(plans)} plans in {len(families)} families")
+    source_logp = F.log_softmax(comp.src(heldout, use_cache=False).logits.float(), -1)
+    results = []
+    for members in families.values():
+        for proxy, p in sorted(((proxy_error(comp, p), p) for p in members), key=lambda t: t[0])[:per_family]:
+            kl = kl_to_source(comp.build(p), heldout, source_logp)
+            log(f"  {p.describe()}: KV ratio {plan_bytes(base, p) / src:.4f}, held-out KL {kl:.4f}")
+            results.append({"plan": p.describe(), "kv_ratio": plan_bytes(base, p) / src, "proxy": proxy, "heldout_kl": kl, "_plan": p})
+    best = min(range(len(results)), key=lambda i: results[i]["heldout_kl"])
+    plan = results[best]["_plan"]
+    for r in results:
+        r.pop("_plan")
+    nbytes = plan_bytes(base, plan)
+    return PlanReport(plan, nbytes, nbytes / src, results[best]["heldout_kl"], results)

@@ -1,0 +1,221 @@
+"""Compression: latent regression, RoPE split, quantization in the forward, planning and its overrides."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvconvert.cli import app
+from kvconvert.config import kv_bytes_per_token
+from kvconvert.convert.build import Compressor, Plan, uniform_groups
+from kvconvert.convert.calibrate import collect_inputs
+from kvconvert.convert.latent import rotation
+from kvconvert.quant import fake_quantize
+
+from conftest import VOCAB, save_source, tiny_source
+
+runner = CliRunner()
+
+
+def compressor(arch="llama", seed=0, **overrides):
+    src = tiny_source(arch, seed, **overrides)
+    tokens = torch.randint(0, VOCAB, (16, 48), generator=torch.Generator().manual_seed(seed))
+    return src, Compressor(src, arch, "tiny", collect_inputs(src, tokens))
+
+
+def rel_err(src, model, seed=5):
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a, b = src(ids).logits, model(ids).logits
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_full_width_plans_are_exact(arch):
+    """Every key dim in per-head rope and a latent as wide as the values: the compressed path is lossless."""
+    src, comp = compressor(arch)
+    plan = Plan(uniform_groups(3, 1), latent_dim=2 * 16, rope_dim=16, kv_bits=16, rope_heads=2)
+    assert rel_err(src, comp.build(plan)) <= 1e-5
+
+
+def test_shared_rope_is_exact_for_one_kv_head():
+    """With one kv head the shared rope key (rank-1 complex PCA per frequency) loses nothing."""
+    src, comp = compressor("qwen2", num_key_value_heads=1)
+    plan = Plan(uniform_groups(3, 1), latent_dim=32, rope_dim=16, kv_bits=16, rope_heads=1)
+    assert comp.build(plan).config.rope_heads == 1
+    assert rel_err(src, comp.build(plan)) <= 1e-5
+
+
+def test_error_falls_as_the_latent_widens():
+    src, comp = compressor("llama")
+    errors = [rel_err(src, comp.build(Plan(uniform_groups(3, 1), R, 16, 16, rope_heads=2))) for R in (8, 16, 24, 32)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 100 * errors[-1]
+    fit = comp.latent_fit((0, 1, 2), 8)
+    proxy = [fit.error(R) for R in (8, 16, 32, 48)]
+    assert all(a > b for a, b in zip(proxy, proxy[1:])), proxy
+
+
+def test_group_of_one_layer_is_the_activation_aware_svd():
+    """fit_latent for one layer equals the truncated SVD of Ω^½ W C^½ computed directly."""
+    _, comp = compressor("llama")
+    fit = comp.latent_fit((1,), 8, heads=1)
+    h = comp.h
+    C = comp.cal.cov(1, 1)[:h, :h]
+    w, U = torch.linalg.eigh(C)
+    C_half = (U * w.clamp_min(0).sqrt()) @ U.T
+    blocks = fit.blocks
+    omega = torch.block_diag(*[b.omega for b in blocks])
+    wo, Uo = torch.linalg.eigh(omega)
+    omega_half = (Uo * wo.clamp_min(0).sqrt()) @ Uo.T
+    W = torch.cat([b.w[:, :h] for b in blocks])
+    W = W - torch.cat([b.w_f[:, :h] if b.w_f is not None else torch.zeros_like(b.w[:, :h]) for b in blocks])
+    sv = torch.linalg.svdvals(omega_half @ W @ C_half)
+    assert torch.allclose(fit.S2[:20].sqrt(), sv[:20], rtol=1e-6, atol=1e-9 * sv[0].item())
+
+
+def test_activation_aware_beats_plain_weight_svd_on_low_rank_activations():
+    """Embeddings of rank 6 make layer 0's inputs live in a 6-dim subspace: the activation-aware latent spends
+    its width there, a plain SVD of the weights does not."""
+    src = tiny_source("llama")
+    with torch.no_grad():
+        basis = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+        src.model.embed_tokens.weight.copy_(torch.randn(VOCAB, 6, generator=torch.Generator().manual_seed(1)) @ basis)
+    tokens = torch.randint(0, VOCAB, (16, 48), generator=torch.Generator().manual_seed(2))
+    comp = Compressor(src, "llama", "tiny", collect_inputs(src, tokens))
+    x = comp.cal.inputs[0].double()
+
+    def value_error(aware: bool) -> float:
+        fit = comp.latent_fit((0,), 16, heads=2, activation_aware=aware)
+        A, B = fit.weights(4)
+        W = torch.cat([b.w[:, :-1] for b in fit.blocks])
+        return ((x @ W.T - x @ B.T @ A.T) ** 2).mean().item() / (x @ W.T).pow(2).mean().item()
+
+    aware, plain = value_error(True), value_error(False)
+    assert aware < 0.5 * plain, (aware, plain)
+
+
+def test_rotation_is_orthogonal_and_folds_away():
+    for R in (8, 24):
+        Q = rotation(R)
+        assert torch.allclose(Q @ Q.T, torch.eye(R, dtype=Q.dtype), atol=1e-12)
+    src, comp = compressor("mistral")
+    plan = Plan(uniform_groups(3, 1), 32, 16, 16, rope_heads=2)
+    a = comp.build(plan)
+    b = comp.build(Plan(**(vars(plan) | {"rotate": False})))
+    assert rel_err(src, a) <= 1e-5 and rel_err(src, b) <= 1e-5
+
+
+def test_quantized_latent_in_the_forward_is_what_the_cache_stores():
+    src, comp = compressor("llama")
+    model = comp.build(Plan(uniform_groups(3, 1), 32, 8, 4, 8, rope_heads=1, quant_group=16))
+    ids = torch.randint(0, VOCAB, (1, 10))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        raw = model.model.latent_proj[0].kv_down(x)
+    assert torch.equal(out.cache.layers[0].keys[:, 0], fake_quantize(raw, 4, 16))
+    assert not torch.equal(raw, fake_quantize(raw, 4, 16))
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def convert(*args):
+    return runner.invoke(app, ["convert", *[str(a) for a in args], "--calib-tokens", "512", "--json"])
+
+
+@pytest.fixture
+def tiny_src(tmp_path):
+    return save_source(tmp_path, "llama")[0]
+
+
+def test_convert_to_a_ratio(tmp_path, tiny_src):
+    out = tmp_path / "out"
+    r = convert(tiny_src, out, "--kv-ratio", "0.3")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert record["kv_ratio"] <= 0.3
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "clla"
+    assert record["kv_bytes_per_token"] <= 0.3 * record["source_kv_bytes_per_token"]
+    assert record["candidates"] and record["per_group_error"]
+    on_disk = json.loads((out / "conversion.json").read_text())
+    assert on_disk["plan"] == record["plan"] and on_disk["heldout_kl"] == record["heldout_kl"]
+
+
+def test_every_override_lands_in_the_config(tmp_path, tiny_src):
+    out = tmp_path / "out"
+    r = convert(tiny_src, out, "--latent-dim", "32", "--groups", "1,2", "--rope-dim", "8", "--rope-heads", "1",
+                "--kv-bits", "8", "--rope-bits", "4", "--quant-group", "16")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["kv_latent_dim"] == 32 and cfg["layer_groups"] == [[0], [1, 2]] and cfg["rope_dim"] == 8
+    assert cfg["rope_heads"] == 1 and cfg["kv_bits"] == 8 and cfg["rope_bits"] == 4 and cfg["kv_quant_group"] == 16
+    r = convert(tiny_src, tmp_path / "out2", "--kv-ratio", "0.5", "--group-size", "3", "--kv-bits", "4")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "out2" / "config.json").read_text())
+    assert cfg["layer_groups"] == [[0, 1, 2]] and cfg["kv_bits"] == 4
+
+
+def test_calibration_from_data_files(tmp_path, tiny_src):
+    txt = tmp_path / "a.txt"
+    txt.write_text("Calibration text from a file. " * 60)
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": "A line of json text. " * 10}) for _ in range(8)))
+    r = convert(tiny_src, tmp_path / "out", "--kv-ratio", "0.5", "--data", txt, "--data", jsonl)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["calibration"]["origin"] == "2 file(s)"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--kv-ratio", "0.00001"], "smallest reachable ratio"),
+        (["--kv-ratio", "0.05", "--latent-dim", "64", "--kv-bits", "16", "--group-size", "1"], "with these plan options"),
+        (["--kv-ratio", "0.5", "--group-size", "1", "--groups", "1,2"], "contradict"),
+        (["--kv-ratio", "0.5", "--groups", "1,1"], "add up to"),
+        (["--kv-ratio", "0.5", "--kv-bits", "3"], "--kv-bits"),
+        (["--kv-ratio", "0.5", "--rope-dim", "7"], "--rope-dim"),
+        (["--kv-ratio", "0.5", "--rope-dim", "64"], "exceeds the head dim"),
+        (["--kv-ratio", "0.5", "--rope-heads", "2", "--group-size", "2"], "one layer per group"),
+        (["--kv-ratio", "0.5", "--identity"], "--identity"),
+        ([], "--kv-ratio"),
+        (["--kv-ratio", "0.5", "--groups", "a,b"], "--groups"),
+        (["--latent-dim", "96"], "exceeds the hidden size"),
+    ],
+)
+def test_bad_plans_are_refused(tmp_path, tiny_src, args, needle):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = runner.invoke(app, ["convert", str(tiny_src), str(tmp_path / "out"), *args, "--calib-tokens", "512"])
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [(b"", "empty"), (b"\x00\x01" * 50, "binary"), (b"too short", "fewer than"), (b'{"txt": 1}\n', "'text'")],
+)
+def test_bad_data_files_are_refused(tmp_path, tiny_src, content, needle):
+    f = tmp_path / ("d.jsonl" if b"txt" in content else "d.txt")
+    f.write_bytes(content)
+    r = runner.invoke(app, ["convert", str(tiny_src), str(tmp_path / "out"), "--kv-ratio", "0.5", "--data", str(f), "--calib-tokens", "512"])
+    assert r.exit_code == 2, r.output
+    assert needle in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_planned_model_reloads_and_matches_its_byte_figure(tmp_path, tiny_src):
+    import kvconvert  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    assert convert(tiny_src, out, "--kv-ratio", "0.25").exit_code == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    record = json.loads((out / "conversion.json").read_text())
+    assert kv_bytes_per_token(model.config) == record["kv_bytes_per_token"]
+    ids = torch.randint(0, VOCAB, (1, 12))
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 17)
