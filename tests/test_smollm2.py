@@ -55,3 +55,15 @@ def test_smollm2_profile_memory(converted):
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["source_kv_bytes_per_token"] == 23_040 and data["kv_ratio"] == 1.0
+
+
+def test_smollm2_zero_shot_quarter_cache(tmp_path):
+    """The real pipeline on the real model: a quarter of the KV cache, zero-shot, with a bounded held-out KL
+    (0.20 measured; a broken RoPE split, latent or quantizer lands far above 0.6)."""
+    out = tmp_path / "quarter"
+    result = runner.invoke(app, ["convert", "smollm2", str(out), "--kv-ratio", "0.25", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["kv_ratio"] <= 0.25
+    assert record["kv_bytes_per_token"] <= 0.25 * 23_040
+    assert record["heldout_kl"] < 0.6

@@ -43,6 +43,27 @@ def uniform_groups(L: int, size: int, first_alone: int = 0) -> tuple[tuple[int, 
     return tuple(groups)
 
 
+def plan_config(base: CllaConfig, plan: Plan, freq: list | None = None) -> CllaConfig:
+    """The CllaConfig of a plan on a source (`base`: its identity config). Without `freq` the rope frequencies
+    are placeholders: enough for shapes and byte counts."""
+    b = base.to_dict()
+    for k in ("model_type", "transformers_version", "architectures"):
+        b.pop(k, None)
+    shared = plan.rope_heads == 1
+    b.update(
+        layer_groups=[list(g) for g in plan.groups],
+        kv_latent_dim=plan.latent_dim,
+        qk_nope_dim=base.head_dim if shared else base.head_dim - plan.rope_dim,
+        rope_dim=plan.rope_dim,
+        rope_heads=plan.rope_heads,
+        rope_freq_index=freq,
+        kv_bits=plan.kv_bits,
+        rope_bits=plan.rope_bits,
+        kv_quant_group=plan.quant_group,
+    )
+    return CllaConfig(**b)
+
+
 class Compressor:
     """Source + calibration -> compressed models. Per-group fits are cached so plans share work."""
 
@@ -149,23 +170,9 @@ class Compressor:
 
     # ------------------------------------------------------------------ assembly
     def config(self, plan: Plan) -> CllaConfig:
-        b = self.base.to_dict()
-        for k in ("model_type", "transformers_version", "architectures"):
-            b.pop(k, None)
         choices = [self.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads) for g in plan.groups]
-        shared = plan.rope_heads == 1
-        b.update(
-            layer_groups=[list(g) for g in plan.groups],
-            kv_latent_dim=plan.latent_dim,
-            qk_nope_dim=self.D if shared else self.D - plan.rope_dim,
-            rope_dim=plan.rope_dim,
-            rope_heads=plan.rope_heads,
-            rope_freq_index=[[c.freq] if shared else c.freq for c in choices],
-            kv_bits=plan.kv_bits,
-            rope_bits=plan.rope_bits,
-            kv_quant_group=plan.quant_group,
-        )
-        return CllaConfig(**b)
+        freq = [[c.freq] if plan.rope_heads == 1 else c.freq for c in choices]
+        return plan_config(self.base, plan, freq)
 
     def kv_bytes(self, plan: Plan) -> int:
         return kv_bytes_per_token(self.config(plan))
@@ -216,17 +223,16 @@ class Compressor:
                 sd[gp + "rope_proj.weight"] = rope[:, :h]
                 if cfg.qkv_bias:
                     sd[gp + "rope_proj.bias"] = rope[:, h]
-            row = 0
+            offsets = [0]
+            for blk in fit.blocks:
+                offsets.append(offsets[-1] + blk.w.shape[0])
             for j, l in enumerate(group):
                 st = self.stats[l]
                 k_rows, v_rows, k_bias, v_bias = [], [], [], []
-                for blk in fit.blocks:
-                    if blk.layer != l:
-                        continue
-                    n = blk.w.shape[0]
-                    start = sum(b.w.shape[0] for b in fit.blocks[: fit.blocks.index(blk)])
-                    (k_rows if blk.kind == "k" else v_rows).append(A[start : start + n])
-                    (k_bias if blk.kind == "k" else v_bias).append(blk.bias)
+                for blk, start, end in zip(fit.blocks, offsets, offsets[1:]):
+                    if blk.layer == l:
+                        (k_rows if blk.kind == "k" else v_rows).append(A[start:end])
+                        (k_bias if blk.kind == "k" else v_bias).append(blk.bias)
                 ap = f"model.layers.{l}.self_attn."
                 if k_rows:
                     sd[ap + "k_up.weight"] = torch.cat(k_rows)
@@ -251,7 +257,6 @@ class Compressor:
                 sd[ap + "q_proj.weight"] = q[:, :h]
                 if cfg.qkv_bias:
                     sd[ap + "q_proj.bias"] = q[:, h]
-                row += 1
         dtype = next(self.src.parameters()).dtype
         missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]

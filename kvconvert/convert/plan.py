@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..config import CllaConfig, kv_bytes_per_token
 from ..errors import KvconvertError
 from ..quant import fake_quantize
-from .build import Compressor, Plan, uniform_groups
+from .build import Compressor, Plan, plan_config, uniform_groups
 
 Log = Callable[[str], None]
 GROUP_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
@@ -45,25 +45,6 @@ class Overrides:
 
     def any(self) -> bool:
         return any(v is not None for v in vars(self).values())
-
-
-def plan_config(base: CllaConfig, plan: Plan) -> CllaConfig:
-    """A config with the plan's shapes (placeholder rope frequencies): enough for byte counts."""
-    b = base.to_dict()
-    for k in ("model_type", "transformers_version", "architectures"):
-        b.pop(k, None)
-    b.update(
-        layer_groups=[list(g) for g in plan.groups],
-        kv_latent_dim=plan.latent_dim,
-        qk_nope_dim=base.head_dim,
-        rope_dim=plan.rope_dim,
-        rope_heads=plan.rope_heads,
-        rope_freq_index=None,
-        kv_bits=plan.kv_bits,
-        rope_bits=plan.rope_bits,
-        kv_quant_group=plan.quant_group,
-    )
-    return CllaConfig(**b)
 
 
 def plan_bytes(base: CllaConfig, plan: Plan) -> int:

@@ -1,0 +1,146 @@
+"""Zero-shot CLLA conversion of SmolLM2-135M-Instruct across KV ratios, and an ablation at 0.05.
+
+    python bench/frontier.py [--ratios 0.25,0.10,0.05,0.02] [--text FILE] [--passkey-trials 5] [--skip-ablation]
+
+For each ratio: `kvconvert convert smollm2 --kv-ratio R` (timed, default sampled calibration), then perplexity on
+the text (first 20,480 tokens, 512-token windows, kvconvert.evaluate's protocol), top-1 agreement and KL
+against the source, passkey accuracy at 1k and 4k tokens, KV bytes per token. The ablation rebuilds the 0.05 plan
+without the RoPE pair selection, with plain weight SVD, without the rotation, and re-plans with one layer per
+group. Writes bench/results/frontier_smollm2.json and bench/results/frontier_smollm2.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+from _common import RESULTS, data_file, write_result  # noqa: E402
+
+
+def evaluate(model, tokenizer, windows, reference, trials: int) -> dict:
+    from kvconvert.evaluate import passkey_accuracy, score_windows
+
+    t = time.perf_counter()
+    text = score_windows(model, windows, reference=reference)
+    passkey = passkey_accuracy(model, tokenizer, [1024, 4096], trials=trials)
+    return text | {"passkey": {p["length"]: p["accuracy"] for p in passkey}, "eval_s": round(time.perf_counter() - t, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.25,0.10,0.05,0.02")
+    ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")
+    ap.add_argument("--max-tokens", type=int, default=20480)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--passkey-trials", type=int, default=5)
+    ap.add_argument("--skip-ablation", action="store_true")
+    args = ap.parse_args()
+    text_path = data_file("austen_persuasion.txt", args.text)
+
+    from kvconvert.convert.build import Compressor
+    from kvconvert.convert.calibrate import collect_inputs, sample_tokens
+    from kvconvert.convert.pipeline import ConvertOptions, convert
+    from kvconvert.convert.plan import Overrides, choose_plan, plan_bytes, smallest_ratio
+    from kvconvert.errors import KvconvertError
+    from kvconvert.evaluate import read_text, text_windows
+    from kvconvert.loading import load_any, load_clla
+
+    source = load_any("smollm2")
+    windows = text_windows(source.tokenizer, read_text(text_path), args.window, args.max_tokens)
+    print("source ...", flush=True)
+    rows = [{"name": "source", "kv_ratio": 1.0, "kv_bytes_per_token": 23040} | evaluate(source.model, source.tokenizer, windows, None, args.passkey_trials)]
+    base_ppl = rows[0]["perplexity"]
+    print(f"source: ppl {base_ppl:.2f} passkey {rows[0]['passkey']}", flush=True)
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        for ratio in [float(r) for r in args.ratios.split(",")]:
+            out = tmp / f"r{ratio}"
+            t = time.perf_counter()
+            record = convert("smollm2", out, ConvertOptions(kv_ratio=ratio, log=lambda m: print("  " + m, flush=True)))
+            wall = time.perf_counter() - t
+            model = load_clla(out).model
+            row = {"name": f"CLLA {ratio:g}", "target": ratio, "kv_ratio": record["kv_ratio"], "kv_bytes_per_token": record["kv_bytes_per_token"],
+                   "plan": record["plan"], "conversion_s": round(wall, 1), "conversion_timings_s": record["timings_s"]}
+            row |= evaluate(model, source.tokenizer, windows, source.model, args.passkey_trials)
+            rows.append(row)
+            print(f"{row['name']}: ratio {row['kv_ratio']:.4f} ppl {row['perplexity']:.2f} ({row['perplexity'] / base_ppl:.2f}x) "
+                  f"top1 {row['top1_agreement']:.3f} kl {row['kl']:.3f} passkey {row['passkey']} convert {wall:.0f}s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    meta = {"text": text_path.name, "max_tokens": args.max_tokens, "window": args.window, "passkey_trials": args.passkey_trials}
+    write_result("frontier_smollm2", meta | {"rows": rows, "ablation_at_0.05": []})  # kept if the ablation fails
+    plot(rows, RESULTS / "frontier_smollm2.png")
+    ablation = []
+    if not args.skip_ablation:
+        tokens = sample_tokens(source.model, source.tokenizer, 3072 + 512, 256)
+        comp = Compressor(source.model, "llama", "smollm2", collect_inputs(source.model, tokens[:-2]))
+        report = choose_plan(comp, 0.05, Overrides(), tokens[-2:])
+        plan = report.plan
+        variants = {
+            "full method": plan,
+            "no RoPE pair selection (highest frequencies kept)": replace(plan, select_rope=False),
+            "plain weight SVD (not activation-aware)": replace(plan, activation_aware=False),
+            "no rotation before quantization": replace(plan, rotate=False),
+        }
+        try:
+            variants["one layer per group (re-planned)"] = choose_plan(comp, 0.05, Overrides(group_size=1), tokens[-2:]).plan
+        except KvconvertError as e:  # one layer per group may not fit 5% at all: say so, and show its nearest plan
+            reach = smallest_ratio(comp.base, Overrides(group_size=1))
+            ablation.append({"variant": "one layer per group at 0.05", "unreachable": str(e)})
+            nearest = choose_plan(comp, reach * 1.001, Overrides(group_size=1), tokens[-2:]).plan
+            variants[f"one layer per group (smallest plan, ratio {reach:.4f})"] = nearest
+        from kvconvert.evaluate import score_windows
+
+        for name, p in variants.items():
+            model = comp.build(p)
+            r = score_windows(model, windows, reference=source.model)
+            ablation.append({"variant": name, "plan": p.describe(), "kv_ratio": plan_bytes(comp.base, p) / 23040} | r)
+            print(f"ablation {name}: ppl {r['perplexity']:.2f} top1 {r['top1_agreement']:.3f} kl {r['kl']:.3f}", flush=True)
+
+    path = write_result("frontier_smollm2", meta | {"rows": rows, "ablation_at_0.05": ablation})
+    print(f"wrote {path}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    base = rows[0]["perplexity"]
+    pts = sorted((r["kv_ratio"], r["perplexity"] / base) for r in rows[1:])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="kvconvert zero-shot")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--", label="source")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = [p[0] for p in pts]
+    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("KV cache / source KV cache")
+    ax.set_ylabel("perplexity / source perplexity")
+    ax.set_title("SmolLM2-135M, Persuasion, zero-shot")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--plot-only"]:  # redraw the PNG from the JSON
+        import json
+
+        plot(json.loads((RESULTS / "frontier_smollm2.json").read_text())["rows"], RESULTS / "frontier_smollm2.png")
+    else:
+        main()
