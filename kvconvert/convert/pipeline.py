@@ -99,7 +99,7 @@ def check_options(opts: ConvertOptions) -> None:
 def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
     """Plan options that need the model's shapes; returns the overrides with --groups resolved."""
     ov = opts.overrides
-    L, D, K, H = config.num_hidden_layers, config.head_dim, config.num_key_value_heads, config.num_attention_heads
+    L, D, K = config.num_hidden_layers, config.head_dim, config.num_key_value_heads
     if ov.latent_dim is not None and ov.latent_dim > config.hidden_size:
         raise KvconvertError(f"--latent-dim {ov.latent_dim} exceeds the hidden size {config.hidden_size}")
     if ov.rope_dim is not None and ov.rope_dim > D:
@@ -116,7 +116,6 @@ def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
         ov = Overrides(**(vars(ov) | {"groups": groups}))
     if ov.rope_heads == K and K > 1 and (ov.group_size not in (None, 1) or (ov.groups and max(map(len, ov.groups)) > 1)):
         raise KvconvertError("one rope head per kv head (--rope-heads K) needs one layer per group")
-    del H
     return ov
 
 
