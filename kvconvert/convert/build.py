@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import CllaConfig, kv_bytes_per_token
+from ..config import CllaConfig
 from ..model import CllaForCausalLM
 from .calibrate import Calibration
 from .identity import identity_config
@@ -27,7 +27,7 @@ class Plan:
     rotate: bool = True  # orthogonal rotation of the latent before quantization
     activation_aware: bool = True  # False: plain weight SVD (ablation)
     select_rope: bool = True  # False: keep the highest frequencies, as plain partial RoPE would (ablation)
-    equalize_rope: bool = True  # scale rope-key pairs to unit RMS (queries scaled back) before quantization
+    equalize_rope: bool = True  # balance rope-key pairs against their queries (see rope_scale) before quantization
 
     def describe(self) -> str:
         sizes = [len(g) for g in self.groups]
@@ -36,11 +36,9 @@ class Plan:
         return f"{layout}, latent {self.latent_dim} @ {self.kv_bits} bit, {rope}, quant group {self.quant_group}"
 
 
-def uniform_groups(L: int, size: int, first_alone: int = 0) -> tuple[tuple[int, ...], ...]:
-    """Consecutive groups of `size` layers (the last one may be smaller), after `first_alone` single layers."""
-    groups = [(i,) for i in range(min(first_alone, L))]
-    groups += [tuple(range(i, min(i + size, L))) for i in range(first_alone, L, size)]
-    return tuple(groups)
+def uniform_groups(L: int, size: int) -> tuple[tuple[int, ...], ...]:
+    """Consecutive groups of `size` layers (the last one may be smaller)."""
+    return tuple(tuple(range(i, min(i + size, L))) for i in range(0, L, size))
 
 
 def plan_config(base: CllaConfig, plan: Plan, freq: list | None = None) -> CllaConfig:
@@ -81,21 +79,16 @@ class Compressor:
     # ------------------------------------------------------------------ per-group analysis
     def rope_choice(self, group: tuple[int, ...], rope_dim: int, select: bool = True, heads: int = 1) -> RopeChoice | SharedRope:
         key = ("rope", group, rope_dim, select, heads)
-        if key not in self._fits and heads == 1:
-            c = self.base
-            choice = choose_shared_rope(
-                list(group), [self.stats[i] for i in group], self.cal, rope_dim, c.rope_inv_freq, c.softmax_scale,
-                self.H, self.K, self.D, select,
-            )
-            self._fits[key] = choice
         if key not in self._fits:
             c = self.base
-            choice = choose_rope(
-                list(group), [self.stats[i] for i in group], self.cal, rope_dim, c.rope_inv_freq, c.softmax_scale,
-                self.H, self.K, self.D,
-            )
-            if not select:  # ablation: the highest-frequency pairs, as a fixed partial RoPE keeps
-                choice.freq = [list(range(rope_dim // 2)) for _ in range(self.K)]
+            args = (list(group), [self.stats[i] for i in group], self.cal, rope_dim, c.rope_inv_freq, c.softmax_scale,
+                    self.H, self.K, self.D)
+            if heads == 1:
+                choice = choose_shared_rope(*args, select)
+            else:
+                choice = choose_rope(*args)
+                if not select:  # ablation: the highest-frequency pairs, as a fixed partial RoPE keeps
+                    choice.freq = [list(range(rope_dim // 2)) for _ in range(self.K)]
             self._fits[key] = choice
         return self._fits[key]
 
@@ -108,15 +101,8 @@ class Compressor:
             st = self.stats[l]
             cov = self.cal.cov(l, l)
             for k in range(K):
-                if shared:  # every key dim: the residual after the shared rope key, position-free
-                    rows = st.wk[k * D : (k + 1) * D]
-                    omega = torch.zeros(D, D, dtype=torch.float64)
-                    for h in range(k * per, (k + 1) * per):
-                        q = st.wq[h * D : (h + 1) * D]
-                        omega += st.vscale[h] * (q @ cov @ q.T)
-                    out.append(Block(l, "k", k, rows, s**2 * omega, complex_rows(choice.u[j, k], choice.freq, choice.ws, D)))
-                    continue
-                dims = nope_dims(choice.freq[k], D)
+                # shared rope: every key dim, as the residual after the shared rope key; else the dropped pairs
+                dims = list(range(D)) if shared else nope_dims(choice.freq[k], D)
                 if not dims:
                     continue
                 rows = st.wk[[k * D + d for d in dims]]
@@ -124,7 +110,8 @@ class Compressor:
                 for h in range(k * per, (k + 1) * per):
                     q = st.wq[[h * D + d for d in dims]]
                     omega += st.vscale[h] * (q @ cov @ q.T)
-                out.append(Block(l, "k", k, rows, s**2 * omega))
+                w_f = complex_rows(choice.u[j, k], choice.freq, choice.ws, D) if shared else None
+                out.append(Block(l, "k", k, rows, s**2 * omega, w_f))
             for k in range(K):
                 wo = st.wo[:, k * per * D : (k + 1) * per * D].reshape(-1, per, D)
                 omega = torch.einsum("ahd,ahe->de", wo, wo)
@@ -173,9 +160,6 @@ class Compressor:
         choices = [self.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads) for g in plan.groups]
         freq = [[c.freq] if plan.rope_heads == 1 else c.freq for c in choices]
         return plan_config(self.base, plan, freq)
-
-    def kv_bytes(self, plan: Plan) -> int:
-        return kv_bytes_per_token(self.config(plan))
 
     @torch.no_grad()
     def build(self, plan: Plan) -> CllaForCausalLM:

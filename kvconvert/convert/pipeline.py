@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -188,15 +188,11 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     t = time.perf_counter()
     comp = Compressor(source.model, source.model_type, name, cal)
     report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log)
-    timings["plan"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    model = comp.build(report.plan)
-    timings["build"] = round(time.perf_counter() - t, 3)
-    plan = report.plan
-    per_group = []
-    for g in plan.groups:
-        one = type(plan)(**(vars(plan) | {"groups": (g,)}))
-        per_group.append({"layers": list(g), "proxy_error": proxy_error(comp, one)})
+    timings["plan_and_build"] = round(time.perf_counter() - t, 3)
+    model, plan = report.model, report.plan
+    per_group = [
+        {"layers": list(g), "proxy_error": proxy_error(comp, replace(plan, groups=(g,)))} for g in plan.groups
+    ]
     summary = {
         "plan": plan.describe(),
         "target_kv_ratio": opts.kv_ratio,

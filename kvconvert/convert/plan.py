@@ -12,6 +12,7 @@ Explicit overrides fix parts of the plan; a target no plan reaches is refused wi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -122,6 +123,7 @@ def smallest_ratio(base: CllaConfig, ov: Overrides) -> float:
     return min(plan_bytes(base, p) for p in plans) / base.source_kv_bytes_per_token if plans else math.inf
 
 
+@functools.lru_cache(maxsize=None)
 def quantizer_noise(bits: int, group: int) -> float:
     """Relative MSE of the group-wise quantizer on Gaussian data (what a rotated latent looks like)."""
     if bits >= 16:
@@ -152,6 +154,7 @@ def kl_to_source(model, tokens: torch.Tensor, source_logp: torch.Tensor) -> floa
 @dataclass
 class PlanReport:
     plan: Plan
+    model: torch.nn.Module  # the chosen plan, already built (for the held-out check)
     kv_bytes: int
     kv_ratio: float
     heldout_kl: float
@@ -181,15 +184,16 @@ def choose_plan(
         families.setdefault((p.groups, p.rope_heads, p.rope_dim), []).append(p)
     log(f"planning: {len(plans)} plans in {len(families)} families")
     source_logp = F.log_softmax(comp.src(heldout, use_cache=False).logits.float(), -1)
-    results = []
+    results, best = [], None
     for members in families.values():
         for proxy, p in sorted(((proxy_error(comp, p), p) for p in members), key=lambda t: t[0])[:per_family]:
-            kl = kl_to_source(comp.build(p), heldout, source_logp)
-            log(f"  {p.describe()}: KV ratio {plan_bytes(base, p) / src:.4f}, held-out KL {kl:.4f}")
-            results.append({"plan": p.describe(), "kv_ratio": plan_bytes(base, p) / src, "proxy": proxy, "heldout_kl": kl, "_plan": p})
-    best = min(range(len(results)), key=lambda i: results[i]["heldout_kl"])
-    plan = results[best]["_plan"]
-    for r in results:
-        r.pop("_plan")
+            model = comp.build(p)
+            kl = kl_to_source(model, heldout, source_logp)
+            ratio = plan_bytes(base, p) / src
+            log(f"  {p.describe()}: KV ratio {ratio:.4f}, held-out KL {kl:.4f}")
+            results.append({"plan": p.describe(), "kv_ratio": ratio, "proxy": proxy, "heldout_kl": kl})
+            if best is None or kl < best[0]:
+                best = (kl, p, model)
+    kl, plan, model = best
     nbytes = plan_bytes(base, plan)
-    return PlanReport(plan, nbytes, nbytes / src, results[best]["heldout_kl"], results)
+    return PlanReport(plan, model, nbytes, nbytes / src, kl, results)
