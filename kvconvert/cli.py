@@ -59,7 +59,8 @@ def user_errors(fn):
 
 
 def log(msg: str) -> None:
-    err.print(f"[dim]•[/] {msg}", highlight=False)
+    if is_main_process():
+        err.print(f"[dim]•[/] {msg}", highlight=False)
 
 
 def progress_bar() -> Progress:
@@ -71,6 +72,7 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not is_main_process(),
     )
 
 
@@ -78,11 +80,71 @@ def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def is_main_process() -> bool:
+    """False in the processes torchrun starts beside rank 0: they train but print nothing."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------- distill options
+DISTILL = "Distillation"
+DistillTokens = Annotated[int, typer.Option(help="Training tokens (all processes together).", rich_help_panel=DISTILL)]
+SeqLen = Annotated[int, typer.Option(help="Tokens per training sequence.", rich_help_panel=DISTILL)]
+BatchSize = Annotated[int, typer.Option(help="Sequences per micro-batch per process.", rich_help_panel=DISTILL)]
+GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel=DISTILL)]
+Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warm-up, cosine decay to 10%).", rich_help_panel=DISTILL)]
+Warmup = Annotated[float, typer.Option(help="Share of the steps spent warming up.", rich_help_panel=DISTILL)]
+Temperature = Annotated[float, typer.Option(help="Softmax temperature of the KL loss.", rich_help_panel=DISTILL)]
+HiddenWeight = Annotated[float, typer.Option(help="Weight of per-layer hidden-state matching (0: logits only).", rich_help_panel=DISTILL)]
+TrainSet = Annotated[str, typer.Option("--train", help="What trains: all (default; measured best), attention (the attention blocks), latent (only what the conversion made).", rich_help_panel=DISTILL)]
+EvalEvery = Annotated[int, typer.Option(help="Validate (KL, top-1, ppl) every N steps; the best is exported.", rich_help_panel=DISTILL)]
+SaveEvery = Annotated[int, typer.Option(help="Checkpoint every N steps (and on Ctrl-C / SIGTERM).", rich_help_panel=DISTILL)]
+ValTokens = Annotated[int, typer.Option(help="Held-out validation tokens.", rich_help_panel=DISTILL)]
+SampleTokens = Annotated[int, typer.Option(help="Without --data: tokens sampled from the teacher (cycled).", rich_help_panel=DISTILL)]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda; under torchrun each process takes its local GPU.", rich_help_panel=DISTILL)]
+GradCkpt = Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in backward (default: on GPU only).", rich_help_panel=DISTILL, show_default=False)]
+CkptDir = Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: OUT.distill beside OUT).", rich_help_panel=DISTILL)]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run saved in the checkpoint folder.", rich_help_panel=DISTILL)]
+Fsdp = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard student and teacher (FSDP2) instead of replicating them (DDP).", rich_help_panel=DISTILL)]
+KeepCkpt = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep the checkpoint folder after export.", rich_help_panel=DISTILL)]
+
+
+def step_reporter(bar: Progress):
+    task = None
+
+    def report(step: int, steps: int, m: dict) -> None:
+        """Loss, throughput and best validation KL in the bar's description; the bar adds elapsed time and ETA."""
+        nonlocal task
+        text = f"distilling · loss {m['loss']:.4f} · {m['tokens_per_s']:,.0f} tok/s · best val KL {m['best_kl']:.4f}"
+        if task is None:
+            task = bar.add_task(text, total=steps, completed=step)
+        bar.update(task, completed=step, description=text)
+
+    return report
+
+
+def interrupted_exit(e) -> None:
+    """A distillation stopped by a signal: the message says how to resume; exit 128 + signal."""
+    err.print(f"[bold yellow]stopped:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(128 + int(e.signum))
+
+
+def distill_table(d: dict) -> Table:
+    t = Table(title="distillation (validation on held-out sequences)")
+    for c in ("step", "KL(teacher || student)", "top-1", "perplexity"):
+        t.add_column(c, justify="right")
+    for row in d["validation"]:
+        t.add_row(f"{row['step']:,}", f"{row['val_kl']:.4f}", f"{row['val_top1']:.1%}", f"{row['val_ppl']:.3f}")
+    b = d["best"]
+    t.caption = (f"best: step {b['step']:,} (exported). {d['tokens']:,} tokens in {d['seconds']:.0f} s on {d['device']};"
+                 f" data: {d['data']}")
+    return t
 
 
 # ----------------------------------------------------------------------------------------------- convert
@@ -122,17 +184,49 @@ def convert(
     dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the conversion record as JSON.")] = False,
+    distill_tokens: Annotated[
+        Optional[int], typer.Option(help="Then distill from the source on N tokens (--data, or text sampled from it).", rich_help_panel=DISTILL)
+    ] = None,
+    seq_len: SeqLen = 512,
+    batch_size: BatchSize = 4,
+    grad_accum: GradAccum = 1,
+    lr: Lr = 2e-4,
+    warmup: Warmup = 0.05,
+    temperature: Temperature = 1.0,
+    hidden_weight: HiddenWeight = 0.0,
+    train: TrainSet = "all",
+    eval_every: EvalEvery = 50,
+    save_every: SaveEvery = 200,
+    val_tokens: ValTokens = 16384,
+    sample_tokens: SampleTokens = 1_000_000,
+    device: Device = "auto",
+    grad_checkpointing: GradCkpt = None,
+    checkpoint_dir: CkptDir = None,
+    resume: Resume = False,
+    keep_checkpoints: KeepCkpt = False,
+    fsdp: Fsdp = False,
 ):
     """Convert SRC into a CLLA model at OUT whose KV cache is at most --kv-ratio of the source's (model.safetensors,
-    config, tokenizer, conversion.json with the plan, errors and timings, and a model card)."""
+    config, tokenizer, conversion.json with the plan, errors and timings, and a model card). With --distill-tokens,
+    then train it from the source (checkpoints in OUT.distill, resumable with --resume; runs data-parallel under
+    torchrun)."""
     from .convert.pipeline import ConvertOptions, convert as run_convert
     from .convert.plan import Overrides
+    from .distill.train import DistillOptions, Interrupted
 
     set_threads(threads)
     overrides = Overrides(
         latent_dim=latent_dim, group_size=group_size, rope_dim=rope_dim, rope_heads=rope_heads, kv_bits=kv_bits,
         rope_bits=rope_bits, quant_group=quant_group,
     )
+    distill = None
+    if distill_tokens is not None:
+        distill = DistillOptions(
+            tokens=distill_tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
+            temperature=temperature, hidden_weight=hidden_weight, train=train, eval_every=eval_every,
+            save_every=save_every, val_tokens=val_tokens, sample_tokens=sample_tokens, data=list(data or []),
+            seed=seed, device=device, grad_checkpointing=grad_checkpointing, fsdp=fsdp,
+        )
     with progress_bar() as bar:
         tasks: dict = {}
 
@@ -144,9 +238,16 @@ def convert(
         opts = ConvertOptions(
             identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
             data=list(data or []), calib_tokens=calib_tokens, seed=seed, force=force, dtype=dtype, log=log,
-            progress=progress,
+            progress=progress, step_progress=step_reporter(bar), distill=distill, resume=resume,
+            checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
         )
-        record = run_convert(src, out_dir, opts)
+        try:
+            record = run_convert(src, out_dir, opts)
+        except Interrupted as e:
+            bar.stop()
+            interrupted_exit(e)
+    if not is_main_process():
+        return
     if as_json:
         print_json(record)
         return
@@ -173,6 +274,79 @@ def convert(
             layers = row["layers"]
             g.add_row(f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]), f"{row['proxy_error']:.4g}")
         out.print(g)
+    for d in record.get("distill", []):
+        out.print(distill_table(d))
+
+
+@app.command()
+@user_errors
+def distill(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A converted CLLA folder (the student).")],
+    teacher: Annotated[str, typer.Option(help="The teacher, usually the source: a folder, .gguf file or 'smollm2'.")],
+    tokens: DistillTokens,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write the result here instead of replacing MODEL.")] = None,
+    data: Annotated[
+        Optional[list[Path]], typer.Option(help="Training text (.txt, or .jsonl with a 'text' field); repeatable. Default: sampled from the teacher.", rich_help_panel=DISTILL)
+    ] = None,
+    seq_len: SeqLen = 512,
+    batch_size: BatchSize = 4,
+    grad_accum: GradAccum = 1,
+    lr: Lr = 2e-4,
+    warmup: Warmup = 0.05,
+    temperature: Temperature = 1.0,
+    hidden_weight: HiddenWeight = 0.0,
+    train: TrainSet = "all",
+    eval_every: EvalEvery = 50,
+    save_every: SaveEvery = 200,
+    val_tokens: ValTokens = 16384,
+    sample_tokens: SampleTokens = 1_000_000,
+    device: Device = "auto",
+    grad_checkpointing: GradCkpt = None,
+    checkpoint_dir: CkptDir = None,
+    resume: Resume = False,
+    keep_checkpoints: KeepCkpt = False,
+    fsdp: Fsdp = False,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and of sampled text.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists; discard an earlier checkpoint.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the updated conversion record as JSON.")] = False,
+):
+    """Distill a converted model from its teacher: KL on the logits (quantization-aware), AdamW with warm-up and
+    cosine decay, validation every --eval-every steps, the best checkpoint exported. The result replaces MODEL
+    atomically (or goes to --out). Checkpoints in MODEL.distill; --resume continues exactly; data-parallel under
+    `torchrun --nproc-per-node P -m kvconvert distill ...`."""
+    from .distill.run import distill_folder
+    from .distill.train import DistillOptions, Interrupted
+
+    set_threads(threads)
+    opts = DistillOptions(
+        tokens=tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
+        temperature=temperature, hidden_weight=hidden_weight, train=train, eval_every=eval_every, save_every=save_every,
+        val_tokens=val_tokens, sample_tokens=sample_tokens, data=list(data or []), seed=seed, device=device,
+        grad_checkpointing=grad_checkpointing, fsdp=fsdp,
+    )
+    with progress_bar() as bar:
+        tasks: dict = {}
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done)
+
+        try:
+            record = distill_folder(
+                model_path, teacher, opts, out_dir, checkpoint_dir, resume, force, keep_checkpoints, log, progress,
+                step_reporter(bar),
+            )
+        except Interrupted as e:
+            bar.stop()
+            interrupted_exit(e)
+    if not is_main_process():
+        return
+    if as_json:
+        print_json(record)
+        return
+    out.print(distill_table(record["distill"][-1]))
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -150,6 +151,19 @@ class CllaDecoderLayer(nn.Module):
         self.post_attention_layernorm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = CllaMLP(config)
 
+    def forward(self, h, latent, k_rope, cos, sin, mask, latent_proj=None, cache=None, group: int = 0):
+        """h (B, T, hidden) -> (h, latent, k_rope). The group's first layer passes its `latent_proj`: the latent and
+        rope keys are computed from this layer's normed input (and appended to `cache`); later layers reuse them."""
+        x = self.input_layernorm(h)
+        if latent_proj is not None:
+            latent, k_rope = latent_proj(x, cos, sin)
+            if cache is not None:
+                latent4, k_rope = cache.update(latent[:, None], k_rope, group)
+                latent = latent4[:, 0]
+        h = h + self.self_attn(x, latent, k_rope, cos, sin, mask)
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, latent, k_rope
+
 
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
@@ -202,7 +216,10 @@ class CllaModel(CllaPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-    ) -> tuple[torch.Tensor, Cache | None]:
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, Cache | None, tuple[torch.Tensor, ...] | None]:
+        """Final normed hidden (B, T, hidden), the cache, and (with output_hidden_states) the embeddings then
+        each layer's output, as transformers orders them (the last entry is the final normed hidden)."""
         cfg = self.config
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = h.shape
@@ -216,18 +233,24 @@ class CllaModel(CllaPreTrainedModel):
             w: build_attention_mask(attention_mask, B, T, past, w, h.dtype, h.device) for w in set(cfg.layer_windows)
         }
         group_of = cfg.group_of_layer()
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        hidden_states = [h] if output_hidden_states else None
         latent = k_rope = None
         for i, layer in enumerate(self.layers):
             g = group_of[i]
-            x = layer.input_layernorm(h)
-            if i == cfg.layer_groups[g][0]:
-                latent, k_rope = self.latent_proj[g](x, cos[g], sin[g])
-                if cache is not None:
-                    latent4, k_rope = cache.update(latent[:, None], k_rope, g)
-                    latent = latent4[:, 0]
-            h = h + layer.self_attn(x, latent, k_rope, cos[g], sin[g], masks[cfg.layer_windows[i]])
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.norm(h), cache
+            proj = self.latent_proj[g] if i == cfg.layer_groups[g][0] else None
+            args = (h, latent, k_rope, cos[g], sin[g], masks[cfg.layer_windows[i]], proj)
+            if checkpointing and cache is None:
+                # Recompute the layer in backward; the group's latent is an input of its later layers.
+                h, latent, k_rope = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                h, latent, k_rope = layer(*args, cache, g)
+            if hidden_states is not None:
+                hidden_states.append(h)
+        h = self.norm(h)
+        if hidden_states is not None:
+            hidden_states[-1] = h
+        return h, cache, tuple(hidden_states) if hidden_states is not None else None
 
 
 class CllaForCausalLM(CllaPreTrainedModel, GenerationMixin):
@@ -250,11 +273,14 @@ class CllaForCausalLM(CllaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
+        output_hidden_states: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, vocab); `labels` (B, T) gives the mean next-token cross-entropy (-100 ignored)."""
         cache = cache if cache is not None else past_key_values
-        hidden, cache = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
+        hidden, cache, hidden_states = self.model(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states
+        )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -263,4 +289,4 @@ class CllaForCausalLM(CllaPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, hidden_states=hidden_states)

@@ -19,20 +19,24 @@ from ..errors import KvconvertError
 Progress = Callable[[int, int], None]
 
 
-def sample_tokens(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, progress: Progress | None = None) -> torch.Tensor:
-    """(S, seq_len) token ids sampled from the model itself (temperature 1, top-p 0.95): no data needed."""
+def sample_tokens(
+    model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, progress: Progress | None = None, batch: int = 32
+) -> torch.Tensor:
+    """(S, seq_len) token ids sampled from the model itself (temperature 1, top-p 0.95): no data needed.
+    Decode steps dominate: one batch of up to `batch` sequences costs about as much as one."""
     n_seq = max(1, -(-n_tokens // seq_len))
     start = model.config.bos_token_id
     if start is None:
         start = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else 0
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # generate() samples with the global generator
-    out, batch = [], 32  # decode steps dominate: one batch of up to 32 sequences costs about as much as one
+    device = next(model.parameters()).device
+    out = []
     for i in range(0, n_seq, batch):
         b = min(batch, n_seq - i)
         # A random second token diversifies the starts more than sampling alone would.
         first = torch.randint(0, model.config.vocab_size, (b, 1), generator=gen)
-        ids = torch.cat([torch.full((b, 1), start), first], 1)
+        ids = torch.cat([torch.full((b, 1), start), first], 1).to(device)
         with torch.no_grad():
             seqs = model.generate(
                 ids,
@@ -44,7 +48,7 @@ def sample_tokens(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, 
                 min_new_tokens=seq_len - 2,
                 pad_token_id=start,
             )
-        out.append(seqs[:, :seq_len])
+        out.append(seqs[:, :seq_len].cpu())
         if progress:
             progress(min(i + b, n_seq), n_seq)
     return torch.cat(out)[:n_seq]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +15,9 @@ from .build import Compressor
 from .calibrate import collect_inputs, read_data_files, sample_tokens, tokens_from_text
 from .plan import Overrides, choose_plan, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
+from ..distill import dist
+from ..distill.run import checkpoint_dir, distill_student, load_initial, prepare_checkpoint_dir
+from ..distill.train import DistillOptions, check_distill_options
 from .identity import build_identity
 from .source import load_source, resolve
 
@@ -34,8 +38,13 @@ class ConvertOptions:
     force: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     check_tokens: int = 64  # tokens of the logit check against the source
+    distill: DistillOptions | None = None  # then distill the converted model from the source
+    resume: bool = False  # continue the distillation saved in the checkpoint folder
+    checkpoint_dir: Path | None = None  # default OUT.distill
+    keep_checkpoints: bool = False
     log: Log = field(default=lambda msg: None)
     progress: Callable[[str, int, int], None] = field(default=lambda what, done, total: None)
+    step_progress: Callable[[int, int, dict], None] = field(default=lambda step, steps, metrics: None)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,6 +103,10 @@ def check_options(opts: ConvertOptions) -> None:
         raise KvconvertError(f"--rope-dim must be even and non-negative, got {ov.rope_dim}")
     if opts.calib_tokens < 256:
         raise KvconvertError(f"--calib-tokens must be at least 256, got {opts.calib_tokens}")
+    if opts.distill is None and opts.resume:
+        raise KvconvertError("--resume continues a distillation: give the same --distill-tokens as the interrupted run")
+    if opts.distill is not None and opts.identity:
+        raise KvconvertError("--identity is already exact; there is nothing to distill")
 
 
 def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
@@ -133,35 +146,62 @@ def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, str]
     )
 
 
-def convert(src: str, out: str | Path, opts: ConvertOptions) -> dict:
-    """Run a conversion end to end; returns the record also written to OUT/conversion.json."""
+def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
+    """Run a conversion end to end (then distillation, when asked); returns the record also written to
+    OUT/conversion.json. Under torchrun, process 0 converts and exports; every process trains."""
     out = Path(out)
     check_options(opts)
     check_output(out, opts.force)
     if opts.data:
         read_data_files(opts.data)  # refuse empty/binary files before loading anything
+    world = dist.World()
+    if opts.distill is not None:
+        ckpt = checkpoint_dir(out, opts.checkpoint_dir)
+        world = dist.init(opts.distill.device)
+        check_distill_options(opts.distill, world)
+        if opts.distill.data:
+            read_data_files(opts.distill.data)
+        if world.is_main:
+            prepare_checkpoint_dir(ckpt, opts.resume, opts.force)
+        dist.barrier(world)
     ref = resolve(src)
     t0 = time.perf_counter()
     opts.log(f"loading {ref.name}")
     source = load_source(ref, dtype=torch.float32)
     timings = {"load": round(time.perf_counter() - t0, 3)}
-    if opts.identity:
+    model, summary = None, {}
+    if opts.resume:
+        model, summary = load_initial(ckpt)
+        timings = summary.get("timings_s", {}) | timings
+        opts.log(f"resuming the distillation in {ckpt} (the conversion is not redone)")
+    elif world.is_main and opts.identity:
         opts.log("building the identity CLLA model")
         t1 = time.perf_counter()
         model = build_identity(source.model, source.model_type, ref.name)
         timings["build"] = round(time.perf_counter() - t1, 3)
-        summary: dict = {"plan": "identity"}
-    else:
+        summary = {"plan": "identity"}
+    elif world.is_main:
         model, summary = compress(source, ref.name, opts, timings)
+    summary |= {"source_model_type": source.model_type, "timings_s": timings}
+    if opts.distill is not None:
+        t1 = time.perf_counter()
+        model, result = distill_student(
+            model, summary, source.model, source.tokenizer, ref.name, opts.distill, ckpt, world, opts.resume,
+            opts.log, opts.progress, opts.step_progress,
+        )
+        if world.is_main and (opts.distill.fsdp or world.device != "cpu"):
+            source = load_source(ref, dtype=torch.float32)  # the teacher was sharded or cast to bf16 for training
+        timings["distill"] = round(time.perf_counter() - t1, 3)
+        summary["distill"] = [result.record(opts.distill)]
+        if not world.is_main:
+            return summary
     ids = check_tokens(source.tokenizer, model.config.vocab_size, opts.check_tokens)
     err = max_relative_logit_error(source.model, model, ids)
     opts.log(f"max relative logit error vs source on {ids.shape[1]} tokens: {err:.2e}")
     dtype = resolve_dtype(opts.dtype, source.model)
     summary |= {
-        "source_model_type": source.model_type,
         "dtype": str(dtype).removeprefix("torch."),
         "check": {"tokens": int(ids.shape[1]), "max_relative_logit_error_fp32": err},
-        "timings_s": timings,
     }
     t2 = time.perf_counter()
     with atomic_folder(out, opts.force) as tmp:
@@ -171,6 +211,8 @@ def convert(src: str, out: str | Path, opts: ConvertOptions) -> dict:
         timings["total"] = round(time.perf_counter() - t0, 3)
         record = conversion_record(model.config, summary)
         write_conversion_json(tmp, record)
+    if opts.distill is not None and not opts.keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
     return record
 
 

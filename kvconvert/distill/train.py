@@ -1,0 +1,449 @@
+"""The distillation loop: the CLLA student learns the teacher's next-token distributions.
+
+loss = T² · KL(teacher_T ‖ student_T) per token (T: temperature), plus, with `hidden_weight` > 0, the mean over
+layers of ‖h_student − h_teacher‖² / ‖h_teacher‖² (each layer's output; the model's forward already applies
+the cache's quantize/dequantize with a straight-through gradient, so training is quantization-aware).
+AdamW, linear warm-up then cosine decay, gradient clipping and accumulation; bf16 autocast and gradient
+checkpointing on GPU, fp32 on CPU; data-parallel under torchrun (DDP). Validation KL every `eval_every`
+steps; the best student is what gets exported. Checkpoints every `save_every` steps and on SIGINT/SIGTERM
+resume exactly: weights, optimizer, scheduler and the step (the data order is a function of the step).
+
+Checkpoint folder: `initial/` (the student before training, a loadable model folder), `state/` (the
+trainable weights now and at the best validation, optimizer + scheduler, progress.json), `samples/`
+(data-free sequences). `state/` is replaced atomically: a kill during a save leaves the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..errors import KvconvertError
+from . import dist
+from .data import TrainingData
+
+# Parameter sets a user can train (names are matched as substrings of CllaForCausalLM parameter names).
+LATENT = ("latent_proj.", ".k_up.", ".v_up.")
+TRAIN_SETS = {
+    "latent": LATENT,  # only what the conversion created: the latent, rope key and up-projections
+    "attention": LATENT + (".q_proj.", ".o_proj."),  # the whole attention block
+    "all": ("",),  # every weight, MLPs, norms and embeddings included (default)
+}
+
+
+@dataclass
+class DistillOptions:
+    tokens: int  # training tokens seen by the student, all processes together
+    seq_len: int = 512
+    batch_size: int = 4  # sequences per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 2e-3  # relative: each step moves a weight tensor by about lr × its RMS (see make_optimizer)
+    warmup: float = 0.05  # share of the steps with a linear warm-up
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr × this
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    train: str = "all"  # measured best at equal tokens (README: distillation); attention or latent save optimizer memory
+    eval_every: int = 50
+    save_every: int = 200
+    val_tokens: int = 16384
+    sample_tokens: int = 1_000_000  # data-free: size of the sampled pool (cycled when tokens exceed it)
+    data: list[Path] = field(default_factory=list)
+    seed: int = 0
+    device: str = "auto"
+    grad_checkpointing: bool | None = None  # None: on for GPU, off on CPU
+    fsdp: bool = False  # shard student and teacher over the torchrun processes (FSDP2) instead of replicating (DDP)
+
+    def fingerprint(self, world: dist.World, teacher: str) -> dict:
+        """What a resumed run must share with the interrupted one to continue it exactly."""
+        keep = ("tokens", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay",
+                "clip", "temperature", "hidden_weight", "train", "val_tokens", "sample_tokens", "seed", "fsdp")
+        d = {k: getattr(self, k) for k in keep}
+        return d | {"data": [str(Path(p).resolve()) for p in self.data], "world_size": world.size, "teacher": teacher}
+
+    def global_batch(self, world: dist.World) -> int:
+        return self.batch_size * self.grad_accum * world.size
+
+    def steps(self, world: dist.World) -> int:
+        return self.tokens // (self.global_batch(world) * self.seq_len)
+
+
+def check_distill_options(o: DistillOptions, world: dist.World | None = None) -> None:
+    """Refuse out-of-range options before any work starts."""
+    world = world or dist.World()
+    if o.train not in TRAIN_SETS:
+        raise KvconvertError(f"--train must be one of {', '.join(TRAIN_SETS)}; got {o.train}")
+    for name, value in (("--seq-len", o.seq_len), ("--batch-size", o.batch_size), ("--grad-accum", o.grad_accum),
+                        ("--eval-every", o.eval_every), ("--save-every", o.save_every)):
+        if value < 1:
+            raise KvconvertError(f"{name} must be at least 1, got {value}")
+    if o.seq_len < 2:
+        raise KvconvertError(f"--seq-len must be at least 2, got {o.seq_len}")
+    if not (o.lr > 0 and o.temperature > 0 and o.clip > 0 and 0 <= o.warmup < 1 and 0 <= o.min_lr_ratio <= 1
+            and o.hidden_weight >= 0 and o.weight_decay >= 0):
+        raise KvconvertError("--lr, --temperature and --clip must be positive, --warmup in [0, 1), --hidden-weight >= 0")
+    if o.val_tokens < o.seq_len * world.size:
+        raise KvconvertError(
+            f"--val-tokens ({o.val_tokens}) must be at least one sequence (--seq-len {o.seq_len}) per process"
+        )
+    if o.fsdp and not world.distributed:
+        raise KvconvertError("--fsdp shards over processes: launch with torchrun --nproc-per-node P -m kvconvert ...")
+    per_step = o.global_batch(world) * o.seq_len
+    if o.steps(world) < 1:
+        raise KvconvertError(
+            f"--tokens {o.tokens:,} is less than one optimizer step ({per_step:,} tokens = --batch-size × --grad-accum"
+            f" × processes × --seq-len)"
+        )
+    if o.device not in ("auto", "cpu", "cuda"):
+        raise KvconvertError(f"--device must be auto, cpu or cuda; got {o.device}")
+    if o.device == "cuda" and not torch.cuda.is_available():
+        raise KvconvertError("--device cuda: no CUDA device is available")
+
+
+def trainable_names(model, which: str) -> list[str]:
+    """Parameters of the chosen set. A key bias never trains: it adds q·b to every score of a query alike, which
+    softmax ignores, so its gradient is zero up to rounding and Adam would turn that rounding noise into steps."""
+    return [n for n, _ in model.named_parameters()
+            if any(p in n for p in TRAIN_SETS[which]) and not n.endswith("k_up.bias")]
+
+
+def make_optimizer(student, names: list[str], rms: dict[str, float], opts: DistillOptions) -> torch.optim.AdamW:
+    """AdamW with one parameter group per tensor and a learning rate relative to the tensor's RMS.
+
+    A conversion leaves weights of very different scales (a latent down-projection with RMS ~40 beside a value
+    up-projection with RMS ~1e-3 in SmolLM2 at 0.05: the factorization fixes only their product), and Adam's
+    step is about `lr` in absolute terms whatever the weight's size, so one absolute rate either blows up the
+    small tensors or freezes the large ones. `opts.lr` is therefore the step size as a share of each tensor's
+    RMS (as in Adafactor's relative step); weight decay only on matrices.
+    """
+    params = dict(student.named_parameters())
+    groups = []
+    for n in names:
+        p = params[n]
+        groups.append({"params": [p], "lr": opts.lr * (rms[n] or 1.0), "weight_decay": opts.weight_decay if p.ndim >= 2 else 0.0})
+    return torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.95), eps=1e-12)
+
+
+def lr_factor(step: int, steps: int, warmup: float, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warm-up, cosine decay."""
+    warm = max(1, round(warmup * steps)) if warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def distill_loss(s_logits, t_logits, temperature: float, s_hidden=None, t_hidden=None, hidden_weight: float = 0.0):
+    """(loss, kl): logits (B, T, V); hidden states as transformers orders them (embeddings, then each layer)."""
+    s = F.log_softmax(s_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(t_logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    loss = kl
+    if hidden_weight > 0:
+        # Layer outputs 1..L-1 (the last is the final norm's output, which the logits already cover).
+        terms = [
+            ((a.float() - b.float()).pow(2).sum(-1) / b.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
+            for a, b in zip(s_hidden[1:-1], t_hidden[1:-1])
+        ]
+        if terms:
+            loss = loss + hidden_weight * torch.stack(terms).mean()
+    return loss, kl.detach()
+
+
+@torch.no_grad()
+def validate(student, teacher, val: torch.Tensor, batch: int, device, autocast, world: dist.World) -> dict:
+    """Mean KL(teacher ‖ student), top-1 agreement and student perplexity on held-out sequences (T = 1).
+
+    Each process scores an equal share of `val` (a remainder of fewer than one sequence per process is left out:
+    under FSDP every forward is collective, so all processes must run the same number) and the sums are reduced.
+    """
+    student.eval()
+    per = val.shape[0] // world.size
+    mine = val[world.rank * per : (world.rank + 1) * per]
+    kl_sum = nll_sum = agree = n = 0.0
+    for i in range(0, per, batch):
+        ids = mine[i : i + batch].to(device)
+        with autocast():
+            s = F.log_softmax(student(ids, use_cache=False).logits[:, :-1].float(), -1)
+            t = F.log_softmax(teacher(ids, use_cache=False).logits[:, :-1].float(), -1)
+        kl_sum += (t.exp() * (t - s)).sum().item()
+        nll_sum += -s.gather(-1, ids[:, 1:, None]).sum().item()
+        agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+        n += ids[:, 1:].numel()
+    student.train()
+    kl_sum, nll_sum, agree, n = dist.sum_all(world, [kl_sum, nll_sum, agree, n])
+    return {"kl": kl_sum / n, "top1": agree / n, "ppl": math.exp(nll_sum / n)}
+
+
+def shard(model, layers) -> None:
+    """FSDP2: each decoder layer is one unit (parameters gathered for its forward/backward), the rest the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_params(student, names: set[str], fsdp: bool) -> dict[str, torch.Tensor]:
+    """The named parameters, whole, in fp32 on the CPU. Under FSDP a collective: every process calls it, process 0
+    gets the tensors (the others an empty dict)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {n: t.float().clone() for n, t in sd.items() if n in names}
+    return {n: p.detach().float().cpu().clone() for n, p in student.named_parameters() if n in names}
+
+
+def optimizer_state(student, optimizer, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(student, optimizer, state: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(student, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag the loop reads after each step (a second signal stops at once)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with whoever owns them
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(KvconvertError):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    tokens: int
+    seconds: float
+    best: dict  # {"step", "kl", "top1", "ppl"}
+    history: list[dict]  # train loss per step and validation rows
+    data_origin: str
+    device: str
+    tokens_per_s: float = 0.0  # this session's training throughput (validation excluded)
+    best_state: dict = field(default_factory=dict, repr=False)  # best trainable weights, fp32 CPU (process 0)
+
+    def record(self, opts: DistillOptions) -> dict:
+        o = {k: (list(map(str, v)) if k == "data" else v) for k, v in asdict(opts).items()}
+        return {"options": o, "steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 1),
+                "device": self.device, "data": self.data_origin, "best": self.best,
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "validation": [h for h in self.history if "val_kl" in h]}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def save_state(ckpt: Path, current: dict, best_state: dict, optim: dict, progress: dict) -> None:
+    """Write `state/` atomically: into state.tmp/, then swap."""
+    tmp, final, old = ckpt / "state.tmp", ckpt / "state", ckpt / "state.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: t.contiguous() for n, t in current.items()}, str(tmp / "trainable.safetensors"))
+    save_file({n: t.contiguous() for n, t in best_state.items()}, str(tmp / "best.safetensors"))
+    torch.save(optim, tmp / "optim.pt")
+    (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_resumable(ckpt: Path, fingerprint: dict) -> dict | None:
+    """The saved progress (None before the first save), refusing a resume with options that change the run."""
+    path = ckpt / "state" / "progress.json"
+    if not path.is_file():
+        return None
+    prog = json.loads(path.read_text())
+    if prog["fingerprint"] != fingerprint:
+        diff = sorted(k for k in fingerprint if prog["fingerprint"].get(k) != fingerprint[k])
+        raise KvconvertError(
+            f"{ckpt}: the checkpoint was made with other options ({', '.join(diff)}); resume with the same ones"
+        )
+    return prog
+
+
+def train(
+    student,
+    teacher,
+    data: TrainingData,
+    opts: DistillOptions,
+    ckpt: Path,
+    world: dist.World,
+    teacher_name: str,
+    resume: bool = False,
+    log: Callable[[str], None] = lambda m: None,
+    progress: Callable[[int, int, dict], None] = lambda s, n, m: None,
+) -> DistillResult:
+    """Distill `teacher` into `student` (trained in place; under FSDP sharded in place). The best validated
+    trainable weights are in the result's `best_state` (fp32, CPU; on process 0)."""
+    device = torch.device(world.device)
+    autocast = _autocast(device)
+    steps = opts.steps(world)
+    fingerprint = opts.fingerprint(world, teacher_name)
+    names = trainable_names(student, opts.train)
+    names_set = set(names)
+    for n, p in student.named_parameters():
+        p.requires_grad_(n in names_set)
+    start, history, best = 0, [], {"step": None, "kl": math.inf}
+    best_state = full_params(student, names_set, fsdp=False)
+    rms = {n: t.pow(2).mean().sqrt().item() for n, t in best_state.items()}  # of the initial weights
+    opt_state = None
+    state = ckpt / "state"
+    if resume and not (state / "progress.json").is_file():
+        log("the interrupted run saved no training state yet: starting at step 0")
+    elif resume:
+        prog = json.loads((state / "progress.json").read_text())
+        if prog["fingerprint"] != fingerprint:
+            diff = sorted(k for k in fingerprint if prog["fingerprint"].get(k) != fingerprint[k])
+            raise KvconvertError(
+                f"{ckpt}: the checkpoint was made with other options ({', '.join(diff)}); resume with the same ones"
+            )
+        current = load_file(str(state / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in student.named_parameters():
+                if n in names_set:
+                    p.copy_(current[n])
+        best_state = load_file(str(state / "best.safetensors"))
+        opt_state = torch.load(state / "optim.pt", weights_only=True, map_location="cpu")
+        start, history, best = prog["step"], prog["history"], prog["best"]
+        log(f"resuming at step {start:,} of {steps:,}")
+    student.to(device).train()
+    teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    if opts.grad_checkpointing if opts.grad_checkpointing is not None else device.type == "cuda":
+        student.model.gradient_checkpointing = True
+    model = student
+    if opts.fsdp:
+        shard(student, student.model.layers)
+        shard(teacher, teacher.model.layers)
+    elif world.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    params = [p for n, p in student.named_parameters() if n in names_set]
+    optimizer = make_optimizer(student, names, rms, opts)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, opts.warmup, opts.min_lr_ratio)
+    )
+    if opt_state is not None:
+        load_optimizer_state(student, optimizer, opt_state["optimizer"], opts.fsdp)
+        scheduler.load_state_dict(opt_state["scheduler"])
+    use_hidden = opts.hidden_weight > 0
+    A, W, b = opts.grad_accum, world.size, opts.batch_size
+    tokens_per_step = opts.global_batch(world) * opts.seq_len
+
+    def run_validation(step: int) -> None:
+        nonlocal best, best_state
+        v = validate(student, teacher, data.val, b, device, autocast, world)
+        history.append({"step": step, "val_kl": v["kl"], "val_top1": v["top1"], "val_ppl": v["ppl"]})
+        if v["kl"] < best["kl"]:  # the same decision on every process: the figures are reduced
+            best = {"step": step} | v
+            best_state = full_params(student, names_set, opts.fsdp)
+        log(f"step {step:,}: validation KL {v['kl']:.4f}, top-1 {v['top1']:.1%}, ppl {v['ppl']:.3f}")
+
+    def checkpoint(step: int) -> None:
+        current = full_params(student, names_set, opts.fsdp)
+        optim = {"optimizer": optimizer_state(student, optimizer, opts.fsdp), "scheduler": scheduler.state_dict()}
+        if world.is_main:
+            save_state(ckpt, current, best_state, optim,
+                       {"step": step, "history": history, "best": best, "fingerprint": fingerprint})
+        dist.barrier(world)
+
+    t0, timed_tokens, train_time = time.perf_counter(), 0, 0.0
+    with StopRequested() as stop:
+        if start == 0 and not any("val_kl" in h for h in history):
+            run_validation(0)  # the zero-shot figure, and the best so far
+        for step in range(start, steps):
+            step_t0 = time.perf_counter()
+            loss_sum = kl_sum = 0.0
+            for m in range(A):
+                ids = data.micro_batch(step * A * W + m * W + world.rank, b).to(device)
+                with torch.no_grad(), autocast():
+                    t_out = teacher(ids, use_cache=False, output_hidden_states=use_hidden)
+                last = m == A - 1
+                if opts.fsdp:
+                    student.set_requires_gradient_sync(last)  # reduce-scatter gradients once per step
+                sync = model.no_sync() if model is not student and not last else contextlib.nullcontext()
+                with sync:
+                    with autocast():
+                        s_out = model(ids, use_cache=False, output_hidden_states=use_hidden)
+                    loss, kl = distill_loss(s_out.logits, t_out.logits, opts.temperature, s_out.hidden_states,
+                                            t_out.hidden_states, opts.hidden_weight)
+                    (loss / A).backward()
+                loss_sum += loss.item() / A
+                kl_sum += kl.item() / A
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.clip)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = {"step": step + 1, "loss": dist.mean(world, loss_sum), "kl": dist.mean(world, kl_sum),
+                   "grad_norm": grad_norm, "lr": opts.lr * scheduler.lr_lambdas[0](step)}
+            history.append(row)
+            timed_tokens += tokens_per_step
+            train_time += time.perf_counter() - step_t0
+            progress(step + 1, steps, row | {"tokens_per_s": timed_tokens / train_time, "best_kl": best["kl"]})
+            if (step + 1) % opts.eval_every == 0 or step + 1 == steps:
+                run_validation(step + 1)
+            stopping = dist.any_rank(world, stop.signal is not None)
+            if (step + 1) % opts.save_every == 0 or stopping or step + 1 == steps:
+                checkpoint(step + 1)
+            if stopping and step + 1 < steps:
+                signum = stop.signal or signal.SIGTERM
+                raise Interrupted(
+                    f"stopped at step {step + 1:,} of {steps:,} ({signal.Signals(signum).name}); checkpoint saved in"
+                    f" {ckpt}; continue with the same command and --resume",
+                    signum,
+                )
+    return DistillResult(steps, steps * tokens_per_step, time.perf_counter() - t0, best, history, data.origin, str(device),
+                         timed_tokens / train_time if train_time else 0.0, best_state)

@@ -1,0 +1,280 @@
+"""Distillation: the loss, the schedule, the data order, training that works, exact resume, signals, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import save_source
+from kvconvert.cli import app
+from kvconvert.convert.pipeline import ConvertOptions, convert
+from kvconvert.distill.data import TrainingData
+from kvconvert.distill.run import distill_folder
+from kvconvert.distill.train import DistillOptions, Interrupted, distill_loss, lr_factor, trainable_names
+from kvconvert.loading import load_clla
+
+runner = CliRunner()
+
+
+def text_file(path: Path, n_bytes: int = 60_000, seed: int = 0) -> Path:
+    """Words drawn from a small vocabulary with a Zipf-like law: text a tiny byte-level model can learn from."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["the", "latent", "cache", "of", "a", "model", "stores", "keys", "and", "values", "in", "few", "bits",
+             "attention", "reads", "it", "layer", "group", "shares", "one"]
+    probs = torch.tensor([1 / (i + 1) for i in range(len(words))])
+    out, size = [], 0
+    while size < n_bytes:
+        idx = torch.multinomial(probs, 12, replacement=True, generator=g)
+        line = " ".join(words[i] for i in idx) + ".\n"
+        out.append(line)
+        size += len(line)
+    path.write_text("".join(out))
+    return path
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """A tiny Llama (peaked logits: initializer_range 0.2) and its zero-shot CLLA conversion at a lossy plan."""
+    tmp = tmp_path_factory.mktemp("distill")
+    src, _ = save_source(tmp, "llama", initializer_range=0.2)
+    out = tmp / "clla"
+    convert(str(src), out, ConvertOptions(kv_ratio=0.1, calib_tokens=1024))
+    return src, out, text_file(tmp / "train.txt")
+
+
+def small_opts(data: Path, **kw) -> DistillOptions:
+    base = dict(tokens=16 * 8 * 32, seq_len=32, batch_size=8, lr=3e-3, eval_every=8, save_every=4, val_tokens=256,
+                data=[data], device="cpu")
+    return DistillOptions(**(base | kw))
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+def test_distill_loss_is_kl_and_hidden_term():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    loss, kl = distill_loss(s, t, temperature=2.0)
+    ref = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="none").sum(-1).mean() * 4
+    assert torch.allclose(loss, ref, atol=1e-6) and torch.equal(loss.detach(), kl)
+    assert distill_loss(t, t, 1.0)[0].abs().item() < 1e-6
+    # Hidden term: student layer outputs twice the teacher's give ‖h‖²/‖h‖² = 1 per layer (first and last excluded).
+    th = tuple(torch.randn(2, 5, 7) for _ in range(4))
+    sh = (th[0], 2 * th[1], 2 * th[2], th[3] + 5)
+    loss_h, kl_h = distill_loss(s, t, 1.0, sh, th, hidden_weight=0.5)
+    assert abs((loss_h - kl_h).item() - 0.5) < 1e-5
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    steps = 100
+    f = [lr_factor(s, steps, 0.1, 0.1) for s in range(steps)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(f[:10], f[1:10]))
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(steps, steps, 0.1, 0.1) == pytest.approx(0.1)
+
+
+def test_data_order_is_a_permutation_per_epoch_and_split_like_a_straight_run():
+    train = torch.arange(10)[:, None].repeat(1, 3)
+    data = TrainingData(train, train[:1], "test", seed=3)
+    epoch0 = [data.sequence_index(p) for p in range(10)]
+    epoch1 = [data.sequence_index(p) for p in range(10, 20)]
+    assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10)) and epoch0 != epoch1
+    # One process with 2 micro-batches per step reads what two processes with one each read (index step*A*W+m*W+r).
+    one = [data.micro_batch(s * 2 + m, 2) for s in range(3) for m in range(2)]
+    two = [data.micro_batch(s * 2 + r, 2) for s in range(3) for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    again = TrainingData(train, train[:1], "test", seed=3)
+    assert torch.equal(again.micro_batch(4, 3), data.micro_batch(4, 3))
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_distillation_cuts_the_kl_to_the_teacher(student, tmp_path):
+    src, zs, _ = student
+    # Data-free (sampled from the teacher), the default: 200 steps.
+    opts = DistillOptions(tokens=200 * 8 * 32, seq_len=32, batch_size=8, lr=1e-2, eval_every=50, save_every=10**6,
+                          val_tokens=512, sample_tokens=256 * 32, device="cpu")
+    rec = distill_folder(zs, str(src), opts, out=tmp_path / "d")
+    val = rec["distill"][-1]["validation"]
+    assert val[0]["step"] == 0
+    zero_shot, best = val[0]["val_kl"], rec["distill"][-1]["best"]["kl"]
+    assert best < 0.6 * zero_shot, (zero_shot, best)
+    # What was exported is the best checkpoint: re-measure it.
+    model = load_clla(tmp_path / "d").model
+    teacher = load_clla_teacher(src)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    assert model.config.kv_latent_dim == load_clla(zs).model.config.kv_latent_dim
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with torch.no_grad():
+        kl_after = distill_loss(model(ids).logits, teacher(ids).logits, 1.0)[1].item()
+        kl_before = distill_loss(load_clla(zs).model(ids).logits, teacher(ids).logits, 1.0)[1].item()
+    assert kl_after < kl_before
+    assert not (tmp_path / "d.distill").exists()  # checkpoints removed after export
+
+
+def load_clla_teacher(src):
+    from kvconvert.loading import load_any
+
+    return load_any(str(src)).model
+
+
+@pytest.mark.parametrize("which, frozen, trained", [("latent", ("q_proj", "mlp"), "kv_down"), ("attention", ("mlp", "embed"), "q_proj")])
+def test_only_the_chosen_parameters_train(student, tmp_path, which, frozen, trained):
+    src, zs, data = student
+    distill_folder(zs, str(src), small_opts(data, tokens=4 * 8 * 32, train=which, eval_every=100), out=tmp_path / "d")
+    before, after = dict(load_clla(zs).model.named_parameters()), dict(load_clla(tmp_path / "d").model.named_parameters())
+    kinds = {n.split(".")[-2] for n in trainable_names(load_clla(zs).model, which)}
+    allowed = {"kv_down", "rope_proj", "k_up", "v_up"} | ({"q_proj", "o_proj"} if which == "attention" else set())
+    assert trained in kinds and kinds <= allowed
+    for n, p in before.items():
+        if any(f in n for f in frozen):
+            assert torch.equal(p, after[n]), n
+    assert any(not torch.equal(p, after[n]) for n, p in before.items() if trained in n)
+
+
+def test_hidden_state_matching_adds_to_the_loss_and_trains(student, tmp_path):
+    src, zs, data = student
+    opts = small_opts(data, tokens=8 * 8 * 32, hidden_weight=1.0, eval_every=100)
+    distill_folder(zs, str(src), opts, out=tmp_path / "d", keep_checkpoints=True)
+    rows = [h for h in json.loads((tmp_path / "d.distill" / "state" / "progress.json").read_text())["history"] if "loss" in h]
+    assert len(rows) == 8 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(r["loss"] > r["kl"] + 1e-4 for r in rows)  # the hidden-state term is there
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_resume_continues_exactly(student, tmp_path):
+    """N steps straight == N/2 steps, a SIGTERM (checkpoint saved), then --resume for the rest."""
+    src, zs, data = student
+    opts = small_opts(data)
+    distill_folder(zs, str(src), opts, out=tmp_path / "straight", keep_checkpoints=True)
+
+    def stop_halfway(step, steps, metrics):
+        if step == steps // 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag; the loop saves and stops
+
+    with pytest.raises(Interrupted) as stopped:
+        distill_folder(zs, str(src), opts, out=tmp_path / "split", step_progress=stop_halfway)
+    assert stopped.value.signum == signal.SIGTERM
+    assert not (tmp_path / "split").exists()
+    ckpt = tmp_path / "split.distill"
+    assert json.loads((ckpt / "state" / "progress.json").read_text())["step"] == 8
+    distill_folder(zs, str(src), opts, out=tmp_path / "split", resume=True, keep_checkpoints=True)
+
+    hist = lambda d: [h for h in json.loads((d / "state" / "progress.json").read_text())["history"] if "loss" in h]  # noqa: E731
+    a, b = hist(tmp_path / "straight.distill"), hist(ckpt)
+    assert [h["step"] for h in a] == [h["step"] for h in b] == list(range(1, 17))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-7), (x, y)
+    wa = load_file(str(tmp_path / "straight.distill" / "state" / "trainable.safetensors"))
+    wb = load_file(str(ckpt / "state" / "trainable.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(student, tmp_path, mode):
+    """torchrun with 2 CPU processes (gloo; DDP, or FSDP2 with --fsdp), 1 micro-batch each == 1 process with 2
+    micro-batches per step, data-free (each process samples its share of the pool, the same pool as one process)."""
+    src, zs, _ = student
+    common = ["--teacher", str(src), "--tokens", str(6 * 8 * 32), "--seq-len", "32", "--lr", "3e-3", "--eval-every", "3",
+              "--val-tokens", "256", "--sample-tokens", str(16 * 32), "--device", "cpu", "--keep-checkpoints"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    one = subprocess.run([sys.executable, "-m", "kvconvert", "distill", str(zs), "--out", str(tmp_path / "one"),
+                          "--batch-size", "4", "--grad-accum", "2", *common], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), "-m", "kvconvert", "distill", str(zs), "--out", str(tmp_path / "two"),
+                          "--batch-size", "4", "--grad-accum", "1", *common, *(["--fsdp"] if mode == "fsdp" else [])],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    hist = lambda name: json.loads((tmp_path / f"{name}.distill" / "state" / "progress.json").read_text())["history"]  # noqa: E731
+    a, b = hist("one"), hist("two")
+    la, lb = [h["loss"] for h in a if "loss" in h], [h["loss"] for h in b if "loss" in h]
+    assert len(la) == len(lb) == 6
+    for x, y in zip(la, lb):
+        assert x == pytest.approx(y, rel=1e-4), (la, lb)
+    assert la[-1] < la[0]
+    wa = load_file(str(tmp_path / "one.distill" / "state" / "trainable.safetensors"))
+    wb = load_file(str(tmp_path / "two.distill" / "state" / "trainable.safetensors"))
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() <= 1e-4 * wa[k].abs().max() + 1e-7, k
+    assert (tmp_path / "two" / "model.safetensors").is_file()
+
+
+def test_sigterm_mid_run_leaves_a_checkpoint_and_no_output_then_resumes(student, tmp_path):
+    src, _, data = student
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "kvconvert", "convert", str(src), str(out), "--kv-ratio", "0.1", "--calib-tokens", "512",
+            "--distill-tokens", str(400 * 4 * 32), "--seq-len", "32", "--batch-size", "4", "--save-every", "2",
+            "--eval-every", "1000", "--val-tokens", "64", "--data", str(data), "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    state = tmp_path / "out.distill" / "state" / "progress.json"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), proc.communicate()[1][-2000:] if proc.poll() is not None else "no checkpoint in 120 s"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+    step = json.loads(state.read_text())["step"]
+    assert 0 < step < 400
+    # Resume with fewer total tokens than already trained is refused (other options); the same command resumes.
+    r = runner.invoke(app, ["convert", str(src), str(out), "--kv-ratio", "0.1", "--distill-tokens", str(400 * 4 * 32),
+                            "--seq-len", "32", "--batch-size", "8", "--data", str(data), "--resume", "--device", "cpu"])
+    assert r.exit_code == 2 and "batch_size" in r.output
+    # Finish quickly: the checkpoint says where it stopped; shrink nothing, just run the remaining steps.
+    r = runner.invoke(app, args[3:] + ["--resume"])
+    assert r.exit_code == 0, r.output
+    assert (out / "model.safetensors").is_file() and not (tmp_path / "out.distill").exists()
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["distill"][0]["steps"] == 400 and record["plan"] != "identity"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_distill_input_is_one_line(student, tmp_path):
+    src, zs, data = student
+
+    def fails(args, needle):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, r.output
+        assert needle in r.output and "Traceback" not in r.output, r.output
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert len(lines) <= 4  # one error line (rich may wrap it)
+
+    base = ["--teacher", str(src), "--device", "cpu"]
+    fails(["distill", str(src), *base, "--tokens", "4096"], "not a kvconvert CLLA model folder")
+    fails(["distill", str(zs), *base, "--tokens", "100"], "less than one optimizer step")
+    fails(["distill", str(zs), *base, "--tokens", "100000", "--train", "mlp"], "--train must be one of")
+    fails(["distill", str(zs), *base, "--tokens", "100000", "--resume", "--out", str(tmp_path / "x")], "no checkpoint")
+    fails(["distill", str(zs), *base, "--tokens", "100000", "--lr", "0"], "--lr")
+    fails(["distill", str(zs), *base, "--tokens", "100000", "--fsdp"], "torchrun")
+    fails(["distill", str(zs), *base, "--tokens", "1000000", "--data", str(data), "--val-tokens", "100000"], "need at least")
+    (tmp_path / "x.distill").mkdir()
+    fails(["distill", str(zs), *base, "--tokens", "100000", "--out", str(tmp_path / "x")], "--resume")
+    other, _ = save_source(tmp_path, "qwen2", vocab_size=300)
+    fails(["distill", str(zs), "--teacher", str(other), "--tokens", "20000", "--seq-len", "32", "--val-tokens", "64",
+           "--device", "cpu", "--out", str(tmp_path / "y")], "vocabulary")
+    assert not (tmp_path / "y").exists()
+    fails(["convert", str(src), str(tmp_path / "z"), "--kv-ratio", "0.1", "--resume"], "--resume continues a distillation")
+    fails(["convert", str(src), str(tmp_path / "z"), "--identity", "--distill-tokens", "1000"], "nothing to distill")
+    assert not (tmp_path / "z").exists()
