@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .distill.train import DistillOptions, Interrupted
 from .errors import KvconvertError
 
 app = typer.Typer(
@@ -94,11 +96,12 @@ def set_threads(threads: int | None) -> None:
 
 # ----------------------------------------------------------------------------------------------- distill options
 DISTILL = "Distillation"
+DISTILL_DEFAULTS = DistillOptions(tokens=0)  # the one place the defaults live: both commands read them from here
 DistillTokens = Annotated[int, typer.Option(help="Training tokens (all processes together).", rich_help_panel=DISTILL)]
 SeqLen = Annotated[int, typer.Option(help="Tokens per training sequence.", rich_help_panel=DISTILL)]
 BatchSize = Annotated[int, typer.Option(help="Sequences per micro-batch per process.", rich_help_panel=DISTILL)]
 GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel=DISTILL)]
-Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warm-up, cosine decay to 10%).", rich_help_panel=DISTILL)]
+Lr = Annotated[float, typer.Option(help="Peak AdamW step as a share of each weight tensor's RMS (linear warm-up, cosine decay to 10%).", rich_help_panel=DISTILL)]
 Warmup = Annotated[float, typer.Option(help="Share of the steps spent warming up.", rich_help_panel=DISTILL)]
 Temperature = Annotated[float, typer.Option(help="Softmax temperature of the KL loss.", rich_help_panel=DISTILL)]
 HiddenWeight = Annotated[float, typer.Option(help="Weight of per-layer hidden-state matching (0: logits only).", rich_help_panel=DISTILL)]
@@ -113,6 +116,24 @@ CkptDir = Annotated[Optional[Path], typer.Option(help="Checkpoint folder (defaul
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run saved in the checkpoint folder.", rich_help_panel=DISTILL)]
 Fsdp = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard student and teacher (FSDP2) instead of replicating them (DDP).", rich_help_panel=DISTILL)]
 KeepCkpt = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep the checkpoint folder after export.", rich_help_panel=DISTILL)]
+
+
+def task_progress(bar: Progress):
+    """A `progress(what, done, total)` callback drawing one bar task per `what`."""
+    tasks: dict = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done)
+
+    return progress
+
+
+def distill_options(params: dict, tokens: int, data: list[Path] | None) -> DistillOptions:
+    """DistillOptions from a command's parameters: every parameter named like a field of it, plus the tokens."""
+    names = {f.name for f in dataclasses.fields(DistillOptions)}
+    return DistillOptions(**{k: v for k, v in params.items() if k in names} | {"tokens": tokens, "data": list(data or [])})
 
 
 def step_reporter(bar: Progress):
@@ -187,20 +208,20 @@ def convert(
     distill_tokens: Annotated[
         Optional[int], typer.Option(help="Then distill from the source on N tokens (--data, or text sampled from it).", rich_help_panel=DISTILL)
     ] = None,
-    seq_len: SeqLen = 512,
-    batch_size: BatchSize = 4,
-    grad_accum: GradAccum = 1,
-    lr: Lr = 2e-4,
-    warmup: Warmup = 0.05,
-    temperature: Temperature = 1.0,
-    hidden_weight: HiddenWeight = 0.0,
-    train: TrainSet = "all",
-    eval_every: EvalEvery = 50,
-    save_every: SaveEvery = 200,
-    val_tokens: ValTokens = 16384,
-    sample_tokens: SampleTokens = 1_000_000,
-    device: Device = "auto",
-    grad_checkpointing: GradCkpt = None,
+    seq_len: SeqLen = DISTILL_DEFAULTS.seq_len,
+    batch_size: BatchSize = DISTILL_DEFAULTS.batch_size,
+    grad_accum: GradAccum = DISTILL_DEFAULTS.grad_accum,
+    lr: Lr = DISTILL_DEFAULTS.lr,
+    warmup: Warmup = DISTILL_DEFAULTS.warmup,
+    temperature: Temperature = DISTILL_DEFAULTS.temperature,
+    hidden_weight: HiddenWeight = DISTILL_DEFAULTS.hidden_weight,
+    train: TrainSet = DISTILL_DEFAULTS.train,
+    eval_every: EvalEvery = DISTILL_DEFAULTS.eval_every,
+    save_every: SaveEvery = DISTILL_DEFAULTS.save_every,
+    val_tokens: ValTokens = DISTILL_DEFAULTS.val_tokens,
+    sample_tokens: SampleTokens = DISTILL_DEFAULTS.sample_tokens,
+    device: Device = DISTILL_DEFAULTS.device,
+    grad_checkpointing: GradCkpt = DISTILL_DEFAULTS.grad_checkpointing,
     checkpoint_dir: CkptDir = None,
     resume: Resume = False,
     keep_checkpoints: KeepCkpt = False,
@@ -212,29 +233,15 @@ def convert(
     torchrun)."""
     from .convert.pipeline import ConvertOptions, convert as run_convert
     from .convert.plan import Overrides
-    from .distill.train import DistillOptions, Interrupted
 
+    distill = distill_options(locals(), distill_tokens, data) if distill_tokens is not None else None
     set_threads(threads)
     overrides = Overrides(
         latent_dim=latent_dim, group_size=group_size, rope_dim=rope_dim, rope_heads=rope_heads, kv_bits=kv_bits,
         rope_bits=rope_bits, quant_group=quant_group,
     )
-    distill = None
-    if distill_tokens is not None:
-        distill = DistillOptions(
-            tokens=distill_tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
-            temperature=temperature, hidden_weight=hidden_weight, train=train, eval_every=eval_every,
-            save_every=save_every, val_tokens=val_tokens, sample_tokens=sample_tokens, data=list(data or []),
-            seed=seed, device=device, grad_checkpointing=grad_checkpointing, fsdp=fsdp,
-        )
     with progress_bar() as bar:
-        tasks: dict = {}
-
-        def progress(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total)
-            bar.update(tasks[what], completed=done)
-
+        progress = task_progress(bar)
         opts = ConvertOptions(
             identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
             data=list(data or []), calib_tokens=calib_tokens, seed=seed, force=force, dtype=dtype, log=log,
@@ -288,20 +295,20 @@ def distill(
     data: Annotated[
         Optional[list[Path]], typer.Option(help="Training text (.txt, or .jsonl with a 'text' field); repeatable. Default: sampled from the teacher.", rich_help_panel=DISTILL)
     ] = None,
-    seq_len: SeqLen = 512,
-    batch_size: BatchSize = 4,
-    grad_accum: GradAccum = 1,
-    lr: Lr = 2e-4,
-    warmup: Warmup = 0.05,
-    temperature: Temperature = 1.0,
-    hidden_weight: HiddenWeight = 0.0,
-    train: TrainSet = "all",
-    eval_every: EvalEvery = 50,
-    save_every: SaveEvery = 200,
-    val_tokens: ValTokens = 16384,
-    sample_tokens: SampleTokens = 1_000_000,
-    device: Device = "auto",
-    grad_checkpointing: GradCkpt = None,
+    seq_len: SeqLen = DISTILL_DEFAULTS.seq_len,
+    batch_size: BatchSize = DISTILL_DEFAULTS.batch_size,
+    grad_accum: GradAccum = DISTILL_DEFAULTS.grad_accum,
+    lr: Lr = DISTILL_DEFAULTS.lr,
+    warmup: Warmup = DISTILL_DEFAULTS.warmup,
+    temperature: Temperature = DISTILL_DEFAULTS.temperature,
+    hidden_weight: HiddenWeight = DISTILL_DEFAULTS.hidden_weight,
+    train: TrainSet = DISTILL_DEFAULTS.train,
+    eval_every: EvalEvery = DISTILL_DEFAULTS.eval_every,
+    save_every: SaveEvery = DISTILL_DEFAULTS.save_every,
+    val_tokens: ValTokens = DISTILL_DEFAULTS.val_tokens,
+    sample_tokens: SampleTokens = DISTILL_DEFAULTS.sample_tokens,
+    device: Device = DISTILL_DEFAULTS.device,
+    grad_checkpointing: GradCkpt = DISTILL_DEFAULTS.grad_checkpointing,
     checkpoint_dir: CkptDir = None,
     resume: Resume = False,
     keep_checkpoints: KeepCkpt = False,
@@ -316,23 +323,11 @@ def distill(
     atomically (or goes to --out). Checkpoints in MODEL.distill; --resume continues exactly; data-parallel under
     `torchrun --nproc-per-node P -m kvconvert distill ...`."""
     from .distill.run import distill_folder
-    from .distill.train import DistillOptions, Interrupted
 
+    opts = distill_options(locals(), tokens, data)
     set_threads(threads)
-    opts = DistillOptions(
-        tokens=tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
-        temperature=temperature, hidden_weight=hidden_weight, train=train, eval_every=eval_every, save_every=save_every,
-        val_tokens=val_tokens, sample_tokens=sample_tokens, data=list(data or []), seed=seed, device=device,
-        grad_checkpointing=grad_checkpointing, fsdp=fsdp,
-    )
     with progress_bar() as bar:
-        tasks: dict = {}
-
-        def progress(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total)
-            bar.update(tasks[what], completed=done)
-
+        progress = task_progress(bar)
         try:
             record = distill_folder(
                 model_path, teacher, opts, out_dir, checkpoint_dir, resume, force, keep_checkpoints, log, progress,

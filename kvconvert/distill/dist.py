@@ -69,15 +69,6 @@ def any_rank(world: World, flag: bool) -> bool:
     return bool(t.item())
 
 
-def broadcast_object(world: World, obj):
-    """Rank 0's object on every rank."""
-    if not world.distributed:
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def sum_all(world: World, values: list[float]) -> list[float]:
     """Element-wise sums of floats over ranks."""
     if not world.distributed:
