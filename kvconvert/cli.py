@@ -345,13 +345,14 @@ def distill(
 
 
 # ----------------------------------------------------------------------------------------------- eval
-def parse_lengths(spec: str) -> list[int]:
+def parse_lengths(spec: str, option: str = "--passkey", minimum: int = 64) -> list[int]:
+    """Comma-separated counts; a k suffix multiplies by 1024 (4k = 4096)."""
     try:
-        lengths = [int(x.replace("k", "000")) for x in spec.split(",") if x.strip()]
+        lengths = [int(x.strip().lower().removesuffix("k")) * (1024 if x.strip().lower().endswith("k") else 1) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise KvconvertError(f"--passkey wants comma-separated token counts like 1024,4096; got {spec!r}") from None
-    if not lengths or any(n < 64 for n in lengths):
-        raise KvconvertError(f"--passkey lengths must be at least 64 tokens; got {spec!r}")
+        raise KvconvertError(f"{option} wants comma-separated counts like 1024,4k; got {spec!r}") from None
+    if not lengths or any(n < minimum for n in lengths):
+        raise KvconvertError(f"{option} values must be at least {minimum}; got {spec!r}")
     return lengths
 
 
@@ -427,6 +428,124 @@ def eval_cmd(
     out.print(t)
 
 
+# ----------------------------------------------------------------------------------------------- chat
+RUNTIME = "Runtime"
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A converted folder or any source (folder, .gguf, 'smollm2'; run through an identity conversion).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.", rich_help_panel=RUNTIME)]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.", rich_help_panel=RUNTIME)]
+GraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the decode step as a CUDA graph (CUDA only).", rich_help_panel=RUNTIME)]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).", rich_help_panel=RUNTIME)]
+
+
+def load_runtime_model(model_path: str, device: str, dtype: str):
+    """MODEL on the device, identity-converted in memory when it is a source."""
+    from .loading import load_for_runtime
+    from .runtime.chat import auto_device, auto_dtype
+
+    dev = auto_device(device)
+    dt = auto_dtype(dtype, dev)
+    log(f"loading {model_path} ({dev}, {str(dt).removeprefix('torch.')})")
+    return load_for_runtime(model_path, dt, dev)
+
+
+def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: int | None, cuda_graphs: bool):
+    """Load MODEL and allocate its cache; returns (loaded, runtime)."""
+    from .runtime.generate import LatentRuntime
+
+    loaded = load_runtime_model(model_path, device, dtype)
+    dev = next(loaded.model.parameters()).device.type
+    cfg = loaded.model.config
+    capacity = context or min(cfg.max_position_embeddings, 4096)
+    if capacity < 2:
+        raise KvconvertError("--context must be at least 2")
+    rt = LatentRuntime(loaded.model, batch, capacity, cuda_graphs=cuda_graphs and dev == "cuda")
+    kind = "converted" if loaded.is_clla else "source through an identity conversion"
+    log(f"{kind}; KV cache {capacity:,} tokens × {rt.cache.bytes_per_token:,} B = {rt.cache.nbytes / 2**20:,.2f} MiB")
+    return loaded, rt
+
+
+@app.command()
+@user_errors
+def chat(
+    model_path: ModelArg,
+    prompt: Annotated[Optional[str], typer.Option(help="Answer this one message and exit (scriptable); without it, an interactive session.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.7,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0: off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample within the smallest set holding this probability (1: off).")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    context: Annotated[Optional[int], typer.Option(help="Cache capacity in tokens (default: the model's maximum, at most 4096).", rich_help_panel=RUNTIME)] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    cuda_graphs: GraphsOpt = True,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --prompt: print the reply and its statistics as JSON.")] = False,
+):
+    """Chat with a model through the latent-cache runtime, streaming the reply. Commands: /reset forgets the
+    conversation, /stats shows tokens, KV bytes in use and speed, /exit (or Ctrl-D) quits."""
+    from .runtime.chat import ChatSession, stop_tokens
+    from .runtime.generate import SamplingOptions
+
+    if as_json and prompt is None:
+        raise KvconvertError("--json needs --prompt (one scripted turn)")
+    opts = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed)
+    opts.check()
+    set_threads(threads)
+    loaded, rt = open_runtime(model_path, device, dtype, 1, context, cuda_graphs)
+    opts.stop_token_ids = stop_tokens(loaded.generation_config, loaded.tokenizer)
+    session = ChatSession(rt, loaded.tokenizer, system)
+    if not session.templated:
+        log("the tokenizer has no chat template: plain text continuation")
+    if prompt is not None:
+        if as_json:
+            reply, stats = session.reply(prompt, opts)
+            print_json({"model": model_path, "prompt": prompt, "reply": reply} | dataclasses.asdict(stats))
+        else:
+            session.reply(prompt, opts, on_text=lambda t: out.print(t, end="", highlight=False, markup=False, soft_wrap=True))
+            out.print()
+        return
+    err.print("[dim]/reset to start over, /stats for figures, /exit or Ctrl-D to quit[/]")
+    last = None
+    while True:
+        try:
+            text = out.input("[bold green]> [/]")
+        except EOFError:
+            out.print()
+            return
+        cmd = text.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            session.reset()
+            err.print("[dim]conversation cleared[/]")
+            continue
+        if cmd == "/stats":
+            out.print(chat_stats_table(rt, last))
+            continue
+        try:
+            _, last = session.reply(text, opts, on_text=lambda t: out.print(t, end="", highlight=False, markup=False, soft_wrap=True))
+        except KvconvertError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            continue
+        out.print()
+
+
+def chat_stats_table(rt, last) -> Table:
+    t = Table(title="chat")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("tokens in the cache", f"{rt.lengths[0]:,} of {rt.cache.capacity:,}")
+    t.add_row("KV bytes in use", f"{rt.lengths[0] * rt.cache.bytes_per_token:,} ({rt.cache.bytes_per_token:,} B / token)")
+    t.add_row("KV bytes allocated", f"{rt.cache.nbytes:,}")
+    if last is not None:
+        t.add_row("last turn: prompt tokens", f"{last.prompt_tokens:,} at {last.prefill_tokens_per_s:,.1f} tok/s")
+        t.add_row("last turn: new tokens", f"{last.new_tokens:,} at {last.decode_tokens_per_s:,.1f} tok/s")
+    return t
+
+
 # ----------------------------------------------------------------------------------------------- profile
 @profile_app.command("memory")
 @user_errors
@@ -436,10 +555,15 @@ def profile_memory(
     batch: Annotated[int, typer.Option(help="Sequences.")] = 1,
     budget_gib: Annotated[float, typer.Option(help="Memory for weights + KV cache, GiB.")] = 16.0,
     weight_bytes: Annotated[int, typer.Option(help="Bytes per weight (2 = bf16 serving).")] = 2,
+    measure: Annotated[Optional[bool], typer.Option("--measure/--no-measure", help="Also allocate the real caches at --context × --batch and run a decode step (default: on CUDA only).", show_default=False)] = None,
+    source: Annotated[Optional[str], typer.Option(help="With --measure on a converted MODEL: its source, measured through transformers beside it.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ):
     """KV bytes per token by cached tensor, the source's figure and the ratio, totals at --context × --batch, and the
-    largest context or batch that fits --budget-gib."""
+    largest context or batch that fits --budget-gib. With --measure: the bytes the runtime's cache really allocates
+    and (on CUDA) the peak memory of a decode step, beside transformers' static cache on the source."""
     from .config import CllaConfig
     from .convert.identity import identity_config
     from .convert.source import load_source_config, model_type_of, resolve
@@ -459,6 +583,12 @@ def profile_memory(
         cfg = identity_config(load_source_config(ref), model_type_of(ref), ref.name)
         kind = "source (identity plan)"
     result = {"model": model_path, "kind": kind} | memory_profile(cfg, context, batch, budget_gib, weight_bytes)
+    if measure is None:
+        import torch
+
+        measure = torch.cuda.is_available() and device != "cpu"
+    if measure:
+        result["measured"] = measure_memory(model_path, kind == "converted", source, context, batch, device, dtype)
     if as_json:
         print_json(result)
         return
@@ -481,6 +611,126 @@ def profile_memory(
     s.add_row(f"max context at batch {batch}", f"{c['max_context_at_batch']:,}", f"{o['max_context_at_batch']:,}")
     s.add_row(f"max batch at context {context:,}", f"{c['max_batch_at_context']:,}", f"{o['max_batch_at_context']:,}")
     out.print(s)
+    if "measured" in result:
+        m = result["measured"]
+        t = Table(title=f"measured on {m['device']} ({m['dtype']}): context {context:,} × batch {batch}")
+        t.add_column("")
+        t.add_column("converted", justify="right")
+        t.add_column("source (transformers)", justify="right")
+        conv, srcm = m.get("converted", {}), m.get("source", {})
+        fmt = lambda d, k: gib(d[k]) if k in d else "—"  # noqa: E731
+        t.add_row("KV cache predicted", gib(c["kv_bytes_total"]), gib(o["kv_bytes_total"]) if srcm else "—")
+        t.add_row("KV cache allocated", fmt(conv, "kv_bytes_allocated"), fmt(srcm, "kv_bytes_allocated"))
+        t.add_row("peak above weights, decode step", fmt(conv, "peak_bytes_during_decode"), fmt(srcm, "peak_bytes_during_decode"))
+        out.print(t)
+        if "note" in m:
+            err.print(f"[dim]{m['note']}[/]")
+
+
+def measure_memory(model_path: str, converted: bool, source: str | None, context: int, batch: int, device: str, dtype: str) -> dict:
+    """The measured part of `profile memory`: the runtime's cache on MODEL, transformers' static cache on the source."""
+    import torch
+
+    from .loading import load_any, load_for_runtime
+    from .runtime.chat import auto_device, auto_dtype
+    from .runtime.profile import measure_converted_memory, measure_source_memory
+
+    dev = auto_device(device)
+    dt = auto_dtype(dtype, dev)
+    result: dict = {"device": torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu", "dtype": str(dt).removeprefix("torch.")}
+    log(f"measuring {model_path} on {dev}")
+    result["converted"] = measure_converted_memory(load_for_runtime(model_path, dt, dev).model, context, batch)
+    src = model_path if not converted else source
+    if src is not None:
+        log(f"measuring the source {src} through transformers")
+        result["source"] = measure_source_memory(load_any(src, dt).model.to(dev), context, batch)
+    else:
+        result["note"] = "give --source SRC to measure the source model beside it"
+    if not dev.startswith("cuda"):
+        result["note"] = (result.get("note", "") + "; peak memory is measured on CUDA only").lstrip("; ")
+    return result
+
+
+@profile_app.command("speed")
+@user_errors
+def profile_speed(
+    model_path: ModelArg,
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
+    context: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated.")] = "512",
+    steps: Annotated[int, typer.Option(help="Decode steps timed per point.")] = 16,
+    source: Annotated[Optional[str], typer.Option(help="Time this source model with transformers' generate (static cache, SDPA) beside MODEL; default: MODEL itself when it is a source.")] = None,
+    prefill: Annotated[bool, typer.Option("--prefill/--no-prefill", help="Time the prefill of each point (else the cache is filled with random codes, for decode only).")] = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    cuda_graphs: GraphsOpt = True,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+):
+    """Prefill and decode tokens/s and achieved GB/s (counted bytes: weights + cache read per decode step) of MODEL in
+    the latent-cache runtime over a batch × context grid, beside transformers' own generate on the source."""
+    import platform
+
+    import torch
+    import transformers
+
+    from . import __version__
+    from .loading import is_clla_folder, load_any
+    from .runtime.profile import time_converted, time_source
+
+    batches, contexts = parse_lengths(batch, "--batch", 1), parse_lengths(context, "--context", 1)
+    if steps < 1:
+        raise KvconvertError("--steps must be at least 1")
+    set_threads(threads)
+    model = load_runtime_model(model_path, device, dtype).model
+    dev = next(model.parameters()).device
+    longest = max(contexts) + steps + 3
+    if longest > model.config.max_position_embeddings:
+        raise KvconvertError(f"--context {max(contexts):,} + {steps} steps exceeds the model's max_position_embeddings ({model.config.max_position_embeddings:,})")
+    src_path = source if source is not None else (None if (model_path != "smollm2" and is_clla_folder(model_path)) else model_path)
+    src_model = None
+    if src_path is not None:
+        log(f"loading the source {src_path} for transformers' generate")
+        src_model = load_any(src_path, model.dtype).model.to(dev)
+    points = []
+    with progress_bar() as bar:
+        task = bar.add_task("profile speed", total=len(batches) * len(contexts))
+        for b in batches:
+            for c in contexts:
+                point: dict = {"batch": b, "context": c}
+                point["runtime"] = time_converted(model, b, c, steps, prefill, cuda_graphs and dev.type == "cuda")
+                if src_model is not None:
+                    point["transformers"] = time_source(src_model, b, c, steps)
+                    point["decode_speedup"] = point["runtime"]["decode_tokens_per_s"] / point["transformers"]["decode_tokens_per_s"]
+                points.append(point)
+                bar.advance(task)
+    result = {
+        "model": model_path,
+        "source": src_path,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "cuda_graphs": cuda_graphs and dev.type == "cuda",
+        "steps": steps,
+        "versions": {"kvconvert": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "points": points,
+    }
+    if as_json:
+        print_json(result)
+        return
+    t = Table(title=f"speed of {model_path} on {result['device']} ({result['dtype']})")
+    t.caption = "hf = transformers' generate on the source (static cache, SDPA); × = decode tok/s over hf's"
+    for col in ("batch", "context", "prefill tok/s", "decode tok/s", "GB/s", "hf prefill", "hf decode", "hf GB/s", "×"):
+        t.add_column(col, justify="right")
+    for p in points:
+        r, h = p["runtime"], p.get("transformers")
+        t.add_row(
+            str(p["batch"]), f"{p['context']:,}",
+            f"{r['prefill_tokens_per_s']:,.0f}" if "prefill_tokens_per_s" in r else "—",
+            f"{r['decode_tokens_per_s']:,.1f}", f"{r['achieved_gb_per_s']:,.1f}",
+            f"{h['prefill_tokens_per_s']:,.0f}" if h else "—",
+            f"{h['decode_tokens_per_s']:,.1f}" if h else "—", f"{h['achieved_gb_per_s']:,.1f}" if h else "—",
+            f"{p['decode_speedup']:.2f}" if h else "—",
+        )
+    out.print(t)
 
 
 def main() -> None:

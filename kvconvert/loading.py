@@ -65,3 +65,19 @@ def load_any(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         return load_clla(path, dtype)
     src = load_source(resolve(path), dtype=dtype)
     return LoadedModel(src.ref.name, src.model, src.tokenizer, False, src.model.generation_config)
+
+
+def load_for_runtime(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """A CLLA model ready for the runtime: a converted folder as it is, a source through an identity conversion
+    made in memory (the same runtime then runs both)."""
+    from .convert.identity import build_identity
+
+    if path != "smollm2" and is_clla_folder(path):
+        loaded = load_clla(path, dtype)
+    else:
+        src = load_source(resolve(path), dtype=dtype)
+        model = build_identity(src.model, src.model_type, src.ref.name)
+        model.generation_config = src.model.generation_config
+        loaded = LoadedModel(src.ref.name, model, src.tokenizer, False, src.model.generation_config)
+    loaded.model.to(device)
+    return loaded

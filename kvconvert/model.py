@@ -32,10 +32,11 @@ class CllaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == torch.float32:  # one fused op for the same arithmetic (CPU decode is bound by op count)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -43,14 +44,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_cos_sin(config: CllaConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (NG, B, Hr, T, Dr): per layer group, the kept frequencies of each rope head
-    (rotate-half layout)."""
-    inv = torch.tensor(
+def rope_inv_freq(config: CllaConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """(NG, Hr, Dr/2) fp32: per layer group and rope head, the kept RoPE frequencies."""
+    return torch.tensor(
         [[[config.rope_inv_freq[i] for i in f] for f in heads] for heads in config.rope_freq_index],
         dtype=torch.float32,
-        device=position_ids.device,
-    )  # (NG, Hr, Dr/2)
+        device=device,
+    )
+
+
+def rope_cos_sin(
+    config: CllaConfig, position_ids: torch.Tensor, dtype: torch.dtype, inv: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (NG, B, Hr, T, Dr): per layer group, the kept frequencies of each rope head
+    (rotate-half layout). `inv`: the table of `rope_inv_freq`, when the caller keeps it on the device."""
+    if inv is None:
+        inv = rope_inv_freq(config, position_ids.device)
     freqs = position_ids.float()[None, :, None, :, None] * inv[:, None, :, None, :]  # (NG, B, Hr, T, Dr/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     scale = config.rope_attention_scaling

@@ -16,8 +16,7 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
         raise ValueError("quantize is for 8 and 4 bits; 16-bit latents are stored as they are")
     shape = x.shape
     xg = x.float().reshape(*shape[:-1], shape[-1] // group, group)
-    lo = xg.amin(-1)
-    hi = xg.amax(-1)
+    lo, hi = torch.aminmax(xg, dim=-1)
     qmax = (1 << bits) - 1
     # Scales and zero-points are stored in fp16: round them first so codes are chosen against stored values.
     zero = lo.to(torch.float16)

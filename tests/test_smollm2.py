@@ -49,6 +49,29 @@ def test_identity_smollm2_matches_source(smollm2, converted):
     assert torch.equal(smollm2.model.generate(ids, **kw), model.generate(ids, **kw))
 
 
+@torch.no_grad()
+def test_runtime_on_identity_smollm2(smollm2, converted):
+    """The latent-cache runtime (fp16 cache, absorbed decode) on the real model: the source's greedy tokens and
+    teacher-forced logits within the fp16-storage tolerance."""
+    from kvconvert.loading import load_clla
+    from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+
+    out, _ = converted
+    model = load_clla(out).model
+    ids = smollm2.tokenizer(PROMPT, return_tensors="pt").input_ids
+    n = ids.shape[1]
+    want = smollm2.model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, n:].tolist()
+    rt = LatentRuntime(model, 1, 64)
+    got, _ = rt.generate([ids[0].tolist()], SamplingOptions(max_new_tokens=12))
+    assert got[0] == want
+    full = ids[0].tolist() + want
+    ref = smollm2.model(torch.tensor([full])).logits[0, n - 1 : -1]
+    rt.reset()
+    steps = [rt.prefill(torch.tensor([full[:n]]), [n])[0]]
+    steps += [rt.decode(torch.tensor([t]))[0] for t in full[n:-1]]
+    assert ((torch.stack(steps) - ref).abs().max() / ref.abs().max()).item() <= 2e-3
+
+
 def test_smollm2_profile_memory(converted):
     out, _ = converted
     r = runner.invoke(app, ["profile", "memory", str(out), "--json", "--context", "32768"])

@@ -76,3 +76,186 @@ def memory_profile(cfg: CllaConfig, context: int, batch: int, budget_gib: float,
             **_fits(budget, src_weights, src_per_token, context, batch),
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------- measured
+# What follows runs models: the runtime's real cache on the converted model, transformers' static cache on the
+# source. Allocated bytes are read from the tensors themselves (exact on any device); peaks from the CUDA allocator.
+
+
+def fill_cache_for_timing(rt, context: int) -> None:
+    """Make every row of rt's cache look `context` tokens long, with random finite contents: decode time does not
+    depend on the values, and this skips a prefill of batch × context tokens."""
+    import torch
+
+    cache = rt.cache
+    for name in ("latent", "rope"):
+        for g in range(rt.config.num_layer_groups):
+            s = cache.latent(g) if name == "latent" else cache.rope(g)
+            if s is None:
+                continue
+            if s.data.dtype == torch.uint8:
+                s.data.random_(0, 256)
+            else:
+                s.data.normal_(0, 0.5)
+            if s.scales is not None:
+                s.scales[..., 0].uniform_(0.001, 0.01)
+                s.scales[..., 1].uniform_(-0.5, 0.5)
+    cache.seq_lens.fill_(context)
+    rt.lengths = [context] * cache.batch
+
+
+def cuda_sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_decode(rt, steps: int, warmup: int = 2) -> float:
+    """Seconds per decode step (all rows), from `steps` steps after `warmup` (which also capture the CUDA graph)."""
+    import time
+
+    import torch
+
+    ids = torch.zeros(rt.cache.batch, dtype=torch.long, device=rt.device)
+    start = rt.lengths[0]
+    for _ in range(warmup):
+        rt.decode(ids)
+    cuda_sync(rt.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        rt.decode(ids)
+    cuda_sync(rt.device)
+    dt = (time.perf_counter() - t0) / steps
+    rt.cache.seq_lens.fill_(start)
+    rt.lengths = [start] * rt.cache.batch
+    return dt
+
+
+def weight_bytes_read_per_step(model) -> int:
+    """Bytes of weights a decode step reads: every parameter once, except an untied input embedding table (a
+    decode step reads one row of it per sequence)."""
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
+
+
+def measure_converted_memory(model, context: int, batch: int) -> dict:
+    """Allocate the runtime's real cache for batch × context and run one decode step at full length."""
+    import torch
+
+    from .generate import LatentRuntime
+
+    device = next(model.parameters()).device
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+    rt = LatentRuntime(model, batch, context, cuda_graphs=False)
+    result = {"kv_bytes_allocated": rt.cache.nbytes, "kv_bytes_per_token_allocated": rt.cache.bytes_per_token}
+    fill_cache_for_timing(rt, context - 1)
+    if on_cuda:
+        torch.cuda.synchronize()
+        result["device_bytes_after_allocation"] = torch.cuda.memory_allocated() - base
+        torch.cuda.reset_peak_memory_stats()
+    rt.decode(torch.zeros(batch, dtype=torch.long, device=device))
+    if on_cuda:
+        torch.cuda.synchronize()
+        result["peak_bytes_during_decode"] = torch.cuda.max_memory_allocated() - base
+    del rt
+    return result
+
+
+def measure_source_memory(model, context: int, batch: int) -> dict:
+    """transformers' StaticCache for batch × context on the source model, and one decode step at full length."""
+    import torch
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    cache = StaticCache(config=model.config, max_cache_len=context)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(ids, cache=cache, cache_position=torch.tensor([context - 1], device=device), use_cache=True)
+    allocated = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    result = {"kv_bytes_allocated": allocated, "kv_bytes_per_token_allocated": allocated // (batch * context)}
+    if on_cuda:
+        torch.cuda.synchronize()
+        result["peak_bytes_during_decode"] = torch.cuda.max_memory_allocated() - base
+    del cache
+    return result
+
+
+def time_converted(model, batch: int, context: int, steps: int, prefill: bool, cuda_graphs: bool, seed: int = 0) -> dict:
+    """Prefill of batch × context random tokens (when `prefill`) and decode steps at that length, in the runtime."""
+    import time
+
+    import torch
+
+    from .generate import LatentRuntime
+
+    device = next(model.parameters()).device
+    rt = LatentRuntime(model, batch, context + steps + 3, cuda_graphs=cuda_graphs)
+    result: dict = {}
+    if prefill:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+        rt.prefill_chunked(ids[:, : min(context, 16)], [min(context, 16)] * batch)  # warm-up
+        rt.reset()
+        cuda_sync(device)
+        t0 = time.perf_counter()
+        rt.prefill_chunked(ids, [context] * batch)
+        cuda_sync(device)
+        result["prefill_tokens_per_s"] = batch * context / (time.perf_counter() - t0)
+    else:
+        fill_cache_for_timing(rt, context)
+    dt = time_decode(rt, steps)
+    per_step = weight_bytes_read_per_step(model) + batch * context * rt.cache.bytes_per_token
+    return result | {
+        "decode_step_ms": dt * 1e3,
+        "decode_tokens_per_s": batch / dt,
+        "bytes_per_step": per_step,
+        "achieved_gb_per_s": per_step / dt / 1e9,
+    }
+
+
+def time_source(model, batch: int, context: int, steps: int, seed: int = 0) -> dict:
+    """transformers' own generate on the source (static cache, SDPA, greedy): prefill = a 1-token generate,
+    decode = the extra time of `steps` more tokens."""
+    import time
+
+    import torch
+
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+    def run(n: int) -> float:
+        cuda_sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        cuda_sync(device)
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up
+    t1 = run(1)
+    dt = max(run(1 + steps) - t1, 1e-9) / steps
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # transformers caches in the model's dtype (fp32 on CPU): count the bytes it really reads.
+    kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+    per_step = weight_bytes_read_per_step(model) + batch * context * kv
+    return {
+        "prefill_tokens_per_s": batch * context / t1,
+        "decode_step_ms": dt * 1e3,
+        "decode_tokens_per_s": batch / dt,
+        "bytes_per_step": per_step,
+        "achieved_gb_per_s": per_step / dt / 1e9,
+    }

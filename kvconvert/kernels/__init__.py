@@ -1,0 +1,57 @@
+"""Kernel dispatch, and the only place that decides: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 is
+set (the CPU interpreter, for tests), the PyTorch reference otherwise. Signatures and layouts: reference.py."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import Stream, dequantize_stream, latent_decode_ref, quantize_append_ref
+
+__all__ = ["Stream", "decode_streams", "dequantize_stream", "latent_decode", "quantize_append", "uses_triton"]
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def latent_decode(
+    q_lat: torch.Tensor | None,
+    q_rope: torch.Tensor | None,
+    latent: Stream,
+    rope: Stream | None,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    window: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Absorbed decode attention over a quantized latent stream: (B, H, R). See `latent_decode_ref`."""
+    if uses_triton(latent.data):
+        from .decode_attention import latent_decode_triton
+
+        return latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits)
+    return latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window)
+
+
+def quantize_append(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:
+    """Quantize x (B, T, W) into `stream` at positions start[b] + t, in place. See `quantize_append_ref`."""
+    if uses_triton(stream.data):
+        from .quantize import quantize_append_triton
+
+        return quantize_append_triton(stream, x, start)
+    return quantize_append_ref(stream, x, start)
+
+
+def decode_streams(latent: Stream, rope: Stream | None, seq_lens: torch.Tensor) -> tuple[Stream, Stream | None]:
+    """A group's streams as its layers' decode attention reads them in one step: the cache itself for the Triton
+    kernel (it dequantizes in registers); for the reference, the valid positions dequantized once to fp32 (a group
+    of G layers would otherwise dequantize them G times)."""
+    if uses_triton(latent.data):
+        return latent, rope
+    S = int(seq_lens.max())
+
+    def plain(s: Stream | None) -> Stream | None:
+        return None if s is None else Stream(dequantize_stream(s, S, torch.float32), None, 16, s.group, s.width)
+
+    return plain(latent), plain(rope)

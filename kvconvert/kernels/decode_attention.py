@@ -1,0 +1,345 @@
+# Grid (B, NUM_SPLITS, cdiv(H, BLOCK_H)): split-K flash-decoding of absorbed latent attention (MQA over one latent
+# stream). Each program takes all query heads of one batch row (up to 64; more heads tile over the third grid axis)
+# against one chunk of cached positions, dequantizes the latent (and rope) tile in registers once for all heads,
+# runs an fp32 online softmax (exp2, log2e folded into the scale) and writes a partial output and its log-sum-exp;
+# a second kernel, grid (B, H), merges the splits. The whole kernel works on "even/odd halves" of the stream:
+# value 2i and 2i+1 are two (BLOCK_T, BLOCK_W2) tiles, which is what one packed int4 byte holds (low/high nibble),
+# so int4 needs no shuffle; 8/16 bits take the same path with two strided loads.
+"""Triton decode attention over the quantized latent cache: `latent_decode_triton`, same semantics as
+`latent_decode_ref` (reference.py). CUDA-graph safe: the grid depends on shapes and the cache capacity only, the
+valid range of every row is read from `seq_lens` inside the kernel, and the launcher never syncs with the host."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import Stream
+
+_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_LOG2E = 1.4426950408889634
+_MAX_BLOCK_H = 64
+
+
+@triton.jit
+def _load_even_odd(
+    DATA, SCALES,
+    offs_t, mask_t, offs_k, W,
+    stride_data_s, stride_data_w, stride_scales_s, stride_scales_g, stride_scales_k,
+    BITS: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Values 2k and 2k+1 of positions offs_t as two fp32 (BLOCK_T, BLOCK_W2) tiles; 0 where masked."""
+    idx_even = 2 * offs_k
+    idx_odd = 2 * offs_k + 1
+    mask_even = mask_t[:, None] & (idx_even < W)[None, :]
+    mask_odd = mask_t[:, None] & (idx_odd < W)[None, :]
+    row = offs_t[:, None] * stride_data_s
+    if BITS == 4:
+        # byte k holds value 2k in its low nibble and 2k+1 in its high nibble (W is even at 4 bits)
+        packed = tl.load(DATA + row + offs_k[None, :] * stride_data_w, mask=mask_even, other=0)
+        c_even = (packed & 0xF).to(tl.float32)
+        c_odd = (packed >> 4).to(tl.float32)
+    else:
+        c_even = tl.load(DATA + row + idx_even[None, :] * stride_data_w, mask=mask_even, other=0).to(tl.float32)
+        c_odd = tl.load(DATA + row + idx_odd[None, :] * stride_data_w, mask=mask_odd, other=0).to(tl.float32)
+    if BITS < 16:
+        # value = code * scale + zero, (scale, zero) fp16 of quant group v // GROUP
+        srow = SCALES + offs_t[:, None] * stride_scales_s
+        g_even = (idx_even // GROUP)[None, :] * stride_scales_g
+        scale_even = tl.load(srow + g_even, mask=mask_even, other=0).to(tl.float32)
+        zero_even = tl.load(srow + g_even + stride_scales_k, mask=mask_even, other=0).to(tl.float32)
+        c_even = c_even * scale_even + zero_even
+        if GROUP % 2 == 0:
+            # values 2k and 2k+1 share their group: one gather serves both halves
+            c_odd = c_odd * scale_even + zero_even
+        else:
+            g_odd = (idx_odd // GROUP)[None, :] * stride_scales_g
+            scale_odd = tl.load(srow + g_odd, mask=mask_odd, other=0).to(tl.float32)
+            zero_odd = tl.load(srow + g_odd + stride_scales_k, mask=mask_odd, other=0).to(tl.float32)
+            c_odd = c_odd * scale_odd + zero_odd
+    return c_even, c_odd
+
+
+@triton.jit
+def _latent_decode_split_kernel(
+    # pointers
+    Q_LAT, Q_ROPE, LAT, LAT_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, PART_OUT, PART_LSE, OUT,
+    # sizes
+    H, R, WR, CHUNK, WINDOW, qk_scale,
+    # strides
+    stride_ql_b, stride_ql_h, stride_ql_r,
+    stride_qr_b, stride_qr_h, stride_qr_w,
+    stride_lat_b, stride_lat_s, stride_lat_w,
+    stride_lsc_b, stride_lsc_s, stride_lsc_g, stride_lsc_k,
+    stride_rope_b, stride_rope_s, stride_rope_w,
+    stride_rsc_b, stride_rsc_s, stride_rsc_g, stride_rsc_k,
+    stride_po_b, stride_po_split, stride_po_h, stride_po_r,
+    stride_pl_b, stride_pl_split, stride_pl_h,
+    stride_out_b, stride_out_h, stride_out_r,
+    # meta
+    LAT_BITS: tl.constexpr, LAT_GROUP: tl.constexpr, ROPE_BITS: tl.constexpr, ROPE_GROUP: tl.constexpr,
+    HAS_Q_LAT: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_WR2: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    row_b = pid_b.to(tl.int64)  # batch offsets of a large cache overflow int32
+
+    seq_len = tl.load(SEQ_LENS + pid_b).to(tl.int32)
+    start = pid_split * CHUNK
+    end = tl.minimum(start + CHUNK, seq_len)
+    if HAS_WINDOW:
+        start = tl.maximum(start, seq_len - WINDOW)
+
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < H
+    offs_k = tl.arange(0, BLOCK_R2)
+    lat_even = 2 * offs_k < R
+    lat_odd = 2 * offs_k + 1 < R
+
+    if HAS_Q_LAT:
+        q_row = Q_LAT + pid_b * stride_ql_b + offs_h[:, None] * stride_ql_h
+        q_lat_even = tl.load(q_row + (2 * offs_k)[None, :] * stride_ql_r, mask=mask_h[:, None] & lat_even[None, :],
+                             other=0).to(DOT_DTYPE)
+        q_lat_odd = tl.load(q_row + (2 * offs_k + 1)[None, :] * stride_ql_r,
+                            mask=mask_h[:, None] & lat_odd[None, :], other=0).to(DOT_DTYPE)
+    if HAS_ROPE:
+        offs_j = tl.arange(0, BLOCK_WR2)
+        qr_row = Q_ROPE + pid_b * stride_qr_b + offs_h[:, None] * stride_qr_h
+        q_rope_even = tl.load(qr_row + (2 * offs_j)[None, :] * stride_qr_w,
+                              mask=mask_h[:, None] & (2 * offs_j < WR)[None, :], other=0).to(DOT_DTYPE)
+        q_rope_odd = tl.load(qr_row + (2 * offs_j + 1)[None, :] * stride_qr_w,
+                             mask=mask_h[:, None] & (2 * offs_j + 1 < WR)[None, :], other=0).to(DOT_DTYPE)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc_even = tl.zeros((BLOCK_H, BLOCK_R2), dtype=tl.float32)
+    acc_odd = tl.zeros((BLOCK_H, BLOCK_R2), dtype=tl.float32)
+
+    for tile in range(start, end, BLOCK_T):
+        offs_t = tile + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < end
+        c_even, c_odd = _load_even_odd(
+            LAT + row_b * stride_lat_b, LAT_SCALES + row_b * stride_lsc_b,
+            offs_t, mask_t, offs_k, R,
+            stride_lat_s, stride_lat_w, stride_lsc_s, stride_lsc_g, stride_lsc_k,
+            LAT_BITS, LAT_GROUP,
+        )
+        c_even = c_even.to(DOT_DTYPE)
+        c_odd = c_odd.to(DOT_DTYPE)
+        scores = tl.zeros((BLOCK_H, BLOCK_T), dtype=tl.float32)
+        if HAS_Q_LAT:
+            scores = tl.dot(q_lat_even, tl.trans(c_even), scores, input_precision=DOT_PRECISION)
+            scores = tl.dot(q_lat_odd, tl.trans(c_odd), scores, input_precision=DOT_PRECISION)
+        if HAS_ROPE:
+            k_even, k_odd = _load_even_odd(
+                ROPE + row_b * stride_rope_b, ROPE_SCALES + row_b * stride_rsc_b,
+                offs_t, mask_t, offs_j, WR,
+                stride_rope_s, stride_rope_w, stride_rsc_s, stride_rsc_g, stride_rsc_k,
+                ROPE_BITS, ROPE_GROUP,
+            )
+            scores = tl.dot(q_rope_even, tl.trans(k_even.to(DOT_DTYPE)), scores, input_precision=DOT_PRECISION)
+            scores = tl.dot(q_rope_odd, tl.trans(k_odd.to(DOT_DTYPE)), scores, input_precision=DOT_PRECISION)
+        scores = tl.where(mask_t[None, :], scores * qk_scale, float("-inf"))
+
+        # every tile holds at least one valid position, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(DOT_DTYPE)
+        acc_even = tl.dot(p, c_even, acc_even * alpha[:, None], input_precision=DOT_PRECISION)
+        acc_odd = tl.dot(p, c_odd, acc_odd * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # a split with no position keeps l = 0 and writes only lse = -inf: with a large capacity most splits are empty
+    has_any = l_i > 0
+    inv_l = 1.0 / tl.where(has_any, l_i, 1.0)
+    out_even = acc_even * inv_l[:, None]
+    out_odd = acc_odd * inv_l[:, None]
+    mask_even = mask_h[:, None] & lat_even[None, :]
+    mask_odd = mask_h[:, None] & lat_odd[None, :]
+    if DIRECT_OUT:
+        o_row = OUT + pid_b * stride_out_b + offs_h[:, None] * stride_out_h
+        tl.store(o_row + (2 * offs_k)[None, :] * stride_out_r, out_even.to(OUT.dtype.element_ty), mask=mask_even)
+        tl.store(o_row + (2 * offs_k + 1)[None, :] * stride_out_r, out_odd.to(OUT.dtype.element_ty), mask=mask_odd)
+    else:
+        po_row = PART_OUT + pid_b * stride_po_b + pid_split * stride_po_split + offs_h[:, None] * stride_po_h
+        tl.store(po_row + (2 * offs_k)[None, :] * stride_po_r, out_even, mask=mask_even & has_any[:, None])
+        tl.store(po_row + (2 * offs_k + 1)[None, :] * stride_po_r, out_odd, mask=mask_odd & has_any[:, None])
+        lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
+        tl.store(PART_LSE + pid_b * stride_pl_b + pid_split * stride_pl_split + offs_h * stride_pl_h, lse,
+                 mask=mask_h)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    # pointers
+    PART_OUT, PART_LSE, OUT,
+    # sizes
+    R, NUM_SPLITS,
+    # strides
+    stride_po_b, stride_po_split, stride_po_h, stride_po_r,
+    stride_pl_b, stride_pl_split, stride_pl_h,
+    stride_out_b, stride_out_h, stride_out_r,
+    # meta
+    BLOCK_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid (B, H): out = Σ_i 2^(lse_i - M) out_i / Σ_i 2^(lse_i - M), M = max_i lse_i (log2 units)."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    lse = tl.load(PART_LSE + pid_b * stride_pl_b + offs_s * stride_pl_split + pid_h * stride_pl_h,
+                  mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weights = tl.exp2(lse - lse_max)
+    denom = tl.sum(weights, 0)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    po_row = PART_OUT + pid_b * stride_po_b + pid_h * stride_po_h + offs_r * stride_po_r
+    for split in range(NUM_SPLITS):
+        lse_split = tl.load(PART_LSE + pid_b * stride_pl_b + split * stride_pl_split + pid_h * stride_pl_h)
+        if lse_split > float("-inf"):  # an empty split wrote no partial output
+            part = tl.load(po_row + split * stride_po_split, mask=mask_r, other=0.0)
+            acc += tl.exp2(lse_split - lse_max) * part
+    out = acc / denom
+    tl.store(OUT + pid_b * stride_out_b + pid_h * stride_out_h + offs_r * stride_out_r,
+             out.to(OUT.dtype.element_ty), mask=mask_r)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tile_config(block_h: int, block_r2: int, block_wr2: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps). The dequantized tiles (BLOCK_T x 2 x (BLOCK_R2 + BLOCK_WR2)) and the accumulators
+    (BLOCK_H x 2 x BLOCK_R2) live in registers. Compiled for sm_90 (not yet timed on a GPU), this keeps ptxas free
+    of spills up to R = 1024 at 16 heads and R = 256 at 64 heads; R = 512 with 32+ heads spills a few hundred bytes."""
+    per_position = 2 * (block_r2 + block_wr2)
+    block_t = 64
+    while block_t > 16 and block_t * per_position > 10240:
+        block_t //= 2
+    num_warps = 4 if block_t * per_position + block_h * 2 * block_r2 <= 4096 else 8
+    return block_t, num_warps
+
+
+def default_num_splits(batch: int, capacity: int, block_t: int, device: torch.device) -> int:
+    """About two programs per SM on CUDA; a few splits in the CPU interpreter. Never more splits than tiles."""
+    tiles = triton.cdiv(capacity, block_t)
+    if device.type == "cuda":
+        want = triton.cdiv(2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
+                           batch)
+    else:
+        want = 4
+    return max(1, min(want, tiles))
+
+
+def _scales_and_strides(stream: Stream) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    if stream.bits >= 16:
+        return stream.data, (0, 0, 0, 0)
+    return stream.scales, tuple(stream.scales.stride())
+
+
+def latent_decode_triton(
+    q_lat: torch.Tensor | None,
+    q_rope: torch.Tensor | None,
+    latent: Stream,
+    rope: Stream | None,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    window: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton `latent_decode_ref`: q_lat (B, H, R) or None, q_rope (B, H, Wr) or None, latent/rope streams
+    (B, S, ...), seq_lens (B,) int32 -> (B, H, R) in the queries' dtype. num_splits: split-K factor (None: about
+    two programs per SM on CUDA). S = latent.data.shape[1] is the cache capacity; the grid depends on it only."""
+    return _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits)
+
+
+def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, block_t=None):
+    q = q_lat if q_lat is not None else q_rope
+    if q is None:
+        raise ValueError("latent_decode needs q_lat or q_rope")
+    if q_rope is not None and rope is None:
+        raise ValueError("q_rope needs the rope stream")
+    if q_rope is None:
+        rope = None  # like the reference: without rope queries the rope stream does not enter the scores
+    if latent.bits not in (4, 8, 16) or (rope is not None and rope.bits not in (4, 8, 16)):
+        raise ValueError("streams are stored at 16, 8 or 4 bits")
+    B, H = q.shape[:2]
+    R = latent.width
+    WR = rope.width if rope is not None else 0
+    S = latent.data.shape[1]
+    device = latent.data.device
+
+    r2 = triton.cdiv(R, 2)
+    block_r2 = max(16, triton.next_power_of_2(r2))
+    block_wr2 = max(16, triton.next_power_of_2(triton.cdiv(WR, 2))) if rope is not None else 16
+    block_h = min(max(16, triton.next_power_of_2(H)), _MAX_BLOCK_H)
+    tile_t, num_warps = _tile_config(block_h, block_r2, block_wr2 if rope is not None else 0)
+    block_t = block_t or tile_t
+    if num_splits is None:
+        num_splits = default_num_splits(B, S, block_t, device)
+    num_splits = max(1, int(num_splits))
+    chunk = triton.cdiv(triton.cdiv(S, num_splits), block_t) * block_t
+
+    out = torch.empty(B, H, R, dtype=q.dtype, device=device)
+    direct = num_splits == 1
+    if direct:
+        part_out = out  # unused
+        part_lse = out
+        stride_po = (0, 0, 0, 0)
+        stride_pl = (0, 0, 0)
+    else:
+        part_out = torch.empty(B, num_splits, H, R, dtype=torch.float32, device=device)
+        part_lse = torch.empty(B, num_splits, H, dtype=torch.float32, device=device)
+        stride_po = part_out.stride()
+        stride_pl = part_lse.stride()
+
+    lat_scales, stride_lsc = _scales_and_strides(latent)
+    if rope is not None:
+        rope_data = rope.data
+        rope_scales, stride_rsc = _scales_and_strides(rope)
+        stride_rope = rope.data.stride()
+        rope_bits, rope_group = rope.bits, rope.group
+    else:
+        rope_data, rope_scales, stride_rsc, stride_rope = latent.data, latent.data, (0, 0, 0, 0), (0, 0, 0)
+        rope_bits, rope_group = 16, 1
+    stride_ql = q_lat.stride() if q_lat is not None else (0, 0, 0)
+    stride_qr = q_rope.stride() if q_rope is not None else (0, 0, 0)
+    dot_dtype = _DOT_DTYPES[q.dtype]
+
+    grid = (B, num_splits, triton.cdiv(H, block_h))
+    _latent_decode_split_kernel[grid](
+        q_lat if q_lat is not None else q, q_rope if q_rope is not None else q,
+        latent.data, lat_scales, rope_data, rope_scales, seq_lens, part_out, part_lse, out,
+        H, R, WR, chunk, int(window) if window is not None else 0, float(softmax_scale) * _LOG2E,
+        *stride_ql, *stride_qr,
+        *latent.data.stride(), *stride_lsc,
+        *stride_rope, *stride_rsc,
+        *stride_po, *stride_pl,
+        *out.stride(),
+        LAT_BITS=latent.bits, LAT_GROUP=latent.group if latent.bits < 16 else 1,
+        ROPE_BITS=rope_bits, ROPE_GROUP=rope_group if rope_bits < 16 else 1,
+        HAS_Q_LAT=q_lat is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None, DIRECT_OUT=direct,
+        DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R2=block_r2, BLOCK_WR2=block_wr2,
+        num_warps=num_warps,
+        enable_fp_fusion=True,  # code * scale + zero as one FMA
+    )
+    if not direct:
+        _merge_splits_kernel[(B, H)](
+            part_out, part_lse, out,
+            R, num_splits,
+            *stride_po, *stride_pl, *out.stride(),
+            BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)), BLOCK_R=triton.next_power_of_2(R),
+            num_warps=4, enable_fp_fusion=True,
+        )
+    return out

@@ -1,0 +1,99 @@
+"""PyTorch references of every kernel: the CPU path of the runtime and the ground truth of the kernel tests.
+
+Cache layout of one stream (the latent, or the rope keys) of one layer group, per batch row b and position s
+(a stream is W values per token; `Stream` below names the tensors):
+
+  bits 16:  data[b, s, :W]             fp16 or bf16 values
+  bits 8:   data[b, s, :W]             uint8 codes
+  bits 4:   data[b, s, :W/2]           uint8, value 2i in the low nibble of byte i, value 2i+1 in the high nibble
+  bits < 16: scales[b, s, j, 0/1]      fp16 scale and zero-point of values [j*group, (j+1)*group)
+             value = code * scale + zero
+
+Bytes per token of a stream = W * bits / 8 + (W / group) * 4 below 16 bits: the formula `profile memory` prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant import pack_latent, unpack_latent
+
+
+@dataclass
+class Stream:
+    """One cached stream of one layer group: `data` (B, S, W or W/2) and `scales` (B, S, W/group, 2) fp16 or None."""
+
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    bits: int
+    group: int
+    width: int  # W, values per token
+
+    def rows(self, b: slice | int = slice(None)) -> Stream:
+        return Stream(self.data[b], None if self.scales is None else self.scales[b], self.bits, self.group, self.width)
+
+
+def dequantize_stream(stream: Stream, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first `length` positions of every row, as values (B, length, W) in `dtype`."""
+    stored = {"latent": stream.data[:, :length]}
+    if stream.scales is not None:
+        stored["latent_scales"] = stream.scales[:, :length]
+    return unpack_latent(stored, stream.bits, stream.group, dtype)
+
+
+def quantize_append_ref(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:
+    """Quantize x (B, T, W) as the cache stores it and write row b at positions start[b] .. start[b] + T - 1.
+
+    start: (B,) int32. Writes in place with tensor indices only (no host sync: CUDA-graph safe). The caller checks
+    that start + T fits the cache.
+    """
+    B, T, _ = x.shape
+    S = stream.data.shape[1]
+    # flat row index b * S + start[b] + t into the (B * S, ·) view of each tensor: one index_copy_ per tensor
+    flat = (torch.arange(B, device=x.device)[:, None] * S + start[:, None] + torch.arange(T, device=x.device)).view(-1)
+    if stream.bits >= 16:
+        stream.data.view(B * S, -1).index_copy_(0, flat, x.reshape(B * T, -1).to(stream.data.dtype))
+        return
+    packed = pack_latent(x, stream.bits, stream.group)
+    stream.data.view(B * S, -1).index_copy_(0, flat, packed["latent"].reshape(B * T, -1))
+    stream.scales.view(B * S, *stream.scales.shape[2:]).index_copy_(0, flat, packed["latent_scales"].reshape(B * T, *stream.scales.shape[2:]))
+
+
+def latent_decode_ref(
+    q_lat: torch.Tensor | None,
+    q_rope: torch.Tensor | None,
+    latent: Stream,
+    rope: Stream | None,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """One decode step of absorbed latent attention: every query head against one latent stream (MQA).
+
+    q_lat: (B, H, R) queries already multiplied by the key up-projection (None when no key dim goes through the
+    latent); q_rope: (B, H, Wr) rope queries after RoPE, laid out over the whole rope stream (a head's entries
+    outside its own rope head are zero; None without rope); latent: R values per token; rope: Wr values per token;
+    seq_lens: (B,) int32 valid positions per row (the current token included); window: only the last `window`
+    positions are attended (sliding-window layers).
+    score[b, h, s] = (q_lat · latent[s] + q_rope · rope[s]) * softmax_scale;  out[b, h] = Σ_s softmax(score) latent[s]
+    Returns (B, H, R) in q's dtype; computed in fp32 (fp64 for fp64 queries).
+    """
+    S = int(seq_lens.max())
+    q = q_lat if q_rope is None else q_rope if q_lat is None else torch.cat((q_lat, q_rope), -1)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    c = dequantize_stream(latent, S, compute)  # (B, S, R)
+    keys = c if q_lat is not None else None
+    if q_rope is not None:
+        k_rope = dequantize_stream(rope, S, compute)
+        keys = k_rope if keys is None else torch.cat((keys, k_rope), -1)
+    scores = torch.matmul(q.to(compute), keys.transpose(1, 2)) * softmax_scale  # (B, H, S)
+    if window is not None or int(seq_lens.min()) != S:  # ragged rows or a sliding window: mask positions
+        pos = torch.arange(S, device=c.device)[None, :]
+        lens = seq_lens.long()[:, None]
+        valid = pos < lens
+        if window is not None:
+            valid &= pos >= lens - window
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.matmul(scores.softmax(-1), c).to(q.dtype)

@@ -1,0 +1,139 @@
+"""A chat session over the runtime: the model's chat template, a cache that keeps the conversation, streaming.
+
+Each turn renders the whole conversation with the chat template and prefills only what the cache does not hold
+yet (the rendered text of earlier turns is a prefix of the new rendering for every common template; when it is not,
+the cache is rebuilt from the start). Without a chat template the session is plain continuation of the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KvconvertError
+from .generate import GenerationStats, LatentRuntime, SamplingOptions
+
+
+def stop_tokens(generation_config, tokenizer) -> tuple[int, ...]:
+    """The generation config's eos ids (an int or a list) and the tokenizer's eos id."""
+    ids: list[int] = []
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if eos is not None:
+        ids += [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int  # tokens prefilled this turn
+    new_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    cached_tokens: int
+    kv_bytes_in_use: int
+    kv_bytes_allocated: int
+
+
+class ChatSession:
+    def __init__(self, runtime: LatentRuntime, tokenizer, system: str | None = None):
+        if tokenizer is None:
+            raise KvconvertError("this model folder has no tokenizer: chat needs one")
+        if runtime.cache.batch != 1:
+            raise ValueError("a chat session uses a cache of one row")
+        self.rt = runtime
+        self.tok = tokenizer
+        self.system = system
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.cached: list[int] = []  # the tokens the cache holds, in order
+        self.text = ""  # plain-continuation mode: the whole text so far
+        self.rt.reset()
+
+    def _render(self) -> list[int]:
+        if self.templated:
+            ids = self.tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.tok.encode(self.text, add_special_tokens=not self.cached)
+
+    def reply(
+        self, user_text: str, opts: SamplingOptions, on_text: Callable[[str], None] | None = None
+    ) -> tuple[str, TurnStats]:
+        """Answer one user turn; `on_text` receives the reply as it is generated (decoded incrementally)."""
+        if self.templated:
+            self.messages.append({"role": "user", "content": user_text})
+        else:
+            self.text += user_text
+        ids = self._render()
+        if ids[: len(self.cached)] != self.cached or len(ids) == len(self.cached):
+            self.rt.reset()  # the template rewrote history: rebuild the cache from the whole conversation
+            self.cached = []
+        new = ids[len(self.cached) :]
+        if len(self.cached) + len(new) >= self.rt.cache.capacity:
+            if self.templated:
+                self.messages.pop()
+            raise KvconvertError(
+                f"context full: the conversation needs {len(ids):,} tokens of a {self.rt.cache.capacity:,}-token "
+                "cache (/reset, or a larger --context)"
+            )
+        room = self.rt.cache.capacity - len(self.cached) - len(new) + 1
+        opts = SamplingOptions(**{**opts.__dict__, "max_new_tokens": min(opts.max_new_tokens, room)})
+        out: list[int] = []
+        shown = ""
+
+        def stream(_row: int, token: int) -> None:
+            nonlocal shown
+            out.append(token)
+            text = self.tok.decode(out, skip_special_tokens=True)
+            if on_text is not None and not text.endswith("\ufffd"):  # wait for the rest of a UTF-8 character
+                on_text(text[len(shown) :])
+                shown = text
+
+        outputs, stats = self.rt.generate([new], opts, on_token=stream)
+        reply = self.tok.decode(outputs[0], skip_special_tokens=True)
+        if on_text is not None and len(reply) > len(shown):
+            on_text(reply[len(shown) :])
+        self.cached = (self.cached + new + outputs[0])[: self.rt.lengths[0]]
+        if self.templated:
+            self.messages.append({"role": "assistant", "content": reply})
+        else:
+            self.text += reply
+        return reply, self.turn_stats(stats)
+
+    def turn_stats(self, stats: GenerationStats) -> TurnStats:
+        cache = self.rt.cache
+        return TurnStats(
+            prompt_tokens=stats.prompt_tokens,
+            new_tokens=stats.new_tokens,
+            prefill_tokens_per_s=stats.prompt_tokens / stats.prefill_s if stats.prefill_s else 0.0,
+            decode_tokens_per_s=stats.decode_tokens_per_s,
+            cached_tokens=self.rt.lengths[0],
+            kv_bytes_in_use=self.rt.lengths[0] * cache.bytes_per_token,
+            kv_bytes_allocated=cache.nbytes,
+        )
+
+
+def auto_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise KvconvertError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KvconvertError("--device cuda: no CUDA device is available")
+    return device
+
+
+def auto_dtype(dtype: str, device: str) -> torch.dtype:
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in names:
+        raise KvconvertError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return names[dtype]

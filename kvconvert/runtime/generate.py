@@ -1,0 +1,422 @@
+"""The CLLA runtime: prefill into a LatentCache, then absorbed decode over the quantized latent.
+
+Prefill (T new tokens per row, rows right-padded): each group's first layer quantizes its latent and rope keys
+into the cache (kernels.quantize_append); attention reads the group's cache back (dequantized), reconstructs keys
+and values with the layer's own up-projections and runs SDPA: the model's own attention code, so prefill is
+exactly what the model computes.
+
+Decode (one token per row): the up-projections are absorbed (DESIGN.md, "The model"):
+  q_lat[h] = W_uk[kv(h)]ᵀ q_nope[h]              (B, H, R)
+  o_lat[h] = Σ_s softmax_s(q_lat·c_s + q_rope·k_rope_s) c_s   kernels.latent_decode: MQA over one latent stream
+  v[h]     = W_uv[kv(h)] o_lat[h] + b_v          (a value bias passes through: the weights sum to 1)
+A key bias adds q_nope·b_k to every score of a head: constant over positions, it cancels in the softmax.
+The decode step has no host synchronisation and fixed shapes, so on CUDA it is captured once in a CUDA graph and
+replayed; on CPU the same code runs on the PyTorch references.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import KvconvertError
+from ..kernels import decode_streams, dequantize_stream, latent_decode, quantize_append
+from ..model import CllaForCausalLM, apply_rope, rope_cos_sin, rope_inv_freq
+from .cache import LatentCache
+
+
+@dataclass
+class SamplingOptions:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; stop tokens end a row (not included in its output)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise KvconvertError("--max-new-tokens must be at least 1")
+        if self.temperature < 0:
+            raise KvconvertError("--temperature must be >= 0")
+        if self.top_k < 0:
+            raise KvconvertError("--top-k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise KvconvertError("--top-p must be in (0, 1]")
+
+
+def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,) int64."""
+    if opts.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / opts.temperature
+    if opts.top_k and opts.top_k < logits.shape[-1]:
+        kth = logits.topk(opts.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > opts.top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class AbsorbedLayer:
+    """The decode-time weights of one layer (built once from the model's weights).
+
+    q_weight, q_bias: x -> per query head [q_a | q_rope], (H * (Q + Dr), hidden). When folding makes the weights
+      smaller (R <= Dn, in bytes), W_uk is folded in: q_a = q_lat = W_uk[kv(h)]ᵀ W_q_nope[h] x (Q = R, w_uk None);
+      otherwise q_a = q_nope (Q = Dn) and w_uk (K, Dn, R) follows at run time.
+    o_weight, o_bias: o_lat (H * R) -> hidden with W_uv folded into W_o, when that is smaller (R <= Dv); otherwise
+      o_weight is None and w_uv_t (K, R, Dv), b_uv (H * Dv) then the model's o_proj follow.
+    """
+
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor | None
+    q_width: int
+    w_uk: torch.Tensor | None
+    o_weight: torch.Tensor | None
+    o_bias: torch.Tensor | None
+    w_uv_t: torch.Tensor | None
+    b_uv: torch.Tensor | None
+    window: int | None
+
+
+def absorb_layer(attn, cfg, window: int | None) -> AbsorbedLayer:
+    """Fold the up-projections of one CllaAttention into its query and output projections where that saves bytes
+    (the folds are exact up to float rounding: computed in fp32, stored in the model's dtype)."""
+    H, K, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    Dn, Dr, Dv, R = cfg.qk_nope_dim, cfg.rope_dim, cfg.head_dim, cfg.kv_latent_dim
+    G = H // K
+    dtype = attn.q_proj.weight.dtype
+    wq = attn.q_proj.weight.float().view(H, Dn + Dr, hidden)
+    bq = attn.q_proj.bias.float().view(H, Dn + Dr) if attn.q_proj.bias is not None else None
+    w_uk = attn.k_up.weight.float().view(K, Dn, R) if Dn else None
+    fold_q = Dn > 0 and H * R * hidden <= H * Dn * hidden + K * Dn * R
+    if fold_q:
+        uk = w_uk.repeat_interleave(G, 0)  # (H, Dn, R): query head h reads kv head h // G
+        wq = torch.cat((torch.einsum("hdr,hdi->hri", uk, wq[:, :Dn]), wq[:, Dn:]), 1)
+        if bq is not None:
+            bq = torch.cat((torch.einsum("hdr,hd->hr", uk, bq[:, :Dn]), bq[:, Dn:]), 1)
+    w_uv = attn.v_up.weight.float().view(K, Dv, R)
+    b_uv = attn.v_up.bias.float().view(K, 1, Dv).expand(K, G, Dv).reshape(H * Dv) if attn.v_up.bias is not None else None
+    fold_o = H * R * hidden <= H * Dv * hidden + K * Dv * R
+    o_weight = o_bias = None
+    if fold_o:
+        wo = attn.o_proj.weight.float().view(hidden, H, Dv)
+        o_weight = torch.einsum("ihd,hdr->ihr", wo, w_uv.repeat_interleave(G, 0)).reshape(hidden, H * R)
+        o_bias = attn.o_proj.bias.float() if attn.o_proj.bias is not None else None
+        if b_uv is not None:  # the value bias passes through attention unchanged, then through W_o
+            o_bias = (0 if o_bias is None else o_bias) + attn.o_proj.weight.float() @ b_uv
+    cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
+    return AbsorbedLayer(
+        q_weight=cast(wq.reshape(-1, hidden)),
+        q_bias=cast(bq.reshape(-1) if bq is not None else None),
+        q_width=R if fold_q else Dn,
+        w_uk=None if fold_q or not Dn else cast(w_uk),
+        o_weight=cast(o_weight),
+        o_bias=cast(o_bias),
+        w_uv_t=None if fold_o else cast(w_uv.transpose(1, 2)),
+        b_uv=None if fold_o else cast(b_uv),
+        window=window,
+    )
+
+
+class LatentRuntime:
+    """Runs a CllaForCausalLM over a LatentCache of `batch` rows × `capacity` positions."""
+
+    def __init__(
+        self,
+        model: CllaForCausalLM,
+        batch: int,
+        capacity: int,
+        cuda_graphs: bool | None = None,
+    ):
+        self.model = model.eval()
+        self.config = cfg = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        if capacity > cfg.max_position_embeddings:
+            raise KvconvertError(
+                f"context {capacity:,} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings:,})"
+            )
+        dtype16 = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        self.cache = LatentCache(cfg, batch, capacity, self.device, dtype16)
+        self.lengths = [0] * batch  # host copy of cache.seq_lens: capacity checks without a device sync
+        H, Hr, Dr = cfg.num_attention_heads, cfg.rope_heads, cfg.rope_dim
+        self.dims = (H, cfg.num_key_value_heads, Hr, Dr, cfg.kv_latent_dim, cfg.head_dim)
+        self.softmax_scale = cfg.softmax_scale
+        self.group_of = cfg.group_of_layer()
+        self.first_of_group = {g[0] for g in cfg.layer_groups}
+        with torch.no_grad():
+            self.layers = [absorb_layer(layer.self_attn, cfg, cfg.layer_windows[i]) for i, layer in enumerate(model.model.layers)]
+            self.inv_freq = rope_inv_freq(cfg, self.device)
+            # Query head h scores against rope head h // (H / Hr): its rope query is laid over the whole rope
+            # stream (Hr * Dr values) and zero outside its own head, so one MQA kernel serves every rope layout.
+            per = H // Hr if Dr else 1
+            mask = torch.zeros(H, Hr * Dr, dtype=self.dtype, device=self.device)
+            for h in range(H):
+                r = h // per
+                mask[h, r * Dr : (r + 1) * Dr] = 1
+            self.rope_head_mask = mask
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if use_graphs and self.device.type != "cuda":
+            raise KvconvertError("CUDA graphs need a CUDA device")
+        self.use_graphs = use_graphs
+        self._graph = None
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        self.cache.reset()
+        self.lengths = [0] * self.cache.batch
+
+    def _check_room(self, new: list[int]) -> None:
+        for b, n in enumerate(new):
+            if self.lengths[b] + n > self.cache.capacity:
+                raise KvconvertError(
+                    f"context full: row {b} would hold {self.lengths[b] + n:,} tokens, the cache holds "
+                    f"{self.cache.capacity:,} (start over, or raise the context)"
+                )
+
+    # ------------------------------------------------------------------ attention paths
+    def _append(self, g: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: torch.Tensor) -> None:
+        """Quantize group g's latent and rope keys of x (B, T, hidden) into the cache at start[b] + t."""
+        cfg = self.config
+        proj = self.model.model.latent_proj[g]
+        B, T, _ = x.shape
+        quantize_append(self.cache.latent(g), proj.kv_down(x), start)
+        if proj.rope_proj is not None:
+            k_rope = proj.rope_proj(x).view(B, T, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
+            k_rope = apply_rope(k_rope, cos, sin).transpose(1, 2).reshape(B, T, -1)
+            quantize_append(self.cache.rope(g), k_rope, start)
+
+    def _read_group(self, g: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first S positions of group g as the model's attention takes them: latent (B, S, R), rope (B, Hr, S, Dr)."""
+        cfg = self.config
+        latent = dequantize_stream(self.cache.latent(g), S, self.dtype)
+        rope = self.cache.rope(g)
+        B = latent.shape[0]
+        if rope is None:
+            return latent, latent.new_zeros(B, 1, S, 0)
+        k_rope = dequantize_stream(rope, S, self.dtype).view(B, S, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
+        return latent, k_rope
+
+    def _decode_attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, streams):
+        """Absorbed attention of layer i for one token per row: x (B, 1, hidden) -> (B, 1, hidden).
+        cos/sin (B, Hr, 1, Dr) at each row's position; streams: the group's (latent, rope) as kernels read them."""
+        lay = self.layers[i]
+        B = x.shape[0]
+        H, K, Hr, Dr, R, Dv = self.dims  # plain ints: transformers' config attribute access is slow per step
+        Q = lay.q_width
+        q = F.linear(x[:, 0], lay.q_weight, lay.q_bias).view(B, H, Q + Dr)
+        q_lat = None
+        if Q:
+            q_lat = q[..., :Q]
+            if lay.w_uk is not None:
+                q_lat = torch.matmul(q_lat.reshape(B, K, H // K, Q), lay.w_uk).view(B, H, R)
+        q_rope = None
+        if Dr:
+            q_rope = apply_rope(q[..., Q:].reshape(B, Hr, H // Hr, Dr), cos, sin).view(B, H, Dr)
+            if Hr > 1:
+                q_rope = q_rope.repeat(1, 1, Hr) * self.rope_head_mask
+        o_lat = latent_decode(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window)
+        if lay.o_weight is not None:
+            return F.linear(o_lat.reshape(B, H * R), lay.o_weight, lay.o_bias)[:, None]
+        v = torch.matmul(o_lat.view(B, K, H // K, R), lay.w_uv_t).reshape(B, H * Dv)
+        if lay.b_uv is not None:
+            v = v + lay.b_uv
+        return self.model.model.layers[i].self_attn.o_proj(v)[:, None]
+
+    # ------------------------------------------------------------------ steps
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, n_new: list[int]) -> torch.Tensor:
+        """Append ids (B, T) (row b: its first n_new[b] tokens, the rest padding) after each row's cached tokens;
+        returns the logits (B, vocab) at each row's last new token (rows with n_new 0: at padding, ignore them)."""
+        cfg = self.config
+        m = self.model.model
+        B, T = ids.shape
+        if B != self.cache.batch:
+            raise ValueError(f"the cache has {self.cache.batch} rows, got {B}")
+        self._check_room([T] * B)
+        start = self.cache.seq_lens.clone()
+        positions = start.long()[:, None] + torch.arange(T, device=self.device)[None, :]
+        cos, sin = rope_cos_sin(cfg, positions, self.dtype, self.inv_freq)
+        S = max(self.lengths[b] + T for b in range(B))
+        # Key s is visible to query t of row b iff s <= start[b] + t (and within the window): one mask per window.
+        key = torch.arange(S, device=self.device)[None, None, :]
+        qpos = positions[:, :, None]
+        masks = {}
+        for w in set(cfg.layer_windows):
+            allowed = key <= qpos
+            if w is not None:
+                allowed &= qpos - key < w
+            fill = torch.finfo(self.dtype).min
+            masks[w] = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, fill)[:, None]
+        h = m.embed_tokens(ids)
+        latent = k_rope = None
+        for i, layer in enumerate(m.layers):
+            g = self.group_of[i]
+            x = layer.input_layernorm(h)
+            if i in self.first_of_group:
+                self._append(g, x, cos[g], sin[g], start)
+                latent, k_rope = self._read_group(g, S)
+            h = h + layer.self_attn(x, latent, k_rope, cos[g], sin[g], masks[cfg.layer_windows[i]])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        lengths = torch.tensor(n_new, dtype=torch.int32, device=self.device)
+        self.cache.seq_lens += lengths
+        self.lengths = [self.lengths[b] + n_new[b] for b in range(B)]
+        last = (lengths.long() - 1).clamp_min(0)
+        h_last = h[torch.arange(B, device=self.device), last]
+        return self.model.lm_head(m.norm(h_last))
+
+    def prefill_chunk_tokens(self, total: int) -> int:
+        """Tokens per prefill chunk: the attention of a chunk holds batch × heads × chunk × context scores; keep
+        that under 2^28 values (1 GiB in fp32)."""
+        cfg = self.config
+        return max(64, (1 << 28) // (self.cache.batch * cfg.num_attention_heads * max(total, 1)))
+
+    @torch.no_grad()
+    def prefill_chunked(self, ids: torch.Tensor, n_new: list[int], chunk: int | None = None) -> torch.Tensor:
+        """`prefill` in chunks of positions (bounded memory for long prompts); the same logits (B, vocab)."""
+        B, T = ids.shape
+        chunk = chunk or self.prefill_chunk_tokens(max(self.lengths) + T)
+        if T <= chunk:
+            return self.prefill(ids, n_new)
+        self._check_room([T] * B)
+        logits = None
+        for lo in range(0, T, chunk):
+            part = [min(max(n - lo, 0), chunk) for n in n_new]
+            step = self.prefill(ids[:, lo : lo + chunk], part)
+            if logits is None:
+                logits = step
+            ends_here = torch.tensor([lo < n <= lo + chunk for n in n_new], device=self.device)
+            logits = torch.where(ends_here[:, None], step, logits)
+        return logits
+
+    def _decode_eager(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token per row, ids (B,) -> logits (B, vocab); appends at seq_lens and advances it (device-side)."""
+        cfg = self.config
+        m = self.model.model
+        start = self.cache.seq_lens
+        lens = start + 1
+        cos, sin = rope_cos_sin(cfg, start.long()[:, None], self.dtype, self.inv_freq)  # (NG, B, Hr, 1, Dr)
+        h = m.embed_tokens(ids[:, None])
+        streams = None
+        for i, layer in enumerate(m.layers):
+            g = self.group_of[i]
+            x = layer.input_layernorm(h)
+            if i in self.first_of_group:
+                self._append(g, x, cos[g], sin[g], start)
+                streams = decode_streams(self.cache.latent(g), self.cache.rope(g), lens)
+            h = h + self._decode_attention(i, x, cos[g], sin[g], lens, streams)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self.cache.seq_lens.copy_(lens)
+        return self.model.lm_head(m.norm(h[:, 0]))
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """One decode step for every row: ids (B,) -> logits (B, vocab)."""
+        self._check_room([1] * self.cache.batch)
+        if self.use_graphs:
+            logits = self._decode_graph(ids)
+        else:
+            logits = self._decode_eager(ids)
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits
+
+    def _decode_graph(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._graph is None:
+            self._static_ids = ids.clone()
+            saved = self.cache.seq_lens.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile the kernels and settle the allocator outside the capture
+                    self.cache.seq_lens.copy_(saved)
+                    self._decode_eager(self._static_ids)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.cache.seq_lens.copy_(saved)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._static_logits = self._decode_eager(self._static_ids)
+            self.cache.seq_lens.copy_(saved)  # capturing ran nothing, but keep the invariant explicit
+        self._static_ids.copy_(ids)
+        self._graph.replay()
+        return self._static_logits.clone()
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: list[list[int]],
+        opts: SamplingOptions,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[list[int]], GenerationStats]:
+        """Continue each row's cached context with its prompt, then sample until a stop token or max_new_tokens.
+
+        Returns the new tokens per row (stop tokens excluded) and timings. `on_token(row, token)` streams them."""
+        opts.check()
+        B = self.cache.batch
+        if len(prompts) != B:
+            raise ValueError(f"the cache has {B} rows, got {len(prompts)} prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise KvconvertError("every prompt needs at least one token")
+        T = max(len(p) for p in prompts)
+        self._check_room([T + opts.max_new_tokens - 1] * B)
+        ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        gen = None
+        if opts.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+        stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        logits = self.prefill_chunked(ids, [len(p) for p in prompts])
+        sync()
+        stats.prefill_s = time.perf_counter() - t0
+        outputs: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        stop = set(opts.stop_token_ids)
+        t0 = time.perf_counter()
+        for step in range(opts.max_new_tokens):
+            tokens = sample(logits, opts, gen)
+            host = tokens.tolist()
+            for b, t in enumerate(host):
+                if done[b]:
+                    continue
+                if t in stop:
+                    done[b] = True
+                    continue
+                outputs[b].append(t)
+                stats.new_tokens += 1
+                if on_token is not None:
+                    on_token(b, t)
+            if all(done) or step == opts.max_new_tokens - 1:
+                break
+            logits = self.decode(tokens)
+            stats.steps += 1
+        sync()
+        stats.decode_s = time.perf_counter() - t0
+        return outputs, stats

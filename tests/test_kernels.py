@@ -1,0 +1,453 @@
+"""Triton kernels against the PyTorch references (kvconvert/kernels/reference.py), on awkward sizes.
+
+CPU: the kernels run under the Triton interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is
+first imported: `@triton.jit` picks interpreted or compiled when a decorator runs, and triton.language's own
+helpers (tl.zeros, tl.max, ...) are decorated when triton is imported. In a pytest run triton is already imported
+by conftest (transformers/torch import it), and setting the variable for the whole process would also switch
+`kvconvert.kernels` of every other test file onto the slow interpreter path. So the interpreter tests run in-process
+only when the process was started with TRITON_INTERPRET=1; otherwise `test_interpreter_suite` runs this file again
+in a child process started with TRITON_INTERPRET=1 (gpu tests deselected) and fails with the child's report.
+CUDA (`@pytest.mark.gpu`, skipped without CUDA or under the interpreter): the compiled kernels.
+
+Decode tolerance, flash-attention style: fp32 queries match the fp32 reference tightly; for fp16, the kernel's
+error against an fp64 reference is at most twice the error of an eager fp16 computation plus a small atol.
+Quantize-append is lossless with respect to the reference: exact equality of codes and scales.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvconvert.kernels.reference import (
+    Stream,
+    dequantize_stream,
+    latent_decode_ref,
+    quantize_append_ref,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # set before this process imported triton
+HAS_CUDA = torch.cuda.is_available()
+
+interpreter = pytest.mark.interpreter  # conftest deselects these unless TRITON_INTERPRET=1 (they run in the child)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRETER, reason="needs CUDA (and compiled, not interpreted, Triton)")
+
+
+def decode_module():
+    return importlib.import_module("kvconvert.kernels.decode_attention")
+
+
+def quantize_module():
+    return importlib.import_module("kvconvert.kernels.quantize")
+
+
+def test_interpreter_suite():
+    """Every interpreter test of this file, in a child process started with TRITON_INTERPRET=1."""
+    if INTERPRETER:
+        pytest.skip("this process is the interpreter run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(Path(__file__))]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+
+
+# ---------------------------------------------------------------------------------------------- cache builders
+def empty_stream(B: int, S: int, W: int, bits: int, group: int, dtype16=torch.float16, device="cpu") -> Stream:
+    if bits >= 16:
+        return Stream(torch.zeros(B, S, W, dtype=dtype16, device=device), None, 16, group, W)
+    data = torch.zeros(B, S, W // 2 if bits == 4 else W, dtype=torch.uint8, device=device)
+    scales = torch.zeros(B, S, W // group, 2, dtype=torch.float16, device=device)
+    return Stream(data, scales, bits, group, W)
+
+
+def filled_stream(B, S, W, bits, group, lens, gen, dtype16=torch.float16, spread=1.0) -> Stream:
+    """A stream whose positions < lens[b] hold quantized random values; [lens[b], max(lens)) hold finite garbage
+    (read by the reference, masked by it) and positions >= max(lens) hold NaN where the layout allows it, random
+    bytes elsewhere: a kernel that reads past a row's length gets a wrong or NaN answer."""
+    stream = empty_stream(B, S, W, bits, group, dtype16)
+    x = torch.randn(B, S, W, generator=gen) * spread + 0.3 * torch.randn(B, 1, W, generator=gen)
+    quantize_append_ref(stream, x, torch.zeros(B, dtype=torch.int32))
+    top = max(lens)
+    for b, n in enumerate(lens):
+        if bits >= 16:
+            stream.data[b, n:top] = (1e3 * torch.randn(top - n, W, generator=gen)).to(dtype16)
+            stream.data[b, top:] = float("nan")
+        else:
+            stream.data[b, n:] = torch.randint(0, 256, stream.data[b, n:].shape, generator=gen, dtype=torch.uint8)
+            stream.scales[b, n:top] = (10 * torch.rand(stream.scales[b, n:top].shape, generator=gen)).half()
+            stream.scales[b, top:] = float("nan")
+    return stream
+
+
+def to_device(stream: Stream | None, device) -> Stream | None:
+    if stream is None:
+        return None
+    scales = None if stream.scales is None else stream.scales.to(device)
+    return Stream(stream.data.to(device), scales, stream.bits, stream.group, stream.width)
+
+
+def rope_queries(B, H, rope_heads, dr, gen) -> torch.Tensor:
+    """q_rope laid out over the whole rope stream (B, H, rope_heads * dr): zero outside head h's rope head."""
+    q = torch.zeros(B, H, rope_heads * dr)
+    per = H // rope_heads
+    for h in range(H):
+        j = h // per
+        q[:, h, j * dr : (j + 1) * dr] = torch.randn(B, dr, generator=gen)
+    return q
+
+
+# ---------------------------------------------------------------------------------------------- decode references
+def attention_eager(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, dtype):
+    """Naive attention with every operation in `dtype` (fp64: the ground truth; fp16: the eager error scale)."""
+    S = int(seq_lens.max())
+    c = dequantize_stream(latent, S, torch.float32).to(dtype)
+    q = q_lat if q_lat is not None else q_rope
+    B, H = q.shape[:2]
+    scores = torch.zeros(B, H, S, dtype=dtype)
+    if q_lat is not None:
+        scores = scores + torch.matmul(q_lat.to(dtype), c.transpose(1, 2))
+    if q_rope is not None:
+        k = dequantize_stream(rope, S, torch.float32).to(dtype)
+        scores = scores + torch.matmul(q_rope.to(dtype), k.transpose(1, 2))
+    pos = torch.arange(S)[None, :]
+    lens = seq_lens.long().cpu()[:, None]
+    valid = pos < lens
+    if window is not None:
+        valid &= pos >= lens - window
+    scores = (scores * softmax_scale).masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.matmul(scores.softmax(-1), c)
+
+
+# (name, B, H, R, lat_bits, lat_group, rope (rope_heads "1"/"H", dr, bits, group) or None, q_lat?, window, splits, T)
+# T: the longest row; batch rows are ragged (T, T // 3 + 1, 1, ...).
+DECODE_CASES = [
+    ("h1-t1-b16", 1, 1, 64, 16, 1, None, True, None, 1, 1),
+    ("h3-t17-b8", 3, 3, 96, 8, 32, ("1", 32, 16, 1), True, None, 3, 17),
+    ("h9-t129-b4", 3, 9, 64, 4, 16, ("H", 8, 16, 1), True, None, 4, 129),
+    ("h9-t129-b4-w5", 3, 9, 64, 4, 16, ("H", 8, 16, 1), True, 5, 4, 129),
+    ("h3-t17-b16-odd", 3, 3, 21, 16, 1, ("1", 8, 16, 1), True, None, 2, 17),
+    ("h9-t17-b8-odd", 1, 9, 25, 8, 5, None, True, 5, 1, 17),
+    ("h1-t129-b4-r24", 3, 1, 24, 4, 8, ("1", 32, 8, 16), True, None, 3, 129),
+    ("h3-t129-nolat", 3, 3, 96, 8, 32, ("H", 8, 4, 8), False, None, 5, 129),
+    ("h9-t17-nolat-w5", 1, 9, 64, 16, 1, ("1", 32, 16, 1), False, 5, 2, 17),
+    ("h9-t129-r192-split1", 3, 9, 192, 16, 1, None, True, None, 1, 129),  # identity-like width, one split
+    ("h9-t129-wide-rope", 3, 9, 24, 8, 24, ("H", 32, 8, 32), True, 5, 3, 129),  # rope width 288, 8-bit rope
+    ("h65-t17-head-blocks", 3, 65, 24, 4, 8, ("1", 8, 16, 1), True, None, 2, 17),  # two head blocks of 64
+    ("h3-t1000-b4", 3, 3, 96, 4, 32, ("1", 32, 16, 1), True, None, 4, 1000),
+    ("h9-t1000-b8-w5", 1, 9, 64, 8, 64, ("H", 8, 16, 1), True, 5, 7, 1000),
+]
+
+CASE = {c[0]: c for c in DECODE_CASES}
+SMALL_TILE_CASES = [CASE[name] for name in ("h3-t17-b8", "h9-t129-b4-w5", "h3-t129-nolat")]
+
+
+def build_decode_case(case, gen):
+    _, B, H, R, bits, group, rope_cfg, has_q_lat, window, splits, T = case
+    lens = [max(1, T if b == 0 else T // (2 * b + 1) + b) for b in range(B)]
+    S = T + 7  # the capacity: beyond every row's length
+    latent = filled_stream(B, S, R, bits, group, lens, gen)
+    q_lat = torch.randn(B, H, R, generator=gen) if has_q_lat else None
+    rope = q_rope = None
+    if rope_cfg is not None:
+        mode, dr, rbits, rgroup = rope_cfg
+        rope_heads = 1 if mode == "1" else H
+        rope = filled_stream(B, S, rope_heads * dr, rbits, rgroup, lens, gen, spread=2.0)
+        q_rope = rope_queries(B, H, rope_heads, dr, gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    scale = 1.0 / (R + (rope_cfg[1] if rope_cfg else 0)) ** 0.5
+    return q_lat, q_rope, latent, rope, seq_lens, scale, window, splits
+
+
+def assert_decode_close(out, q_lat, q_rope, latent, rope, seq_lens, scale, window):
+    """fp32: within 1e-5 of the fp32 reference; fp16/bf16: error vs fp64 <= 2 x eager same-dtype error + atol."""
+    out = out.cpu()
+    assert torch.isfinite(out).all()
+    if out.dtype == torch.float32:
+        ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window)
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-5 * ref.abs().max().item() + 1e-6, err
+    else:
+        exact = attention_eager(q_lat, q_rope, latent, rope, seq_lens, scale, window, torch.float64)
+        eager = attention_eager(q_lat, q_rope, latent, rope, seq_lens, scale, window, out.dtype)
+        err = (out.double() - exact).abs().max().item()
+        eager_err = (eager.double() - exact).abs().max().item()
+        assert err <= 2 * eager_err + 1e-4 * exact.abs().max().item(), (err, eager_err)
+
+
+def check_decode(case, dtype, device, block_t=None):
+    gen = torch.Generator().manual_seed(zlib.crc32(case[0].encode()))
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, splits = build_decode_case(case, gen)
+    q_lat = None if q_lat is None else q_lat.to(dtype)
+    q_rope = None if q_rope is None else q_rope.to(dtype)
+
+    def dev(t):
+        return None if t is None else t.to(device)
+
+    out = decode_module()._latent_decode(
+        dev(q_lat), dev(q_rope), to_device(latent, device), to_device(rope, device), seq_lens.to(device), scale,
+        window, splits, block_t=block_t,
+    )
+    H = (q_lat if q_lat is not None else q_rope).shape[1]
+    assert out.dtype == dtype and out.shape == (seq_lens.shape[0], H, latent.width)
+    assert_decode_close(out, q_lat, q_rope, latent, rope, seq_lens, scale, window)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_latent_decode_interpreter(case, dtype):
+    check_decode(case, dtype, "cpu")
+
+
+@interpreter
+@pytest.mark.parametrize("case", SMALL_TILE_CASES, ids=[c[0] for c in SMALL_TILE_CASES])
+def test_latent_decode_small_tiles(case):
+    """BLOCK_T 16: rows, windows and split chunks cross several tiles."""
+    check_decode(case, torch.float32, "cpu", block_t=16)
+
+
+@interpreter
+def test_latent_decode_default_splits_and_public_signature():
+    gen = torch.Generator().manual_seed(5)
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, _ = build_decode_case(CASE["h9-t129-b4"], gen)
+    mod = decode_module()
+    out = mod.latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, scale, window, None)
+    ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@interpreter
+def test_latent_decode_rope_stream_without_rope_queries():
+    """As in the reference, a rope stream without rope queries does not enter the scores."""
+    gen = torch.Generator().manual_seed(8)
+    q_lat, _, latent, rope, seq_lens, scale, window, splits = build_decode_case(CASE["h3-t17-b8"], gen)
+    out = decode_module().latent_decode_triton(q_lat, None, latent, rope, seq_lens, scale, window, splits)
+    ref = latent_decode_ref(q_lat, None, latent, rope, seq_lens, scale, window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@interpreter
+def test_latent_decode_reads_no_unwritten_partials(monkeypatch):
+    """Empty splits write only lse = -inf; the merge must not read their (uninitialized) partial outputs."""
+    gen = torch.Generator().manual_seed(9)
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, _ = build_decode_case(CASE["h9-t129-b4-w5"], gen)
+    ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window)
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    out = decode_module().latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, scale, window, 8)
+    monkeypatch.undo()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@interpreter
+def test_latent_decode_launcher_never_syncs(monkeypatch):
+    """CUDA-graph safety: the launcher reads no tensor value on the host (the grid depends on the capacity only)."""
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("host read of a tensor value in the launcher")
+
+    gen = torch.Generator().manual_seed(6)
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, splits = build_decode_case(CASE["h3-t17-b8"], gen)
+    ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window)
+    mod = decode_module()
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_read)
+    out = mod.latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, scale, window, splits)
+    monkeypatch.undo()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- quantize-append
+# (bits, W, group, T, x dtype)
+QUANT_CASES = [
+    (16, 24, 8, 1, torch.float32),
+    (16, 21, 1, 5, torch.float16),
+    (16, 96, 32, 5, torch.float32),
+    (8, 24, 8, 5, torch.float32),
+    (8, 24, 8, 1, torch.float16),
+    (8, 21, 7, 5, torch.float32),
+    (8, 96, 32, 1, torch.float32),
+    (8, 64, 64, 5, torch.float16),
+    (4, 24, 8, 5, torch.float16),
+    (4, 24, 8, 1, torch.float32),
+    (4, 96, 32, 5, torch.float32),
+    (4, 64, 64, 1, torch.float16),
+    (4, 64, 64, 5, torch.float32),
+]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype.is_floating_point:  # bitwise, NaN-safe
+        view = {2: torch.int16, 4: torch.int32}[a.element_size()]
+        return torch.equal(a.view(view), b.view(view))
+    return torch.equal(a, b)
+
+
+def check_quantize(bits, W, group, T, dtype, device, x=None, dtype16=torch.float16):
+    gen = torch.Generator().manual_seed(bits * 1000 + W * 10 + T)
+    B, S = 3, 19
+    stream = empty_stream(B, S, W, bits, group, dtype16)
+    if bits >= 16:
+        stream.data.copy_(torch.randn(stream.data.shape, generator=gen).to(dtype16))
+    else:
+        stream.data.copy_(torch.randint(0, 256, stream.data.shape, generator=gen, dtype=torch.uint8))
+        stream.scales.copy_(torch.randn(stream.scales.shape, generator=gen).half())
+    before = Stream(stream.data.clone(), None if stream.scales is None else stream.scales.clone(), bits, group, W)
+    if x is None:
+        x = (3 * torch.randn(B, T, W, generator=gen) + torch.randn(B, 1, W, generator=gen)).to(dtype)
+    start = torch.tensor([0, 7, S - T], dtype=torch.int32)[:B]
+
+    quantize_append_ref(stream, x, start)  # the expected cache (CPU: bit-identical to kvconvert.quant.quantize)
+    got = to_device(before, device)
+    quantize_module().quantize_append_triton(got, x.to(device), start.to(device))
+    got = to_device(got, "cpu")
+
+    assert _same_bits(got.data, stream.data)
+    if bits < 16:
+        assert _same_bits(got.scales, stream.scales)
+    written = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        written[b, int(start[b]) : int(start[b]) + T] = True
+    assert _same_bits(got.data[~written], before.data[~written])  # nothing else touched
+    if bits < 16:
+        assert _same_bits(got.scales[~written], before.scales[~written])
+
+
+@interpreter
+@pytest.mark.parametrize("bits,W,group,T,dtype", QUANT_CASES, ids=[f"b{c[0]}-w{c[1]}-g{c[2]}-t{c[3]}-{str(c[4])[6:]}"
+                                                                    for c in QUANT_CASES])
+def test_quantize_append_interpreter(bits, W, group, T, dtype):
+    check_quantize(bits, W, group, T, dtype, "cpu")
+
+
+@interpreter
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_append_edge_values(bits):
+    """Ties round half to even; constant groups (fp16 scale underflows to 0: 0/0) and huge ranges match too."""
+    qmax = (1 << bits) - 1
+    ties = torch.tensor([0.0, qmax * 0.25, 0.625, 0.875, 0.125, 0.375, 1.125, 2.0])  # scale 0.25: k + 0.5 codes
+    x = torch.stack([
+        ties,
+        torch.zeros(8),
+        torch.full((8,), 0.1),  # not an fp16 value: zero rounds up, scale clamps to 1e-8 -> fp16 0
+        torch.full((8,), -3.0),
+        torch.tensor([-6e4, 6e4, 0, 1, -1, 3e4, 1e-3, -2.5]),
+        torch.tensor([1e-6, 2e-6, 3e-6, 0, 1e-7, 5e-7, 2.5e-6, 4e-6]),  # fp16 subnormal scales
+    ]).reshape(1, 1, 48).expand(3, 1, 48).contiguous()
+    check_quantize(bits, 48, 8, 1, torch.float32, "cpu", x=x)
+
+
+def tie_values(bits: int, T: int = 2, W: int = 128, group: int = 8) -> torch.Tensor:
+    """(3, T, W): each group is 0, qmax*s and (k + 0.5)*s with s a random fp16 scale: exact ties in IEEE division
+    (round half to even decides), which a division by reciprocal or round-half-up gets wrong for some groups."""
+    gen = torch.Generator().manual_seed(bits)
+    qmax = (1 << bits) - 1
+    s = (torch.rand(3, T, W // group, 1, generator=gen) * 0.99 + 0.01).half().float()
+    k = torch.randint(0, qmax, (3, T, W // group, group - 2), generator=gen).float()
+    x = torch.cat([torch.zeros_like(s), qmax * s, (k + 0.5) * s], dim=-1)
+    return x.reshape(3, T, W)
+
+
+@interpreter
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_append_ties_round_half_even(bits):
+    check_quantize(bits, 128, 8, 2, torch.float32, "cpu", x=tie_values(bits))
+
+
+@interpreter
+def test_quantize_append_16_bit_storage_fp16():
+    check_quantize(16, 24, 8, 5, torch.float32, "cpu", dtype16=torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_latent_decode_cuda(case, dtype):
+    check_decode(case, dtype, "cuda")
+
+
+@gpu
+@needs_cuda
+def test_latent_decode_cuda_graph():
+    """Captured once, replayed after the lengths change in place: the grid never depends on seq_lens."""
+    gen = torch.Generator().manual_seed(7)
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, _ = build_decode_case(CASE["h3-t1000-b4"], gen)
+    mod = decode_module()
+    args = [q_lat.cuda().half(), q_rope.cuda().half(), to_device(latent, "cuda"), to_device(rope, "cuda")]
+    lens = seq_lens.cuda()
+    for _ in range(2):
+        mod.latent_decode_triton(*args, lens, scale, window, None)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mod.latent_decode_triton(*args, lens, scale, window, None)
+    for new_lens in ([1000, 3, 1], [17, 300, 150]):  # within each row's real data (build_decode_case)
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        graph.replay()
+        q_lat16, q_rope16 = args[0].cpu(), args[1].cpu()
+        assert_decode_close(out, q_lat16, q_rope16, latent, rope, lens.cpu(), scale, window)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("bits,W,group,T", [c[:4] for c in QUANT_CASES])
+def test_quantize_append_cuda(bits, W, group, T, dtype):
+    # The expected cache is computed on CPU: torch on CUDA divides by the Python scalar qmax as a multiplication
+    # by its reciprocal, which can move a scale by one fp16 ulp; the kernel divides exactly, like torch on CPU.
+    check_quantize(bits, W, group, T, dtype, "cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_append_edge_values_cuda(bits):
+    qmax = (1 << bits) - 1
+    x = torch.tensor([0.0, qmax * 0.25, 0.625, 0.875, 0.125, 0.375, 1.125, 2.0] + [0.0] * 8 + [0.1] * 8)
+    check_quantize(bits, 24, 8, 1, torch.float32, "cuda", x=x.reshape(1, 1, 24).expand(3, 1, 24).contiguous())
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_append_ties_round_half_even_cuda(bits):
+    check_quantize(bits, 128, 8, 2, torch.float32, "cuda", x=tie_values(bits))
+
+
+@gpu
+@needs_cuda
+def test_quantize_append_16_bit_storage_bf16_cuda():
+    # The interpreter rounds fp32 -> bf16 toward zero; torch and compiled Triton round to nearest even.
+    check_quantize(16, 24, 8, 5, torch.float32, "cuda", dtype16=torch.bfloat16)
+
+
+@interpreter
+@pytest.mark.parametrize("bits", [16, 4])
+def test_runtime_through_the_interpreted_kernels(bits):
+    """The whole runtime with the Triton kernels (interpreted): the model's own greedy tokens."""
+    from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+
+    from test_runtime import PLANS, prompt, reference_greedy, tiny_clla
+
+    for plan in PLANS.values():
+        model = tiny_clla(bits, **plan)
+        prompts = [prompt(9, seed=1), prompt(4, seed=2)]
+        out, _ = LatentRuntime(model, 2, 32).generate(prompts, SamplingOptions(max_new_tokens=8))
+        assert out == [reference_greedy(model, p, 8) for p in prompts]

@@ -1,0 +1,245 @@
+"""The runtime (LatentCache + absorbed decode) computes what CllaForCausalLM computes, at every bit width."""
+
+import pytest
+import torch
+
+from kvconvert.config import CllaConfig, kv_bytes_per_token
+from kvconvert.convert.identity import build_identity
+from kvconvert.errors import KvconvertError
+from kvconvert.model import CllaForCausalLM
+from kvconvert.runtime.cache import LatentCache
+from kvconvert.runtime.generate import LatentRuntime, SamplingOptions, sample
+
+from conftest import VOCAB, tiny_source
+
+
+def tiny_clla(bits: int, seed: int = 0, **overrides) -> CllaForCausalLM:
+    """A random compressed plan with every awkward feature: groups of 1 and 2 layers, nope + rope key dims, a rope
+    head per kv head, biases, a sliding-window layer inside a group."""
+    torch.manual_seed(seed)
+    kw = dict(
+        vocab_size=VOCAB,
+        num_hidden_layers=4,
+        layer_groups=[[0], [1, 2], [3]],
+        kv_latent_dim=48,
+        qk_nope_dim=8,
+        rope_dim=8,
+        rope_heads=2,
+        kv_bits=bits,
+        kv_quant_group=16,
+        rope_bits=bits,
+        qkv_bias=True,
+        o_bias=True,
+        initializer_range=0.1,
+        layer_windows=[None, 6, None, None],
+    ) | overrides
+    model = CllaForCausalLM(CllaConfig(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    return model
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids) :].tolist()
+
+
+@torch.no_grad()
+def teacher_forced(rt: LatentRuntime, ids: list[int], split: int) -> torch.Tensor:
+    """Logits (len(ids) - split + 1, V): prefill ids[:split], then decode the rest one token at a time."""
+    rt.reset()
+    steps = [rt.prefill(torch.tensor([ids[:split]], device=rt.device), [split])[0]]
+    for t in ids[split:]:
+        steps.append(rt.decode(torch.tensor([t], device=rt.device))[0])
+    return torch.stack(steps)
+
+
+# 16-bit streams are stored in fp16 (the 2 bytes the formula counts) while this model computes in fp32.
+LOGIT_TOL = {16: 2e-3, 8: 1e-4, 4: 1e-4}
+
+
+# A latent wider than the key dims keeps the up-projections apart; a narrow one folds W_uk into the query and
+# W_uv into the output projection (absorb_layer): both paths run at every bit width.
+PLANS = {"wide": dict(kv_latent_dim=48, qk_nope_dim=8), "folded": dict(kv_latent_dim=16, qk_nope_dim=16)}
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("rope_heads", [1, 2])
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_greedy_and_logits_equal_the_model(bits, rope_heads, plan):
+    model = tiny_clla(bits, rope_heads=rope_heads, **PLANS[plan])
+    rt = LatentRuntime(model, batch=1, capacity=64)
+    assert all((lay.w_uk is None and lay.w_uv_t is None) == (plan == "folded") for lay in rt.layers)
+    ids = prompt(11, seed=1)
+    ref = reference_greedy(model, ids, 20)
+    out, stats = rt.generate([ids], SamplingOptions(max_new_tokens=20))
+    assert out[0] == ref
+    assert stats.new_tokens == 20 and stats.prompt_tokens == 11
+    full = ids + ref
+    with torch.no_grad():
+        want = model(torch.tensor([full])).logits[0, 10:-1]
+    got = teacher_forced(rt, full[:-1], 11)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= LOGIT_TOL[bits], err
+
+
+def test_latent_without_rope_and_rope_without_nope():
+    for overrides in (dict(rope_dim=0, qk_nope_dim=16), dict(qk_nope_dim=0, rope_dim=16, rope_heads=4)):
+        model = tiny_clla(8, **overrides)
+        ids = prompt(9, seed=2)
+        out, _ = LatentRuntime(model, 1, 40).generate([ids], SamplingOptions(max_new_tokens=12))
+        assert out[0] == reference_greedy(model, ids, 12), overrides
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_ragged_batch_equals_one_by_one(bits):
+    model = tiny_clla(bits)
+    prompts = [prompt(n, seed=n) for n in (5, 13, 1)]
+    batched, _ = LatentRuntime(model, 3, 48).generate(prompts, SamplingOptions(max_new_tokens=10))
+    for p, got in zip(prompts, batched):
+        alone, _ = LatentRuntime(model, 1, 48).generate([p], SamplingOptions(max_new_tokens=10))
+        assert got == alone[0]
+
+
+def assert_same_greedy_until_a_tie(got: list[int], want: list[int], model, ids: list[int], tol: float):
+    """Greedy tokens agree, except that after a step where the reference's top two logits are within `tol` (a tie
+    that fp16 storage may break either way) the continuations may differ."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + want])).logits[0, len(ids) - 1 :]
+    for t, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            margin = (logits[t, b] - logits[t, a]).item()
+            assert margin <= tol * logits.abs().max().item(), (t, a, b, margin)
+            return
+    assert len(got) == len(want)
+
+
+def test_identity_runtime_equals_source_generate(arch):
+    """The source through an identity conversion: its greedy tokens, its logits (the cache stores fp16)."""
+    src = tiny_source(arch)
+    clla = build_identity(src, arch, "tiny")
+    ids = prompt(12, seed=3)  # > mistral's window of 7
+    want = src.generate(torch.tensor([ids]), max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None)
+    want = want[0, 12:].tolist()
+    rt = LatentRuntime(clla, 1, 32)
+    out, _ = rt.generate([ids], SamplingOptions(max_new_tokens=15))
+    assert_same_greedy_until_a_tie(out[0], want, src, ids, 2 * LOGIT_TOL[16])
+    with torch.no_grad():
+        ref = src(torch.tensor([ids + want])).logits[0, 11:-1]
+    got = teacher_forced(rt, (ids + want)[:-1], 12)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= LOGIT_TOL[16]
+
+
+def test_second_turn_continues_the_cache():
+    """A prompt appended after a finished turn sees the whole history: same as one prefill of everything."""
+    model = tiny_clla(4)
+    a, b = prompt(7, seed=4), prompt(5, seed=5)
+    rt = LatentRuntime(model, 1, 64)
+    first, _ = rt.generate([a], SamplingOptions(max_new_tokens=6))
+    # generate() leaves the last sampled token uncached: the next turn starts with it.
+    second, _ = rt.generate([first[0][-1:] + b], SamplingOptions(max_new_tokens=6))
+    history = a + first[0] + b
+    assert second[0] == reference_greedy(model, history, 6)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_cache_bytes_equal_the_formula(bits):
+    cfg = tiny_clla(bits, rope_bits=8 if bits == 4 else bits).config
+    cache = LatentCache(cfg, batch=3, capacity=17)
+    assert cache.bytes_per_token == kv_bytes_per_token(cfg)
+    assert cache.nbytes == kv_bytes_per_token(cfg) * 3 * 17
+
+
+def test_stop_tokens_end_a_row():
+    model = tiny_clla(8)
+    ids = prompt(6, seed=6)
+    ref = reference_greedy(model, ids, 10)
+    stop = ref[4]
+    out, _ = LatentRuntime(model, 1, 32).generate([ids], SamplingOptions(max_new_tokens=10, stop_token_ids=(stop,)))
+    assert out[0] == ref[: ref.index(stop)]
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    opts = SamplingOptions(temperature=1.0, top_k=3, seed=0)
+    draws = torch.stack([sample(logits, opts, torch.Generator().manual_seed(s)) for s in range(200)])
+    top3 = logits.topk(3, -1).indices
+    assert all(bool((top3[b] == draws[:, b, None]).any(-1).all()) for b in range(4))
+    assert len(set(draws[:, 0].tolist())) > 1  # it does sample
+    a = sample(logits, opts, torch.Generator().manual_seed(7))
+    assert torch.equal(a, sample(logits, opts, torch.Generator().manual_seed(7)))
+
+
+def test_top_p_keeps_the_smallest_prefix():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    opts = SamplingOptions(temperature=1.0, top_p=0.7)
+    draws = {sample(logits, opts, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert draws == {0, 1}
+
+
+def test_context_overflow_is_a_clear_error():
+    model = tiny_clla(8)
+    rt = LatentRuntime(model, 1, 16)
+    with pytest.raises(KvconvertError, match="context full"):
+        rt.generate([prompt(10, seed=7)], SamplingOptions(max_new_tokens=10))
+    with pytest.raises(KvconvertError, match="max_position_embeddings"):
+        LatentRuntime(model, 1, model.config.max_position_embeddings + 1)
+
+
+def test_out_of_memory_is_a_clear_error(monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "zeros", oom)
+    with pytest.raises(KvconvertError, match="out of memory allocating the KV cache"):
+        LatentCache(tiny_clla(4).config, batch=8, capacity=1024)
+
+
+def test_chunked_prefill_equals_one_prefill():
+    model = tiny_clla(4)
+    prompts = [prompt(n, seed=10 + n) for n in (23, 9, 17)]
+    T = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+    one = LatentRuntime(model, 3, 40)
+    chunked = LatentRuntime(model, 3, 40)
+    want = one.prefill(ids, [len(p) for p in prompts])
+    got = chunked.prefill_chunked(ids, [len(p) for p in prompts], chunk=5)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert chunked.lengths == one.lengths == [23, 9, 17]
+    nxt = torch.tensor([1, 2, 3])
+    assert torch.allclose(chunked.decode(nxt), one.decode(nxt), rtol=1e-5, atol=1e-5)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_cuda_graph_decode_equals_eager(bits):
+    """The captured decode step replays exactly what the eager step computes (same kernels, same inputs)."""
+    model = tiny_clla(bits).cuda()
+    prompts = [prompt(n, seed=20 + n) for n in (7, 12)]
+    eager, _ = LatentRuntime(model, 2, 64, cuda_graphs=False).generate(prompts, SamplingOptions(max_new_tokens=16))
+    graphed, _ = LatentRuntime(model, 2, 64, cuda_graphs=True).generate(prompts, SamplingOptions(max_new_tokens=16))
+    assert graphed == eager
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_runtime_matches_the_cpu_model(bits):
+    """Triton kernels on CUDA (fp32 model, graphs on): the model's own teacher-forced logits, within tolerance."""
+    model = tiny_clla(bits)
+    ids = prompt(40, seed=8)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0, 19:-1]
+    rt = LatentRuntime(model.cuda(), 1, 64, cuda_graphs=True)
+    got = teacher_forced(rt, ids[:-1], 20).cpu()
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-3
