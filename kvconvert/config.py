@@ -153,6 +153,8 @@ class CllaConfig(PretrainedConfig):
             raise ValueError("num_key_value_heads must divide num_attention_heads")
         if self.rope_bits not in SUPPORTED_KV_BITS:
             raise ValueError(f"rope_bits must be one of {SUPPORTED_KV_BITS}, got {self.rope_bits}")
+        if self.rope_bits == 4 and self.rope_dim and math.gcd(self.rope_dim, self.kv_quant_group) % 2:
+            raise ValueError("rope_bits 4 needs an even rope quant group (gcd of rope_dim and kv_quant_group)")
         heads = self.rope_freq_index
         if self.rope_dim and (
             len(heads) != len(self.layer_groups)

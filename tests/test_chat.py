@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from kvconvert.cli import app
 from kvconvert.config import kv_bytes_per_token
 from kvconvert.loading import load_clla
-from kvconvert.runtime.chat import ChatSession
+from kvconvert.runtime.chat import ChatSession, common_prefix
 from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
 
 from conftest import save_source
@@ -77,8 +77,13 @@ def test_second_turn_reuses_the_cache(converted):
     opts = SamplingOptions(max_new_tokens=6, stop_token_ids=(loaded.tokenizer.eos_token_id,))
     s = ChatSession(LatentRuntime(loaded.model, 1, 256), loaded.tokenizer)
     first, _ = s.reply("abc", opts)
+    cached_before = list(s.cached)
     second, stats = s.reply("def", opts)
-    assert stats.prompt_tokens < len(s.cached)  # only the new turn was prefilled
+    rendered = s.tok.apply_chat_template(s.messages[:-1], add_generation_prompt=True)
+    rendered = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    keep = common_prefix(cached_before, rendered, len(rendered))
+    assert keep > len(cached_before) // 2  # at least turn one's prompt stays cached
+    assert stats.prompt_tokens == len(rendered) - keep  # only what the cache lacked was prefilled
     fresh = ChatSession(LatentRuntime(loaded.model, 1, 256), loaded.tokenizer)
     fresh.messages = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": first}]
     assert fresh.reply("def", opts)[0] == second

@@ -36,7 +36,7 @@ def _load_even_odd(
     idx_odd = 2 * offs_k + 1
     mask_even = mask_t[:, None] & (idx_even < W)[None, :]
     mask_odd = mask_t[:, None] & (idx_odd < W)[None, :]
-    row = offs_t[:, None] * stride_data_s
+    row = offs_t[:, None].to(tl.int64) * stride_data_s  # int64: a cache can exceed 2^31 bytes
     if BITS == 4:
         # byte k holds value 2k in its low nibble and 2k+1 in its high nibble (W is even at 4 bits)
         packed = tl.load(DATA + row + offs_k[None, :] * stride_data_w, mask=mask_even, other=0)
@@ -47,7 +47,7 @@ def _load_even_odd(
         c_odd = tl.load(DATA + row + idx_odd[None, :] * stride_data_w, mask=mask_odd, other=0).to(tl.float32)
     if BITS < 16:
         # value = code * scale + zero, (scale, zero) fp16 of quant group v // GROUP
-        srow = SCALES + offs_t[:, None] * stride_scales_s
+        srow = SCALES + offs_t[:, None].to(tl.int64) * stride_scales_s
         g_even = (idx_even // GROUP)[None, :] * stride_scales_g
         scale_even = tl.load(srow + g_even, mask=mask_even, other=0).to(tl.float32)
         zero_even = tl.load(srow + g_even + stride_scales_k, mask=mask_even, other=0).to(tl.float32)

@@ -55,7 +55,9 @@ class LatentCache:
                 )
                 self._streams[name] = (data, scales, bits, group, width)
             self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # CPU allocation failures are RuntimeErrors
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e).lower():
+                raise
             self._streams.clear()
             need = kv_bytes_per_token(config) * batch * capacity
             raise KvconvertError(

@@ -1,8 +1,7 @@
 """A chat session over the runtime: the model's chat template, a cache that keeps the conversation, streaming.
 
-Each turn renders the whole conversation with the chat template and prefills only what the cache does not hold
-yet (the rendered text of earlier turns is a prefix of the new rendering for every common template; when it is not,
-the cache is rebuilt from the start). Without a chat template the session is plain continuation of the text.
+Each turn renders the whole conversation with the chat template, keeps the longest prefix the cache already holds
+and prefills only the rest. Without a chat template the session is plain continuation of the text.
 """
 
 from __future__ import annotations
@@ -25,6 +24,15 @@ def stop_tokens(generation_config, tokenizer) -> tuple[int, ...]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return tuple(dict.fromkeys(ids))
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a[:limit], b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass
@@ -60,7 +68,7 @@ class ChatSession:
         if self.templated:
             ids = self.tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return self.tok.encode(self.text, add_special_tokens=not self.cached)
+        return self.tok.encode(self.text)  # the whole text every turn, with the tokenizer's BOS as turn one had it
 
     def reply(
         self, user_text: str, opts: SamplingOptions, on_text: Callable[[str], None] | None = None
@@ -71,18 +79,22 @@ class ChatSession:
         else:
             self.text += user_text
         ids = self._render()
-        if ids[: len(self.cached)] != self.cached or len(ids) == len(self.cached):
-            self.rt.reset()  # the template rewrote history: rebuild the cache from the whole conversation
-            self.cached = []
-        new = ids[len(self.cached) :]
-        if len(self.cached) + len(new) >= self.rt.cache.capacity:
+        if len(ids) >= self.rt.cache.capacity:
             if self.templated:
                 self.messages.pop()
+            else:
+                self.text = self.text[: -len(user_text)]
             raise KvconvertError(
                 f"context full: the conversation needs {len(ids):,} tokens of a {self.rt.cache.capacity:,}-token "
                 "cache (/reset, or a larger --context)"
             )
-        room = self.rt.cache.capacity - len(self.cached) - len(new) + 1
+        # Keep the longest common prefix of the cache and the new rendering (a reply re-tokenized from its text, or
+        # a template that rewrites history, may differ from what was cached), recompute the rest.
+        keep = common_prefix(self.cached, ids, limit=len(ids) - 1)  # at least one token to prefill, for its logits
+        self.rt.truncate(keep)
+        self.cached = self.cached[:keep]
+        new = ids[keep:]
+        room = self.rt.cache.capacity - len(ids) + 1
         opts = SamplingOptions(**{**opts.__dict__, "max_new_tokens": min(opts.max_new_tokens, room)})
         out: list[int] = []
         shown = ""
@@ -90,13 +102,13 @@ class ChatSession:
         def stream(_row: int, token: int) -> None:
             nonlocal shown
             out.append(token)
-            text = self.tok.decode(out, skip_special_tokens=True)
+            text = self.tok.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             if on_text is not None and not text.endswith("\ufffd"):  # wait for the rest of a UTF-8 character
                 on_text(text[len(shown) :])
                 shown = text
 
         outputs, stats = self.rt.generate([new], opts, on_token=stream)
-        reply = self.tok.decode(outputs[0], skip_special_tokens=True)
+        reply = self.tok.decode(outputs[0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if on_text is not None and len(reply) > len(shown):
             on_text(reply[len(shown) :])
         self.cached = (self.cached + new + outputs[0])[: self.rt.lengths[0]]

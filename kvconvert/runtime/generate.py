@@ -76,9 +76,12 @@ class GenerationStats:
     decode_s: float = 0.0
     steps: int = 0
 
+    batch: int = 1
+
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s else 0.0
+        """Tokens per second of the decode steps (the first new token of each row comes from the prefill)."""
+        return self.steps * self.batch / self.decode_s if self.decode_s else 0.0
 
 
 @dataclass
@@ -105,42 +108,34 @@ class AbsorbedLayer:
 
 def absorb_layer(attn, cfg, window: int | None) -> AbsorbedLayer:
     """Fold the up-projections of one CllaAttention into its query and output projections where that saves bytes
-    (the folds are exact up to float rounding: computed in fp32, stored in the model's dtype)."""
+    (exact up to float rounding: folded in fp32, stored in the model's dtype). What is not folded stays a view of
+    the model's own weights: the runtime holds no second copy of them."""
     H, K, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
     Dn, Dr, Dv, R = cfg.qk_nope_dim, cfg.rope_dim, cfg.head_dim, cfg.kv_latent_dim
     G = H // K
     dtype = attn.q_proj.weight.dtype
-    wq = attn.q_proj.weight.float().view(H, Dn + Dr, hidden)
-    bq = attn.q_proj.bias.float().view(H, Dn + Dr) if attn.q_proj.bias is not None else None
-    w_uk = attn.k_up.weight.float().view(K, Dn, R) if Dn else None
-    fold_q = Dn > 0 and H * R * hidden <= H * Dn * hidden + K * Dn * R
-    if fold_q:
-        uk = w_uk.repeat_interleave(G, 0)  # (H, Dn, R): query head h reads kv head h // G
-        wq = torch.cat((torch.einsum("hdr,hdi->hri", uk, wq[:, :Dn]), wq[:, Dn:]), 1)
-        if bq is not None:
-            bq = torch.cat((torch.einsum("hdr,hd->hr", uk, bq[:, :Dn]), bq[:, Dn:]), 1)
-    w_uv = attn.v_up.weight.float().view(K, Dv, R)
-    b_uv = attn.v_up.bias.float().view(K, 1, Dv).expand(K, G, Dv).reshape(H * Dv) if attn.v_up.bias is not None else None
-    fold_o = H * R * hidden <= H * Dv * hidden + K * Dv * R
-    o_weight = o_bias = None
-    if fold_o:
-        wo = attn.o_proj.weight.float().view(hidden, H, Dv)
-        o_weight = torch.einsum("ihd,hdr->ihr", wo, w_uv.repeat_interleave(G, 0)).reshape(hidden, H * R)
+    cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
+    q_weight, q_bias, q_width = attn.q_proj.weight, attn.q_proj.bias, Dn
+    w_uk = attn.k_up.weight.view(K, Dn, R) if Dn else None
+    if Dn > 0 and H * R * hidden <= H * Dn * hidden + K * Dn * R:
+        uk = w_uk.float().repeat_interleave(G, 0)  # (H, Dn, R): query head h reads kv head h // G
+        wq = attn.q_proj.weight.float().view(H, Dn + Dr, hidden)
+        q_weight = cast(torch.cat((torch.einsum("hdr,hdi->hri", uk, wq[:, :Dn]), wq[:, Dn:]), 1).reshape(-1, hidden))
+        if q_bias is not None:
+            bq = q_bias.float().view(H, Dn + Dr)
+            q_bias = cast(torch.cat((torch.einsum("hdr,hd->hr", uk, bq[:, :Dn]), bq[:, Dn:]), 1).reshape(-1))
+        q_width, w_uk = R, None
+    w_uv = attn.v_up.weight.view(K, Dv, R)
+    b_uv = attn.v_up.bias.view(K, 1, Dv).expand(K, G, Dv).reshape(H * Dv) if attn.v_up.bias is not None else None
+    if H * R * hidden <= H * Dv * hidden + K * Dv * R:
+        wo = attn.o_proj.weight.float()
+        o_weight = torch.einsum("ihd,hdr->ihr", wo.view(hidden, H, Dv), w_uv.float().repeat_interleave(G, 0))
         o_bias = attn.o_proj.bias.float() if attn.o_proj.bias is not None else None
         if b_uv is not None:  # the value bias passes through attention unchanged, then through W_o
-            o_bias = (0 if o_bias is None else o_bias) + attn.o_proj.weight.float() @ b_uv
-    cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
-    return AbsorbedLayer(
-        q_weight=cast(wq.reshape(-1, hidden)),
-        q_bias=cast(bq.reshape(-1) if bq is not None else None),
-        q_width=R if fold_q else Dn,
-        w_uk=None if fold_q or not Dn else cast(w_uk),
-        o_weight=cast(o_weight),
-        o_bias=cast(o_bias),
-        w_uv_t=None if fold_o else cast(w_uv.transpose(1, 2)),
-        b_uv=None if fold_o else cast(b_uv),
-        window=window,
-    )
+            o_bias = (0 if o_bias is None else o_bias) + wo @ b_uv.float()
+        return AbsorbedLayer(q_weight, q_bias, q_width, w_uk, cast(o_weight.reshape(hidden, H * R)), cast(o_bias),
+                             None, None, window)
+    return AbsorbedLayer(q_weight, q_bias, q_width, w_uk, None, None, w_uv.transpose(1, 2), b_uv, window)
 
 
 class LatentRuntime:
@@ -186,10 +181,29 @@ class LatentRuntime:
         self.use_graphs = use_graphs
         self._graph = None
 
+    def extra_weight_bytes(self) -> int:
+        """Bytes of the folded weights the runtime holds beside the model's own (views of the model excluded)."""
+        own = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen: set[int] = set()
+        total = 0
+        for lay in self.layers:
+            for t in (lay.q_weight, lay.q_bias, lay.w_uk, lay.o_weight, lay.o_bias, lay.w_uv_t, lay.b_uv):
+                if t is not None and (ptr := t.untyped_storage().data_ptr()) not in own | seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes()
+        return total
+
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         self.cache.reset()
         self.lengths = [0] * self.cache.batch
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` cached positions of every row (what is past them is never read again)."""
+        if length > min(self.lengths):
+            raise ValueError(f"cannot truncate to {length}: a row holds only {min(self.lengths)} tokens")
+        self.cache.seq_lens.fill_(length)
+        self.lengths = [length] * self.cache.batch
 
     def _check_room(self, new: list[int]) -> None:
         for b, n in enumerate(new):
@@ -267,7 +281,11 @@ class LatentRuntime:
         key = torch.arange(S, device=self.device)[None, None, :]
         qpos = positions[:, :, None]
         masks = {}
+        fresh = all(n == 0 for n in self.lengths)  # right-padded rows from position 0: plain causal attention
         for w in set(cfg.layer_windows):
+            if fresh and (w is None or w >= T):
+                masks[w] = None
+                continue
             allowed = key <= qpos
             if w is not None:
                 allowed &= qpos - key < w
@@ -374,7 +392,9 @@ class LatentRuntime:
     ) -> tuple[list[list[int]], GenerationStats]:
         """Continue each row's cached context with its prompt, then sample until a stop token or max_new_tokens.
 
-        Returns the new tokens per row (stop tokens excluded) and timings. `on_token(row, token)` streams them."""
+        Returns the new tokens per row (stop tokens excluded) and timings. `on_token(row, token)` streams them.
+        A row that has stopped keeps stepping with the others until all have (its later tokens are discarded but
+        enter its cache): start a new batch from `reset()`; only batch-1 sessions (chat) continue a cache."""
         opts.check()
         B = self.cache.batch
         if len(prompts) != B:
@@ -390,7 +410,7 @@ class LatentRuntime:
         if opts.temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
-        stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+        stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         logits = self.prefill_chunked(ids, [len(p) for p in prompts])

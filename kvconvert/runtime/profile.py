@@ -157,18 +157,21 @@ def measure_converted_memory(model, context: int, batch: int) -> dict:
     fill_cache_for_timing(rt, context - 1)
     if on_cuda:
         torch.cuda.synchronize()
-        result["device_bytes_after_allocation"] = torch.cuda.memory_allocated() - base
+        result["device_bytes_after_allocation"] = torch.cuda.memory_allocated() - base - rt.extra_weight_bytes()
         torch.cuda.reset_peak_memory_stats()
     rt.decode(torch.zeros(batch, dtype=torch.long, device=device))
     if on_cuda:
         torch.cuda.synchronize()
-        result["peak_bytes_during_decode"] = torch.cuda.max_memory_allocated() - base
+        # the folded projections the runtime built (a few MiB) are weights, not cache or activations
+        result["peak_bytes_during_decode"] = torch.cuda.max_memory_allocated() - base - rt.extra_weight_bytes()
+    result["runtime_weight_bytes"] = rt.extra_weight_bytes()
     del rt
     return result
 
 
 def measure_source_memory(model, context: int, batch: int) -> dict:
-    """transformers' StaticCache for batch × context on the source model, and one decode step at full length."""
+    """transformers' StaticCache for batch × context on the source model, and one decode step (the static cache
+    is allocated in full and every step attends over all of it, so the position does not change the figures)."""
     import torch
     from transformers import StaticCache
 
@@ -205,7 +208,7 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
     if prefill:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
-        rt.prefill_chunked(ids[:, : min(context, 16)], [min(context, 16)] * batch)  # warm-up
+        rt.prefill_chunked(ids, [context] * batch)  # warm-up with the timed shapes (kernel specialisation, autotuning)
         rt.reset()
         cuda_sync(device)
         t0 = time.perf_counter()
@@ -215,7 +218,10 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
     else:
         fill_cache_for_timing(rt, context)
     dt = time_decode(rt, steps)
-    per_step = weight_bytes_read_per_step(model) + batch * context * rt.cache.bytes_per_token
+    # Every layer reads its group's streams: a group of G layers reads its cache G times per step.
+    cfg = model.config
+    per_group = rt.cache.bytes_per_token // cfg.num_layer_groups
+    per_step = weight_bytes_read_per_step(model) + batch * context * per_group * cfg.num_hidden_layers
     return result | {
         "decode_step_ms": dt * 1e3,
         "decode_tokens_per_s": batch / dt,
@@ -234,7 +240,10 @@ def time_source(model, batch: int, context: int, steps: int, seed: int = 0) -> d
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
-    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0, attention_mask=torch.ones_like(ids))
+    # disable_compile: on CUDA a static cache would otherwise make transformers torch.compile the step (and
+    # recompile for every new cache length, inside the timed region); this compares eager with eager + graphs.
+    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0, attention_mask=torch.ones_like(ids),
+              disable_compile=True)
 
     def run(n: int) -> float:
         cuda_sync(device)
@@ -244,7 +253,7 @@ def time_source(model, batch: int, context: int, steps: int, seed: int = 0) -> d
         cuda_sync(device)
         return time.perf_counter() - t0
 
-    run(2)  # warm-up
+    run(1 + steps)  # warm-up with the timed shapes
     t1 = run(1)
     dt = max(run(1 + steps) - t1, 1e-9) / steps
     cfg = model.config
