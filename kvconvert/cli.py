@@ -369,13 +369,18 @@ def eval_cmd(
     passkey: Annotated[Optional[str], typer.Option(help="Passkey-retrieval prompt lengths in tokens, e.g. 1024,4096.")] = None,
     passkey_trials: Annotated[int, typer.Option(help="Prompts per passkey length (key depths spread evenly).")] = 5,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    kv_policy: KvPolicyOpt = None,
+    kv_budget: KvBudgetOpt = 0.05,
+    score_last: Annotated[int, typer.Option(help="With --kv-policy: tokens scored at the end of each window (the rest is the context the policy compresses).", rich_help_panel=POLICY)] = 1024,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ):
     """Perplexity on --text (protocol: no BOS, non-overlapping windows, window-1 predictions each), agreement with
-    --reference, and passkey retrieval accuracy."""
-    from .evaluate import passkey_accuracy, read_text, score_windows, text_windows
+    --reference, and passkey retrieval accuracy. With --kv-policy, the model runs in the latent-cache runtime under
+    that cache policy (full = no policy), perplexity scores the last --score-last tokens of each window."""
+    from .evaluate import passkey_accuracy, read_text, runtime_generator, score_windows, score_windows_with_policy, text_windows
     from .loading import load_any
+    from .runtime.policies import make_policy
 
     if text is None and passkey is None:
         raise KvconvertError("nothing to evaluate: give --text FILE and/or --passkey LENGTHS")
@@ -385,9 +390,18 @@ def eval_cmd(
         raise KvconvertError("--batch-size must be at least 1")
     lengths = parse_lengths(passkey) if passkey else []
     raw = read_text(text) if text is not None else None
+    if kv_policy is not None:
+        make_policy(kv_policy, kv_budget)  # refuse bad options before loading anything
+        if reference is not None:
+            raise KvconvertError("--reference is not combined with --kv-policy (compare two eval runs instead)")
     set_threads(threads)
     log(f"loading {model_path}")
-    loaded = load_any(model_path)
+    if kv_policy is not None:
+        from .loading import load_for_runtime
+
+        loaded = load_for_runtime(model_path)
+    else:
+        loaded = load_any(model_path)
     if loaded.tokenizer is None:
         raise KvconvertError(f"{model_path}: no tokenizer files; evaluation needs one")
     ref = None
@@ -397,18 +411,26 @@ def eval_cmd(
         if ref.config.vocab_size != loaded.model.config.vocab_size:
             raise KvconvertError("--reference has a different vocabulary; it must share the model's tokenizer")
     result: dict = {"model": model_path, "reference": reference}
+    factory = (lambda: make_policy(kv_policy, kv_budget)) if kv_policy is not None else None
+    if kv_policy is not None:
+        result["kv_policy"] = {"policy": kv_policy, "budget": kv_budget}
     if raw is not None:
         windows = text_windows(loaded.tokenizer, raw, window, max_tokens)
         with progress_bar() as bar:
             task = bar.add_task("perplexity", total=windows.shape[0])
-            result["text"] = {"file": str(text)} | score_windows(
-                loaded.model, windows, ref, batch_size, lambda d, n: bar.update(task, completed=d)
-            )
+            report = lambda d, n: bar.update(task, completed=d)  # noqa: E731
+            if factory is not None:
+                scores = score_windows_with_policy(loaded.model, windows, factory, score_last, progress=report)
+            else:
+                scores = score_windows(loaded.model, windows, ref, batch_size, report)
+            result["text"] = {"file": str(text)} | scores
     if lengths:
+        gen = runtime_generator(loaded.model, factory) if factory is not None else None
         with progress_bar() as bar:
             task = bar.add_task("passkey", total=len(lengths) * passkey_trials)
             result["passkey"] = passkey_accuracy(
-                loaded.model, loaded.tokenizer, lengths, passkey_trials, progress=lambda d, n: bar.update(task, completed=d)
+                loaded.model, loaded.tokenizer, lengths, passkey_trials, progress=lambda d, n: bar.update(task, completed=d),
+                generate=gen,
             )
     if as_json:
         print_json(result)
@@ -437,6 +459,11 @@ GraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help=
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).", rich_help_panel=RUNTIME)]
 
 
+POLICY = "Cache policy"
+KvPolicyOpt = Annotated[Optional[str], typer.Option(help="Token-budget cache policy: zsmerge (heavy hitters + recent + merged residual slots), h2o, streaming (sinks + recent), or full (the runtime without a policy).", rich_help_panel=POLICY)]
+KvBudgetOpt = Annotated[float, typer.Option(help="Tokens each layer group keeps per sequence: a share of the context (< 1) or a count (>= 1).", rich_help_panel=POLICY)]
+
+
 def load_runtime_model(model_path: str, device: str, dtype: str):
     """MODEL on the device, identity-converted in memory when it is a source."""
     from .loading import load_for_runtime
@@ -448,8 +475,10 @@ def load_runtime_model(model_path: str, device: str, dtype: str):
     return load_for_runtime(model_path, dt, dev)
 
 
-def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: int | None, cuda_graphs: bool):
-    """Load MODEL and allocate its cache; returns (loaded, runtime)."""
+def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: int | None, cuda_graphs: bool,
+                 policy=None):
+    """Load MODEL and allocate its cache (with a policy: its budget of the context plus one prefill chunk);
+    returns (loaded, runtime)."""
     from .runtime.generate import LatentRuntime
 
     loaded = load_runtime_model(model_path, device, dtype)
@@ -458,9 +487,17 @@ def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: 
     capacity = context or min(cfg.max_position_embeddings, 4096)
     if capacity < 2:
         raise KvconvertError("--context must be at least 2")
-    rt = LatentRuntime(loaded.model, batch, capacity, cuda_graphs=cuda_graphs and dev == "cuda")
+    if policy is not None:
+        try:
+            slots = policy.slots(capacity)
+        except ValueError as e:
+            raise KvconvertError(str(e)) from None
+        rt = LatentRuntime(loaded.model, batch, slots + 256, cuda_graphs=False, policy=policy, context=capacity)
+    else:
+        rt = LatentRuntime(loaded.model, batch, capacity, cuda_graphs=cuda_graphs and dev == "cuda")
     kind = "converted" if loaded.is_clla else "source through an identity conversion"
-    log(f"{kind}; KV cache {capacity:,} tokens × {rt.cache.bytes_per_token:,} B = {rt.cache.nbytes / 2**20:,.2f} MiB")
+    what = f", {policy.name} keeping {policy.n_slots:,} of {capacity:,} tokens" if policy is not None else ""
+    log(f"{kind}{what}; KV cache {rt.cache.capacity:,} slots × {rt.cache.bytes_per_token:,} B = {rt.cache.nbytes / 2**20:,.2f} MiB")
     return loaded, rt
 
 
@@ -479,6 +516,8 @@ def chat(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     cuda_graphs: GraphsOpt = True,
+    kv_policy: KvPolicyOpt = None,
+    kv_budget: KvBudgetOpt = 0.05,
     threads: ThreadsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --prompt: print the reply and its statistics as JSON.")] = False,
 ):
@@ -489,10 +528,13 @@ def chat(
 
     if as_json and prompt is None:
         raise KvconvertError("--json needs --prompt (one scripted turn)")
+    from .runtime.policies import make_policy
+
     opts = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed)
     opts.check()
+    policy = make_policy(kv_policy, kv_budget) if kv_policy is not None else None
     set_threads(threads)
-    loaded, rt = open_runtime(model_path, device, dtype, 1, context, cuda_graphs)
+    loaded, rt = open_runtime(model_path, device, dtype, 1, context, cuda_graphs, policy)
     opts.stop_token_ids = stop_tokens(loaded.generation_config, loaded.tokenizer)
     session = ChatSession(rt, loaded.tokenizer, system)
     if not session.templated:
@@ -538,6 +580,7 @@ def chat_stats_table(rt, last) -> Table:
     t.add_column("")
     t.add_column("value", justify="right")
     t.add_row("tokens in the cache", f"{rt.lengths[0]:,} of {rt.cache.capacity:,}")
+    t.add_row("conversation tokens", f"{rt.seen[0]:,} of {rt.context:,}")
     t.add_row("KV bytes in use", f"{rt.lengths[0] * rt.cache.bytes_per_token:,} ({rt.cache.bytes_per_token:,} B / token)")
     t.add_row("KV bytes allocated", f"{rt.cache.nbytes:,}")
     if last is not None:

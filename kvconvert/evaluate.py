@@ -118,10 +118,61 @@ def passkey_prompt(tokenizer, length: int, key: int, depth: float) -> list[int]:
 
 
 @torch.no_grad()
+def score_windows_with_policy(
+    model, windows: torch.Tensor, policy_factory, score_last: int, chunk: int = 256, progress: Progress | None = None
+) -> dict:
+    """Perplexity of the last `score_last` tokens of each (N, W) window, run through the latent-cache runtime with
+    a cache policy (`policy_factory()` -> a fresh policy, or None for the full cache): the first W - score_last
+    tokens are prefilled (compressed to the budget after every `chunk` tokens), then the scored tokens go through in
+    chunks of `chunk` the same way; the budget holds throughout. Budget shares are of the window length W."""
+    from .runtime.generate import LatentRuntime
+
+    N, W = windows.shape
+    if not 0 < score_last < W:
+        raise KvconvertError(f"--score-last must be in [1, {W - 1}] for {W}-token windows, got {score_last}")
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    for n in range(N):
+        policy = policy_factory()
+        capacity = W if policy is None else policy.slots(W) + chunk
+        rt = LatentRuntime(model, 1, capacity, cuda_graphs=False, policy=policy, context=W)
+        ids = windows[n : n + 1].to(device)
+        ctx = W - score_last
+        logits = [rt.prefill_chunked(ids[:, :ctx], [ctx], chunk=chunk if policy is not None else None)[:, None]]
+        for lo in range(ctx, W - 1, chunk):
+            part = ids[:, lo : min(lo + chunk, W - 1)]
+            logits.append(rt.prefill(part, [part.shape[1]], all_logits=True))
+        logp = F.log_softmax(torch.cat(logits, 1).float(), -1)  # predicts tokens ctx .. W-1
+        target = ids[:, ctx:]
+        nll_sum += -logp.gather(-1, target[..., None]).sum().item()
+        count += target.numel()
+        if progress:
+            progress(n + 1, N)
+    return {"windows": N, "window": W, "scored_per_window": score_last, "predictions": count,
+            "nll": nll_sum / count, "perplexity": math.exp(nll_sum / count)}
+
+
+def runtime_generator(model, policy_factory, max_new_tokens: int = 8):
+    """A greedy `generate(ids) -> new ids` through the latent-cache runtime with a cache policy (see above)."""
+    from .runtime.generate import LatentRuntime, SamplingOptions
+
+    def generate(ids: list[int]) -> list[int]:
+        policy = policy_factory()
+        context = len(ids) + max_new_tokens
+        capacity = context if policy is None else policy.slots(context) + 256
+        rt = LatentRuntime(model, 1, capacity, cuda_graphs=False, policy=policy, context=context)
+        return rt.generate([ids], SamplingOptions(max_new_tokens=max_new_tokens))[0][0]
+
+    return generate
+
+
+@torch.no_grad()
 def passkey_accuracy(
-    model, tokenizer, lengths: list[int], trials: int = 5, seed: int = 0, progress: Progress | None = None
+    model, tokenizer, lengths: list[int], trials: int = 5, seed: int = 0, progress: Progress | None = None,
+    generate=None,
 ) -> list[dict]:
-    """Greedy-decode the answer to each prompt; a trial passes when the first number generated is the key."""
+    """Greedy-decode the answer to each prompt; a trial passes when the first number generated is the key.
+    `generate(ids) -> new ids` replaces the model's own generate (e.g. `runtime_generator` with a cache policy)."""
     device = next(model.parameters()).device
     rng = random.Random(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -133,9 +184,13 @@ def passkey_accuracy(
             depth = (t + 0.5) / trials
             ids = passkey_prompt(tokenizer, length, key, depth)
             n_tokens = len(ids)
-            inp = torch.tensor([ids], device=device)
-            out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=8, do_sample=False, pad_token_id=pad)
-            answer = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+            if generate is not None:
+                new = generate(ids)
+            else:
+                inp = torch.tensor([ids], device=device)
+                out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=8, do_sample=False, pad_token_id=pad)
+                new = out[0, len(ids) :]
+            answer = tokenizer.decode(new, skip_special_tokens=True)
             found = re.search(r"\d+", answer)
             hits += int(found is not None and found.group() == str(key))
             done += 1

@@ -20,6 +20,7 @@ import importlib
 import os
 import subprocess
 import sys
+import json
 import zlib
 from pathlib import Path
 
@@ -215,6 +216,30 @@ def test_latent_decode_small_tiles(case):
     check_decode(case, torch.float32, "cpu", block_t=16)
 
 
+def check_log_weights(name: str, device) -> None:
+    """Per-slot log-weights (a cache policy's merged slots) enter every head's scores like the reference's."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, splits = build_decode_case(CASE[name], gen)
+    B, S = latent.data.shape[:2]
+    log_w = torch.log(torch.randint(1, 9, (B, S), generator=gen).float())
+
+    def dev(t):
+        return None if t is None else t.to(device)
+
+    args = (dev(q_lat), dev(q_rope), to_device(latent, device), to_device(rope, device), seq_lens.to(device), scale, window, splits)
+    out = decode_module()._latent_decode(*args, log_weights=log_w.to(device)).cpu()
+    ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window, log_weights=log_w)
+    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-6
+    plain = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window)
+    assert (ref - plain).abs().max().item() > 1e-2 * ref.abs().max().item()  # the weights do change the output
+
+
+@interpreter
+@pytest.mark.parametrize("name", ["h9-t129-b4", "h3-t1000-b4", "h9-t1000-b8-w5"])
+def test_latent_decode_log_weights(name):
+    check_log_weights(name, "cpu")
+
+
 @interpreter
 def test_latent_decode_default_splits_and_public_signature():
     gen = torch.Generator().manual_seed(5)
@@ -385,6 +410,13 @@ def test_latent_decode_cuda(case, dtype):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("name", ["h9-t129-b4", "h3-t1000-b4"])
+def test_latent_decode_log_weights_cuda(name):
+    check_log_weights(name, "cuda")
+
+
+@gpu
+@needs_cuda
 def test_latent_decode_cuda_graph():
     """Captured once, replayed after the lengths change in place: the grid never depends on seq_lens."""
     gen = torch.Generator().manual_seed(7)
@@ -451,3 +483,31 @@ def test_runtime_through_the_interpreted_kernels(bits):
         prompts = [prompt(9, seed=1), prompt(4, seed=2)]
         out, _ = LatentRuntime(model, 2, 32).generate(prompts, SamplingOptions(max_new_tokens=8))
         assert out == [reference_greedy(model, p, 8) for p in prompts]
+
+
+@interpreter
+def test_policy_runtime_through_the_interpreted_kernels():
+    """ZSMerge's merged slots reach the Triton kernel as log-weights: the same tokens as the reference path."""
+    import subprocess as sp
+
+    from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+    from kvconvert.runtime.policies import make_policy
+
+    from test_runtime import prompt, tiny_clla
+
+    model = tiny_clla(4)
+    ids = prompt(30, seed=4)
+    rt = LatentRuntime(model, 1, 40, policy=make_policy("zsmerge", 12), context=64)
+    out, _ = rt.generate([ids], SamplingOptions(max_new_tokens=10))
+    code = (
+        "import torch, json, sys; sys.path.insert(0, 'tests');"
+        "from test_runtime import prompt, tiny_clla;"
+        "from kvconvert.runtime.generate import LatentRuntime, SamplingOptions;"
+        "from kvconvert.runtime.policies import make_policy;"
+        "rt = LatentRuntime(tiny_clla(4), 1, 40, policy=make_policy('zsmerge', 12), context=64);"
+        "print(json.dumps(rt.generate([prompt(30, seed=4)], SamplingOptions(max_new_tokens=10))[0][0]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ref = sp.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out[0] == json.loads(ref.stdout.strip().splitlines()[-1])
+    assert float(rt.policy.states[0].weight[0, :12].sum()) == 39.0  # merges happened: 30 + 9 decoded tokens

@@ -7,9 +7,16 @@ import os
 
 import torch
 
-from .reference import Stream, dequantize_stream, latent_decode_ref, quantize_append_ref
+from .reference import Stream, dequantize_stream, latent_attention_weights_ref, latent_decode_ref, quantize_append_ref
 
-__all__ = ["Stream", "decode_streams", "dequantize_stream", "latent_decode", "quantize_append", "uses_triton"]
+__all__ = [
+    "Stream", "decode_streams", "dequantize_stream", "latent_attention_weights", "latent_decode", "quantize_append",
+    "uses_triton",
+]
+
+# The attention each slot receives (for score-based cache policies) has only the PyTorch version on every device:
+# a fused kernel would emit it from the decode kernel's second pass (not written yet).
+latent_attention_weights = latent_attention_weights_ref
 
 
 def uses_triton(t: torch.Tensor) -> bool:
@@ -25,13 +32,14 @@ def latent_decode(
     softmax_scale: float,
     window: int | None = None,
     num_splits: int | None = None,
+    log_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed decode attention over a quantized latent stream: (B, H, R). See `latent_decode_ref`."""
     if uses_triton(latent.data):
         from .decode_attention import latent_decode_triton
 
-        return latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits)
-    return latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window)
+        return latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights)
+    return latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights)
 
 
 def quantize_append(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:

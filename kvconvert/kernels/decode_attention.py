@@ -66,7 +66,7 @@ def _load_even_odd(
 @triton.jit
 def _latent_decode_split_kernel(
     # pointers
-    Q_LAT, Q_ROPE, LAT, LAT_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, PART_OUT, PART_LSE, OUT,
+    Q_LAT, Q_ROPE, LAT, LAT_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, LOG_W, PART_OUT, PART_LSE, OUT,
     # sizes
     H, R, WR, CHUNK, WINDOW, qk_scale,
     # strides
@@ -76,12 +76,14 @@ def _latent_decode_split_kernel(
     stride_lsc_b, stride_lsc_s, stride_lsc_g, stride_lsc_k,
     stride_rope_b, stride_rope_s, stride_rope_w,
     stride_rsc_b, stride_rsc_s, stride_rsc_g, stride_rsc_k,
+    stride_lw_b, stride_lw_s,
     stride_po_b, stride_po_split, stride_po_h, stride_po_r,
     stride_pl_b, stride_pl_split, stride_pl_h,
     stride_out_b, stride_out_h, stride_out_r,
     # meta
     LAT_BITS: tl.constexpr, LAT_GROUP: tl.constexpr, ROPE_BITS: tl.constexpr, ROPE_GROUP: tl.constexpr,
-    HAS_Q_LAT: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT_OUT: tl.constexpr,
+    HAS_Q_LAT: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOG_W: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_WR2: tl.constexpr,
 ):
@@ -145,7 +147,11 @@ def _latent_decode_split_kernel(
             )
             scores = tl.dot(q_rope_even, tl.trans(k_even.to(DOT_DTYPE)), scores, input_precision=DOT_PRECISION)
             scores = tl.dot(q_rope_odd, tl.trans(k_odd.to(DOT_DTYPE)), scores, input_precision=DOT_PRECISION)
-        scores = tl.where(mask_t[None, :], scores * qk_scale, float("-inf"))
+        scores = scores * qk_scale
+        if HAS_LOG_W:  # a merged slot standing for w tokens scores log(w) higher (log2 units here)
+            log_w = tl.load(LOG_W + row_b * stride_lw_b + offs_t.to(tl.int64) * stride_lw_s, mask=mask_t, other=0)
+            scores += log_w.to(tl.float32)[None, :] * 1.4426950408889634
+        scores = tl.where(mask_t[None, :], scores, float("-inf"))
 
         # every tile holds at least one valid position, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -256,14 +262,17 @@ def latent_decode_triton(
     softmax_scale: float,
     window: int | None = None,
     num_splits: int | None = None,
+    log_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton `latent_decode_ref`: q_lat (B, H, R) or None, q_rope (B, H, Wr) or None, latent/rope streams
-    (B, S, ...), seq_lens (B,) int32 -> (B, H, R) in the queries' dtype. num_splits: split-K factor (None: about
-    two programs per SM on CUDA). S = latent.data.shape[1] is the cache capacity; the grid depends on it only."""
-    return _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits)
+    (B, S, ...), seq_lens (B,) int32, log_weights (B, S) fp32 or None -> (B, H, R) in the queries' dtype.
+    num_splits: split-K factor (None: about two programs per SM on CUDA). S = latent.data.shape[1] is the cache
+    capacity; the grid depends on it only."""
+    return _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights=log_weights)
 
 
-def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, block_t=None):
+def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, block_t=None,
+                   log_weights=None):
     q = q_lat if q_lat is not None else q_rope
     if q is None:
         raise ValueError("latent_decode needs q_lat or q_rope")
@@ -319,16 +328,19 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     grid = (B, num_splits, triton.cdiv(H, block_h))
     _latent_decode_split_kernel[grid](
         q_lat if q_lat is not None else q, q_rope if q_rope is not None else q,
-        latent.data, lat_scales, rope_data, rope_scales, seq_lens, part_out, part_lse, out,
+        latent.data, lat_scales, rope_data, rope_scales, seq_lens,
+        log_weights if log_weights is not None else out, part_out, part_lse, out,
         H, R, WR, chunk, int(window) if window is not None else 0, float(softmax_scale) * _LOG2E,
         *stride_ql, *stride_qr,
         *latent.data.stride(), *stride_lsc,
         *stride_rope, *stride_rsc,
+        *(log_weights.stride() if log_weights is not None else (0, 0)),
         *stride_po, *stride_pl,
         *out.stride(),
         LAT_BITS=latent.bits, LAT_GROUP=latent.group if latent.bits < 16 else 1,
         ROPE_BITS=rope_bits, ROPE_GROUP=rope_group if rope_bits < 16 else 1,
-        HAS_Q_LAT=q_lat is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None, DIRECT_OUT=direct,
+        HAS_Q_LAT=q_lat is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None,
+        HAS_LOG_W=log_weights is not None, DIRECT_OUT=direct,
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R2=block_r2, BLOCK_WR2=block_wr2,
         num_warps=num_warps,

@@ -69,6 +69,7 @@ def latent_decode_ref(
     seq_lens: torch.Tensor,
     softmax_scale: float,
     window: int | None = None,
+    log_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of absorbed latent attention: every query head against one latent stream (MQA).
 
@@ -76,10 +77,19 @@ def latent_decode_ref(
     latent); q_rope: (B, H, Wr) rope queries after RoPE, laid out over the whole rope stream (a head's entries
     outside its own rope head are zero; None without rope); latent: R values per token; rope: Wr values per token;
     seq_lens: (B,) int32 valid positions per row (the current token included); window: only the last `window`
-    positions are attended (sliding-window layers).
-    score[b, h, s] = (q_lat · latent[s] + q_rope · rope[s]) * softmax_scale;  out[b, h] = Σ_s softmax(score) latent[s]
+    positions are attended (sliding-window layers); log_weights: (B, S) fp32 added to every head's scores of a slot
+    (a cache policy's merged slot standing for w tokens carries log w), None = 0.
+    score[b, h, s] = (q_lat · latent[s] + q_rope · rope[s]) * softmax_scale + log_weights[b, s]
+    out[b, h] = Σ_s softmax(score) latent[s]
     Returns (B, H, R) in q's dtype; computed in fp32 (fp64 for fp64 queries).
     """
+    scores, c = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights)
+    q = q_lat if q_lat is not None else q_rope
+    return torch.matmul(scores.softmax(-1), c).to(q.dtype)
+
+
+def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights):
+    """Scores (B, H, S) over the first S = max(seq_lens) positions (-inf where masked) and the latent (B, S, R)."""
     S = int(seq_lens.max())
     q = q_lat if q_rope is None else q_rope if q_lat is None else torch.cat((q_lat, q_rope), -1)
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -89,6 +99,8 @@ def latent_decode_ref(
         k_rope = dequantize_stream(rope, S, compute)
         keys = k_rope if keys is None else torch.cat((keys, k_rope), -1)
     scores = torch.matmul(q.to(compute), keys.transpose(1, 2)) * softmax_scale  # (B, H, S)
+    if log_weights is not None:
+        scores = scores + log_weights[:, None, :S].to(compute)
     if window is not None or int(seq_lens.min()) != S:  # ragged rows or a sliding window: mask positions
         pos = torch.arange(S, device=c.device)[None, :]
         lens = seq_lens.long()[:, None]
@@ -96,4 +108,15 @@ def latent_decode_ref(
         if window is not None:
             valid &= pos >= lens - window
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    return torch.matmul(scores.softmax(-1), c).to(q.dtype)
+    return scores, c
+
+
+def latent_attention_weights_ref(
+    q_lat, q_rope, latent: Stream, rope: Stream | None, seq_lens, softmax_scale: float, window=None, log_weights=None
+) -> torch.Tensor:
+    """The attention each cached slot receives in `latent_decode_ref`, summed over the query heads: (B, capacity)
+    fp32, zero past each row's length. What score-based cache policies accumulate."""
+    scores, _ = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights)
+    out = torch.zeros(scores.shape[0], latent.data.shape[1], dtype=torch.float32, device=scores.device)
+    out[:, : scores.shape[-1]] = scores.softmax(-1).sum(1).float()
+    return out

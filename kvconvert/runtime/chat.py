@@ -79,14 +79,14 @@ class ChatSession:
         else:
             self.text += user_text
         ids = self._render()
-        if len(ids) >= self.rt.cache.capacity:
+        if len(ids) >= self.rt.context:
             if self.templated:
                 self.messages.pop()
             else:
                 self.text = self.text[: -len(user_text)]
             raise KvconvertError(
-                f"context full: the conversation needs {len(ids):,} tokens of a {self.rt.cache.capacity:,}-token "
-                "cache (/reset, or a larger --context)"
+                f"context full: the conversation needs {len(ids):,} tokens of a {self.rt.context:,}-token "
+                "context (/reset, or a larger --context)"
             )
         # Keep the longest common prefix of the cache and the new rendering (a reply re-tokenized from its text, or
         # a template that rewrites history, may differ from what was cached), recompute the rest.
@@ -94,7 +94,7 @@ class ChatSession:
         self.rt.truncate(keep)
         self.cached = self.cached[:keep]
         new = ids[keep:]
-        room = self.rt.cache.capacity - len(ids) + 1
+        room = self.rt.context - len(ids) + 1
         opts = SamplingOptions(**{**opts.__dict__, "max_new_tokens": min(opts.max_new_tokens, room)})
         out: list[int] = []
         shown = ""
@@ -111,7 +111,7 @@ class ChatSession:
         reply = self.tok.decode(outputs[0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if on_text is not None and len(reply) > len(shown):
             on_text(reply[len(shown) :])
-        self.cached = (self.cached + new + outputs[0])[: self.rt.lengths[0]]
+        self.cached = (self.cached + new + outputs[0])[: self.rt.seen[0]]  # the tokens the cache has seen
         if self.templated:
             self.messages.append({"role": "assistant", "content": reply})
         else:

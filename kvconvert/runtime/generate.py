@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KvconvertError
-from ..kernels import decode_streams, dequantize_stream, latent_decode, quantize_append
+from ..kernels import decode_streams, dequantize_stream, latent_attention_weights, latent_decode, quantize_append
 from ..model import CllaForCausalLM, apply_rope, rope_cos_sin, rope_inv_freq
 from .cache import LatentCache
 
@@ -147,7 +147,11 @@ class LatentRuntime:
         batch: int,
         capacity: int,
         cuda_graphs: bool | None = None,
+        policy=None,
+        context: int | None = None,
     ):
+        """policy: a token-budget cache policy (runtime/policies) whose budget is a share of `context` (the longest
+        conversation in tokens; default: the capacity); the cache then needs budget + one prefill chunk of slots."""
         self.model = model.eval()
         self.config = cfg = model.config
         self.device = next(model.parameters()).device
@@ -159,6 +163,17 @@ class LatentRuntime:
         dtype16 = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         self.cache = LatentCache(cfg, batch, capacity, self.device, dtype16)
         self.lengths = [0] * batch  # host copy of cache.seq_lens: capacity checks without a device sync
+        # Token positions (RoPE) per row: equal to the slot counts unless a policy evicts or merges slots.
+        self.positions = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.seen = [0] * batch
+        self.context = context or capacity
+        self.policy = policy
+        if policy is not None:
+            slots = policy.slots(self.context)
+            if capacity <= slots:
+                raise KvconvertError(f"a cache of {capacity:,} slots leaves no room past the {slots:,}-slot budget")
+            policy.setup(cfg.num_layer_groups, batch, capacity, slots, self.device)
+            cuda_graphs = False  # the policy's bookkeeping runs on the host between steps
         H, Hr, Dr = cfg.num_attention_heads, cfg.rope_heads, cfg.rope_dim
         self.dims = (H, cfg.num_key_value_heads, Hr, Dr, cfg.kv_latent_dim, cfg.head_dim)
         self.softmax_scale = cfg.softmax_scale
@@ -197,19 +212,43 @@ class LatentRuntime:
     def reset(self) -> None:
         self.cache.reset()
         self.lengths = [0] * self.cache.batch
+        self.positions.zero_()
+        self.seen = [0] * self.cache.batch
+        if self.policy is not None:
+            self.policy.reset()
+
+    def log_weights(self, g: int) -> torch.Tensor | None:
+        return None if self.policy is None else self.policy.states[g].log_weights()
 
     def truncate(self, length: int) -> None:
         """Keep only the first `length` cached positions of every row (what is past them is never read again)."""
         if length > min(self.lengths):
             raise ValueError(f"cannot truncate to {length}: a row holds only {min(self.lengths)} tokens")
+        if self.policy is not None and length < max(self.seen):
+            self.reset()  # slots no longer map to a prefix of the tokens: start over
+            return
         self.cache.seq_lens.fill_(length)
+        self.positions.fill_(length)
         self.lengths = [length] * self.cache.batch
+        self.seen = [length] * self.cache.batch
 
     def _check_room(self, new: list[int]) -> None:
+        """Rows about to take new[b] more tokens: within the context, and (without a policy) within the cache."""
         for b, n in enumerate(new):
-            if self.lengths[b] + n > self.cache.capacity:
+            if self.seen[b] + n > self.context:
                 raise KvconvertError(
-                    f"context full: row {b} would hold {self.lengths[b] + n:,} tokens, the cache holds "
+                    f"context full: row {b} would reach {self.seen[b] + n:,} tokens, more than the {self.context:,} "
+                    "allowed (start over, or raise the context)"
+                )
+        if self.policy is None:
+            self._check_slots(max(new))
+
+    def _check_slots(self, T: int) -> None:
+        """T new slots per row must fit the cache now (a policy frees slots only after a step)."""
+        for b, n in enumerate(self.lengths):
+            if n + T > self.cache.capacity:
+                raise KvconvertError(
+                    f"context full: row {b} would hold {n + T:,} tokens, the cache holds "
                     f"{self.cache.capacity:,} (start over, or raise the context)"
                 )
 
@@ -236,25 +275,37 @@ class LatentRuntime:
         k_rope = dequantize_stream(rope, S, self.dtype).view(B, S, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
         return latent, k_rope
 
+    def _queries(self, lay: AbsorbedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Absorbed queries of N tokens: x (N, hidden), cos/sin (N, Hr, 1, Dr) -> q_lat (N, H, R) or None,
+        q_rope (N, H, Hr * Dr) or None (laid over the whole rope stream, zero outside the head's rope head)."""
+        N = x.shape[0]
+        H, K, Hr, Dr, R, _ = self.dims
+        Q = lay.q_width
+        q = F.linear(x, lay.q_weight, lay.q_bias).view(N, H, Q + Dr)
+        q_lat = None
+        if Q:
+            q_lat = q[..., :Q]
+            if lay.w_uk is not None:
+                q_lat = torch.matmul(q_lat.reshape(N, K, H // K, Q), lay.w_uk).view(N, H, R)
+        q_rope = None
+        if Dr:
+            q_rope = apply_rope(q[..., Q:].reshape(N, Hr, H // Hr, Dr), cos, sin).view(N, H, Dr)
+            if Hr > 1:
+                q_rope = q_rope.repeat(1, 1, Hr) * self.rope_head_mask
+        return q_lat, q_rope
+
     def _decode_attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, streams):
         """Absorbed attention of layer i for one token per row: x (B, 1, hidden) -> (B, 1, hidden).
         cos/sin (B, Hr, 1, Dr) at each row's position; streams: the group's (latent, rope) as kernels read them."""
         lay = self.layers[i]
         B = x.shape[0]
         H, K, Hr, Dr, R, Dv = self.dims  # plain ints: transformers' config attribute access is slow per step
-        Q = lay.q_width
-        q = F.linear(x[:, 0], lay.q_weight, lay.q_bias).view(B, H, Q + Dr)
-        q_lat = None
-        if Q:
-            q_lat = q[..., :Q]
-            if lay.w_uk is not None:
-                q_lat = torch.matmul(q_lat.reshape(B, K, H // K, Q), lay.w_uk).view(B, H, R)
-        q_rope = None
-        if Dr:
-            q_rope = apply_rope(q[..., Q:].reshape(B, Hr, H // Hr, Dr), cos, sin).view(B, H, Dr)
-            if Hr > 1:
-                q_rope = q_rope.repeat(1, 1, Hr) * self.rope_head_mask
-        o_lat = latent_decode(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window)
+        q_lat, q_rope = self._queries(lay, x[:, 0], cos, sin)
+        log_w = self.log_weights(self.group_of[i])
+        o_lat = latent_decode(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_weights=log_w)
+        if self.policy is not None and self.policy.scored:
+            seen = latent_attention_weights(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_w)
+            self._attention_seen[self.group_of[i]][:, : seen.shape[1]] += seen
         if lay.o_weight is not None:
             return F.linear(o_lat.reshape(B, H * R), lay.o_weight, lay.o_bias)[:, None]
         v = torch.matmul(o_lat.view(B, K, H // K, R), lay.w_uv_t).reshape(B, H * Dv)
@@ -264,33 +315,42 @@ class LatentRuntime:
 
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, n_new: list[int]) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, n_new: list[int], all_logits: bool = False) -> torch.Tensor:
         """Append ids (B, T) (row b: its first n_new[b] tokens, the rest padding) after each row's cached tokens;
-        returns the logits (B, vocab) at each row's last new token (rows with n_new 0: at padding, ignore them)."""
+        returns the logits (B, vocab) at each row's last new token (rows with n_new 0: at padding, ignore them),
+        or with all_logits those of every new token (B, T, vocab)."""
         cfg = self.config
         m = self.model.model
         B, T = ids.shape
         if B != self.cache.batch:
             raise ValueError(f"the cache has {self.cache.batch} rows, got {B}")
-        self._check_room([T] * B)
-        start = self.cache.seq_lens.clone()
-        positions = start.long()[:, None] + torch.arange(T, device=self.device)[None, :]
+        self._check_room(n_new)
+        self._check_slots(T)
+        start = self.cache.seq_lens.clone()  # the first new slot of each row
+        positions = self.positions.long()[:, None] + torch.arange(T, device=self.device)[None, :]
         cos, sin = rope_cos_sin(cfg, positions, self.dtype, self.inv_freq)
         S = max(self.lengths[b] + T for b in range(B))
-        # Key s is visible to query t of row b iff s <= start[b] + t (and within the window): one mask per window.
+        policy = self.policy
+        if policy is not None:
+            for g in range(cfg.num_layer_groups):
+                policy.appended(g, start, positions)
+        # Slot s is visible to new token t of row b iff s <= start[b] + t and, in a window, its token is recent.
         key = torch.arange(S, device=self.device)[None, None, :]
+        qslot = start.long()[:, None, None] + torch.arange(T, device=self.device)[None, :, None]
         qpos = positions[:, :, None]
-        masks = {}
-        fresh = all(n == 0 for n in self.lengths)  # right-padded rows from position 0: plain causal attention
+        key_pos = policy.states[0].pos[:, None, :S] if policy is not None else key
+        allowed, masks = {}, {}
+        fresh = all(n == 0 for n in self.lengths)  # right-padded rows from slot 0: plain causal attention
         for w in set(cfg.layer_windows):
-            if fresh and (w is None or w >= T):
-                masks[w] = None
-                continue
-            allowed = key <= qpos
+            allowed[w] = key <= qslot
             if w is not None:
-                allowed &= qpos - key < w
+                allowed[w] = allowed[w] & (qpos - key_pos < w)
             fill = torch.finfo(self.dtype).min
-            masks[w] = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, fill)[:, None]
+            masks[w] = None if fresh and (w is None or w >= T) else (
+                torch.zeros(allowed[w].shape, dtype=self.dtype, device=self.device).masked_fill(~allowed[w], fill)[:, None]
+            )
+        scored = policy is not None and policy.scored
+        attention_seen = [torch.zeros(B, S, device=self.device) for _ in range(cfg.num_layer_groups)] if scored else None
         h = m.embed_tokens(ids)
         latent = k_rope = None
         for i, layer in enumerate(m.layers):
@@ -299,14 +359,65 @@ class LatentRuntime:
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
                 latent, k_rope = self._read_group(g, S)
-            h = h + layer.self_attn(x, latent, k_rope, cos[g], sin[g], masks[cfg.layer_windows[i]])
+            mask = masks[cfg.layer_windows[i]]
+            if policy is not None and mask is not None:
+                mask = mask + self.log_weights(g)[:, None, None, :S].to(self.dtype)  # merged slots: + log(count)
+            h = h + layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask)
+            if scored:
+                attention_seen[g] += self._prompt_attention(i, x, cos[g], sin[g], latent, k_rope, allowed[cfg.layer_windows[i]], n_new)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         lengths = torch.tensor(n_new, dtype=torch.int32, device=self.device)
         self.cache.seq_lens += lengths
+        self.positions += lengths
         self.lengths = [self.lengths[b] + n_new[b] for b in range(B)]
+        self.seen = [self.seen[b] + n_new[b] for b in range(B)]
+        if policy is not None:
+            self._apply_policy(attention_seen, lengths)
+        if all_logits:
+            return self.model.lm_head(m.norm(h))
         last = (lengths.long() - 1).clamp_min(0)
         h_last = h[torch.arange(B, device=self.device), last]
         return self.model.lm_head(m.norm(h_last))
+
+    def _prompt_attention(self, i, x, cos, sin, latent, k_rope, allowed, n_new) -> torch.Tensor:
+        """What a score-based policy learns from a prompt: the attention each slot receives from the prompt's last
+        `prefill_queries` queries of layer i, summed over heads, query t of row b weighted decay^(n_b - 1 - t)
+        (padding queries weigh nothing). (B, S) fp32."""
+        B, T, _ = x.shape
+        H, _, Hr, Dr, R, _ = self.dims
+        Qn = min(T, self.policy.prefill_queries)
+        lay = self.layers[i]
+        xs = x[:, T - Qn :].reshape(B * Qn, -1)
+        c_, s_ = (t[:, :, T - Qn :].transpose(1, 2).reshape(B * Qn, Hr, 1, -1) for t in (cos, sin))
+        q_lat, q_rope = self._queries(lay, xs, c_, s_)
+        S = latent.shape[1]
+        scores = torch.zeros(B, Qn, H, S, device=x.device)
+        if q_lat is not None:
+            scores += torch.matmul(q_lat.view(B, Qn * H, R).float(), latent.float().transpose(1, 2)).view(B, Qn, H, S)
+        if q_rope is not None:
+            keys = k_rope.transpose(1, 2).reshape(B, S, -1).float()
+            scores += torch.matmul(q_rope.view(B, Qn * H, -1).float(), keys.transpose(1, 2)).view(B, Qn, H, S)
+        scores = scores * self.softmax_scale + self.log_weights(self.group_of[i])[:, None, None, :S]
+        scores = scores.masked_fill(~allowed[:, T - Qn :, None, :], float("-inf"))
+        t = torch.arange(T - Qn, T, device=x.device)[None, :]
+        n = torch.tensor(n_new, device=x.device)[:, None]
+        weight = torch.where(t < n, self.policy.decay ** (n - 1 - t).clamp_min(0).float(), 0.0)  # (B, Qn)
+        return (scores.softmax(-1).sum(2) * weight[:, :, None]).sum(1)
+
+    def _apply_policy(self, attention_seen, steps: torch.Tensor) -> None:
+        """After a step: decay and add the attention the slots received, then bring every group to its budget."""
+        policy = self.policy
+        counts = None
+        for g in range(self.config.num_layer_groups):
+            if attention_seen is not None:
+                policy.observe(g, attention_seen[g], steps)
+            new = policy.compress(g, self.cache.latent(g), self.cache.rope(g), self.lengths, self.seen)
+            if counts is not None and new != counts:
+                raise RuntimeError(f"groups disagree on slot counts: {counts} vs {new}")
+            counts = new
+        if counts != self.lengths:
+            self.lengths = counts
+            self.cache.seq_lens.copy_(torch.tensor(counts, dtype=torch.int32, device=self.device))
 
     def prefill_chunk_tokens(self, total: int) -> int:
         """Tokens per prefill chunk: the attention of a chunk holds batch × heads × chunk × context scores; keep
@@ -319,9 +430,11 @@ class LatentRuntime:
         """`prefill` in chunks of positions (bounded memory for long prompts); the same logits (B, vocab)."""
         B, T = ids.shape
         chunk = chunk or self.prefill_chunk_tokens(max(self.lengths) + T)
+        if self.policy is not None:  # compress after every chunk: the cache holds the budget plus one chunk
+            chunk = min(chunk, self.cache.capacity - self.policy.n_slots)
         if T <= chunk:
             return self.prefill(ids, n_new)
-        self._check_room([T] * B)
+        self._check_room(n_new)
         logits = None
         for lo in range(0, T, chunk):
             part = [min(max(n - lo, 0), chunk) for n in n_new]
@@ -338,7 +451,13 @@ class LatentRuntime:
         m = self.model.model
         start = self.cache.seq_lens
         lens = start + 1
-        cos, sin = rope_cos_sin(cfg, start.long()[:, None], self.dtype, self.inv_freq)  # (NG, B, Hr, 1, Dr)
+        cos, sin = rope_cos_sin(cfg, self.positions.long()[:, None], self.dtype, self.inv_freq)  # (NG, B, Hr, 1, Dr)
+        if self.policy is not None:
+            for g in range(cfg.num_layer_groups):
+                self.policy.appended(g, start, self.positions.long()[:, None])
+            if self.policy.scored:
+                self._attention_seen = [torch.zeros(ids.shape[0], self.cache.capacity, device=self.device)
+                                        for _ in range(cfg.num_layer_groups)]
         h = m.embed_tokens(ids[:, None])
         streams = None
         for i, layer in enumerate(m.layers):
@@ -350,17 +469,23 @@ class LatentRuntime:
             h = h + self._decode_attention(i, x, cos[g], sin[g], lens, streams)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         self.cache.seq_lens.copy_(lens)
+        self.positions += 1
         return self.model.lm_head(m.norm(h[:, 0]))
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: ids (B,) -> logits (B, vocab)."""
         self._check_room([1] * self.cache.batch)
+        self._check_slots(1)
         if self.use_graphs:
             logits = self._decode_graph(ids)
         else:
             logits = self._decode_eager(ids)
         self.lengths = [n + 1 for n in self.lengths]
+        self.seen = [n + 1 for n in self.seen]
+        if self.policy is not None:
+            ones = torch.ones(self.cache.batch, dtype=torch.int32, device=self.device)
+            self._apply_policy(self._attention_seen if self.policy.scored else None, ones)
         return logits
 
     def _decode_graph(self, ids: torch.Tensor) -> torch.Tensor:

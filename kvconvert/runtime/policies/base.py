@@ -1,0 +1,193 @@
+"""Token-budget cache policies: what a layer group's cache keeps once a row holds more tokens than its budget.
+
+Every policy here is one `TokenBudgetPolicy` with different knobs (one file per published method):
+  sinks     the first tokens of the row, never evicted (StreamingLLM's attention sinks)
+  recent    the most recent `recent` share of the budget, never evicted
+  scored    rank the other tokens by attention accumulated over steps, decayed by `decay` per step, summed over
+            the query heads and layers that read the group's latent (H2O, ZSMerge); else evict the oldest
+  residual  a share of the non-recent budget kept as merge slots: an evicted token is averaged into the most
+            similar one (count-weighted), whose attention logits get + log(count) (ZSMerge's compensated scores)
+
+The cache stays a dense run of slots [0, n) per row and group (the kernels read it unchanged); a slot's token
+position, count, score and kind live beside it here. Rope keys are cached after RoPE, so a slot carries its
+position inside its key and slots can move freely. Decisions are made per row, so padded batches are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ...kernels import Stream, dequantize_stream, quantize_append
+
+
+@dataclass
+class GroupState:
+    """Per layer group, (B, S) each: token position (-1: a merged slot), count of tokens the slot stands for,
+    accumulated attention, residual-slot flag."""
+
+    pos: torch.Tensor
+    weight: torch.Tensor
+    score: torch.Tensor
+    residual: torch.Tensor
+
+    def log_weights(self) -> torch.Tensor:
+        return self.weight.log()
+
+
+@dataclass
+class TokenBudgetPolicy:
+    budget: float  # < 1: a share of the context; >= 1: slots per row and layer group
+    sinks: int = 0
+    recent: float = 0.5
+    residual: float = 0.0
+    decay: float = 1.0
+    scored: bool = True
+    prefill_queries: int = 512  # prompt queries whose attention scores the prompt (older ones decay to nothing)
+    name: str = field(default="policy", init=False)
+    states: list[GroupState] = field(default_factory=list, init=False, repr=False)
+
+    # ------------------------------------------------------------------ sizes
+    def slots(self, context: int) -> int:
+        n = math.ceil(self.budget * context) if self.budget < 1 else int(self.budget)
+        need = self.sinks + 2 + (1 if self.residual else 0)
+        if n < need:
+            raise ValueError(f"a {self.name} budget of {n} slots is too small (at least {need})")
+        return n
+
+    def split(self, n: int) -> tuple[int, int]:
+        """(recent, residual) slots of a budget of n."""
+        recent = max(1, round(self.recent * n))
+        residual = max(1, round(self.residual * (n - recent))) if self.residual else 0
+        recent = min(recent, n - self.sinks - residual - 1)
+        return recent, residual
+
+    # ------------------------------------------------------------------ state
+    def setup(self, groups: int, batch: int, capacity: int, n_slots: int, device) -> None:
+        self.n_slots = n_slots
+        self.states = [
+            GroupState(
+                pos=torch.zeros(batch, capacity, dtype=torch.long, device=device),
+                weight=torch.ones(batch, capacity, dtype=torch.float32, device=device),
+                score=torch.zeros(batch, capacity, dtype=torch.float32, device=device),
+                residual=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+            )
+            for _ in range(groups)
+        ]
+
+    def reset(self) -> None:
+        for s in self.states:
+            s.pos.zero_(), s.weight.fill_(1.0), s.score.zero_(), s.residual.zero_()
+
+    def appended(self, g: int, start: torch.Tensor, positions: torch.Tensor) -> None:
+        """New tokens at slots start[b] + t with token positions positions (B, T): a fresh slot each."""
+        st = self.states[g]
+        B, T = positions.shape
+        slots = start.long()[:, None] + torch.arange(T, device=start.device)
+        rows = torch.arange(B, device=start.device)[:, None].expand(B, T)
+        st.pos[rows, slots] = positions.long()
+        st.weight[rows, slots] = 1.0
+        st.score[rows, slots] = 0.0
+        st.residual[rows, slots] = False
+
+    def observe(self, g: int, attention: torch.Tensor, steps: torch.Tensor) -> None:
+        """attention (B, S'): the step's attention per slot (summed over heads, layers, decayed queries); steps (B,):
+        tokens each row advanced (older scores decay by decay^steps)."""
+        if self.scored:
+            st = self.states[g]
+            S = attention.shape[1]
+            st.score.mul_((self.decay ** steps.float())[:, None])
+            st.score[:, :S] += attention
+
+    # ------------------------------------------------------------------ compression
+    def compress(self, g: int, latent: Stream, rope: Stream | None, lengths: list[int], seen: list[int]) -> list[int]:
+        """Bring every row of group g back to the budget; returns the new slot counts."""
+        st = self.states[g]
+        out = []
+        for b, n in enumerate(lengths):
+            if n <= self.n_slots:
+                out.append(n)
+                continue
+            out.append(self._compress_row(st, latent, rope, b, n, seen[b]))
+        return out
+
+    def _compress_row(self, st: GroupState, latent: Stream, rope: Stream | None, b: int, n: int, seen: int) -> int:
+        recent, residual = self.split(self.n_slots)
+        pos, res = st.pos[b, :n], st.residual[b, :n]
+        protected = res | (pos >= seen - recent) | ((pos >= 0) & (pos < self.sinks))
+        candidates = (~protected).nonzero()[:, 0]
+        k = n - self.n_slots  # slots to free
+        have_residual = int(res.sum())
+        if residual and have_residual < residual:
+            k += residual - have_residual  # the first compression also opens the merge slots
+        if self.scored:
+            order = st.score[b, candidates].argsort(stable=True)  # lowest accumulated attention first
+        else:
+            order = pos[candidates].argsort(stable=True)  # oldest first
+        evict = candidates[order[:k]]
+        keep = torch.ones(n, dtype=torch.bool, device=pos.device)
+        keep[evict] = False
+        if residual:
+            self._merge(st, latent, rope, b, evict, keep, residual - have_residual)
+        kept = keep.nonzero()[:, 0]
+        self._move(st, latent, rope, b, kept)
+        return len(kept)
+
+    def _merge(self, st, latent, rope, b, evict, keep, opening: int) -> None:
+        """Average the evicted tokens into residual slots (count-weighted). The first compression opens the merge
+        slots: the evicted tokens, in position order, split into `opening` runs, each averaged into its first slot."""
+        values = self._values(latent, rope, b)
+        w = st.weight[b]
+        evict = evict[st.pos[b, evict].argsort()]
+        if opening:
+            for run in torch.tensor_split(evict, opening):
+                if not run.numel():
+                    continue
+                slot = run[0]
+                total = w[run].sum()
+                values[slot] = (values[run] * w[run, None]).sum(0) / total
+                st.weight[b, slot], st.score[b, slot] = total, st.score[b, run].max()
+                st.pos[b, slot], st.residual[b, slot] = -1, True
+                keep[slot] = True
+        else:
+            slots = st.residual[b].nonzero()[:, 0]
+            for t in evict.tolist():
+                j = slots[(values[slots] @ values[t]).argmax()]  # the most similar merge slot (dot product)
+                wj, wt = st.weight[b, j].clone(), w[t].clone()
+                values[j] = (values[j] * wj + values[t] * wt) / (wj + wt)
+                st.weight[b, j] = wj + wt
+                st.score[b, j] = torch.maximum(st.score[b, j], st.score[b, t])
+        touched = st.residual[b].nonzero()[:, 0]
+        self._store(latent, rope, b, touched, values[touched])
+
+    @staticmethod
+    def _values(latent: Stream, rope: Stream | None, b: int) -> torch.Tensor:
+        """Row b's slots as values (S, R + Wr) in fp32: the latent, then the rope keys."""
+        parts = [dequantize_stream(latent.rows(slice(b, b + 1)), latent.data.shape[1], torch.float32)[0]]
+        if rope is not None:
+            parts.append(dequantize_stream(rope.rows(slice(b, b + 1)), rope.data.shape[1], torch.float32)[0])
+        return torch.cat(parts, -1)
+
+    @staticmethod
+    def _store(latent: Stream, rope: Stream | None, b: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        R = latent.width
+        for j, v in zip(slots.tolist(), values):
+            start = torch.tensor([j], dtype=torch.int32, device=values.device)
+            quantize_append(latent.rows(slice(b, b + 1)), v[None, None, :R], start)
+            if rope is not None:
+                quantize_append(rope.rows(slice(b, b + 1)), v[None, None, R:], start)
+
+    @staticmethod
+    def _move(st: GroupState, latent: Stream, rope: Stream | None, b: int, kept: torch.Tensor) -> None:
+        """Compact row b: the kept slots, in order, to [0, len(kept)). Codes and scales move as they are (exact)."""
+        n = len(kept)
+        for s in (latent, rope):
+            if s is None:
+                continue
+            s.data[b, :n] = s.data[b, kept]
+            if s.scales is not None:
+                s.scales[b, :n] = s.scales[b, kept]
+        for t in (st.pos, st.weight, st.score, st.residual):
+            t[b, :n] = t[b, kept]
