@@ -598,6 +598,8 @@ def profile_memory(
     batch: Annotated[int, typer.Option(help="Sequences.")] = 1,
     budget_gib: Annotated[float, typer.Option(help="Memory for weights + KV cache, GiB.")] = 16.0,
     weight_bytes: Annotated[int, typer.Option(help="Bytes per weight (2 = bf16 serving).")] = 2,
+    kv_policy: KvPolicyOpt = None,
+    kv_budget: KvBudgetOpt = 0.05,
     measure: Annotated[Optional[bool], typer.Option("--measure/--no-measure", help="Also allocate the real caches at --context × --batch and run a decode step (default: on CUDA only).", show_default=False)] = None,
     source: Annotated[Optional[str], typer.Option(help="With --measure on a converted MODEL: its source, measured through transformers beside it.")] = None,
     device: DeviceOpt = "auto",
@@ -626,6 +628,19 @@ def profile_memory(
         cfg = identity_config(load_source_config(ref), model_type_of(ref), ref.name)
         kind = "source (identity plan)"
     result = {"model": model_path, "kind": kind} | memory_profile(cfg, context, batch, budget_gib, weight_bytes)
+    if kv_policy is not None and kv_policy != "full":
+        from .runtime.policies import make_policy
+
+        try:
+            slots = make_policy(kv_policy, kv_budget).slots(context)
+        except ValueError as e:
+            raise KvconvertError(str(e)) from None
+        per_token = result["kv_bytes_per_token"]["total"]
+        result["kv_policy"] = {
+            "policy": kv_policy, "budget": kv_budget, "slots_per_sequence": min(slots, context),
+            "kv_bytes_total": per_token * min(slots, context) * batch,
+            "ratio_to_source_full_cache": per_token * min(slots, context) / (result["source_kv_bytes_per_token"] * context),
+        }
     if measure is None:
         import torch
 
@@ -653,6 +668,10 @@ def profile_memory(
     s.add_row("weights", gib(c["weights_bytes"]), gib(o["weights_bytes"]))
     s.add_row(f"max context at batch {batch}", f"{c['max_context_at_batch']:,}", f"{o['max_context_at_batch']:,}")
     s.add_row(f"max batch at context {context:,}", f"{c['max_batch_at_context']:,}", f"{o['max_batch_at_context']:,}")
+    if "kv_policy" in result:
+        p = result["kv_policy"]
+        s.add_row(f"KV cache with {p['policy']} ({p['slots_per_sequence']:,} tokens kept)", gib(p["kv_bytes_total"]), "")
+        s.add_row("… as a share of the source's full cache", f"{p['ratio_to_source_full_cache']:.4%}", "")
     out.print(s)
     if "measured" in result:
         m = result["measured"]

@@ -119,12 +119,14 @@ def passkey_prompt(tokenizer, length: int, key: int, depth: float) -> list[int]:
 
 @torch.no_grad()
 def score_windows_with_policy(
-    model, windows: torch.Tensor, policy_factory, score_last: int, chunk: int = 256, progress: Progress | None = None
+    model, windows: torch.Tensor, policy_factory, score_last: int, chunk: int = 256, prompt_chunk: int | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Perplexity of the last `score_last` tokens of each (N, W) window, run through the latent-cache runtime with
     a cache policy (`policy_factory()` -> a fresh policy, or None for the full cache): the first W - score_last
-    tokens are prefilled (compressed to the budget after every `chunk` tokens), then the scored tokens go through in
-    chunks of `chunk` the same way; the budget holds throughout. Budget shares are of the window length W."""
+    tokens are the prompt, prefilled and compressed to the budget once (as ZSMerge and kvpress do) or after every
+    `prompt_chunk` tokens; the scored tokens then go through in chunks of `chunk`, compressed back to the budget
+    after each. Budget shares are of the window length W."""
     from .runtime.generate import LatentRuntime
 
     N, W = windows.shape
@@ -134,11 +136,12 @@ def score_windows_with_policy(
     nll_sum, count = 0.0, 0
     for n in range(N):
         policy = policy_factory()
-        capacity = W if policy is None else policy.slots(W) + chunk
+        ctx = W - score_last
+        first = min(prompt_chunk or ctx, ctx)
+        capacity = W if policy is None else policy.slots(W) + max(first, chunk)
         rt = LatentRuntime(model, 1, capacity, cuda_graphs=False, policy=policy, context=W)
         ids = windows[n : n + 1].to(device)
-        ctx = W - score_last
-        logits = [rt.prefill_chunked(ids[:, :ctx], [ctx], chunk=chunk if policy is not None else None)[:, None]]
+        logits = [rt.prefill_chunked(ids[:, :ctx], [ctx], chunk=first if policy is not None else None)[:, None]]
         for lo in range(ctx, W - 1, chunk):
             part = ids[:, lo : min(lo + chunk, W - 1)]
             logits.append(rt.prefill(part, [part.shape[1]], all_logits=True))
@@ -152,14 +155,15 @@ def score_windows_with_policy(
             "nll": nll_sum / count, "perplexity": math.exp(nll_sum / count)}
 
 
-def runtime_generator(model, policy_factory, max_new_tokens: int = 8):
-    """A greedy `generate(ids) -> new ids` through the latent-cache runtime with a cache policy (see above)."""
+def runtime_generator(model, policy_factory, max_new_tokens: int = 8, prompt_chunk: int | None = None):
+    """A greedy `generate(ids) -> new ids` through the latent-cache runtime with a cache policy: the prompt is
+    compressed to the budget once after its prefill, or after every `prompt_chunk` tokens."""
     from .runtime.generate import LatentRuntime, SamplingOptions
 
     def generate(ids: list[int]) -> list[int]:
         policy = policy_factory()
         context = len(ids) + max_new_tokens
-        capacity = context if policy is None else policy.slots(context) + 256
+        capacity = context if policy is None else policy.slots(context) + min(prompt_chunk or len(ids), len(ids))
         rt = LatentRuntime(model, 1, capacity, cuda_graphs=False, policy=policy, context=context)
         return rt.generate([ids], SamplingOptions(max_new_tokens=max_new_tokens))[0][0]
 

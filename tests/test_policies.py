@@ -139,3 +139,6 @@ def test_chat_and_eval_take_a_policy(tmp_path):
     assert small["text"]["perplexity"] != ref["text"]["perplexity"]
     bad = runner.invoke(app, [*common, "--kv-policy", "lru"])
     assert bad.exit_code != 0 and "--kv-policy" in bad.output
+    mem = json.loads(runner.invoke(app, ["profile", "memory", str(src), "--context", "1000", "--kv-policy", "zsmerge", "--kv-budget", "0.05", "--json"]).stdout)
+    assert mem["kv_policy"]["slots_per_sequence"] == 50
+    assert math.isclose(mem["kv_policy"]["ratio_to_source_full_cache"], mem["kv_ratio"] * 50 / 1000)

@@ -156,9 +156,10 @@ class LatentRuntime:
         self.config = cfg = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        if capacity > cfg.max_position_embeddings:
+        longest = context or capacity  # with a policy, slots are reused: the context bounds the positions
+        if longest > cfg.max_position_embeddings:
             raise KvconvertError(
-                f"context {capacity:,} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings:,})"
+                f"context {longest:,} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings:,})"
             )
         dtype16 = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         self.cache = LatentCache(cfg, batch, capacity, self.device, dtype16)
@@ -338,17 +339,20 @@ class LatentRuntime:
         key = torch.arange(S, device=self.device)[None, None, :]
         qslot = start.long()[:, None, None] + torch.arange(T, device=self.device)[None, :, None]
         qpos = positions[:, :, None]
-        key_pos = policy.states[0].pos[:, None, :S] if policy is not None else key
-        allowed, masks = {}, {}
         fresh = all(n == 0 for n in self.lengths)  # right-padded rows from slot 0: plain causal attention
+        fill = torch.finfo(self.dtype).min
+        allowed, masks = {}, {}
+        # With a policy, slots are not positions: a window is judged on each group's slot positions.
+        keys = [(g, policy.states[g].pos[:, None, :S]) for g in range(cfg.num_layer_groups)] if policy else [(None, key)]
         for w in set(cfg.layer_windows):
-            allowed[w] = key <= qslot
-            if w is not None:
-                allowed[w] = allowed[w] & (qpos - key_pos < w)
-            fill = torch.finfo(self.dtype).min
-            masks[w] = None if fresh and (w is None or w >= T) else (
-                torch.zeros(allowed[w].shape, dtype=self.dtype, device=self.device).masked_fill(~allowed[w], fill)[:, None]
-            )
+            for g, key_pos in keys if w is not None else [(g, None) for g, _ in keys]:
+                a = key <= qslot
+                if w is not None:
+                    a = a & (qpos - key_pos < w)
+                allowed[w, g] = a
+                masks[w, g] = None if fresh and (w is None or w >= T) else (
+                    torch.zeros(a.shape, dtype=self.dtype, device=self.device).masked_fill(~a, fill)[:, None]
+                )
         scored = policy is not None and policy.scored
         attention_seen = [torch.zeros(B, S, device=self.device) for _ in range(cfg.num_layer_groups)] if scored else None
         h = m.embed_tokens(ids)
@@ -359,12 +363,13 @@ class LatentRuntime:
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
                 latent, k_rope = self._read_group(g, S)
-            mask = masks[cfg.layer_windows[i]]
+            w_g = (cfg.layer_windows[i], g if policy is not None else None)
+            mask = masks[w_g]
             if policy is not None and mask is not None:
                 mask = mask + self.log_weights(g)[:, None, None, :S].to(self.dtype)  # merged slots: + log(count)
             h = h + layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask)
             if scored:
-                attention_seen[g] += self._prompt_attention(i, x, cos[g], sin[g], latent, k_rope, allowed[cfg.layer_windows[i]], n_new)
+                attention_seen[g] += self._prompt_attention(i, x, cos[g], sin[g], latent, k_rope, allowed[w_g], n_new)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         lengths = torch.tensor(n_new, dtype=torch.int32, device=self.device)
         self.cache.seq_lens += lengths

@@ -1,0 +1,91 @@
+"""Token-budget cache policies (ZSMerge, H2O, StreamingLLM) on SmolLM2, alone and on top of CLLA.
+
+    python bench/zsmerge.py --clla OUT                         # GPU defaults: 8 windows, 50 passkey trials at 2k/4k/8k
+    python bench/zsmerge.py --clla OUT --cpu                   # CPU preset: 3 windows, budgets 5% and 25%, passkey 2k x 10
+
+OUT: SmolLM2 converted to 5% of its cache (`kvconvert convert smollm2 OUT --kv-ratio 0.05`). For the source
+(through the identity conversion, in kvconvert's runtime) and OUT, with the full cache and each policy × budget:
+perplexity over --window-token windows of Persuasion, scored on the last --score-last tokens (the context before
+them is prefilled and compressed to the budget once, or every --prompt-chunk tokens; the scored tokens then go
+through in 256-token chunks, compressed back to the budget after each),
+and passkey accuracy (greedy, first number = key) at --passkey lengths. Budgets are shares of the window (text) or
+of the prompt (passkey). Writes bench/results/zsmerge_smollm2[_cpu].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import data_file, write_result  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clla", required=True, help="SmolLM2 converted to 5%% (a CLLA folder)")
+    ap.add_argument("--cpu", action="store_true", help="the small CPU preset")
+    ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")
+    ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--score-last", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=None)
+    ap.add_argument("--budgets", default=None)
+    ap.add_argument("--policies", default="zsmerge,h2o,streaming")
+    ap.add_argument("--passkey", default=None)
+    ap.add_argument("--passkey-trials", type=int, default=None)
+    ap.add_argument("--prompt-chunk", type=int, default=None,
+                    help="compress the prompt after every N tokens (default: once after the whole prompt, as the paper)")
+    args = ap.parse_args()
+    windows_n = args.windows or (3 if args.cpu else 8)
+    budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
+    lengths = [int(n) for n in (args.passkey or ("2048" if args.cpu else "2048,4096,8000")).split(",") if n]
+    trials = args.passkey_trials or (10 if args.cpu else 50)
+    policies = args.policies.split(",")
+
+    import torch
+
+    from kvconvert.evaluate import passkey_accuracy, read_text, runtime_generator, score_windows_with_policy, text_windows
+    from kvconvert.loading import load_clla, load_for_runtime
+    from kvconvert.runtime.policies import make_policy
+
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    text = read_text(data_file("austen_persuasion.txt", args.text))
+    models = {"source": load_for_runtime("smollm2", dtype, device), "clla-5%": load_clla(args.clla, dtype)}
+    models["clla-5%"].model.to(device)
+    tok = models["source"].tokenizer
+    windows = text_windows(tok, text, args.window, args.window * windows_n)
+    rows = []
+    for name, loaded in models.items():
+        for policy in ["full", *policies]:
+            for budget in [1.0] if policy == "full" else budgets:
+                factory = (lambda p=policy, b=budget: make_policy(p, b)) if policy != "full" else (lambda: None)
+                t0 = time.perf_counter()
+                ppl = score_windows_with_policy(loaded.model, windows, factory, args.score_last, prompt_chunk=args.prompt_chunk)
+                gen = runtime_generator(loaded.model, factory, prompt_chunk=args.prompt_chunk)
+                keys = passkey_accuracy(loaded.model, tok, lengths, trials, generate=gen)
+                row = {
+                    "model": name, "policy": policy, "budget": budget,
+                    "kv_bytes_per_token": loaded.model.config.source_kv_bytes_per_token if name == "source" else None,
+                    "perplexity": ppl["perplexity"], "predictions": ppl["predictions"],
+                    "passkey": {str(p["length"]): p["accuracy"] for p in keys}, "seconds": round(time.perf_counter() - t0, 1),
+                }
+                rows.append(row)
+                print(f"{name:8s} {policy:9s} {budget:5.2f}: ppl {row['perplexity']:9.3f}  passkey {row['passkey']}  "
+                      f"({row['seconds']} s)", flush=True)
+    for row in rows:  # relative to the same model's full cache
+        full = next(r for r in rows if r["model"] == row["model"] and r["policy"] == "full")
+        row["ppl_vs_full"] = row["perplexity"] / full["perplexity"]
+    name = "zsmerge_smollm2" + ("_cpu" if args.cpu else "")
+    if args.prompt_chunk:
+        name += f"_chunk{args.prompt_chunk}"
+    path = write_result(name, {"window": args.window, "score_last": args.score_last, "windows": windows_n,
+                               "prompt_chunk": args.prompt_chunk,
+                               "passkey_trials": trials, "budgets": budgets, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
