@@ -142,3 +142,15 @@ def test_chat_and_eval_take_a_policy(tmp_path):
     mem = json.loads(runner.invoke(app, ["profile", "memory", str(src), "--context", "1000", "--kv-policy", "zsmerge", "--kv-budget", "0.05", "--json"]).stdout)
     assert mem["kv_policy"]["slots_per_sequence"] == 50
     assert math.isclose(mem["kv_policy"]["ratio_to_source_full_cache"], mem["kv_ratio"] * 50 / 1000)
+
+
+def test_policy_knobs_override_the_defaults():
+    from kvconvert.errors import KvconvertError
+
+    p = make_policy("zsmerge", 0.1, recent=0.25, residual=0.1, decay=0.9)
+    assert (p.recent, p.residual, p.decay) == (0.25, 0.1, 0.9)
+    assert p.split(100) == (25, 8)  # 25 recent, 10% of the other 75 (rounded) merge slots
+    d = make_policy("zsmerge", 0.1)
+    assert (d.recent, d.residual, d.decay) == (0.5, 0.02, 0.98)
+    with pytest.raises(KvconvertError, match="--kv-decay"):
+        make_policy("h2o", 0.1, decay=1.5)

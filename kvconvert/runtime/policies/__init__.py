@@ -13,12 +13,17 @@ POLICIES = {"zsmerge": ZSMerge, "h2o": H2O, "streaming": StreamingLLM}
 __all__ = ["POLICIES", "TokenBudgetPolicy", "make_policy"]
 
 
-def make_policy(name: str, budget: float) -> TokenBudgetPolicy | None:
-    """None for "full" (no policy)."""
+def make_policy(name: str, budget: float, recent: float | None = None, residual: float | None = None,
+                decay: float | None = None) -> TokenBudgetPolicy | None:
+    """None for "full" (no policy). recent / residual / decay override the policy's defaults (the papers')."""
     if name == "full":
         return None
     if name not in POLICIES:
         raise KvconvertError(f"--kv-policy must be one of full, {', '.join(POLICIES)}; got {name!r}")
     if not budget > 0:
         raise KvconvertError(f"--kv-budget must be a share of the context in (0, 1) or a token count >= 1, got {budget}")
-    return POLICIES[name](budget=budget)
+    knobs = {k: v for k, v in (("recent", recent), ("residual", residual), ("decay", decay)) if v is not None}
+    for k, v in knobs.items():
+        if not (0 < v <= 1 if k != "residual" else 0 <= v < 1):
+            raise KvconvertError(f"--kv-{k} must be in {'[0, 1)' if k == 'residual' else '(0, 1]'}, got {v}")
+    return POLICIES[name](budget=budget, **knobs)
