@@ -154,3 +154,28 @@ def test_policy_knobs_override_the_defaults():
     assert (d.recent, d.residual, d.decay) == (0.5, 0.02, 0.98)
     with pytest.raises(KvconvertError, match="--kv-decay"):
         make_policy("h2o", 0.1, decay=1.5)
+
+
+def test_chat_turns_under_a_policy():
+    """A second turn under a policy continues the compressed cache (the budget holds), and a turn whose history
+    was re-tokenized differently starts over instead of reading a wrong prefix."""
+    from kvconvert.runtime.chat import ChatSession
+
+    from conftest import byte_tokenizer
+
+    model = tiny_clla(4, vocab_size=260)
+    tok = byte_tokenizer()
+    rt = LatentRuntime(model, 1, 64 + 16, policy=make_policy("zsmerge", 16), context=400)
+    s = ChatSession(rt, tok)
+    opts = SamplingOptions(max_new_tokens=5)
+    s.reply("first message, long enough to be compressed", opts)
+    seen = rt.seen[0]
+    assert rt.lengths[0] <= 16 and seen > 16
+    _, stats = s.reply("second", opts)
+    assert rt.lengths[0] <= 16
+    assert rt.seen[0] == len(s.cached) > seen  # the token history the cache has seen, longer than after turn one
+    rendered = tok.apply_chat_template(s.messages[:-1], add_generation_prompt=True)
+    rendered = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    assert s.cached[: len(rendered)] == rendered[: len(s.cached)]  # a prefix of the conversation, never stale
+    rt.truncate(3)  # shorter than what was seen: under a policy, start over
+    assert rt.seen == [0] and rt.lengths == [0]

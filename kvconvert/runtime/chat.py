@@ -92,6 +92,7 @@ class ChatSession:
         # a template that rewrites history, may differ from what was cached), recompute the rest.
         keep = common_prefix(self.cached, ids, limit=len(ids) - 1)  # at least one token to prefill, for its logits
         self.rt.truncate(keep)
+        keep = self.rt.seen[0]  # a cache policy may have had to start over
         self.cached = self.cached[:keep]
         new = ids[keep:]
         room = self.rt.context - len(ids) + 1

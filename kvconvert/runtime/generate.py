@@ -222,12 +222,15 @@ class LatentRuntime:
         return None if self.policy is None else self.policy.states[g].log_weights()
 
     def truncate(self, length: int) -> None:
-        """Keep only the first `length` cached positions of every row (what is past them is never read again)."""
-        if length > min(self.lengths):
-            raise ValueError(f"cannot truncate to {length}: a row holds only {min(self.lengths)} tokens")
-        if self.policy is not None and length < max(self.seen):
+        """Keep only the first `length` tokens of every row (what is past them is never read again). Under a cache
+        policy the slots are not a prefix of the tokens: anything shorter than what was seen starts over."""
+        if all(n == length for n in self.seen):
+            return
+        if self.policy is not None:
             self.reset()  # slots no longer map to a prefix of the tokens: start over
             return
+        if length > min(self.lengths):
+            raise ValueError(f"cannot truncate to {length}: a row holds only {min(self.lengths)} tokens")
         self.cache.seq_lens.fill_(length)
         self.positions.fill_(length)
         self.lengths = [length] * self.cache.batch
