@@ -36,11 +36,11 @@ def chat_speed(model, source, folder: str, n: int, rounds: int = 3) -> dict:
     import time
 
     from kvconvert.loading import load_clla
+    from kvconvert.runtime.chat import chat_template_ids
     from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
 
     tok = load_clla(folder).tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "Tell me about the history of Paris."}], add_generation_prompt=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = chat_template_ids(tok, [{"role": "user", "content": "Tell me about the history of Paris."}])
     device = next(model.parameters()).device
     rt = LatentRuntime(model, 1, len(ids) + n + 1)
     ours, theirs = [], []

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from kvconvert.cli import app
 from kvconvert.config import kv_bytes_per_token
 from kvconvert.loading import load_clla
-from kvconvert.runtime.chat import ChatSession, common_prefix
+from kvconvert.runtime.chat import ChatSession, chat_template_ids, common_prefix
 from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
 
 from conftest import save_source
@@ -31,8 +31,7 @@ def converted(tmp_path_factory):
 def greedy_reply(folder, text: str, n: int) -> str:
     """What the model's own generate answers to one templated user turn."""
     loaded = load_clla(folder)
-    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = chat_template_ids(loaded.tokenizer, [{"role": "user", "content": text}])
     stop = loaded.tokenizer.eos_token_id
     out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=stop, pad_token_id=stop)
     new = out[0, len(ids) :].tolist()
@@ -79,8 +78,7 @@ def test_second_turn_reuses_the_cache(converted):
     first, _ = s.reply("abc", opts)
     cached_before = list(s.cached)
     second, stats = s.reply("def", opts)
-    rendered = s.tok.apply_chat_template(s.messages[:-1], add_generation_prompt=True)
-    rendered = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    rendered = chat_template_ids(s.tok, s.messages[:-1])
     keep = common_prefix(cached_before, rendered, len(rendered))
     assert keep > len(cached_before) // 2  # at least turn one's prompt stays cached
     assert stats.prompt_tokens == len(rendered) - keep  # only what the cache lacked was prefilled

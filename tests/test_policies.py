@@ -159,7 +159,7 @@ def test_policy_knobs_override_the_defaults():
 def test_chat_turns_under_a_policy():
     """A second turn under a policy continues the compressed cache (the budget holds), and a turn whose history
     was re-tokenized differently starts over instead of reading a wrong prefix."""
-    from kvconvert.runtime.chat import ChatSession
+    from kvconvert.runtime.chat import ChatSession, chat_template_ids
 
     from conftest import byte_tokenizer
 
@@ -174,8 +174,7 @@ def test_chat_turns_under_a_policy():
     _, stats = s.reply("second", opts)
     assert rt.lengths[0] <= 16
     assert rt.seen[0] == len(s.cached) > seen  # the token history the cache has seen, longer than after turn one
-    rendered = tok.apply_chat_template(s.messages[:-1], add_generation_prompt=True)
-    rendered = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    rendered = chat_template_ids(tok, s.messages[:-1])
     assert s.cached[: len(rendered)] == rendered[: len(s.cached)]  # a prefix of the conversation, never stale
     rt.truncate(3)  # shorter than what was seen: under a policy, start over
     assert rt.seen == [0] and rt.lengths == [0]

@@ -26,6 +26,13 @@ def stop_tokens(generation_config, tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+def chat_template_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` rendered with the chat template and a generation prompt (a plain list: transformers
+    may return a BatchEncoding)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     n = 0
     for x, y in zip(a[:limit], b[:limit]):
@@ -66,8 +73,7 @@ class ChatSession:
 
     def _render(self) -> list[int]:
         if self.templated:
-            ids = self.tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return chat_template_ids(self.tok, self.messages)
         return self.tok.encode(self.text)  # the whole text every turn, with the tokenizer's BOS as turn one had it
 
     def reply(
