@@ -345,17 +345,20 @@ class LatentRuntime:
         fresh = all(n == 0 for n in self.lengths)  # right-padded rows from slot 0: plain causal attention
         fill = torch.finfo(self.dtype).min
         allowed, masks = {}, {}
-        # With a policy, slots are not positions: a window is judged on each group's slot positions.
-        keys = [(g, policy.states[g].pos[:, None, :S]) for g in range(cfg.num_layer_groups)] if policy else [(None, key)]
-        for w in set(cfg.layer_windows):
-            for g, key_pos in keys if w is not None else [(g, None) for g, _ in keys]:
-                a = key <= qslot
-                if w is not None:
-                    a = a & (qpos - key_pos < w)
-                allowed[w, g] = a
-                masks[w, g] = None if fresh and (w is None or w >= T) else (
-                    torch.zeros(a.shape, dtype=self.dtype, device=self.device).masked_fill(~a, fill)[:, None]
-                )
+
+        def mask_key(w: int | None, g: int) -> tuple:
+            # With a policy, slots are not positions: a window is judged on each group's slot positions. Every
+            # other mask is the same for all groups and built once.
+            return (w, g if policy is not None and w is not None else None)
+
+        for w, g in {mask_key(w, g) for w in set(cfg.layer_windows) for g in range(cfg.num_layer_groups)}:
+            a = key <= qslot
+            if w is not None:
+                a = a & (qpos - (key if g is None else policy.states[g].pos[:, None, :S]) < w)
+            allowed[w, g] = a
+            masks[w, g] = None if fresh and (w is None or w >= T) else (
+                torch.zeros(a.shape, dtype=self.dtype, device=self.device).masked_fill(~a, fill)[:, None]
+            )
         scored = policy is not None and policy.scored
         attention_seen = [torch.zeros(B, S, device=self.device) for _ in range(cfg.num_layer_groups)] if scored else None
         h = m.embed_tokens(ids)
@@ -366,7 +369,7 @@ class LatentRuntime:
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
                 latent, k_rope = self._read_group(g, S)
-            w_g = (cfg.layer_windows[i], g if policy is not None else None)
+            w_g = mask_key(cfg.layer_windows[i], g)
             mask = masks[w_g]
             if policy is not None and mask is not None:
                 mask = mask + self.log_weights(g)[:, None, None, :S].to(self.dtype)  # merged slots: + log(count)
