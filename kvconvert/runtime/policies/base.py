@@ -141,6 +141,7 @@ class TokenBudgetPolicy:
         values = self._values(latent, rope, b)
         w = st.weight[b]
         evict = evict[st.pos[b, evict].argsort()]
+        touched: list[int] = []
         if opening:
             for run in torch.tensor_split(evict, opening):
                 if not run.numel():
@@ -151,6 +152,7 @@ class TokenBudgetPolicy:
                 st.weight[b, slot], st.score[b, slot] = total, st.score[b, run].max()
                 st.pos[b, slot], st.residual[b, slot] = -1, True
                 keep[slot] = True
+                touched.append(int(slot))
         else:
             slots = st.residual[b].nonzero()[:, 0]
             for t in evict.tolist():
@@ -159,8 +161,10 @@ class TokenBudgetPolicy:
                 values[j] = (values[j] * wj + values[t] * wt) / (wj + wt)
                 st.weight[b, j] = wj + wt
                 st.score[b, j] = torch.maximum(st.score[b, j], st.score[b, t])
-        touched = st.residual[b].nonzero()[:, 0]
-        self._store(latent, rope, b, touched, values[touched])
+                touched.append(int(j))
+        # Re-quantize only the slots that changed: a round trip through the quantizer is not exact.
+        touched_slots = torch.tensor(sorted(set(touched)), dtype=torch.long, device=values.device)
+        self._store(latent, rope, b, touched_slots, values[touched_slots])
 
     @staticmethod
     def _values(latent: Stream, rope: Stream | None, b: int) -> torch.Tensor:
