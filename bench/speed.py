@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=16.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--chat-tokens", type=int, default=64, help="new tokens of the chat-turn comparison (0: skip)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps on CUDA")
+    ap.add_argument("--name", default=None, help="result file name (default: speed_cpu or speed_gpu)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,21 +80,30 @@ def main() -> None:
     from kvconvert.runtime.profile import measure_converted_memory, measure_source_memory, time_converted, time_source
 
     cuda = torch.cuda.is_available()
+    graphs = cuda and not args.no_cuda_graphs
+    name = args.name or "speed_" + ("gpu" if cuda else "cpu")
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model = load_for_runtime(args.model, dtype, device).model
     source = load_any(args.source, dtype).model.to(device)
-    points = []
+    points: list[dict] = []
+    result: dict = {"model": args.model, "source": args.source, "dtype": str(dtype).removeprefix("torch."),
+                    "cuda_graphs": graphs, "steps": args.steps, "prefill": not args.no_prefill, "points": points}
+    # The model's trained context bounds the cache (the runtime refuses more): a longer --context is cut to it.
+    longest = model.config.max_position_embeddings - args.steps - 3
     for b in ints(args.batch):
         for c in ints(args.context):
-            rt = time_converted(model, b, c, args.steps, not args.no_prefill, cuda_graphs=cuda)
+            if c > longest:
+                print(f"context {c:,} + {args.steps} steps exceeds the model's {model.config.max_position_embeddings:,} "
+                      f"positions: timing {longest:,}")
+                c = longest
+            rt = time_converted(model, b, c, args.steps, not args.no_prefill, cuda_graphs=graphs)
             hf = time_source(source, b, c, args.steps)
             points.append({"batch": b, "context": c, "runtime": rt, "transformers": hf,
                            "decode_speedup": rt["decode_tokens_per_s"] / hf["decode_tokens_per_s"]})
             print(f"batch {b:3d} context {c:6,d}: runtime {rt['decode_tokens_per_s']:9,.1f} tok/s "
                   f"({rt['achieved_gb_per_s']:7,.1f} GB/s)  transformers {hf['decode_tokens_per_s']:9,.1f} tok/s "
                   f"({hf['achieved_gb_per_s']:7,.1f} GB/s)  × {points[-1]['decode_speedup']:.2f}", flush=True)
-    result: dict = {"model": args.model, "source": args.source, "dtype": str(dtype).removeprefix("torch."),
-                    "cuda_graphs": cuda, "steps": args.steps, "points": points}
+            write_result(name, result)  # after every point: a run cut short keeps what it measured
     if args.chat_tokens:
         result["chat"] = chat_speed(model, source, args.model, args.chat_tokens)
         c = result["chat"]
@@ -112,7 +123,7 @@ def main() -> None:
         r["ratio"] = r["converted_max_batch"] / max(r["source_max_batch"], 1)
         print(f"largest batch at {args.budget_context:,} tokens in {args.budget_gib:g} GiB of cache: converted "
               f"{r['converted_max_batch']:,}, source {r['source_max_batch']:,} (× {r['ratio']:.1f})")
-    path = write_result("speed_" + ("gpu" if cuda else "cpu"), result)
+    path = write_result(name, result)
     print(f"wrote {path}")
 
 

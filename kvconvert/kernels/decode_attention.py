@@ -194,27 +194,34 @@ def _merge_splits_kernel(
     stride_pl_b, stride_pl_split, stride_pl_h,
     stride_out_b, stride_out_h, stride_out_r,
     # meta
-    BLOCK_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Grid (B, H): out = Σ_i 2^(lse_i - M) out_i / Σ_i 2^(lse_i - M), M = max_i lse_i (log2 units)."""
+    """Grid (B, H): out = Σ_i 2^(lse_i - M) out_i / Σ_i 2^(lse_i - M), M = max_i lse_i (log2 units). Splits are read
+    BLOCK_S at a time as one (BLOCK_S, R) tile (independent loads, not a chain of one split per step); an empty
+    split (lse = -inf) wrote no partial output and is masked out of the loads."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_SPLITS)
-    lse = tl.load(PART_LSE + pid_b * stride_pl_b + offs_s * stride_pl_split + pid_h * stride_pl_h,
-                  mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    weights = tl.exp2(lse - lse_max)
-    denom = tl.sum(weights, 0)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
+    lse_row = PART_LSE + pid_b * stride_pl_b + pid_h * stride_pl_h
+    po_row = PART_OUT + pid_b * stride_po_b + pid_h * stride_po_h
+    m = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        m = tl.maximum(m, tl.load(lse_row + offs_s * stride_pl_split, mask=offs_s < NUM_SPLITS, other=float("-inf")))
+    lse_max = tl.max(m, 0)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    po_row = PART_OUT + pid_b * stride_po_b + pid_h * stride_po_h + offs_r * stride_po_r
-    for split in range(NUM_SPLITS):
-        lse_split = tl.load(PART_LSE + pid_b * stride_pl_b + split * stride_pl_split + pid_h * stride_pl_h)
-        if lse_split > float("-inf"):  # an empty split wrote no partial output
-            part = tl.load(po_row + split * stride_po_split, mask=mask_r, other=0.0)
-            acc += tl.exp2(lse_split - lse_max) * part
-    out = acc / denom
+    denom = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        lse = tl.load(lse_row + offs_s * stride_pl_split, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+        written = lse > float("-inf")
+        w = tl.where(written, tl.exp2(lse - lse_max), 0.0)
+        part = tl.load(po_row + offs_s[:, None] * stride_po_split + offs_r[None, :] * stride_po_r,
+                       mask=written[:, None] & mask_r[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+        denom += w
+    out = acc / tl.sum(denom, 0)
     tl.store(OUT + pid_b * stride_out_b + pid_h * stride_out_h + offs_r * stride_out_r,
              out.to(OUT.dtype.element_ty), mask=mask_r)
 
@@ -236,12 +243,13 @@ def _tile_config(block_h: int, block_r2: int, block_wr2: int) -> tuple[int, int]
     return block_t, num_warps
 
 
-def default_num_splits(batch: int, capacity: int, block_t: int, device: torch.device) -> int:
-    """About two programs per SM on CUDA; a few splits in the CPU interpreter. Never more splits than tiles."""
+def default_num_splits(batch: int, capacity: int, block_t: int, device: torch.device, programs_per_sm: int = 2) -> int:
+    """About `programs_per_sm` programs per SM on CUDA; a few splits in the CPU interpreter. Never more splits than
+    tiles."""
     tiles = triton.cdiv(capacity, block_t)
     if device.type == "cuda":
-        want = triton.cdiv(2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
-                           batch)
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        want = triton.cdiv(programs_per_sm * sms, batch)
     else:
         want = 4
     return max(1, min(want, tiles))
@@ -272,7 +280,9 @@ def latent_decode_triton(
 
 
 def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, block_t=None,
-                   log_weights=None):
+                   log_weights=None, num_warps=None, num_stages=None, programs_per_sm=None):
+    """latent_decode_triton with the launch parameters open (tests and bench/kernels.py --sweep): block_t,
+    num_warps, num_stages (None: the defaults below), programs_per_sm (sizes num_splits when that is None)."""
     q = q_lat if q_lat is not None else q_rope
     if q is None:
         raise ValueError("latent_decode needs q_lat or q_rope")
@@ -292,10 +302,11 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     block_r2 = max(16, triton.next_power_of_2(r2))
     block_wr2 = max(16, triton.next_power_of_2(triton.cdiv(WR, 2))) if rope is not None else 16
     block_h = min(max(16, triton.next_power_of_2(H)), _MAX_BLOCK_H)
-    tile_t, num_warps = _tile_config(block_h, block_r2, block_wr2 if rope is not None else 0)
+    tile_t, tile_warps = _tile_config(block_h, block_r2, block_wr2 if rope is not None else 0)
     block_t = block_t or tile_t
+    num_warps = num_warps or tile_warps
     if num_splits is None:
-        num_splits = default_num_splits(B, S, block_t, device)
+        num_splits = default_num_splits(B, S, block_t, device, programs_per_sm or 2)
     num_splits = max(1, int(num_splits))
     chunk = triton.cdiv(triton.cdiv(S, num_splits), block_t) * block_t
 
@@ -344,6 +355,7 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R2=block_r2, BLOCK_WR2=block_wr2,
         num_warps=num_warps,
+        **({"num_stages": num_stages} if num_stages else {}),
         enable_fp_fusion=True,  # code * scale + zero as one FMA
     )
     if not direct:
@@ -351,7 +363,7 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
             part_out, part_lse, out,
             R, num_splits,
             *stride_po, *stride_pl, *out.stride(),
-            BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)), BLOCK_R=triton.next_power_of_2(R),
+            BLOCK_S=min(32, max(2, triton.next_power_of_2(num_splits))), BLOCK_R=triton.next_power_of_2(R),
             num_warps=4, enable_fp_fusion=True,
         )
     return out

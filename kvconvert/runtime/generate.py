@@ -502,19 +502,26 @@ class LatentRuntime:
     def _decode_graph(self, ids: torch.Tensor) -> torch.Tensor:
         if self._graph is None:
             self._static_ids = ids.clone()
-            saved = self.cache.seq_lens.clone()
+            # The eager warm-up steps advance the device-side lengths and positions: put both back after each
+            # (what they wrote into the cache sits in the slot the real step overwrites).
+            saved = [(t, t.clone()) for t in (self.cache.seq_lens, self.positions)]
+
+            def restore() -> None:
+                for t, v in saved:
+                    t.copy_(v)
+
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile the kernels and settle the allocator outside the capture
-                    self.cache.seq_lens.copy_(saved)
+                    restore()
                     self._decode_eager(self._static_ids)
             torch.cuda.current_stream().wait_stream(stream)
-            self.cache.seq_lens.copy_(saved)
+            restore()
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
                 self._static_logits = self._decode_eager(self._static_ids)
-            self.cache.seq_lens.copy_(saved)  # capturing ran nothing, but keep the invariant explicit
+            restore()  # capturing ran nothing, but keep the invariant explicit
         self._static_ids.copy_(ids)
         self._graph.replay()
         return self._static_logits.clone()
