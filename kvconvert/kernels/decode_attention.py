@@ -2,9 +2,12 @@
 # stream). Each program takes all query heads of one batch row (up to 64; more heads tile over the third grid axis)
 # against one chunk of cached positions, dequantizes the latent (and rope) tile in registers once for all heads,
 # runs an fp32 online softmax (exp2, log2e folded into the scale) and writes a partial output and its log-sum-exp;
-# a second kernel, grid (B, H), merges the splits. The whole kernel works on "even/odd halves" of the stream:
-# value 2i and 2i+1 are two (BLOCK_T, BLOCK_W2) tiles, which is what one packed int4 byte holds (low/high nibble),
-# so int4 needs no shuffle; 8/16 bits take the same path with two strided loads.
+# a second kernel, grid (B, H), merges the splits. A tile is (BLOCK_T, width) in natural order, as the standard
+# flash-attention loop has it: the latent is both the keys (scores = q_lat · cᵀ) and the values (acc += p · c), so
+# the one dequantized tile feeds both dots. An int4 byte holds values 2k (low nibble) and 2k+1 (high nibble): each
+# lane loads byte v // 2 and shifts by 4·(v % 2) (the byte comes from L1 twice). The first version split every tile
+# into even/odd halves to avoid that shift; on an H100 that cost 255 registers, spills and eleven shared-memory
+# layout conversions per half-tile, and ran at 2-17% of the copy bandwidth (bench/results/kernels_gpu.json).
 """Triton decode attention over the quantized latent cache: `latent_decode_triton`, same semantics as
 `latent_decode_ref` (reference.py). CUDA-graph safe: the grid depends on shapes and the cache capacity only, the
 valid range of every row is read from `seq_lens` inside the kernel, and the launcher never syncs with the host."""
@@ -25,42 +28,27 @@ _MAX_BLOCK_H = 64
 
 
 @triton.jit
-def _load_even_odd(
+def _load_tile(
     DATA, SCALES,
-    offs_t, mask_t, offs_k, W,
+    offs_t, mask_t, offs_w, W,
     stride_data_s, stride_data_w, stride_scales_s, stride_scales_g, stride_scales_k,
     BITS: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Values 2k and 2k+1 of positions offs_t as two fp32 (BLOCK_T, BLOCK_W2) tiles; 0 where masked."""
-    idx_even = 2 * offs_k
-    idx_odd = 2 * offs_k + 1
-    mask_even = mask_t[:, None] & (idx_even < W)[None, :]
-    mask_odd = mask_t[:, None] & (idx_odd < W)[None, :]
+    """Values offs_w of positions offs_t as an fp32 (BLOCK_T, BLOCK_W) tile; 0 where masked."""
+    mask = mask_t[:, None] & (offs_w < W)[None, :]
     row = offs_t[:, None].to(tl.int64) * stride_data_s  # int64: a cache can exceed 2^31 bytes
     if BITS == 4:
-        # byte k holds value 2k in its low nibble and 2k+1 in its high nibble (W is even at 4 bits)
-        packed = tl.load(DATA + row + offs_k[None, :] * stride_data_w, mask=mask_even, other=0)
-        c_even = (packed & 0xF).to(tl.float32)
-        c_odd = (packed >> 4).to(tl.float32)
+        packed = tl.load(DATA + row + (offs_w // 2)[None, :] * stride_data_w, mask=mask, other=0)
+        codes = ((packed.to(tl.int32) >> (4 * (offs_w % 2))[None, :]) & 0xF).to(tl.float32)
     else:
-        c_even = tl.load(DATA + row + idx_even[None, :] * stride_data_w, mask=mask_even, other=0).to(tl.float32)
-        c_odd = tl.load(DATA + row + idx_odd[None, :] * stride_data_w, mask=mask_odd, other=0).to(tl.float32)
+        codes = tl.load(DATA + row + offs_w[None, :] * stride_data_w, mask=mask, other=0).to(tl.float32)
     if BITS < 16:
         # value = code * scale + zero, (scale, zero) fp16 of quant group v // GROUP
-        srow = SCALES + offs_t[:, None].to(tl.int64) * stride_scales_s
-        g_even = (idx_even // GROUP)[None, :] * stride_scales_g
-        scale_even = tl.load(srow + g_even, mask=mask_even, other=0).to(tl.float32)
-        zero_even = tl.load(srow + g_even + stride_scales_k, mask=mask_even, other=0).to(tl.float32)
-        c_even = c_even * scale_even + zero_even
-        if GROUP % 2 == 0:
-            # values 2k and 2k+1 share their group: one gather serves both halves
-            c_odd = c_odd * scale_even + zero_even
-        else:
-            g_odd = (idx_odd // GROUP)[None, :] * stride_scales_g
-            scale_odd = tl.load(srow + g_odd, mask=mask_odd, other=0).to(tl.float32)
-            zero_odd = tl.load(srow + g_odd + stride_scales_k, mask=mask_odd, other=0).to(tl.float32)
-            c_odd = c_odd * scale_odd + zero_odd
-    return c_even, c_odd
+        sc = SCALES + offs_t[:, None].to(tl.int64) * stride_scales_s + (offs_w // GROUP)[None, :] * stride_scales_g
+        scale = tl.load(sc, mask=mask, other=0).to(tl.float32)
+        zero = tl.load(sc + stride_scales_k, mask=mask, other=0).to(tl.float32)
+        codes = codes * scale + zero
+    return codes
 
 
 @triton.jit
@@ -85,7 +73,7 @@ def _latent_decode_split_kernel(
     HAS_Q_LAT: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOG_W: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_WR2: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_WR: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -100,53 +88,41 @@ def _latent_decode_split_kernel(
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
-    offs_k = tl.arange(0, BLOCK_R2)
-    lat_even = 2 * offs_k < R
-    lat_odd = 2 * offs_k + 1 < R
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
 
     if HAS_Q_LAT:
-        q_row = Q_LAT + pid_b * stride_ql_b + offs_h[:, None] * stride_ql_h
-        q_lat_even = tl.load(q_row + (2 * offs_k)[None, :] * stride_ql_r, mask=mask_h[:, None] & lat_even[None, :],
-                             other=0).to(DOT_DTYPE)
-        q_lat_odd = tl.load(q_row + (2 * offs_k + 1)[None, :] * stride_ql_r,
-                            mask=mask_h[:, None] & lat_odd[None, :], other=0).to(DOT_DTYPE)
+        q_lat = tl.load(Q_LAT + pid_b * stride_ql_b + offs_h[:, None] * stride_ql_h + offs_r[None, :] * stride_ql_r,
+                        mask=mask_h[:, None] & mask_r[None, :], other=0).to(DOT_DTYPE)
     if HAS_ROPE:
-        offs_j = tl.arange(0, BLOCK_WR2)
-        qr_row = Q_ROPE + pid_b * stride_qr_b + offs_h[:, None] * stride_qr_h
-        q_rope_even = tl.load(qr_row + (2 * offs_j)[None, :] * stride_qr_w,
-                              mask=mask_h[:, None] & (2 * offs_j < WR)[None, :], other=0).to(DOT_DTYPE)
-        q_rope_odd = tl.load(qr_row + (2 * offs_j + 1)[None, :] * stride_qr_w,
-                             mask=mask_h[:, None] & (2 * offs_j + 1 < WR)[None, :], other=0).to(DOT_DTYPE)
+        offs_w = tl.arange(0, BLOCK_WR)
+        q_rope = tl.load(Q_ROPE + pid_b * stride_qr_b + offs_h[:, None] * stride_qr_h + offs_w[None, :] * stride_qr_w,
+                         mask=mask_h[:, None] & (offs_w < WR)[None, :], other=0).to(DOT_DTYPE)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc_even = tl.zeros((BLOCK_H, BLOCK_R2), dtype=tl.float32)
-    acc_odd = tl.zeros((BLOCK_H, BLOCK_R2), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_R), dtype=tl.float32)
 
     for tile in range(start, end, BLOCK_T):
         offs_t = tile + tl.arange(0, BLOCK_T)
         mask_t = offs_t < end
-        c_even, c_odd = _load_even_odd(
+        c = _load_tile(
             LAT + row_b * stride_lat_b, LAT_SCALES + row_b * stride_lsc_b,
-            offs_t, mask_t, offs_k, R,
+            offs_t, mask_t, offs_r, R,
             stride_lat_s, stride_lat_w, stride_lsc_s, stride_lsc_g, stride_lsc_k,
             LAT_BITS, LAT_GROUP,
-        )
-        c_even = c_even.to(DOT_DTYPE)
-        c_odd = c_odd.to(DOT_DTYPE)
+        ).to(DOT_DTYPE)
         scores = tl.zeros((BLOCK_H, BLOCK_T), dtype=tl.float32)
         if HAS_Q_LAT:
-            scores = tl.dot(q_lat_even, tl.trans(c_even), scores, input_precision=DOT_PRECISION)
-            scores = tl.dot(q_lat_odd, tl.trans(c_odd), scores, input_precision=DOT_PRECISION)
+            scores = tl.dot(q_lat, tl.trans(c), scores, input_precision=DOT_PRECISION)
         if HAS_ROPE:
-            k_even, k_odd = _load_even_odd(
+            k = _load_tile(
                 ROPE + row_b * stride_rope_b, ROPE_SCALES + row_b * stride_rsc_b,
-                offs_t, mask_t, offs_j, WR,
+                offs_t, mask_t, offs_w, WR,
                 stride_rope_s, stride_rope_w, stride_rsc_s, stride_rsc_g, stride_rsc_k,
                 ROPE_BITS, ROPE_GROUP,
-            )
-            scores = tl.dot(q_rope_even, tl.trans(k_even.to(DOT_DTYPE)), scores, input_precision=DOT_PRECISION)
-            scores = tl.dot(q_rope_odd, tl.trans(k_odd.to(DOT_DTYPE)), scores, input_precision=DOT_PRECISION)
+            ).to(DOT_DTYPE)
+            scores = tl.dot(q_rope, tl.trans(k), scores, input_precision=DOT_PRECISION)
         scores = scores * qk_scale
         if HAS_LOG_W:  # a merged slot standing for w tokens scores log(w) higher (log2 units here)
             log_w = tl.load(LOG_W + row_b * stride_lw_b + offs_t.to(tl.int64) * stride_lw_s, mask=mask_t, other=0)
@@ -158,26 +134,19 @@ def _latent_decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(DOT_DTYPE)
-        acc_even = tl.dot(p, c_even, acc_even * alpha[:, None], input_precision=DOT_PRECISION)
-        acc_odd = tl.dot(p, c_odd, acc_odd * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(DOT_DTYPE), c, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     # a split with no position keeps l = 0 and writes only lse = -inf: with a large capacity most splits are empty
     has_any = l_i > 0
-    inv_l = 1.0 / tl.where(has_any, l_i, 1.0)
-    out_even = acc_even * inv_l[:, None]
-    out_odd = acc_odd * inv_l[:, None]
-    mask_even = mask_h[:, None] & lat_even[None, :]
-    mask_odd = mask_h[:, None] & lat_odd[None, :]
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    mask_out = mask_h[:, None] & mask_r[None, :]
     if DIRECT_OUT:
-        o_row = OUT + pid_b * stride_out_b + offs_h[:, None] * stride_out_h
-        tl.store(o_row + (2 * offs_k)[None, :] * stride_out_r, out_even.to(OUT.dtype.element_ty), mask=mask_even)
-        tl.store(o_row + (2 * offs_k + 1)[None, :] * stride_out_r, out_odd.to(OUT.dtype.element_ty), mask=mask_odd)
+        tl.store(OUT + pid_b * stride_out_b + offs_h[:, None] * stride_out_h + offs_r[None, :] * stride_out_r,
+                 out.to(OUT.dtype.element_ty), mask=mask_out)
     else:
         po_row = PART_OUT + pid_b * stride_po_b + pid_split * stride_po_split + offs_h[:, None] * stride_po_h
-        tl.store(po_row + (2 * offs_k)[None, :] * stride_po_r, out_even, mask=mask_even & has_any[:, None])
-        tl.store(po_row + (2 * offs_k + 1)[None, :] * stride_po_r, out_odd, mask=mask_odd & has_any[:, None])
+        tl.store(po_row + offs_r[None, :] * stride_po_r, out, mask=mask_out & has_any[:, None])
         lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
         tl.store(PART_LSE + pid_b * stride_pl_b + pid_split * stride_pl_split + offs_h * stride_pl_h, lse,
                  mask=mask_h)
@@ -231,15 +200,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _tile_config(block_h: int, block_r2: int, block_wr2: int) -> tuple[int, int]:
-    """(BLOCK_T, num_warps). The dequantized tiles (BLOCK_T x 2 x (BLOCK_R2 + BLOCK_WR2)) and the accumulators
-    (BLOCK_H x 2 x BLOCK_R2) live in registers. Compiled for sm_90 (not yet timed on a GPU), this keeps ptxas free
-    of spills up to R = 1024 at 16 heads and R = 256 at 64 heads; R = 512 with 32+ heads spills a few hundred bytes."""
-    per_position = 2 * (block_r2 + block_wr2)
-    block_t = 64
-    while block_t > 16 and block_t * per_position > 10240:
+def _tile_config(block_h: int, block_r: int, block_wr: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps). The dequantized tile and its scale/zero tiles (3 x BLOCK_T x (BLOCK_R + BLOCK_WR) fp32
+    while it is built) and the accumulator (BLOCK_H x BLOCK_R fp32) live in registers: keep the tile to 32 values
+    per thread. ptxas (sm_90a, Triton 3.9) then reports no spills from R = 32 (64-position tiles, 4 warps, 122
+    registers) to R = 512 (16-position tiles, 8 warps, 174 registers) at 16 heads; R = 1024, or R = 512 at 64 heads,
+    spills a few hundred bytes."""
+    per_position = block_r + block_wr
+    num_warps = 4 if per_position <= 128 and block_h * block_r <= 2048 else 8
+    block_t = 128
+    while block_t > 16 and block_t * per_position > 32 * 32 * num_warps:
         block_t //= 2
-    num_warps = 4 if block_t * per_position + block_h * 2 * block_r2 <= 4096 else 8
     return block_t, num_warps
 
 
@@ -298,11 +269,10 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     S = latent.data.shape[1]
     device = latent.data.device
 
-    r2 = triton.cdiv(R, 2)
-    block_r2 = max(16, triton.next_power_of_2(r2))
-    block_wr2 = max(16, triton.next_power_of_2(triton.cdiv(WR, 2))) if rope is not None else 16
+    block_r = max(16, triton.next_power_of_2(R))
+    block_wr = max(16, triton.next_power_of_2(WR)) if rope is not None else 16
     block_h = min(max(16, triton.next_power_of_2(H)), _MAX_BLOCK_H)
-    tile_t, tile_warps = _tile_config(block_h, block_r2, block_wr2 if rope is not None else 0)
+    tile_t, tile_warps = _tile_config(block_h, block_r, block_wr if rope is not None else 0)
     block_t = block_t or tile_t
     num_warps = num_warps or tile_warps
     if num_splits is None:
@@ -353,7 +323,7 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         HAS_Q_LAT=q_lat is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None,
         HAS_LOG_W=log_weights is not None, DIRECT_OUT=direct,
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
-        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R2=block_r2, BLOCK_WR2=block_wr2,
+        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_WR=block_wr,
         num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}),
         enable_fp_fusion=True,  # code * scale + zero as one FMA
