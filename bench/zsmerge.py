@@ -7,7 +7,8 @@ OUT: SmolLM2 converted to 5% of its cache (`kvconvert convert smollm2 OUT --kv-r
 (through the identity conversion, in kvconvert's runtime) and OUT, with the full cache and each policy × budget:
 perplexity over --window-token windows of Persuasion, scored on the last --score-last tokens (the context before
 them is prefilled and compressed to the budget once, or every --prompt-chunk tokens; the scored tokens then go
-through in 256-token chunks, compressed back to the budget after each),
+through in 256-token chunks, compressed back to the budget after each; with --prompt-only, kvpress's protocol,
+they extend the compressed cache instead),
 and passkey accuracy (greedy, first number = key) at --passkey lengths. Budgets are shares of the window (text) or
 of the prompt (passkey). Writes bench/results/zsmerge_smollm2[_cpu].json.
 """
@@ -26,7 +27,7 @@ from _common import data_file, write_result  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clla", required=True, help="SmolLM2 converted to 5%% (a CLLA folder)")
+    ap.add_argument("--clla", default=None, help="SmolLM2 converted to 5%% (a CLLA folder; needed for the clla-5%% rows)")
     ap.add_argument("--cpu", action="store_true", help="the small CPU preset")
     ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")
     ap.add_argument("--window", type=int, default=4096)
@@ -38,6 +39,9 @@ def main() -> None:
     ap.add_argument("--passkey-trials", type=int, default=None)
     ap.add_argument("--prompt-chunk", type=int, default=None,
                     help="compress the prompt after every N tokens (default: once after the whole prompt, as the paper)")
+    ap.add_argument("--prompt-only", action="store_true",
+                    help="kvpress's protocol: compress the prompt only; the scored tokens extend the compressed cache")
+    ap.add_argument("--models", default="source,clla-5%", help="which of source, clla-5%% to run")
     args = ap.parse_args()
     windows_n = args.windows or (3 if args.cpu else 8)
     budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
@@ -53,9 +57,16 @@ def main() -> None:
 
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     text = read_text(data_file("austen_persuasion.txt", args.text))
-    models = {"source": load_for_runtime("smollm2", dtype, device), "clla-5%": load_clla(args.clla, dtype)}
-    models["clla-5%"].model.to(device)
-    tok = models["source"].tokenizer
+    wanted = args.models.split(",")
+    if "clla-5%" in wanted and not args.clla:
+        sys.exit("error: the clla-5% rows need --clla OUT (or --models source)")
+    models = {}
+    if "source" in wanted:
+        models["source"] = load_for_runtime("smollm2", dtype, device)
+    if "clla-5%" in wanted:
+        models["clla-5%"] = load_clla(args.clla, dtype)
+        models["clla-5%"].model.to(device)
+    tok = next(iter(models.values())).tokenizer
     windows = text_windows(tok, text, args.window, args.window * windows_n)
     rows = []
     for name, loaded in models.items():
@@ -63,7 +74,8 @@ def main() -> None:
             for budget in [1.0] if policy == "full" else budgets:
                 factory = (lambda p=policy, b=budget: make_policy(p, b)) if policy != "full" else (lambda: None)
                 t0 = time.perf_counter()
-                ppl = score_windows_with_policy(loaded.model, windows, factory, args.score_last, prompt_chunk=args.prompt_chunk)
+                ppl = score_windows_with_policy(loaded.model, windows, factory, args.score_last, prompt_chunk=args.prompt_chunk,
+                                                prompt_only=args.prompt_only)
                 gen = runtime_generator(loaded.model, factory, prompt_chunk=args.prompt_chunk)
                 keys = passkey_accuracy(loaded.model, tok, lengths, trials, generate=gen)
                 row = {
@@ -81,8 +93,10 @@ def main() -> None:
     name = "zsmerge_smollm2" + ("_cpu" if args.cpu else "")
     if args.prompt_chunk:
         name += f"_chunk{args.prompt_chunk}"
+    if args.prompt_only:
+        name += "_prompt_only"
     path = write_result(name, {"window": args.window, "score_last": args.score_last, "windows": windows_n,
-                               "prompt_chunk": args.prompt_chunk,
+                               "prompt_chunk": args.prompt_chunk, "prompt_only": args.prompt_only,
                                "passkey_trials": trials, "budgets": budgets, "rows": rows})
     print(f"wrote {path}")
 

@@ -34,6 +34,9 @@ class CllaConfig(PretrainedConfig):
     - `rope_bits` (16, 8, 4): rope-key storage; quantized in groups of `rope_quant_group` = gcd(rope_dim,
       kv_quant_group) dims of each rope head, one fp16 scale and zero-point per group.
     - `layer_windows`: per layer, a sliding-window length or None (full attention).
+    - `qk_norm`: per-head RMSNorm of queries and keys before RoPE (Qwen3). Exact only while every key dim is a rope
+      dim of its own kv head (the identity plan: qk_nope_dim 0, rope_heads = num_key_value_heads, rope_dim =
+      head_dim); compressed plans of such sources need the key norm kept beside the latent (not built yet).
     - `source_name`, `source_kv_bytes_per_token`: what the model was converted from and its 16-bit KV figure.
     """
 
@@ -68,6 +71,7 @@ class CllaConfig(PretrainedConfig):
         kv_bits: int = 16,
         kv_quant_group: int = 32,
         rope_bits: int = 16,
+        qk_norm: bool = False,
         source_name: str | None = None,
         source_model_type: str | None = None,
         source_kv_bytes_per_token: int | None = None,
@@ -115,6 +119,7 @@ class CllaConfig(PretrainedConfig):
         self.kv_bits = kv_bits
         self.kv_quant_group = kv_quant_group
         self.rope_bits = rope_bits
+        self.qk_norm = qk_norm
         self.source_name = source_name
         self.source_model_type = source_model_type
         self.source_kv_bytes_per_token = source_kv_bytes_per_token
@@ -167,6 +172,8 @@ class CllaConfig(PretrainedConfig):
             )
         if self.qk_nope_dim + self.rope_dim < 1:
             raise ValueError("queries need at least one dim (qk_nope_dim + rope_dim)")
+        if self.qk_norm and (self.qk_nope_dim or self.rope_heads != self.num_key_value_heads or self.rope_dim != self.head_dim):
+            raise ValueError("qk_norm needs keys that are whole rope heads of their kv heads (the identity plan)")
 
     @property
     def rope_quant_group(self) -> int:

@@ -120,13 +120,14 @@ def passkey_prompt(tokenizer, length: int, key: int, depth: float) -> list[int]:
 @torch.no_grad()
 def score_windows_with_policy(
     model, windows: torch.Tensor, policy_factory, score_last: int, chunk: int = 256, prompt_chunk: int | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, prompt_only: bool = False,
 ) -> dict:
     """Perplexity of the last `score_last` tokens of each (N, W) window, run through the latent-cache runtime with
     a cache policy (`policy_factory()` -> a fresh policy, or None for the full cache): the first W - score_last
     tokens are the prompt, prefilled and compressed to the budget once (as ZSMerge and kvpress do) or after every
     `prompt_chunk` tokens; the scored tokens then go through in chunks of `chunk`, compressed back to the budget
-    after each. Budget shares are of the window length W."""
+    after each, or with `prompt_only` (kvpress's protocol) added to the compressed prompt uncompressed. Budget
+    shares are of the window length W."""
     from .runtime.generate import LatentRuntime
 
     N, W = windows.shape
@@ -138,10 +139,12 @@ def score_windows_with_policy(
         policy = policy_factory()
         ctx = W - score_last
         first = min(prompt_chunk or ctx, ctx)
-        capacity = W if policy is None else policy.slots(W) + max(first, chunk)
+        capacity = W if policy is None else policy.slots(W) + max(first, W - ctx if prompt_only else chunk)
         rt = LatentRuntime(model, 1, capacity, cuda_graphs=False, policy=policy, context=W)
         ids = windows[n : n + 1].to(device)
         logits = [rt.prefill_chunked(ids[:, :ctx], [ctx], chunk=first if policy is not None else None)[:, None]]
+        if prompt_only and policy is not None:
+            policy.hold()
         for lo in range(ctx, W - 1, chunk):
             part = ids[:, lo : min(lo + chunk, W - 1)]
             logits.append(rt.prefill(part, [part.shape[1]], all_logits=True))

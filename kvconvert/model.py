@@ -82,6 +82,14 @@ class CllaLatentProjection(nn.Module):
             if config.rope_dim
             else None
         )
+        # Qwen3: keys are RMS-normed per head before RoPE (a rope head is a whole kv head then: see CllaConfig)
+        self.k_norm = CllaRMSNorm(config.rope_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def rope_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, hidden) -> rope keys before RoPE, (B, T, Hr, Dr)."""
+        cfg = self.config
+        k = self.rope_proj(x).view(*x.shape[:2], cfg.rope_heads, cfg.rope_dim)
+        return self.k_norm(k) if self.k_norm is not None else k
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, hidden) -> latent (B, T, R) quantized as cached, rope keys (B, Hr, T, Dr) after RoPE."""
@@ -90,7 +98,7 @@ class CllaLatentProjection(nn.Module):
         latent = fake_quantize(self.kv_down(x), cfg.kv_bits, cfg.kv_quant_group)
         if self.rope_proj is None:
             return latent, x.new_zeros(B, 1, T, 0)
-        k_rope = self.rope_proj(x).view(B, T, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
+        k_rope = self.rope_keys(x).transpose(1, 2)
         k_rope = fake_quantize(apply_rope(k_rope, cos, sin), cfg.rope_bits, cfg.rope_quant_group)
         return latent, k_rope
 
@@ -106,6 +114,7 @@ class CllaAttention(nn.Module):
         self.k_up = nn.Linear(R, K * Dn, bias=config.qkv_bias) if Dn else None
         self.v_up = nn.Linear(R, K * Dv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * Dv, config.hidden_size, bias=config.o_bias)
+        self.q_norm = CllaRMSNorm(Dn + Dr, config.rms_norm_eps) if config.qk_norm else None  # Qwen3, per head
 
     def forward(
         self,
@@ -123,7 +132,8 @@ class CllaAttention(nn.Module):
         S = latent.shape[1]
         H, K = cfg.num_attention_heads, cfg.num_key_value_heads
         Dn, Dr, Dv = cfg.qk_nope_dim, cfg.rope_dim, cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, Dn + Dr).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, H, Dn + Dr)
+        q = (self.q_norm(q) if self.q_norm is not None else q).transpose(1, 2)
         v = self.v_up(latent).view(B, S, K, Dv).transpose(1, 2).repeat_interleave(H // K, dim=1)
         q_parts, k_parts = [], []
         if Dn:

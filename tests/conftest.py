@@ -17,6 +17,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import kvconvert  # noqa: F401  (registers clla)
@@ -29,10 +31,12 @@ CHAT_TEMPLATE = (
 
 ARCHS = {
     # Llama with every bias switched on, Mistral with a sliding window shorter than the test sequences,
-    # Qwen2 with its q/k/v biases: the awkward cases of each family.
+    # Qwen2 with its q/k/v biases, Qwen3 with its per-head query/key norms (random gains) and attention biases:
+    # the awkward cases of each family.
     "llama": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=7)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict()),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(attention_bias=True)),
 }
 
 

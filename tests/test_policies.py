@@ -178,3 +178,39 @@ def test_chat_turns_under_a_policy():
     assert s.cached[: len(rendered)] == rendered[: len(s.cached)]  # a prefix of the conversation, never stale
     rt.truncate(3)  # shorter than what was seen: under a policy, start over
     assert rt.seen == [0] and rt.lengths == [0]
+
+
+@pytest.mark.parametrize("name", ["zsmerge", "h2o"])
+def test_hold_stops_compressing_and_keeps_the_merged_slots(name):
+    """kvpress's protocol (compress the prompt only): after hold() new tokens add slots and nothing is evicted or
+    re-merged; the compressed prompt's slots, weights included, stay as they were."""
+    model = tiny_clla(4)
+    budget = 10
+    rt = LatentRuntime(model, 1, 40, policy=make_policy(name, budget), context=200)
+    rt.prefill(torch.tensor([prompt(30, seed=4)]), [30])
+    assert rt.lengths == [budget]
+    st = rt.policy.states[0]
+    before = (st.pos[0, :budget].clone(), st.weight[0, :budget].clone())
+    rt.policy.hold()
+    rt.prefill(torch.tensor([prompt(20, seed=5)]), [20])
+    for t in range(5):
+        rt.decode(torch.tensor([t]))
+    assert rt.lengths == [budget + 25] and rt.seen == [55]
+    assert torch.equal(st.pos[0, :budget], before[0]) and torch.equal(st.weight[0, :budget], before[1])
+    assert st.pos[0, budget : budget + 25].tolist() == list(range(30, 55))
+
+
+def test_prompt_only_scoring_differs_from_holding_the_budget():
+    """score_windows_with_policy(prompt_only=True) compresses the prompt alone: with a budget far below the scored
+    span the two protocols differ, and the prompt-only one sees more of the text."""
+    from kvconvert.evaluate import score_windows_with_policy
+
+    model = tiny_clla(16)
+    windows = torch.tensor([prompt(64, seed=6)])
+    factory = lambda: make_policy("h2o", 8)  # noqa: E731
+    held = score_windows_with_policy(model, windows, factory, score_last=32, chunk=8)
+    prompt_only = score_windows_with_policy(model, windows, factory, score_last=32, chunk=8, prompt_only=True)
+    full = score_windows_with_policy(model, windows, lambda: None, score_last=32, chunk=8)
+    assert held["predictions"] == prompt_only["predictions"] == full["predictions"] == 32
+    assert prompt_only["nll"] != held["nll"]
+    assert abs(prompt_only["nll"] - full["nll"]) < abs(held["nll"] - full["nll"])

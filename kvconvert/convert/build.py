@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CllaConfig
+from ..errors import KvconvertError
 from ..model import CllaForCausalLM
 from .calibrate import Calibration
 from .identity import identity_config
@@ -68,6 +69,8 @@ class Compressor:
     def __init__(self, source_model, model_type: str, source_name: str, cal: Calibration):
         self.src = source_model
         self.base = identity_config(source_model.config, model_type, source_name)
+        if self.base.qk_norm:
+            raise KvconvertError(f"{source_name}: compressed plans of a {model_type} source (per-head key norm) are not built yet")
         self.cal = cal
         c = self.base
         self.H, self.K, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim

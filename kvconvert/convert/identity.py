@@ -14,6 +14,7 @@ import torch
 from ..config import CllaConfig, source_kv_bytes_per_token
 from ..errors import KvconvertError
 from ..model import CllaForCausalLM
+from .source import QK_NORM_ARCHITECTURES
 
 
 def source_rope(hf_config, model_type: str) -> tuple[list[float], float]:
@@ -43,7 +44,7 @@ def source_biases(hf_config, model_type: str) -> tuple[bool, bool, bool]:
     mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
     if model_type == "qwen2":
         return True, False, mlp_bias
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3"):
         b = bool(getattr(hf_config, "attention_bias", False))
         return b, b, mlp_bias
     return False, False, mlp_bias
@@ -83,6 +84,7 @@ def identity_config(hf_config, model_type: str, source_name: str) -> CllaConfig:
         rope_heads=K,
         rope_freq_index=[[list(range(D // 2)) for _ in range(K)] for _ in range(L)],
         kv_bits=16,
+        qk_norm=model_type in QK_NORM_ARCHITECTURES,
         source_name=source_name,
         source_model_type=model_type,
         source_kv_bytes_per_token=source_kv_bytes_per_token(L, K, D),
@@ -129,6 +131,9 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
         sd[g + "rope_proj.weight"] = a.k_proj.weight.detach()
         if a.k_proj.bias is not None:
             sd[g + "rope_proj.bias"] = a.k_proj.bias.detach()
+        if config.qk_norm:  # per-head norms: the query's in the layer, the key's where the rope keys are made
+            sd[p + "self_attn.q_norm.weight"] = a.q_norm.weight.detach()
+            sd[g + "k_norm.weight"] = a.k_norm.weight.detach()
     return sd
 
 

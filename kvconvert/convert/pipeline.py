@@ -19,7 +19,7 @@ from ..distill import dist
 from ..distill.run import checkpoint_dir, distill_student, load_initial, prepare_checkpoint_dir
 from ..distill.train import DistillOptions, check_distill_options
 from .identity import build_identity
-from .source import load_source, resolve
+from .source import QK_NORM_ARCHITECTURES, load_source, model_type_of, resolve
 
 Log = Callable[[str], None]
 
@@ -165,6 +165,11 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
             prepare_checkpoint_dir(ckpt, opts.resume, opts.force)
         dist.barrier(world)
     ref = resolve(src)
+    if not opts.identity and not opts.resume and model_type_of(ref) in QK_NORM_ARCHITECTURES:
+        raise KvconvertError(
+            f"{ref.name}: {model_type_of(ref)} normalizes each key head before RoPE; compressed plans of it need that "
+            "norm kept exact beside the latent, which is not built yet (--identity converts it exactly)"
+        )
     t0 = time.perf_counter()
     opts.log(f"loading {ref.name}")
     source = load_source(ref, dtype=torch.float32)

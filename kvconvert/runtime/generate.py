@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import KvconvertError
 from ..kernels import decode_streams, dequantize_stream, latent_attention_weights, latent_decode, quantize_append
@@ -104,6 +105,7 @@ class AbsorbedLayer:
     w_uv_t: torch.Tensor | None
     b_uv: torch.Tensor | None
     window: int | None
+    q_norm: nn.Module | None = None  # Qwen3's per-head query norm (no folding through it: its keys are all rope)
 
 
 def absorb_layer(attn, cfg, window: int | None) -> AbsorbedLayer:
@@ -117,7 +119,7 @@ def absorb_layer(attn, cfg, window: int | None) -> AbsorbedLayer:
     cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
     q_weight, q_bias, q_width = attn.q_proj.weight, attn.q_proj.bias, Dn
     w_uk = attn.k_up.weight.view(K, Dn, R) if Dn else None
-    if Dn > 0 and H * R * hidden <= H * Dn * hidden + K * Dn * R:
+    if Dn > 0 and attn.q_norm is None and H * R * hidden <= H * Dn * hidden + K * Dn * R:
         uk = w_uk.float().repeat_interleave(G, 0)  # (H, Dn, R): query head h reads kv head h // G
         wq = attn.q_proj.weight.float().view(H, Dn + Dr, hidden)
         q_weight = cast(torch.cat((torch.einsum("hdr,hdi->hri", uk, wq[:, :Dn]), wq[:, Dn:]), 1).reshape(-1, hidden))
@@ -134,8 +136,8 @@ def absorb_layer(attn, cfg, window: int | None) -> AbsorbedLayer:
         if b_uv is not None:  # the value bias passes through attention unchanged, then through W_o
             o_bias = (0 if o_bias is None else o_bias) + wo @ b_uv.float()
         return AbsorbedLayer(q_weight, q_bias, q_width, w_uk, cast(o_weight.reshape(hidden, H * R)), cast(o_bias),
-                             None, None, window)
-    return AbsorbedLayer(q_weight, q_bias, q_width, w_uk, None, None, w_uv.transpose(1, 2), b_uv, window)
+                             None, None, window, attn.q_norm)
+    return AbsorbedLayer(q_weight, q_bias, q_width, w_uk, None, None, w_uv.transpose(1, 2), b_uv, window, attn.q_norm)
 
 
 class LatentRuntime:
@@ -264,7 +266,7 @@ class LatentRuntime:
         B, T, _ = x.shape
         quantize_append(self.cache.latent(g), proj.kv_down(x), start)
         if proj.rope_proj is not None:
-            k_rope = proj.rope_proj(x).view(B, T, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
+            k_rope = proj.rope_keys(x).transpose(1, 2)
             k_rope = apply_rope(k_rope, cos, sin).transpose(1, 2).reshape(B, T, -1)
             quantize_append(self.cache.rope(g), k_rope, start)
 
@@ -286,6 +288,8 @@ class LatentRuntime:
         H, K, Hr, Dr, R, _ = self.dims
         Q = lay.q_width
         q = F.linear(x, lay.q_weight, lay.q_bias).view(N, H, Q + Dr)
+        if lay.q_norm is not None:
+            q = lay.q_norm(q)
         q_lat = None
         if Q:
             q_lat = q[..., :Q]

@@ -77,6 +77,12 @@ class TokenBudgetPolicy:
             for _ in range(groups)
         ]
 
+    def hold(self) -> None:
+        """Compress no more: what is cached stays as it is (merged slots keep their weights) and new tokens take
+        fresh slots up to the capacity. kvpress's protocol, which compresses only the prompt."""
+        if self.states:
+            self.n_slots = self.states[0].pos.shape[1]
+
     def reset(self) -> None:
         for s in self.states:
             s.pos.zero_(), s.weight.fill_(1.0), s.score.zero_(), s.residual.zero_()

@@ -1,0 +1,158 @@
+"""Outside reference for the cache policies: NVIDIA kvpress's presses on the source model, same text and budgets.
+
+kvpress pins transformers < 5.3, so it runs in a virtual environment of its own that reuses this machine's torch:
+
+    python -m venv --system-site-packages .venv-kvpress
+    .venv-kvpress/bin/pip install "kvpress==0.5.5" "transformers>=5.0,<5.3"
+    .venv-kvpress/bin/python bench/kvpress_ref.py --cpu      # 3 windows, budgets 5% and 25%, passkey 2k x 10
+
+kvpress's protocol: a press compresses the context once, during its prefill; what follows (the scored tokens, the
+question) extends the compressed cache uncompressed. So, for every press × budget and the full cache:
+perplexity of the last --score-last tokens of each --window-token window of Persuasion, the first W - score_last
+tokens being the compressed context (the same windows as bench/zsmerge.py; compare with its --prompt-only rows,
+which run kvconvert's policies under this protocol), and passkey accuracy at --passkey lengths (the filler and the
+hidden key are the context, the question "What is the pass key?" is not compressed; greedy, first number = key).
+Budgets are kept tokens as a share of the window (text) or of the whole prompt (passkey), as in bench/zsmerge.py.
+Writes bench/results/kvpress_smollm2[_cpu].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from _common import data_file, write_result  # noqa: E402
+
+
+def make_press(name: str, ratio: float):
+    from kvpress import ExpectedAttentionPress, SnapKVPress, StreamingLLMPress
+
+    if name == "streaming":
+        return StreamingLLMPress(compression_ratio=ratio, n_sink=4)
+    if name == "snapkv":
+        return SnapKVPress(compression_ratio=ratio)
+    if name == "expected_attention":
+        return ExpectedAttentionPress(compression_ratio=ratio)
+    raise SystemExit(f"error: unknown press {name!r}")
+
+
+@torch.no_grad()
+def compressed_prefill(model, press, context: torch.Tensor, keep: int):
+    """Prefill `context` (1, C) under `press` (compressed to about `keep` tokens): (cache, logits of the next token)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    if press is None:
+        return cache, model(input_ids=context, past_key_values=cache, logits_to_keep=1).logits
+    with press(model):
+        logits = model(input_ids=context, past_key_values=cache, logits_to_keep=1).logits
+    kept = cache.get_seq_length()
+    if abs(kept - keep) > 1:
+        raise RuntimeError(f"press kept {kept} tokens, expected {keep}")
+    return cache, logits
+
+
+@torch.no_grad()
+def extend(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Run ids (1, T) over the (compressed) cache at their true positions start.. (uncompressed); logits (1, T, V)."""
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+    return model(input_ids=ids, past_key_values=cache, position_ids=positions).logits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="the small CPU preset")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")
+    ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--score-last", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=None)
+    ap.add_argument("--budgets", default=None)
+    ap.add_argument("--presses", default="streaming,snapkv,expected_attention")
+    ap.add_argument("--passkey", default=None)
+    ap.add_argument("--passkey-trials", type=int, default=None)
+    args = ap.parse_args()
+    windows_n = args.windows or (3 if args.cpu else 8)
+    budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
+    lengths = [int(n) for n in (args.passkey or ("2048" if args.cpu else "2048,4096,8000")).split(",") if n]
+    trials = args.passkey_trials or (10 if args.cpu else 50)
+
+    import kvpress
+    import transformers
+
+    from kvconvert.convert.source import load_source, resolve
+    from kvconvert.evaluate import PASSKEY_QUESTION, passkey_prompt, read_text, text_windows
+
+    transformers.utils.logging.disable_progress_bar()
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    src = load_source(resolve(args.model), dtype=dtype)
+    model, tok = src.model.to(device).eval(), src.tokenizer
+    text = read_text(data_file("austen_persuasion.txt", args.text))
+    windows = text_windows(tok, text, args.window, args.window * windows_n)
+    W, ctx = windows.shape[1], windows.shape[1] - args.score_last
+    question = tok(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
+
+    rows = []
+    for press_name in ["full", *args.presses.split(",")]:
+        for budget in [1.0] if press_name == "full" else budgets:
+            t0 = time.perf_counter()
+            keep = math.ceil(budget * W)
+            press = None if press_name == "full" else make_press(press_name, 1 - keep / ctx)
+            nll, count = 0.0, 0
+            for n in range(windows.shape[0]):
+                ids = windows[n : n + 1].to(device)
+                cache, first = compressed_prefill(model, press, ids[:, :ctx], keep)
+                logits = torch.cat([first, extend(model, cache, ids[:, ctx:-1], ctx)], 1)
+                logp = F.log_softmax(logits.float(), -1)
+                nll -= logp.gather(-1, ids[:, ctx:, None]).sum().item()
+                count += W - ctx
+            rng = random.Random(0)  # the same keys and depths as kvconvert.evaluate.passkey_accuracy
+            passkey = {}
+            for length in lengths:
+                hits = 0
+                for t in range(trials):
+                    key = rng.randint(10000, 99999)
+                    ids = passkey_prompt(tok, length, key, (t + 0.5) / trials)
+                    if ids[-len(question):] != question:
+                        raise RuntimeError("the passkey prompt does not end with the question")
+                    context, asked = ids[: -len(question)], ids[-len(question):]
+                    keep_p = math.ceil(budget * len(ids))
+                    p = None if press is None else make_press(press_name, 1 - keep_p / len(context))
+                    cache, _ = compressed_prefill(model, p, torch.tensor([context], device=device), keep_p)
+                    logits = extend(model, cache, torch.tensor([asked], device=device), len(context))[:, -1]
+                    new, pos = [], len(ids)
+                    for _ in range(8):  # greedy, over the same cache
+                        new.append(int(logits.argmax(-1)))
+                        logits = extend(model, cache, torch.tensor([[new[-1]]], device=device), pos)[:, -1]
+                        pos += 1
+                    found = re.search(r"\d+", tok.decode(new, skip_special_tokens=True))
+                    hits += int(found is not None and found.group() == str(key))
+                passkey[str(length)] = hits / trials
+            row = {"press": press_name, "budget": budget, "perplexity": math.exp(nll / count), "predictions": count,
+                   "passkey": passkey, "seconds": round(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            print(f"{press_name:18s} {budget:5.2f}: ppl {row['perplexity']:9.3f}  passkey {passkey}  ({row['seconds']} s)",
+                  flush=True)
+    full = rows[0]["perplexity"]
+    for row in rows:
+        row["ppl_vs_full"] = row["perplexity"] / full
+    path = write_result("kvpress_smollm2" + ("_cpu" if args.cpu else ""), {
+        "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
+        "transformers_in_venv": transformers.__version__, "window": W, "score_last": args.score_last,
+        "windows": windows_n, "passkey_trials": trials, "budgets": budgets, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
