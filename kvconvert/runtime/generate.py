@@ -261,7 +261,6 @@ class LatentRuntime:
     # ------------------------------------------------------------------ attention paths
     def _append(self, g: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: torch.Tensor) -> None:
         """Quantize group g's latent and rope keys of x (B, T, hidden) into the cache at start[b] + t."""
-        cfg = self.config
         proj = self.model.model.latent_proj[g]
         B, T, _ = x.shape
         quantize_append(self.cache.latent(g), proj.kv_down(x), start)
