@@ -34,6 +34,9 @@ class CllaConfig(PretrainedConfig):
     - `rope_bits` (16, 8, 4): rope-key storage; quantized in groups of `rope_quant_group` = gcd(rope_dim,
       kv_quant_group) dims of each rope head, one fp16 scale and zero-point per group.
     - `layer_windows`: per layer, a sliding-window length or None (full attention).
+    - `embed_scale`: token embeddings are multiplied by it (in the weights' dtype), as Gemma does (sqrt(hidden)).
+    - `sandwich_norms`: RMSNorms on the attention output and on the MLP output too (Gemma 2/3's four norms per
+      layer), besides the usual pre-attention and pre-MLP ones.
     - `qk_norm`: per-head RMSNorm of queries and keys before RoPE (Qwen3). Exact only while every key dim is a rope
       dim of its own kv head (the identity plan: qk_nope_dim 0, rope_heads = num_key_value_heads, rope_dim =
       head_dim); compressed plans of such sources need the key norm kept beside the latent (not built yet).
@@ -72,6 +75,8 @@ class CllaConfig(PretrainedConfig):
         kv_quant_group: int = 32,
         rope_bits: int = 16,
         qk_norm: bool = False,
+        embed_scale: float = 1.0,
+        sandwich_norms: bool = False,
         source_name: str | None = None,
         source_model_type: str | None = None,
         source_kv_bytes_per_token: int | None = None,
@@ -120,6 +125,8 @@ class CllaConfig(PretrainedConfig):
         self.kv_quant_group = kv_quant_group
         self.rope_bits = rope_bits
         self.qk_norm = qk_norm
+        self.embed_scale = embed_scale
+        self.sandwich_norms = sandwich_norms
         self.source_name = source_name
         self.source_model_type = source_model_type
         self.source_kv_bytes_per_token = source_kv_bytes_per_token

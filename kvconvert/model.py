@@ -177,8 +177,19 @@ class CllaDecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = CllaAttention(config, layer_idx)
-        self.post_attention_layernorm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)  # the pre-MLP norm
         self.mlp = CllaMLP(config)
+        if config.sandwich_norms:  # Gemma: the attention's and the MLP's outputs are normed before the residual add
+            self.attn_out_norm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.mlp_out_norm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.sandwich = config.sandwich_norms
+
+    def attn_residual(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        return h + (self.attn_out_norm(attn_out) if self.sandwich else attn_out)
+
+    def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(self.post_attention_layernorm(h))
+        return h + (self.mlp_out_norm(out) if self.sandwich else out)
 
     def forward(self, h, latent, k_rope, cos, sin, mask, latent_proj=None, cache=None, group: int = 0):
         """h (B, T, hidden) -> (h, latent, k_rope). The group's first layer passes its `latent_proj`: the latent and
@@ -189,9 +200,8 @@ class CllaDecoderLayer(nn.Module):
             if cache is not None:
                 latent4, k_rope = cache.update(latent[:, None], k_rope, group)
                 latent = latent4[:, 0]
-        h = h + self.self_attn(x, latent, k_rope, cos, sin, mask)
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, latent, k_rope
+        h = self.attn_residual(h, self.self_attn(x, latent, k_rope, cos, sin, mask))
+        return self.mlp_residual(h), latent, k_rope
 
 
 def build_attention_mask(
@@ -237,6 +247,11 @@ class CllaModel(CllaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        scale = self.config.embed_scale
+        return h if scale == 1.0 else h * torch.tensor(scale, dtype=h.dtype)  # rounded to the dtype, as Gemma does
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -250,7 +265,7 @@ class CllaModel(CllaPreTrainedModel):
         """Final normed hidden (B, T, hidden), the cache, and (with output_hidden_states) the embeddings then
         each layer's output, as transformers orders them (the last entry is the final normed hidden)."""
         cfg = self.config
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = h.shape
         if use_cache and cache is None:
             cache = DynamicCache()

@@ -17,6 +17,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -31,12 +33,19 @@ CHAT_TEMPLATE = (
 
 ARCHS = {
     # Llama with every bias switched on, Mistral with a sliding window shorter than the test sequences,
-    # Qwen2 with its q/k/v biases, Qwen3 with its per-head query/key norms (random gains) and attention biases:
-    # the awkward cases of each family.
+    # Qwen2 with its q/k/v biases, Qwen3 with its per-head query/key norms (random gains) and attention biases,
+    # Gemma 3 with all of its own (scaled embeddings, four 1 + w norms per layer, a softmax scale from
+    # query_pre_attn_scalar, sliding and global layers with different RoPE bases): the awkward cases of each family.
     "llama": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=7)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict()),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(attention_bias=True)),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        attention_bias=True, query_pre_attn_scalar=24, sliding_window=7,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+    )),
 }
 
 

@@ -49,7 +49,7 @@ def test_unsupported_architecture(tmp_path, model_type):
     (src / "config.json").write_text(json.dumps({"model_type": model_type}))
     (src / "model.safetensors").write_bytes(b"")
     r = run("convert", src, tmp_path / "out", "--identity")
-    assert_one_line_error(r, model_type, "Llama, Mistral, Qwen2")
+    assert_one_line_error(r, model_type, "Llama, Mistral, Qwen2, Qwen3, Gemma 3")
     assert not (tmp_path / "out").exists()
 
 

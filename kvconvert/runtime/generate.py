@@ -364,7 +364,7 @@ class LatentRuntime:
             )
         scored = policy is not None and policy.scored
         attention_seen = [torch.zeros(B, S, device=self.device) for _ in range(cfg.num_layer_groups)] if scored else None
-        h = m.embed_tokens(ids)
+        h = m.embed(ids)
         latent = k_rope = None
         for i, layer in enumerate(m.layers):
             g = self.group_of[i]
@@ -376,10 +376,10 @@ class LatentRuntime:
             mask = masks[w_g]
             if policy is not None and mask is not None:
                 mask = mask + self.log_weights(g)[:, None, None, :S].to(self.dtype)  # merged slots: + log(count)
-            h = h + layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask)
+            h = layer.attn_residual(h, layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask))
             if scored:
                 attention_seen[g] += self._prompt_attention(i, x, cos[g], sin[g], latent, k_rope, allowed[w_g], n_new)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = layer.mlp_residual(h)
         lengths = torch.tensor(n_new, dtype=torch.int32, device=self.device)
         self.cache.seq_lens += lengths
         self.positions += lengths
@@ -472,7 +472,7 @@ class LatentRuntime:
             if self.policy.scored:
                 self._attention_seen = [torch.zeros(ids.shape[0], self.cache.capacity, device=self.device)
                                         for _ in range(cfg.num_layer_groups)]
-        h = m.embed_tokens(ids[:, None])
+        h = m.embed(ids[:, None])
         streams = None
         for i, layer in enumerate(m.layers):
             g = self.group_of[i]
@@ -480,8 +480,8 @@ class LatentRuntime:
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
                 streams = decode_streams(self.cache.latent(g), self.cache.rope(g), lens)
-            h = h + self._decode_attention(i, x, cos[g], sin[g], lens, streams)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = layer.attn_residual(h, self._decode_attention(i, x, cos[g], sin[g], lens, streams))
+            h = layer.mlp_residual(h)
         self.cache.seq_lens.copy_(lens)
         self.positions += 1
         return self.model.lm_head(m.norm(h[:, 0]))

@@ -29,7 +29,7 @@ def source_param_count(cfg: CllaConfig) -> int:
     if cfg.qk_norm:
         attn += 2 * D  # per-head query and key norm gains
     mlp = 3 * h * I + ((2 * I + h) if cfg.mlp_bias else 0)
-    per_layer = attn + mlp + 2 * h
+    per_layer = attn + mlp + (4 if cfg.sandwich_norms else 2) * h
     return V * h + cfg.num_hidden_layers * per_layer + h + (0 if cfg.tie_word_embeddings else V * h)
 
 
