@@ -196,6 +196,9 @@ def convert(
     kv_bits: Annotated[Optional[int], typer.Option(help="Latent bits: 16, 8 or 4.")] = None,
     rope_bits: Annotated[Optional[int], typer.Option(help="Rope-key bits: 16, 8 or 4.")] = None,
     quant_group: Annotated[Optional[int], typer.Option(help="Values per quantization scale/zero-point.")] = None,
+    target: Annotated[
+        str, typer.Option(help="clla: any plan; deepseek-v3: only plans `kvconvert export --format deepseek-v3` can write (one latent per layer, one shared rope key, a normed 16-bit latent).")
+    ] = "clla",
     data: Annotated[
         Optional[list[Path]], typer.Option(help="Calibration text (.txt, or .jsonl with a 'text' field); repeatable. Default: text sampled from the source.")
     ] = None,
@@ -232,14 +235,18 @@ def convert(
     then train it from the source (checkpoints in OUT.distill, resumable with --resume; runs data-parallel under
     torchrun)."""
     from .convert.pipeline import ConvertOptions, convert as run_convert
-    from .convert.plan import Overrides
+    from .convert.plan import TARGETS, Overrides
 
     distill = distill_options(locals(), distill_tokens, data) if distill_tokens is not None else None
     set_threads(threads)
     overrides = Overrides(
         latent_dim=latent_dim, group_size=group_size, rope_dim=rope_dim, rope_heads=rope_heads, kv_bits=kv_bits,
-        rope_bits=rope_bits, quant_group=quant_group,
+        rope_bits=rope_bits, quant_group=quant_group, target=target,
     )
+    if target not in TARGETS:
+        raise KvconvertError(f"--target must be one of {', '.join(TARGETS)}; got {target}")
+    if identity and target != "clla":
+        raise KvconvertError("--identity is the exact conversion: it takes no --target")
     with progress_bar() as bar:
         progress = task_progress(bar)
         opts = ConvertOptions(
@@ -342,6 +349,34 @@ def distill(
         print_json(record)
         return
     out.print(distill_table(record["distill"][-1]))
+
+
+# ----------------------------------------------------------------------------------------------- export
+EXPORT_FORMATS = ("deepseek-v3",)
+
+
+@app.command()
+@user_errors
+def export(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A converted CLLA folder.")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="Output folder (written atomically).")],
+    fmt: Annotated[str, typer.Option("--format", help="deepseek-v3: transformers' DeepseekV3ForCausalLM, as vLLM and SGLang serve it.")] = "deepseek-v3",
+    force: Annotated[bool, typer.Option("--force", help="Replace DEST if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the export summary as JSON.")] = False,
+):
+    """Export a converted model to another format. deepseek-v3 takes plans with one latent per layer, one rope key
+    shared by all heads, a normed latent and a 16-bit cache (`kvconvert convert --target deepseek-v3` makes them);
+    other plans are refused with the reason."""
+    if fmt not in EXPORT_FORMATS:
+        raise KvconvertError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt}")
+    from .convert.deepseek import export_deepseek_v3
+
+    summary = export_deepseek_v3(model_path, dest, force)
+    if as_json:
+        print_json(summary)
+        return
+    log(f"wrote {dest}: DeepSeek-V3 ({summary['layers']} layers, kv_lora_rank {summary['kv_lora_rank']}, "
+        f"qk_rope_head_dim {summary['qk_rope_head_dim']})")
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -37,6 +37,8 @@ class CllaConfig(PretrainedConfig):
     - `embed_scale`: token embeddings are multiplied by it (in the weights' dtype), as Gemma does (sqrt(hidden)).
     - `sandwich_norms`: RMSNorms on the attention output and on the MLP output too (Gemma 2/3's four norms per
       layer), besides the usual pre-attention and pre-MLP ones.
+    - `latent_norm`: an RMSNorm on the latent before it is cached (DeepSeek's kv_a_layernorm; the
+      DeepSeek-V3 export needs it).
     - `qk_norm`: per-head RMSNorm of queries and keys before RoPE (Qwen3). Exact only while every key dim is a rope
       dim of its own kv head (the identity plan: qk_nope_dim 0, rope_heads = num_key_value_heads, rope_dim =
       head_dim); compressed plans of such sources need the key norm kept beside the latent (not built yet).
@@ -77,6 +79,7 @@ class CllaConfig(PretrainedConfig):
         qk_norm: bool = False,
         embed_scale: float = 1.0,
         sandwich_norms: bool = False,
+        latent_norm: bool = False,
         source_name: str | None = None,
         source_model_type: str | None = None,
         source_kv_bytes_per_token: int | None = None,
@@ -127,6 +130,7 @@ class CllaConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.embed_scale = embed_scale
         self.sandwich_norms = sandwich_norms
+        self.latent_norm = latent_norm
         self.source_name = source_name
         self.source_model_type = source_model_type
         self.source_kv_bytes_per_token = source_kv_bytes_per_token

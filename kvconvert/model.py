@@ -84,6 +84,13 @@ class CllaLatentProjection(nn.Module):
         )
         # Qwen3: keys are RMS-normed per head before RoPE (a rope head is a whole kv head then: see CllaConfig)
         self.k_norm = CllaRMSNorm(config.rope_dim, config.rms_norm_eps) if config.qk_norm else None
+        # DeepSeek's kv_a_layernorm: the latent is normed before it is cached
+        self.latent_norm = CllaRMSNorm(config.kv_latent_dim, config.rms_norm_eps) if config.latent_norm else None
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, hidden) -> the latent as it is cached, before quantization (B, T, R)."""
+        c = self.kv_down(x)
+        return self.latent_norm(c) if self.latent_norm is not None else c
 
     def rope_keys(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, hidden) -> rope keys before RoPE, (B, T, Hr, Dr)."""
@@ -95,7 +102,7 @@ class CllaLatentProjection(nn.Module):
         """x (B, T, hidden) -> latent (B, T, R) quantized as cached, rope keys (B, Hr, T, Dr) after RoPE."""
         cfg = self.config
         B, T, _ = x.shape
-        latent = fake_quantize(self.kv_down(x), cfg.kv_bits, cfg.kv_quant_group)
+        latent = fake_quantize(self.latent(x), cfg.kv_bits, cfg.kv_quant_group)
         if self.rope_proj is None:
             return latent, x.new_zeros(B, 1, T, 0)
         k_rope = self.rope_keys(x).transpose(1, 2)

@@ -89,6 +89,21 @@ def test_greedy_and_logits_equal_the_model(bits, rope_heads, plan):
     assert err <= LOGIT_TOL[bits], err
 
 
+@pytest.mark.parametrize("bits", [16, 4])
+def test_latent_norm_is_applied_before_the_cache(bits):
+    """DeepSeek's kv_a_layernorm (latent_norm): the runtime caches the normed latent, as the model computes it."""
+    model = tiny_clla(bits, latent_norm=True)
+    with torch.no_grad():
+        for proj in model.model.latent_proj:
+            proj.latent_norm.weight.uniform_(0.5, 1.5)
+    ids = prompt(11, seed=3)
+    ref = reference_greedy(model, ids, 16)
+    out, _ = LatentRuntime(model, 1, 64).generate([ids], SamplingOptions(max_new_tokens=16))
+    assert out[0] == ref
+    plain = tiny_clla(bits)  # same seed, same weights, no norm: a different model
+    assert reference_greedy(plain, ids, 16) != ref
+
+
 def test_latent_without_rope_and_rope_without_nope():
     for overrides in (dict(rope_dim=0, qk_nope_dim=16), dict(qk_nope_dim=0, rope_dim=16, rope_heads=4)):
         model = tiny_clla(8, **overrides)

@@ -29,6 +29,7 @@ class Plan:
     activation_aware: bool = True  # False: plain weight SVD (ablation)
     select_rope: bool = True  # False: keep the highest frequencies, as plain partial RoPE would (ablation)
     equalize_rope: bool = True  # balance rope-key pairs against their queries (see rope_scale) before quantization
+    latent_norm: bool = False  # an RMSNorm on the latent (DeepSeek's kv_a_layernorm; gain set to the latent's RMS)
 
     def describe(self) -> str:
         sizes = [len(g) for g in self.groups]
@@ -59,6 +60,7 @@ def plan_config(base: CllaConfig, plan: Plan, freq: list | None = None) -> CllaC
         kv_bits=plan.kv_bits,
         rope_bits=plan.rope_bits,
         kv_quant_group=plan.quant_group,
+        latent_norm=plan.latent_norm,
     )
     return CllaConfig(**b)
 
@@ -196,6 +198,10 @@ class Compressor:
             first = self.stats[group[0]]
             gp = f"model.latent_proj.{g}."
             sd[gp + "kv_down.weight"] = B
+            if plan.latent_norm:
+                # A normed latent c·g/rms(c) equals c where rms(c) is its calibration mean E[|c|²/R]^½ (E[c cᵀ] = S²):
+                # zero-shot, only the per-token spread of the latent's norm is lost; distillation trains the gain.
+                sd[gp + "latent_norm.weight"] = torch.full((R,), (fit.S2[:R].sum().item() / R) ** 0.5, dtype=torch.float64)
             # Per-pair key scales: a real scalar per rotate-half pair commutes with RoPE, so dividing the rope key
             # and multiplying the query by it changes no score, and flattens outlier channels before quantization.
             scales = [self.rope_scale(group, choice, k) if plan.equalize_rope and plan.rope_bits < 16

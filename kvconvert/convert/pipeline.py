@@ -13,7 +13,7 @@ import torch
 from ..errors import KvconvertError
 from .build import Compressor
 from .calibrate import collect_inputs, read_data_files, sample_tokens, tokens_from_text
-from .plan import Overrides, choose_plan, proxy_error
+from .plan import Overrides, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
 from ..distill import dist
 from ..distill.run import checkpoint_dir, distill_student, load_initial, prepare_checkpoint_dir
@@ -225,7 +225,8 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     """Calibrate, plan and build a compressed model; returns it and its part of the conversion record."""
     from .identity import identity_config
 
-    ov = check_overrides_against(identity_config(source.model.config, source.model_type, name), opts)
+    base = identity_config(source.model.config, source.model_type, name)
+    ov = fit_target(base, check_overrides_against(base, opts))
     t = time.perf_counter()
     tokens, origin = calibration_tokens(source, opts)
     n_held = max(1, opts.heldout_tokens // opts.seq_len)
@@ -237,6 +238,12 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log)
     timings["plan_and_build"] = round(time.perf_counter() - t, 3)
     model, plan = report.model, report.plan
+    if ov.target == "deepseek-v3":
+        from .deepseek import deepseek_v3_reasons
+
+        reasons = deepseek_v3_reasons(model.config)
+        if reasons:  # fit_target should have made this impossible
+            raise KvconvertError(f"internal: the deepseek-v3 plan does not fit the format: {'; '.join(reasons)}")
     per_group = [
         {"layers": list(g), "proxy_error": proxy_error(comp, replace(plan, groups=(g,)))} for g in plan.groups
     ]

@@ -31,6 +31,31 @@ LATENT_BITS = (4, 8, 16)
 ROPE_BITS = (4, 8, 16)
 QUANT_GROUPS = (32, 64)
 MIN_LATENT = 32
+DEEPSEEK_V3 = "deepseek-v3"
+TARGETS = ("clla", DEEPSEEK_V3)
+
+
+def fit_target(base: CllaConfig, ov: Overrides) -> Overrides:
+    """The overrides a --target implies (refusing those that contradict it, and sources it cannot express)."""
+    if ov.target in (None, "clla"):
+        return ov
+    if ov.target != DEEPSEEK_V3:
+        raise KvconvertError(f"--target must be one of {', '.join(TARGETS)}; got {ov.target}")
+    from .deepseek import source_reasons
+
+    reasons = source_reasons(base)
+    if reasons:
+        raise KvconvertError(f"--target deepseek-v3: this source cannot be expressed: {'; '.join(reasons)}")
+    forced = dict(group_size=1, rope_heads=1, kv_bits=16, rope_bits=16)
+    for name, value in forced.items():
+        given = getattr(ov, name)
+        if given is not None and given != value:
+            flag = "--" + name.replace("_", "-")
+            raise KvconvertError(f"--target deepseek-v3 fixes {flag} {value} (one latent per layer, one shared rope "
+                                 f"key, a 16-bit cache); got {flag} {given}")
+    if ov.groups is not None and any(len(g) != 1 for g in ov.groups):
+        raise KvconvertError("--target deepseek-v3 needs one layer per group (--groups 1,1,...)")
+    return replace(ov, **forced)
 
 
 @dataclass
@@ -43,9 +68,10 @@ class Overrides:
     kv_bits: int | None = None
     rope_bits: int | None = None
     quant_group: int | None = None
+    target: str | None = None  # "deepseek-v3": plans the DeepSeek-V3 export can express (see fit_target)
 
     def any(self) -> bool:
-        return any(v is not None for v in vars(self).values())
+        return any(v is not None for k, v in vars(self).items() if k != "target")
 
 
 def plan_bytes(base: CllaConfig, plan: Plan) -> int:
@@ -98,6 +124,8 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
                         if kb == 16 and rb == 16 and qg != QUANT_GROUPS[0] and not ov.quant_group:
                             continue  # the quant group does not matter then
                         plan = Plan(groups, ov.latent_dim or qg, rd, kb, rb, rh, qg)
+                        if ov.target == DEEPSEEK_V3:  # standard RoPE frequencies (the highest), a normed latent
+                            plan = replace(plan, select_rope=False, latent_norm=True)
                         if ov.latent_dim is None and budget is not None:
                             R = widest_latent(base, plan, budget)
                             if R < MIN_LATENT:
@@ -138,8 +166,8 @@ def proxy_error(comp: Compressor, plan: Plan) -> float:
     latent_noise = quantizer_noise(plan.kv_bits, plan.quant_group)
     rope_noise = quantizer_noise(plan.rope_bits, math.gcd(plan.rope_dim, plan.quant_group) if plan.rope_dim else 1)
     for g in plan.groups:
-        choice = comp.rope_choice(g, plan.rope_dim, True, plan.rope_heads)
-        fit = comp.latent_fit(g, plan.rope_dim, True, True, plan.rope_heads)
+        choice = comp.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads)
+        fit = comp.latent_fit(g, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads)
         R = plan.latent_dim
         err += choice.error + fit.error(R) + latent_noise * fit.S2[:R].sum().item() + rope_noise * choice.kept_energy
     return err

@@ -263,7 +263,7 @@ class LatentRuntime:
         """Quantize group g's latent and rope keys of x (B, T, hidden) into the cache at start[b] + t."""
         proj = self.model.model.latent_proj[g]
         B, T, _ = x.shape
-        quantize_append(self.cache.latent(g), proj.kv_down(x), start)
+        quantize_append(self.cache.latent(g), proj.latent(x), start)
         if proj.rope_proj is not None:
             k_rope = proj.rope_keys(x).transpose(1, 2)
             k_rope = apply_rope(k_rope, cos, sin).transpose(1, 2).reshape(B, T, -1)
