@@ -55,6 +55,8 @@ def test_deepseek_v3_loads_the_export_and_matches(tmp_path, tied):
     export_deepseek_v3(folder, tmp_path / "ds")
     ds = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ds").eval()
     assert ds.config.model_type == "deepseek_v3" and ds.config.kv_lora_rank == 24
+    # stored as DeepSeek's own checkpoints are (vLLM relies on both): rope pairs interleaved, the LM head untied
+    assert ds.config.rope_interleave and not ds.config.tie_word_embeddings
     assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in ds.model.layers)  # dense, no MoE
     ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -63,6 +65,13 @@ def test_deepseek_v3_loads_the_export_and_matches(tmp_path, tied):
     prompt = ids[:1, :9]
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=257, eos_token_id=None)
     assert ds.generate(prompt, **kw).tolist() == model.generate(prompt, **kw).tolist()
+
+
+def test_export_never_replaces_its_own_model(tmp_path):
+    folder, _ = save_clla(tmp_path, deepseek_plan())
+    with pytest.raises(KvconvertError, match="would replace the model it reads"):
+        export_deepseek_v3(folder, folder, force=True)
+    assert (folder / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("overrides, reason", [
@@ -114,6 +123,7 @@ def test_convert_target_deepseek_v3_then_export_end_to_end(tmp_path):
         (["convert", str(biased), str(tmp_path / "x"), "--kv-ratio", "0.9", "--target", "deepseek-v3"], "biases"),
         (["convert", str(src), str(tmp_path / "x"), "--kv-ratio", "0.9", "--target", "deepseek-v3", "--kv-bits", "4"], "--kv-bits 16"),
         (["convert", str(src), str(tmp_path / "x"), "--kv-ratio", "0.9", "--target", "mla"], "--target must be one of"),
+        (["convert", str(src), str(tmp_path / "x"), "--kv-ratio", "0.9", "--target", "deepseek-v3", "--rope-dim", "2"], "at least 4"),
     ):
         r = runner.invoke(app, args)
         assert r.exit_code not in (0, None) and needle in r.output and "Traceback" not in r.output, r.output

@@ -198,6 +198,11 @@ def test_hold_stops_compressing_and_keeps_the_merged_slots(name):
     assert rt.lengths == [budget + 25] and rt.seen == [55]
     assert torch.equal(st.pos[0, :budget], before[0]) and torch.equal(st.weight[0, :budget], before[1])
     assert st.pos[0, budget : budget + 25].tolist() == list(range(30, 55))
+    out, _ = rt.generate([prompt(3, seed=7)], SamplingOptions(max_new_tokens=2))  # chunked prefill while held
+    assert rt.lengths == [budget + 25 + 3 + 1]  # the prompt and the first new token entered; nothing evicted
+    rt.reset()  # a fresh conversation compresses again
+    rt.prefill(torch.tensor([prompt(30, seed=4)]), [30])
+    assert rt.lengths == [budget] and not rt.policy.held
 
 
 def test_prompt_only_scoring_differs_from_holding_the_budget():

@@ -13,7 +13,10 @@ Mapping, per layer (H query heads, K kv heads, G = H / K):
   kv_a_layernorm      = our latent_norm
   kv_b_proj           = per query head h: [k_up rows of kv head h // G ; v_up rows of kv head h // G]
   o_proj, MLP, norms, embeddings: as they are.
-RoPE: rotate-half layout (rope_interleave False), rope_theta from the kept frequencies.
+RoPE: the rope rows are stored interleaved (pair i at dims 2i, 2i+1, rope_interleave True), as DeepSeek's own
+checkpoints are: vLLM's kernels rotate adjacent pairs whatever the config says; transformers de-interleaves them
+back to our rotate-half order. rope_theta comes from the kept frequencies. The LM head is always written (untied):
+vLLM's DeepSeek model does not tie it.
 """
 
 from __future__ import annotations
@@ -106,14 +109,14 @@ def deepseek_v3_config(cfg: CllaConfig):
         hidden_act=cfg.hidden_act,
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
+        tie_word_embeddings=False,
         q_lora_rank=None,
         kv_lora_rank=cfg.kv_latent_dim,
         qk_rope_head_dim=cfg.rope_dim,
         qk_nope_head_dim=cfg.qk_nope_dim,
         v_head_dim=cfg.head_dim,
         first_k_dense_replace=cfg.num_hidden_layers,  # a dense MLP in every layer: no MoE
-        rope_interleave=False,
+        rope_interleave=True,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta(cfg)},
         attention_bias=False,
         **extra,
@@ -126,10 +129,13 @@ def deepseek_v3_state_dict(model) -> dict[str, torch.Tensor]:
     Dn, Dr, Dv = cfg.qk_nope_dim, cfg.rope_dim, cfg.head_dim
     G = H // K
     q_scale = cfg.softmax_scale / (Dn + Dr) ** -0.5
+    half = Dr // 2
+    interleave = [j for i in range(half) for j in (i, i + half)]  # rotate-half pair (i, i + Dr/2) -> dims 2i, 2i+1
+    q_order = torch.cat([h * (Dn + Dr) + torch.cat([torch.arange(Dn), Dn + torch.tensor(interleave)]) for h in range(H)])
     m = model.model
-    sd = {"model.embed_tokens.weight": m.embed_tokens.weight, "model.norm.weight": m.norm.weight}
-    if not cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = model.lm_head.weight
+    sd = {"model.embed_tokens.weight": m.embed_tokens.weight, "model.norm.weight": m.norm.weight,
+          # written (a copy: shared storage would be saved once) even when tied: vLLM's DeepSeek does not tie
+          "lm_head.weight": model.lm_head.weight.detach().clone()}
     for i, layer in enumerate(m.layers):
         a, proj = layer.self_attn, m.latent_proj[i]
         p = f"model.layers.{i}."
@@ -139,8 +145,8 @@ def deepseek_v3_state_dict(model) -> dict[str, torch.Tensor]:
         sd |= {
             p + "input_layernorm.weight": layer.input_layernorm.weight,
             p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
-            p + "self_attn.q_proj.weight": a.q_proj.weight * q_scale,
-            p + "self_attn.kv_a_proj_with_mqa.weight": torch.cat([proj.kv_down.weight, proj.rope_proj.weight]),
+            p + "self_attn.q_proj.weight": a.q_proj.weight[q_order] * q_scale,
+            p + "self_attn.kv_a_proj_with_mqa.weight": torch.cat([proj.kv_down.weight, proj.rope_proj.weight[interleave]]),
             p + "self_attn.kv_a_layernorm.weight": proj.latent_norm.weight,
             p + "self_attn.kv_b_proj.weight": torch.cat(kv_b),
             p + "self_attn.o_proj.weight": a.o_proj.weight,
@@ -157,6 +163,8 @@ def export_deepseek_v3(src: str | Path, dest: str | Path, force: bool = False) -
     from .export import atomic_folder, check_output
 
     dest = Path(dest)
+    if dest.resolve() == Path(src).resolve():
+        raise KvconvertError(f"{dest}: the export would replace the model it reads; choose another DEST")
     check_output(dest, force)
     loaded = load_clla(src)
     cfg = loaded.model.config
@@ -169,10 +177,8 @@ def export_deepseek_v3(src: str | Path, dest: str | Path, force: bool = False) -
     with torch.device("meta"):
         ds = DeepseekV3ForCausalLM(ds_config)
     missing, unexpected = ds.load_state_dict(deepseek_v3_state_dict(loaded.model), strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise KvconvertError(f"DeepSeek-V3 export: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    ds.tie_weights()
     ds = ds.to(dtype)
     with atomic_folder(dest, force) as tmp:
         ds.save_pretrained(tmp, safe_serialization=True)

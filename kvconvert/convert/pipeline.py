@@ -19,7 +19,7 @@ from ..distill import dist
 from ..distill.run import checkpoint_dir, distill_student, load_initial, prepare_checkpoint_dir
 from ..distill.train import DistillOptions, check_distill_options
 from .identity import build_identity
-from .source import QK_NORM_ARCHITECTURES, load_source, model_type_of, resolve
+from .source import QK_NORM_ARCHITECTURES, load_source, load_source_config, model_type_of, resolve
 
 Log = Callable[[str], None]
 
@@ -154,6 +154,9 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
     check_output(out, opts.force)
     if opts.data:
         read_data_files(opts.data)  # refuse empty/binary files before loading anything
+    ref = resolve(src)
+    if not opts.identity and not opts.resume:
+        check_source_for_plans(ref, opts)  # before a checkpoint folder is prepared or weights are read
     world = dist.World()
     if opts.distill is not None:
         ckpt = checkpoint_dir(out, opts.checkpoint_dir)
@@ -164,12 +167,6 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
         if world.is_main:
             prepare_checkpoint_dir(ckpt, opts.resume, opts.force)
         dist.barrier(world)
-    ref = resolve(src)
-    if not opts.identity and not opts.resume and model_type_of(ref) in QK_NORM_ARCHITECTURES:
-        raise KvconvertError(
-            f"{ref.name}: {model_type_of(ref)} normalizes each key head before RoPE; compressed plans of it need that "
-            "norm kept exact beside the latent, which is not built yet (--identity converts it exactly)"
-        )
     t0 = time.perf_counter()
     opts.log(f"loading {ref.name}")
     source = load_source(ref, dtype=torch.float32)
@@ -219,6 +216,20 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
     if opts.distill is not None and not opts.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
     return record
+
+
+def check_source_for_plans(ref, opts: ConvertOptions) -> None:
+    """Refuse, from the source's config alone, what no compressed plan (or the --target) can do with it."""
+    from .identity import identity_config
+
+    model_type = model_type_of(ref)
+    if model_type in QK_NORM_ARCHITECTURES:
+        raise KvconvertError(
+            f"{ref.name}: {model_type} normalizes each key head before RoPE; compressed plans of it need that "
+            "norm kept exact beside the latent, which is not built yet (--identity converts it exactly)"
+        )
+    if opts.overrides.target not in (None, "clla"):
+        fit_target(identity_config(load_source_config(ref), model_type, ref.name), opts.overrides)
 
 
 def compress(source, name: str, opts: ConvertOptions, timings: dict):

@@ -55,6 +55,8 @@ def fit_target(base: CllaConfig, ov: Overrides) -> Overrides:
                                  f"key, a 16-bit cache); got {flag} {given}")
     if ov.groups is not None and any(len(g) != 1 for g in ov.groups):
         raise KvconvertError("--target deepseek-v3 needs one layer per group (--groups 1,1,...)")
+    if ov.rope_dim is not None and (ov.rope_dim < 4 or ov.rope_dim % 2):
+        raise KvconvertError(f"--target deepseek-v3 needs a rope key of at least 4 dims (even); got --rope-dim {ov.rope_dim}")
     return replace(ov, **forced)
 
 

@@ -444,7 +444,7 @@ class LatentRuntime:
         """`prefill` in chunks of positions (bounded memory for long prompts); the same logits (B, vocab)."""
         B, T = ids.shape
         chunk = chunk or self.prefill_chunk_tokens(max(self.lengths) + T)
-        if self.policy is not None:  # compress after every chunk: the cache holds the budget plus one chunk
+        if self.policy is not None and not self.policy.held:  # compress after every chunk: budget + one chunk
             chunk = min(chunk, self.cache.capacity - self.policy.n_slots)
         if T <= chunk:
             return self.prefill(ids, n_new)

@@ -48,6 +48,7 @@ class TokenBudgetPolicy:
     prefill_queries: int = 512  # prompt queries whose attention scores the prompt (older ones decay to nothing)
     name: str = field(default="policy", init=False)
     states: list[GroupState] = field(default_factory=list, init=False, repr=False)
+    held: bool = field(default=False, init=False)  # see hold()
 
     # ------------------------------------------------------------------ sizes
     def slots(self, context: int) -> int:
@@ -79,11 +80,11 @@ class TokenBudgetPolicy:
 
     def hold(self) -> None:
         """Compress no more: what is cached stays as it is (merged slots keep their weights) and new tokens take
-        fresh slots up to the capacity. kvpress's protocol, which compresses only the prompt."""
-        if self.states:
-            self.n_slots = self.states[0].pos.shape[1]
+        fresh slots up to the capacity. kvpress's protocol, which compresses only the prompt. reset() undoes it."""
+        self.held = True
 
     def reset(self) -> None:
+        self.held = False
         for s in self.states:
             s.pos.zero_(), s.weight.fill_(1.0), s.score.zero_(), s.residual.zero_()
 
@@ -110,6 +111,8 @@ class TokenBudgetPolicy:
     # ------------------------------------------------------------------ compression
     def compress(self, g: int, latent: Stream, rope: Stream | None, lengths: list[int], seen: list[int]) -> list[int]:
         """Bring every row of group g back to the budget; returns the new slot counts."""
+        if self.held:
+            return list(lengths)
         st = self.states[g]
         out = []
         for b, n in enumerate(lengths):
