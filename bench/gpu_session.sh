@@ -6,8 +6,15 @@
 #       the folders hold only config + tokenizer (bench/random_weights.py --strip): seeded random weights are made
 #       there first. A lent machine takes 64 MiB a call and SmolLM2's GGUF is 98 MB; speed and memory depend on the
 #       shapes, not the values, so the real plan with random weights times the real thing.
-#   On a lent machine (2026-11-27, H100): python3 -m pip install --target /tmp/site the carried transformers (and
-#   regex) wheels, PYTHONPATH=/tmp/site, then the line above; the whole script takes about 7 minutes.
+#   On a lent machine (2026-11-27, H100: torch 2.11, Triton 3.6, transformers 5.17 installed), what ran:
+#     here:  python bench/random_weights.py --strip OUT .devmodels/clla002   (and the source's config + tokenizer
+#            into .devmodels/smollm2-src); echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps
+#            --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+#            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 regex
+#     there (carry .whl and .devmodels): python3 -m pip install -q --no-index --no-deps --target /tmp/site
+#            .whl/*.whl && export PYTHONPATH=/tmp/site; cp -r .devmodels /tmp/dm;
+#            RANDOM_WEIGHTS=1 bash bench/gpu_session.sh /tmp/dm/clla002 /tmp/dm/smollm2-src
+#   The whole script takes about 7 minutes there.
 # Steps (each under its own time limit, results written as they come, copied to $OUT when set):
 # 1. the CUDA tests (kernels vs references, CUDA graphs, runtime on CUDA); 2. decode at batch 64 × 8k against
 # transformers' generate, one chat turn, the 16 GiB / 32k batch budget; 3. where a decode step's GPU time goes;

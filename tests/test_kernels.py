@@ -251,6 +251,18 @@ def test_latent_decode_default_splits_and_public_signature():
 
 
 @interpreter
+@pytest.mark.parametrize("name", ["h3-t1000-b4", "h9-t1000-b8-w5"])
+def test_latent_decode_merges_many_splits(name):
+    """More splits than the merge kernel reads at once: 63 splits of 16 positions, so the second block of 32
+    splits holds data too (and rows shorter than the capacity leave some empty)."""
+    gen = torch.Generator().manual_seed(11)
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, _ = build_decode_case(CASE[name], gen)
+    out = decode_module()._latent_decode(q_lat, q_rope, latent, rope, seq_lens, scale, window, 63, block_t=16)
+    ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@interpreter
 def test_latent_decode_rope_stream_without_rope_queries():
     """As in the reference, a rope stream without rope queries does not enter the scores."""
     gen = torch.Generator().manual_seed(8)

@@ -333,7 +333,9 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
             part_out, part_lse, out,
             R, num_splits,
             *stride_po, *stride_pl, *out.stride(),
-            BLOCK_S=min(32, max(2, triton.next_power_of_2(num_splits))), BLOCK_R=triton.next_power_of_2(R),
+            # a (BLOCK_S, BLOCK_R) fp32 tile of partial outputs per step: at most 4096 values (32 per thread)
+            BLOCK_S=max(2, min(32, triton.next_power_of_2(num_splits), 4096 // triton.next_power_of_2(R))),
+            BLOCK_R=triton.next_power_of_2(R),
             num_warps=4, enable_fp_fusion=True,
         )
     return out
