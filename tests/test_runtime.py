@@ -66,7 +66,9 @@ LOGIT_TOL = {16: 2e-3, 8: 1e-4, 4: 1e-4}
 
 # A latent wider than the key dims keeps the up-projections apart; a narrow one folds W_uk into the query and
 # W_uv into the output projection (absorb_layer): both paths run at every bit width.
-PLANS = {"wide": dict(kv_latent_dim=48, qk_nope_dim=8), "folded": dict(kv_latent_dim=16, qk_nope_dim=16)}
+PLANS = {"wide": dict(kv_latent_dim=48, qk_nope_dim=8), "folded": dict(kv_latent_dim=16, qk_nope_dim=16),
+         # narrow enough that the prompt is attended over the latent too (absorbed prefill) with one rope head
+         "narrow": dict(kv_latent_dim=8, qk_nope_dim=16, kv_quant_group=8)}
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4])
@@ -75,7 +77,8 @@ PLANS = {"wide": dict(kv_latent_dim=48, qk_nope_dim=8), "folded": dict(kv_latent
 def test_greedy_and_logits_equal_the_model(bits, rope_heads, plan):
     model = tiny_clla(bits, rope_heads=rope_heads, **PLANS[plan])
     rt = LatentRuntime(model, batch=1, capacity=64)
-    assert all((lay.w_uk is None and lay.w_uv_t is None) == (plan == "folded") for lay in rt.layers)
+    assert all((lay.w_uk is None and lay.w_uv_t is None) == (plan != "wide") for lay in rt.layers)
+    assert rt.absorbed_prefill == (plan == "narrow" and rope_heads == 1)
     ids = prompt(11, seed=1)
     ref = reference_greedy(model, ids, 20)
     out, stats = rt.generate([ids], SamplingOptions(max_new_tokens=20))
@@ -102,6 +105,30 @@ def test_latent_norm_is_applied_before_the_cache(bits):
     assert out[0] == ref
     plain = tiny_clla(bits)  # same seed, same weights, no norm: a different model
     assert reference_greedy(plain, ids, 16) != ref
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("policy", [None, "zsmerge"])
+def test_absorbed_prefill_equals_the_models_attention(bits, policy):
+    """The prompt attended over the latent (absorbed, MQA) gives the logits of the model's own attention over
+    reconstructed keys and values: a fresh causal prompt, a second chunk with an explicit mask, a sliding-window
+    layer, a ragged batch, and merged slots' log-weights under a policy."""
+    from kvconvert.runtime.policies import make_policy
+
+    model = tiny_clla(bits, rope_heads=1, **PLANS["narrow"])
+    prompts = [prompt(n, seed=30 + n) for n in (21, 13)]
+    T = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+    outs = []
+    for absorbed in (True, False):
+        rt = LatentRuntime(model, 2, 48, policy=make_policy(policy, 12) if policy else None, context=64)
+        assert rt.absorbed_prefill
+        rt.absorbed_prefill = absorbed
+        first = rt.prefill(ids[:, :9], [9, 9], all_logits=True)
+        second = rt.prefill(ids[:, 9:], [len(p) - 9 for p in prompts], all_logits=True)
+        outs.append(torch.cat([first, second], 1))
+    err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+    assert err <= 1e-5, err
 
 
 def test_latent_without_rope_and_rope_without_nope():

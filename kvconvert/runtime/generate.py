@@ -182,6 +182,12 @@ class LatentRuntime:
         self.softmax_scale = cfg.softmax_scale
         self.group_of = cfg.group_of_layer()
         self.first_of_group = {g[0] for g in cfg.layer_groups}
+        # Prompt attention absorbed too (MQA over the latent, as decode) where its head dims are narrower than the
+        # reconstructed keys and values: scores over R + Hr·Dr dims and values over R, against Dn + Dr and Dv
+        # (each pair padded to one width for the fused SDPA kernel). Narrow latents win (SmolLM2 at 2%: 64 vs 96);
+        # wide ones and the identity plan keep the model's own attention.
+        absorbed = max((cfg.kv_latent_dim if cfg.qk_nope_dim else 0) + Hr * Dr, cfg.kv_latent_dim)
+        self.absorbed_prefill = absorbed < max(cfg.qk_nope_dim + Dr, cfg.head_dim)
         with torch.no_grad():
             self.layers = [absorb_layer(layer.self_attn, cfg, cfg.layer_windows[i]) for i, layer in enumerate(model.model.layers)]
             self.inv_freq = rope_inv_freq(cfg, self.device)
@@ -376,7 +382,11 @@ class LatentRuntime:
             mask = masks[w_g]
             if policy is not None and mask is not None:
                 mask = mask + self.log_weights(g)[:, None, None, :S].to(self.dtype)  # merged slots: + log(count)
-            h = layer.attn_residual(h, layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask))
+            if self.absorbed_prefill:
+                attn = self._absorbed_prompt_attention(i, x, cos[g], sin[g], latent, k_rope, mask)
+            else:
+                attn = layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask)
+            h = layer.attn_residual(h, attn)
             if scored:
                 attention_seen[g] += self._prompt_attention(i, x, cos[g], sin[g], latent, k_rope, allowed[w_g], n_new)
             h = layer.mlp_residual(h)
@@ -392,6 +402,42 @@ class LatentRuntime:
         last = (lengths.long() - 1).clamp_min(0)
         h_last = h[torch.arange(B, device=self.device), last]
         return self.model.lm_head(m.norm(h_last))
+
+    def _absorbed_prompt_attention(self, i, x, cos, sin, latent, k_rope, mask) -> torch.Tensor:
+        """Layer i's attention for T new tokens as decode computes it, batched: every head against the group's
+        latent (keys [latent | rope keys], values the latent), then the absorbed output projection. x (B, T, hidden),
+        cos/sin (B, Hr, T, Dr), latent (B, S, R), k_rope (B, Hr, S, Dr), mask (B, 1, T, S) additive or None
+        (causal, S == T) -> (B, T, hidden)."""
+        B, T, _ = x.shape
+        H, K, Hr, Dr, R, Dv = self.dims
+        S = latent.shape[1]
+        lay = self.layers[i]
+        c_, s_ = (t.transpose(1, 2).reshape(B * T, Hr, 1, -1) for t in (cos, sin))
+        q_lat, q_rope = self._queries(lay, x.reshape(B * T, -1), c_, s_)
+        qs, ks = [], []
+        if q_lat is not None:
+            qs.append(q_lat.view(B, T, H, R))
+            ks.append(latent)
+        if q_rope is not None:
+            qs.append(q_rope.view(B, T, H, Hr * Dr))
+            ks.append(k_rope.transpose(1, 2).reshape(B, S, Hr * Dr))
+        q = torch.cat(qs, -1).transpose(1, 2)  # (B, H, T, E)
+        k = torch.cat(ks, -1)[:, None]  # (B, 1, S, E): one stream for every head
+        v = latent[:, None]
+        E = q.shape[-1]
+        if R < E:  # one head dim for the fused kernel (zero dims change nothing; padded value dims are cut off)
+            v = F.pad(v, (0, E - R))
+        elif E < R:
+            q, k = F.pad(q, (0, R - E)), F.pad(k, (0, R - E))
+        out = F.scaled_dot_product_attention(q, k.expand(B, H, S, -1), v.expand(B, H, S, -1), attn_mask=mask,
+                                             is_causal=mask is None, scale=self.softmax_scale)[..., :R]
+        o_lat = out.transpose(1, 2).reshape(B * T, H, R)
+        if lay.o_weight is not None:
+            return F.linear(o_lat.reshape(B, T, H * R), lay.o_weight, lay.o_bias)
+        val = torch.matmul(o_lat.view(B * T, K, H // K, R), lay.w_uv_t).reshape(B, T, H * Dv)
+        if lay.b_uv is not None:
+            val = val + lay.b_uv
+        return self.model.model.layers[i].self_attn.o_proj(val)
 
     def _prompt_attention(self, i, x, cos, sin, latent, k_rope, allowed, n_new) -> torch.Tensor:
         """What a score-based policy learns from a prompt: the attention each slot receives from the prompt's last
