@@ -18,7 +18,8 @@
 # Steps (each under its own time limit, results written as they come, copied to $OUT when set):
 # 1. the CUDA tests (kernels vs references, CUDA graphs, runtime on CUDA); 2. decode at batch 64 × 8k against
 # transformers' generate, one chat turn, the 16 GiB / 32k batch budget; 3. where a decode step's GPU time goes;
-# 4. the latent decode kernel's bandwidth; 5. profile memory --measure; 6. the batch × context grid with prefill.
+# 4. the latent decode kernel's bandwidth and a sweep of its launch parameters; 5. profile memory --measure;
+# 6. the batch × context grid with prefill.
 # SmolLM2 has 8,192 positions: speed.py times 8,157 for "8192" (room for the timed steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,7 @@ step 120 python3 bench/speed.py --model "$MODEL" --source "$SOURCE" --batch 64 -
     --budget-context 32768 --name speed_gpu
 step 60 python3 bench/profile_decode.py --model "$MODEL" --batch 64 --context 8000
 step 80 python3 bench/kernels.py
+step 120 python3 bench/kernels.py --sweep   # launch parameters of the rewritten kernel (times from graph replays)
 step 50 bash -c "python3 -m kvconvert profile memory $MODEL --measure --source $SOURCE --context 8000 --batch 64 --json > $R/profile_memory_gpu.json; cat $R/profile_memory_gpu.json"
 step 150 python3 bench/speed.py --model "$MODEL" --source "$SOURCE" --batch 1,16,64 --context 1024,8192 --steps 32 \
     --chat-tokens 0 --name speed_grid_gpu
