@@ -190,7 +190,8 @@ def _merge_splits_kernel(
                        mask=written[:, None] & mask_r[None, :], other=0.0)
         acc += tl.sum(w[:, None] * part, 0)
         denom += w
-    out = acc / tl.sum(denom, 0)
+    total = tl.sum(denom, 0)
+    out = acc / tl.where(total > 0, total, 1.0)  # a row with no position at all: 0, as the one-split path gives
     tl.store(OUT + pid_b * stride_out_b + pid_h * stride_out_h + offs_r * stride_out_r,
              out.to(OUT.dtype.element_ty), mask=mask_r)
 
