@@ -480,10 +480,17 @@ class LatentRuntime:
             self.cache.seq_lens.copy_(torch.tensor(counts, dtype=torch.int32, device=self.device))
 
     def prefill_chunk_tokens(self, total: int) -> int:
-        """Tokens per prefill chunk: the attention of a chunk holds batch × heads × chunk × context scores; keep
-        that under 2^28 values (1 GiB in fp32)."""
-        cfg = self.config
-        return max(64, (1 << 28) // (self.cache.batch * cfg.num_attention_heads * max(total, 1)))
+        """Tokens per prefill chunk. On CPU the attention of a chunk holds batch × heads × chunk × context scores:
+        keep that under 2^28 values (1 GiB in fp32). CUDA's fused SDPA kernels hold no scores: there a chunk is
+        bounded by its activations (2^19 tokens over the batch) and, once the cache is not empty, by its additive
+        mask (batch × chunk × context ≤ 2^29 values); a fresh prompt (causal, no mask) then goes in one piece."""
+        B = self.cache.batch
+        if self.device.type == "cuda":
+            by_tokens = (1 << 19) // B
+            if not any(self.lengths) and total <= by_tokens:
+                return by_tokens  # the whole prompt, causal: no mask at all
+            return max(64, min(by_tokens, (1 << 29) // (B * max(total, 1))))
+        return max(64, (1 << 28) // (B * self.config.num_attention_heads * max(total, 1)))
 
     @torch.no_grad()
     def prefill_chunked(self, ids: torch.Tensor, n_new: list[int], chunk: int | None = None) -> torch.Tensor:
