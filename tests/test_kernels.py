@@ -263,6 +263,21 @@ def test_latent_decode_merges_many_splits(name):
 
 
 @interpreter
+@pytest.mark.parametrize("splits", [1, 8])
+def test_latent_decode_row_without_positions_is_zero(splits):
+    """A row with nothing cached (seq_len 0) reads nothing: zeros from the one-split path and from the merge alike."""
+    gen = torch.Generator().manual_seed(12)
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, _ = build_decode_case(CASE["h3-t17-b8"], gen)
+    seq_lens = seq_lens.clone()
+    seq_lens[1] = 0
+    out = decode_module().latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, scale, None, splits)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    keep = [0, 2]
+    ref = latent_decode_ref(q_lat[keep], q_rope[keep], latent.rows(keep), rope.rows(keep), seq_lens[keep], scale, None)
+    torch.testing.assert_close(out[keep], ref, rtol=1e-5, atol=1e-5)
+
+
+@interpreter
 def test_latent_decode_rope_stream_without_rope_queries():
     """As in the reference, a rope stream without rope queries does not enter the scores."""
     gen = torch.Generator().manual_seed(8)

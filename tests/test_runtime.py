@@ -285,3 +285,22 @@ def test_cuda_runtime_matches_the_cpu_model(bits):
     rt = LatentRuntime(model.cuda(), 1, 64, cuda_graphs=True)
     got = teacher_forced(rt, ids[:-1], 20).cpu()
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-3
+
+
+def test_prefill_chunks_on_cuda_are_bounded_by_activations_and_mask():
+    """Sizing only (no CUDA needed): a fresh prompt within 2^19 tokens over the batch is one causal piece; otherwise
+    a chunk's additive mask (batch x chunk x context) stays within 2^29 values. The CPU bound is on the scores."""
+    from types import SimpleNamespace
+
+    def sizes(batch, lengths, total, device="cuda"):
+        rt = SimpleNamespace(cache=SimpleNamespace(batch=batch), device=torch.device(device), lengths=lengths,
+                             config=SimpleNamespace(num_attention_heads=9))
+        return LatentRuntime.prefill_chunk_tokens(rt, total)
+
+    assert sizes(64, [0] * 64, 8157) >= 8157  # SmolLM2's 8k context at batch 64: one piece
+    assert sizes(1, [0], 1 << 19) == 1 << 19
+    big = sizes(16, [0] * 16, 40_000)  # too long for one piece: masked chunks
+    assert big < 40_000 and 16 * big * 40_000 <= 1 << 29
+    later = sizes(16, [100] * 16, 8_257)  # a cache that is not empty always needs a mask
+    assert 16 * later * 8_257 <= 1 << 29
+    assert sizes(1, [0], 2048, "cpu") == (1 << 28) // (9 * 2048)
