@@ -171,7 +171,7 @@ def export_deepseek_v3(src: str | Path, dest: str | Path, force: bool = False) -
     reasons = deepseek_v3_reasons(cfg)
     if reasons:
         raise KvconvertError(f"{src}: cannot be expressed as DeepSeek-V3: {'; '.join(reasons)} "
-                             "(convert with --target deepseek-v3)")
+                             "(`kvconvert convert SRC OUT --target deepseek-v3` makes such plans where the source allows)")
     dtype = next(loaded.model.parameters()).dtype
     ds_config = deepseek_v3_config(cfg)
     with torch.device("meta"):
