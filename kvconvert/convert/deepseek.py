@@ -35,6 +35,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "generation_config.json")
 
 
+def geometric_base(inv: list[float], dim: int) -> float | None:
+    """The base b when inv holds exactly a standard RoPE over dim dims, b^(-2i/dim) for i < dim/2; else None."""
+    half = dim // 2
+    if len(inv) != half or half < 2 or abs(inv[0] - 1.0) > 1e-9 or not 0 < inv[1] < 1:
+        return None
+    theta = inv[1] ** (-half)  # inv[1] = b^(-2/dim)
+    return theta if all(math.isclose(f, theta ** (-2 * i / dim), rel_tol=1e-5) for i, f in enumerate(inv)) else None
+
+
 def rope_theta(cfg: CllaConfig) -> float | None:
     """The base b with kept frequencies b^(-2i/rope_dim), i = 0..rope_dim/2-1, the same in every layer; else None."""
     if not cfg.rope_dim or cfg.rope_heads != 1:
@@ -42,13 +51,22 @@ def rope_theta(cfg: CllaConfig) -> float | None:
     indices = {tuple(heads[0]) for heads in cfg.rope_freq_index}
     if len(indices) != 1:
         return None
-    inv = [cfg.rope_inv_freq[i] for i in indices.pop()]
-    half = cfg.rope_dim // 2
-    if half < 2 or abs(inv[0] - 1.0) > 1e-9 or not 0 < inv[1] < 1:
-        return None
-    theta = inv[1] ** (-half)  # inv[1] = b^(-2/rope_dim)
-    want = [theta ** (-2 * i / cfg.rope_dim) for i in range(half)]
-    return theta if all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(inv, want)) else None
+    return geometric_base([cfg.rope_inv_freq[i] for i in indices.pop()], cfg.rope_dim)
+
+
+def feature_reasons(cfg: CllaConfig) -> list[str]:
+    """What a model's source brings that DeepSeek-V3 cannot express, whatever the plan (a plan's config or a
+    source's identity config alike)."""
+    reasons = []
+    if cfg.qkv_bias or cfg.mlp_bias or cfg.o_bias:
+        reasons.append("it has biases (DeepSeek-V3 has none on queries, keys, values or the MLP)")
+    if any(w is not None for w in cfg.layer_windows):
+        reasons.append("it has sliding-window layers")
+    if cfg.qk_norm or cfg.sandwich_norms or cfg.embed_scale != 1.0:
+        reasons.append("its source's norms or embedding scale have no DeepSeek-V3 counterpart")
+    if cfg.rope_attention_scaling != 1.0:
+        reasons.append("its RoPE scales attention (YaRN-style scaling is not mapped)")
+    return reasons
 
 
 def deepseek_v3_reasons(cfg: CllaConfig) -> list[str]:
@@ -64,33 +82,13 @@ def deepseek_v3_reasons(cfg: CllaConfig) -> list[str]:
         reasons.append("it needs an RMSNorm on the latent (kv_a_layernorm)")
     if cfg.kv_bits != 16 or cfg.rope_bits != 16:
         reasons.append("its cache is quantized (DeepSeek-V3 caches 16-bit values)")
-    if cfg.qkv_bias or cfg.mlp_bias or cfg.o_bias:
-        reasons.append("it has biases (DeepSeek-V3 has none on queries, keys, values or the MLP)")
-    if any(w is not None for w in cfg.layer_windows):
-        reasons.append("it has sliding-window layers")
-    if cfg.qk_norm or cfg.sandwich_norms or cfg.embed_scale != 1.0:
-        reasons.append("its source's norms or embedding scale have no DeepSeek-V3 counterpart")
-    if cfg.rope_attention_scaling != 1.0:
-        reasons.append("its RoPE scales attention (YaRN-style scaling is not mapped)")
-    return reasons
+    return reasons + feature_reasons(cfg)
 
 
 def source_reasons(base: CllaConfig) -> list[str]:
     """Why a source (its identity config) cannot become a DeepSeek-V3 model whatever the plan."""
-    reasons = []
-    if base.qkv_bias or base.mlp_bias or base.o_bias:
-        reasons.append("it has attention or MLP biases")
-    if any(w is not None for w in base.layer_windows):
-        reasons.append("it has sliding-window layers")
-    if base.qk_norm or base.sandwich_norms or base.embed_scale != 1.0:
-        reasons.append("its norms or embedding scale have no DeepSeek-V3 counterpart")
-    if base.rope_attention_scaling != 1.0:
-        reasons.append("its RoPE scales attention")
-    D, inv = base.head_dim, base.rope_inv_freq
-    theta = inv[1] ** (-D / 2) if len(inv) > 1 and 0 < inv[1] < 1 else None
-    if theta is None or len(inv) != D // 2 or not all(
-        math.isclose(f, theta ** (-2 * j / D), rel_tol=1e-5) for j, f in enumerate(inv)
-    ):
+    reasons = feature_reasons(base)
+    if geometric_base(base.rope_inv_freq, base.head_dim) is None:
         reasons.append("its RoPE frequencies are scaled (not base^(-2i/d))")
     return reasons
 
