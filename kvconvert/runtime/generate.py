@@ -311,20 +311,26 @@ class LatentRuntime:
         """Absorbed attention of layer i for one token per row: x (B, 1, hidden) -> (B, 1, hidden).
         cos/sin (B, Hr, 1, Dr) at each row's position; streams: the group's (latent, rope) as kernels read them."""
         lay = self.layers[i]
-        B = x.shape[0]
-        H, K, Hr, Dr, R, Dv = self.dims  # plain ints: transformers' config attribute access is slow per step
         q_lat, q_rope = self._queries(lay, x[:, 0], cos, sin)
         log_w = self.log_weights(self.group_of[i])
         o_lat = latent_decode(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_weights=log_w)
         if self.policy is not None and self.policy.scored:
             seen = latent_attention_weights(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_w)
             self._attention_seen[self.group_of[i]][:, : seen.shape[1]] += seen
+        return self._attention_output(i, o_lat)[:, None]
+
+    def _attention_output(self, i: int, o_lat: torch.Tensor) -> torch.Tensor:
+        """Layer i's output projection of absorbed attention outputs: o_lat (N, H, R) -> (N, hidden), through W_o
+        with W_uv folded in, or W_uv (+ the value bias) then the model's o_proj."""
+        lay = self.layers[i]
+        N = o_lat.shape[0]
+        H, K, _, _, R, Dv = self.dims
         if lay.o_weight is not None:
-            return F.linear(o_lat.reshape(B, H * R), lay.o_weight, lay.o_bias)[:, None]
-        v = torch.matmul(o_lat.view(B, K, H // K, R), lay.w_uv_t).reshape(B, H * Dv)
+            return F.linear(o_lat.reshape(N, H * R), lay.o_weight, lay.o_bias)
+        v = torch.matmul(o_lat.view(N, K, H // K, R), lay.w_uv_t).reshape(N, H * Dv)
         if lay.b_uv is not None:
             v = v + lay.b_uv
-        return self.model.model.layers[i].self_attn.o_proj(v)[:, None]
+        return self.model.model.layers[i].self_attn.o_proj(v)
 
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
@@ -431,13 +437,7 @@ class LatentRuntime:
             q, k = F.pad(q, (0, R - E)), F.pad(k, (0, R - E))
         out = F.scaled_dot_product_attention(q, k.expand(B, H, S, -1), v.expand(B, H, S, -1), attn_mask=mask,
                                              is_causal=mask is None, scale=self.softmax_scale)[..., :R]
-        o_lat = out.transpose(1, 2).reshape(B * T, H, R)
-        if lay.o_weight is not None:
-            return F.linear(o_lat.reshape(B, T, H * R), lay.o_weight, lay.o_bias)
-        val = torch.matmul(o_lat.view(B * T, K, H // K, R), lay.w_uv_t).reshape(B, T, H * Dv)
-        if lay.b_uv is not None:
-            val = val + lay.b_uv
-        return self.model.model.layers[i].self_attn.o_proj(val)
+        return self._attention_output(i, out.transpose(1, 2).reshape(B * T, H, R)).view(B, T, -1)
 
     def _prompt_attention(self, i, x, cos, sin, latent, k_rope, allowed, n_new) -> torch.Tensor:
         """What a score-based policy learns from a prompt: the attention each slot receives from the prompt's last
