@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -92,7 +90,7 @@ def main() -> None:
     import transformers
 
     from kvconvert.convert.source import load_source, resolve
-    from kvconvert.evaluate import PASSKEY_QUESTION, passkey_prompt, read_text, text_windows
+    from kvconvert.evaluate import PASSKEY_QUESTION, passkey_found, passkey_trials, read_text, text_windows
 
     transformers.utils.logging.disable_progress_bar()
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
@@ -117,28 +115,22 @@ def main() -> None:
                 logp = F.log_softmax(logits.float(), -1)
                 nll -= logp.gather(-1, ids[:, ctx:, None]).sum().item()
                 count += W - ctx
-            rng = random.Random(0)  # the same keys and depths as kvconvert.evaluate.passkey_accuracy
-            passkey = {}
-            for length in lengths:
-                hits = 0
-                for t in range(trials):
-                    key = rng.randint(10000, 99999)
-                    ids = passkey_prompt(tok, length, key, (t + 0.5) / trials)
-                    if ids[-len(question):] != question:
-                        raise RuntimeError("the passkey prompt does not end with the question")
-                    context, asked = ids[: -len(question)], ids[-len(question):]
-                    keep_p = math.ceil(budget * len(ids))
-                    p = None if press is None else make_press(press_name, 1 - keep_p / len(context))
-                    cache, _ = compressed_prefill(model, p, torch.tensor([context], device=device), keep_p)
-                    logits = extend(model, cache, torch.tensor([asked], device=device), len(context))[:, -1]
-                    new, pos = [], len(ids)
-                    for _ in range(8):  # greedy, over the same cache
-                        new.append(int(logits.argmax(-1)))
-                        logits = extend(model, cache, torch.tensor([[new[-1]]], device=device), pos)[:, -1]
-                        pos += 1
-                    found = re.search(r"\d+", tok.decode(new, skip_special_tokens=True))
-                    hits += int(found is not None and found.group() == str(key))
-                passkey[str(length)] = hits / trials
+            passkey = {str(n): 0.0 for n in lengths}
+            for length, key, ids in passkey_trials(tok, lengths, trials):  # the keys and depths of kvconvert's eval
+                if ids[-len(question):] != question:
+                    raise RuntimeError("the passkey prompt does not end with the question")
+                context, asked = ids[: -len(question)], ids[-len(question):]
+                keep_p = math.ceil(budget * len(ids))
+                p = None if press is None else make_press(press_name, 1 - keep_p / len(context))
+                cache, _ = compressed_prefill(model, p, torch.tensor([context], device=device), keep_p)
+                logits = extend(model, cache, torch.tensor([asked], device=device), len(context))[:, -1]
+                new, pos = [], len(ids)
+                for _ in range(8):  # greedy, over the same cache
+                    new.append(int(logits.argmax(-1)))
+                    logits = extend(model, cache, torch.tensor([[new[-1]]], device=device), pos)[:, -1]
+                    pos += 1
+                passkey[str(length)] += passkey_found(tok.decode(new, skip_special_tokens=True), key)
+            passkey = {n: hits / trials for n, hits in passkey.items()}
             row = {"press": press_name, "budget": budget, "perplexity": math.exp(nll / count), "predictions": count,
                    "passkey": passkey, "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -173,6 +174,21 @@ def runtime_generator(model, policy_factory, max_new_tokens: int = 8, prompt_chu
     return generate
 
 
+def passkey_trials(tokenizer, lengths: list[int], trials: int, seed: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+    """(length, key, prompt ids) of every trial: seeded keys, the key's depth spread evenly over the trials."""
+    rng = random.Random(seed)
+    for length in lengths:
+        for t in range(trials):
+            key = rng.randint(10000, 99999)
+            yield length, key, passkey_prompt(tokenizer, length, key, (t + 0.5) / trials)
+
+
+def passkey_found(answer: str, key: int) -> bool:
+    """A trial passes when the first number of the answer is the key."""
+    found = re.search(r"\d+", answer)
+    return found is not None and found.group() == str(key)
+
+
 @torch.no_grad()
 def passkey_accuracy(
     model, tokenizer, lengths: list[int], trials: int = 5, seed: int = 0, progress: Progress | None = None,
@@ -181,27 +197,20 @@ def passkey_accuracy(
     """Greedy-decode the answer to each prompt; a trial passes when the first number generated is the key.
     `generate(ids) -> new ids` replaces the model's own generate (e.g. `runtime_generator` with a cache policy)."""
     device = next(model.parameters()).device
-    rng = random.Random(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    results, done, total = [], 0, len(lengths) * trials
-    for length in lengths:
-        hits, n_tokens = 0, 0
-        for t in range(trials):
-            key = rng.randint(10000, 99999)
-            depth = (t + 0.5) / trials
-            ids = passkey_prompt(tokenizer, length, key, depth)
-            n_tokens = len(ids)
-            if generate is not None:
-                new = generate(ids)
-            else:
-                inp = torch.tensor([ids], device=device)
-                out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=8, do_sample=False, pad_token_id=pad)
-                new = out[0, len(ids) :]
-            answer = tokenizer.decode(new, skip_special_tokens=True)
-            found = re.search(r"\d+", answer)
-            hits += int(found is not None and found.group() == str(key))
-            done += 1
-            if progress:
-                progress(done, total)
-        results.append({"length": length, "prompt_tokens": n_tokens, "trials": trials, "accuracy": hits / trials})
-    return results
+    hits, n_tokens = [0] * len(lengths), [0] * len(lengths)
+    total = len(lengths) * trials
+    for done, (_, key, ids) in enumerate(passkey_trials(tokenizer, lengths, trials, seed), 1):
+        row = (done - 1) // trials  # trials come length by length
+        n_tokens[row] = len(ids)
+        if generate is not None:
+            new = generate(ids)
+        else:
+            inp = torch.tensor([ids], device=device)
+            out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=8, do_sample=False, pad_token_id=pad)
+            new = out[0, len(ids) :]
+        hits[row] += passkey_found(tokenizer.decode(new, skip_special_tokens=True), key)
+        if progress:
+            progress(done, total)
+    return [{"length": n, "prompt_tokens": n_tokens[r], "trials": trials, "accuracy": hits[r] / trials}
+            for r, n in enumerate(lengths)]
