@@ -94,28 +94,19 @@ def sweep(args, device, dtype, gen, copy: float) -> None:
     import triton
 
     from kvconvert.kernels import decode_attention as kd
-    from kvconvert.kernels.reference import latent_decode_ref
 
     rows: list[dict] = []
     H = args.heads
     for B, T, width, bits in SWEEP_POINTS:
-        latent = make_stream(B, T, width, bits, 32, device, gen)
-        rope = make_stream(B, T, args.rope_dim, bits, 32, device, gen)
-        q_lat = torch.randn(B, H, width, device=device, generator=gen).to(dtype) * 0.05
-        q_rope = torch.randn(B, H, args.rope_dim, device=device, generator=gen).to(dtype) * 0.05
-        lens = torch.full((B,), T, dtype=torch.int32, device=device)
-        one = slice(0, 1)
-        want = latent_decode_ref(q_lat[one].float(), q_rope[one].float(), latent.rows(one), rope.rows(one), lens[one], 0.125)
-        counted = stream_bytes(latent, B, T) + stream_bytes(rope, B, T) + 2 * q_lat.nbytes + q_rope.nbytes
+        point_args, want, counted = make_point(B, T, width, bits, H, args.rope_dim, device, dtype, gen)
         per_position = 2 * (max(16, triton.next_power_of_2(width // 2)) + max(16, triton.next_power_of_2(args.rope_dim // 2)))
         tiles = [t for t in (16, 32, 64, 128, 256) if t * per_position <= 16384][-3:]
         point = []
         for block_t, warps, stages, ppsm in itertools.product(tiles, (4, 8), (1, 3), (2, 8, 32)):
             kw = dict(block_t=block_t, num_warps=warps, num_stages=stages, programs_per_sm=ppsm)
             try:
-                got = kd._latent_decode(q_lat[one], q_rope[one], latent.rows(one), rope.rows(one), lens[one], 0.125, None, None, **kw)
-                err = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-                dt = timed(lambda: kd._latent_decode(q_lat, q_rope, latent, rope, lens, 0.125, None, None, **kw), device, 10, graph=True)
+                err = rel_err(kd._latent_decode(*first_row(point_args), 0.125, None, None, **kw), want)
+                dt = timed(lambda: kd._latent_decode(*point_args, 0.125, None, None, **kw), device, 10, graph=True)
             except Exception as e:  # a configuration that does not compile (registers, shared memory) is skipped
                 print(f"  {kw}: {e.__class__.__name__}")
                 continue
@@ -136,6 +127,32 @@ def stream_bytes(s, B: int, T: int) -> int:
     return B * T * per
 
 
+def make_point(B: int, T: int, width: int, bits: int, heads: int, rope_dim: int, device, dtype, gen):
+    """One timed point: (args of latent_decode for B rows × T positions, the reference output of row 0, the bytes
+    a call must read: cache streams + queries + output)."""
+    from kvconvert.kernels.reference import latent_decode_ref
+
+    latent = make_stream(B, T, width, bits, 32, device, gen)
+    rope = make_stream(B, T, rope_dim, bits, 32, device, gen)
+    q_lat = torch.randn(B, heads, width, device=device, generator=gen).to(dtype) * 0.05
+    q_rope = torch.randn(B, heads, rope_dim, device=device, generator=gen).to(dtype) * 0.05
+    lens = torch.full((B,), T, dtype=torch.int32, device=device)
+    one = slice(0, 1)
+    want = latent_decode_ref(q_lat[one].float(), q_rope[one].float(), latent.rows(one), rope.rows(one), lens[one], 0.125)
+    counted = stream_bytes(latent, B, T) + stream_bytes(rope, B, T) + 2 * q_lat.nbytes + q_rope.nbytes
+    return (q_lat, q_rope, latent, rope, lens), want, counted
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+
+
+def first_row(args: tuple) -> tuple:
+    q_lat, q_rope, latent, rope, lens = args
+    one = slice(0, 1)
+    return q_lat[one], q_rope[one], latent.rows(one), rope.rows(one), lens[one]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small grid (CPU smoke test)")
@@ -146,7 +163,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from kvconvert.kernels import latent_decode
-    from kvconvert.kernels.reference import latent_decode_ref
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -162,19 +178,11 @@ def main() -> None:
     for B, T in QUICK if args.quick else GRID:
         for width, bits in LATENTS:
             H = args.heads
-            latent = make_stream(B, T, width, bits, 32, device, gen)
-            rope = make_stream(B, T, args.rope_dim, bits, 32, device, gen)
-            q_lat = torch.randn(B, H, width, device=device, generator=gen).to(dtype) * 0.05
-            q_rope = torch.randn(B, H, args.rope_dim, device=device, generator=gen).to(dtype) * 0.05
-            lens = torch.full((B,), T, dtype=torch.int32, device=device)
-            run = lambda: latent_decode(q_lat, q_rope, latent, rope, lens, 0.125)  # noqa: E731
-            check_rows = slice(0, 1)
-            got = latent_decode(q_lat[check_rows], q_rope[check_rows], latent.rows(check_rows), rope.rows(check_rows), lens[check_rows], 0.125).float()
-            want = latent_decode_ref(q_lat[check_rows].float(), q_rope[check_rows].float(), latent.rows(check_rows), rope.rows(check_rows), lens[check_rows], 0.125)
-            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            point_args, want, counted = make_point(B, T, width, bits, H, args.rope_dim, device, dtype, gen)
+            run = lambda: latent_decode(*point_args, 0.125)  # noqa: E731
+            err = rel_err(latent_decode(*first_row(point_args), 0.125), want)
             dt = timed(run, device, args.reps, graph=True)
             dt_eager = timed(run, device, args.reps)
-            counted = stream_bytes(latent, B, T) + stream_bytes(rope, B, T) + 2 * q_lat.nbytes + q_rope.nbytes
             gbps = counted / dt / 1e9
             rows.append(dict(batch=B, positions=T, latent_dim=width, bits=bits, rope_dim=args.rope_dim, heads=H,
                              us=dt * 1e6, us_with_launch=dt_eager * 1e6, counted_bytes=counted, gb_per_s=gbps, share_of_copy=gbps / copy, max_rel_err=err))
