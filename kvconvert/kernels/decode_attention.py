@@ -6,8 +6,8 @@
 # flash-attention loop has it: the latent is both the keys (scores = q_lat · cᵀ) and the values (acc += p · c), so
 # the one dequantized tile feeds both dots. An int4 byte holds values 2k (low nibble) and 2k+1 (high nibble): each
 # lane loads byte v // 2 and shifts by 4·(v % 2) (the byte comes from L1 twice). The first version split every tile
-# into even/odd halves to avoid that shift; on an H100 that cost 255 registers, spills and eleven shared-memory
-# layout conversions per half-tile, and ran at 2-17% of the copy bandwidth (bench/results/kernels_gpu.json).
+# into even/odd halves to avoid that shift; compiled for sm_90a that cost 255 registers, spills and seven layout
+# conversions per tile, and on an H100 it ran at 2-17% of the copy bandwidth (bench/results/kernels_gpu.json).
 """Triton decode attention over the quantized latent cache: `latent_decode_triton`, same semantics as
 `latent_decode_ref` (reference.py). CUDA-graph safe: the grid depends on shapes and the cache capacity only, the
 valid range of every row is read from `seq_lens` inside the kernel, and the launcher never syncs with the host."""

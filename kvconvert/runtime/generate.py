@@ -415,7 +415,7 @@ class LatentRuntime:
         cos/sin (B, Hr, T, Dr), latent (B, S, R), k_rope (B, Hr, S, Dr), mask (B, 1, T, S) additive or None
         (causal, S == T) -> (B, T, hidden)."""
         B, T, _ = x.shape
-        H, K, Hr, Dr, R, Dv = self.dims
+        H, _, Hr, Dr, R, _ = self.dims
         S = latent.shape[1]
         lay = self.layers[i]
         c_, s_ = (t.transpose(1, 2).reshape(B * T, Hr, 1, -1) for t in (cos, sin))
