@@ -5,6 +5,7 @@ What is cached per token and per layer group g (see DESIGN.md):
                    (+ one fp16 scale and one fp16 zero-point per kv_quant_group values when kv_bits < 16)
   rope key k_r   = RoPE(W_kr[g] · x_first)     rope_heads × rope_dim values at rope_bits
                    (+ one fp16 scale and zero-point per rope head when rope_bits < 16)
+and with qk_norm, per layer l of the group, the key norm r_l = gain / RMS(W_k[l] · x_l) of each kv head (16-bit).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ class CllaConfig(PretrainedConfig):
       layer), besides the usual pre-attention and pre-MLP ones.
     - `latent_norm`: an RMSNorm on the latent before it is cached (DeepSeek's kv_a_layernorm; the
       DeepSeek-V3 export needs it).
-    - `qk_norm`: per-head RMSNorm of queries and keys before RoPE (Qwen3). Exact only while every key dim is a rope
-      dim of its own kv head (the identity plan: qk_nope_dim 0, rope_heads = num_key_value_heads, rope_dim =
-      head_dim); compressed plans of such sources need the key norm kept beside the latent (not built yet).
+    - `qk_norm`: per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3). A key norm is one scalar per
+      token and kv head, 1/RMS(raw key), times a gain per dim: the gain is folded into the key weights (the latent
+      and rope keys are fitted to gain-scaled raw keys), and the scalar, computed from the layer's raw key
+      projection (`k_scale`), is cached per layer and kv head and multiplies that head's scores. So every plan
+      stays exact in how it normalizes keys. Queries are normed per head as the source does, then mapped into the
+      plan's query dims by a per-head matrix (`q_map`).
     - `source_name`, `source_kv_bytes_per_token`: what the model was converted from and its 16-bit KV figure.
     """
 
@@ -183,8 +187,6 @@ class CllaConfig(PretrainedConfig):
             )
         if self.qk_nope_dim + self.rope_dim < 1:
             raise ValueError("queries need at least one dim (qk_nope_dim + rope_dim)")
-        if self.qk_norm and (self.qk_nope_dim or self.rope_heads != self.num_key_value_heads or self.rope_dim != self.head_dim):
-            raise ValueError("qk_norm needs keys that are whole rope heads of their kv heads (the identity plan)")
 
     @property
     def rope_quant_group(self) -> int:
@@ -209,7 +211,8 @@ def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
 
     latent: kv_latent_dim values at kv_bits (int4 packs two per byte); latent_scales: an fp16 scale and an fp16
     zero-point per kv_quant_group values (only below 16 bits); rope_keys: rope_heads × rope_dim values at rope_bits;
-    rope_scales: an fp16 scale and zero-point per rope_quant_group values (only below 16 bits).
+    rope_scales: an fp16 scale and zero-point per rope_quant_group values (only below 16 bits); key_scales (qk_norm
+    sources): a 16-bit key norm per layer and kv head.
     """
     G = config.num_layer_groups
     R = config.kv_latent_dim
@@ -218,7 +221,9 @@ def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
     rope = G * config.rope_heads * config.rope_dim * config.rope_bits // 8
     rope_groups = config.rope_heads * config.rope_dim // config.rope_quant_group
     rope_scales = G * rope_groups * 2 * SCALE_BYTES if config.rope_bits < 16 and config.rope_dim else 0
-    return {"latent": latent, "latent_scales": scales, "rope_keys": rope, "rope_scales": rope_scales}
+    key_scales = config.num_hidden_layers * config.num_key_value_heads * CACHE_ELEMENT_BYTES_16 if config.qk_norm else 0
+    return {"latent": latent, "latent_scales": scales, "rope_keys": rope, "rope_scales": rope_scales,
+            "key_scales": key_scales}
 
 
 def kv_bytes_per_token(config: CllaConfig) -> int:

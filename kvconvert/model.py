@@ -7,6 +7,8 @@ Per layer l of the group:
   q            = q_proj(x_l)                      (B, H, T, Dn + Dr)  = [q_nope | q_rope]
   k_nope, v    = k_up[l](c), v_up[l](c)           (B, K, S, Dn), (B, K, S, Dv), repeated to H heads (GQA)
   scores       = q_nope · k_nope + RoPE(q_rope) · k_r   (query head h reads rope head h // (H / Hr))
+With qk_norm (Qwen3, Gemma 3) queries are normed per head then mapped into [q_nope | q_rope] by q_map[h], and the
+scores of kv head k at position s are multiplied by its cached key norm r_l[s, k] (see CllaConfig).
 This path reconstructs keys/values (simple, exact); the runtime's absorbed decode reads the latent directly.
 """
 
@@ -18,7 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import CllaConfig
@@ -82,8 +84,6 @@ class CllaLatentProjection(nn.Module):
             if config.rope_dim
             else None
         )
-        # Qwen3: keys are RMS-normed per head before RoPE (a rope head is a whole kv head then: see CllaConfig)
-        self.k_norm = CllaRMSNorm(config.rope_dim, config.rms_norm_eps) if config.qk_norm else None
         # DeepSeek's kv_a_layernorm: the latent is normed before it is cached
         self.latent_norm = CllaRMSNorm(config.kv_latent_dim, config.rms_norm_eps) if config.latent_norm else None
 
@@ -95,8 +95,7 @@ class CllaLatentProjection(nn.Module):
     def rope_keys(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, hidden) -> rope keys before RoPE, (B, T, Hr, Dr)."""
         cfg = self.config
-        k = self.rope_proj(x).view(*x.shape[:2], cfg.rope_heads, cfg.rope_dim)
-        return self.k_norm(k) if self.k_norm is not None else k
+        return self.rope_proj(x).view(*x.shape[:2], cfg.rope_heads, cfg.rope_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, hidden) -> latent (B, T, R) quantized as cached, rope keys (B, Hr, T, Dr) after RoPE."""
@@ -110,6 +109,24 @@ class CllaLatentProjection(nn.Module):
         return latent, k_rope
 
 
+class CllaKeyScale(nn.Module):
+    """A layer's key norm as one scalar per token and kv head: gain[k] / RMS(W_k x) over the head's raw key dims
+    (the source's per-dim key-norm gain is folded into the key weights instead)."""
+
+    def __init__(self, config: CllaConfig):
+        super().__init__()
+        K, D = config.num_key_value_heads, config.head_dim
+        self.proj = nn.Linear(config.hidden_size, K * D, bias=config.qkv_bias)  # the source's raw key projection
+        self.gain = nn.Parameter(torch.ones(K))
+        self.heads, self.eps = K, config.rms_norm_eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, K) in x's dtype (computed in fp32). The runtime stores it in 16 bits (like a
+        16-bit latent, that rounding is not modelled here: the identity plan stays exact in fp32)."""
+        k = self.proj(x).view(*x.shape[:2], self.heads, -1).float()
+        return (self.gain.float() * torch.rsqrt(k.pow(2).mean(-1) + self.eps)).to(x.dtype)
+
+
 class CllaAttention(nn.Module):
     def __init__(self, config: CllaConfig, layer_idx: int):
         super().__init__()
@@ -117,11 +134,25 @@ class CllaAttention(nn.Module):
         self.layer_idx = layer_idx
         H, K = config.num_attention_heads, config.num_key_value_heads
         R, Dn, Dr, Dv = config.kv_latent_dim, config.qk_nope_dim, config.rope_dim, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, H * (Dn + Dr), bias=config.qkv_bias)
+        D = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, H * (D if config.qk_norm else Dn + Dr), bias=config.qkv_bias)
         self.k_up = nn.Linear(R, K * Dn, bias=config.qkv_bias) if Dn else None
         self.v_up = nn.Linear(R, K * Dv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * Dv, config.hidden_size, bias=config.o_bias)
-        self.q_norm = CllaRMSNorm(Dn + Dr, config.rms_norm_eps) if config.qk_norm else None  # Qwen3, per head
+        if config.qk_norm:  # the source's per-head query norm, then into the plan's query dims; the key norm
+            self.q_norm = CllaRMSNorm(D, config.rms_norm_eps)
+            self.q_map = nn.Parameter(torch.eye(Dn + Dr, D).expand(H, -1, -1).clone())
+            self.k_scale = CllaKeyScale(config)
+        else:
+            self.q_norm = self.q_map = self.k_scale = None
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, H, Dn + Dr): [q_nope | q_rope] before RoPE."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.config.num_attention_heads, -1)
+        if self.q_norm is None:
+            return q
+        return torch.einsum("bthd,hed->bthe", self.q_norm(q), self.q_map.to(q.dtype))
 
     def forward(
         self,
@@ -131,16 +162,16 @@ class CllaAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor,
+        key_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, hidden); latent (B, S, R); k_rope (B, Hr, S, Dr); cos/sin (B, Hr, T, Dr); mask (B, 1, T, S) additive,
-        or None for causal attention when S == T."""
+        or None for causal attention when S == T; key_scale (B, K, S): the key norms (qk_norm), else None."""
         cfg = self.config
         B, T, _ = x.shape
         S = latent.shape[1]
         H, K = cfg.num_attention_heads, cfg.num_key_value_heads
         Dn, Dr, Dv = cfg.qk_nope_dim, cfg.rope_dim, cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, Dn + Dr)
-        q = (self.q_norm(q) if self.q_norm is not None else q).transpose(1, 2)
+        q = self.queries(x).transpose(1, 2)
         v = self.v_up(latent).view(B, S, K, Dv).transpose(1, 2).repeat_interleave(H // K, dim=1)
         q_parts, k_parts = [], []
         if Dn:
@@ -153,6 +184,8 @@ class CllaAttention(nn.Module):
             k_parts.append(k_rope.repeat_interleave(per, dim=1))
         q = torch.cat(q_parts, -1) if len(q_parts) > 1 else q_parts[0]
         k = torch.cat(k_parts, -1) if len(k_parts) > 1 else k_parts[0]
+        if key_scale is not None:  # the key norm scales every key dim of its kv head
+            k = k * key_scale.repeat_interleave(H // K, dim=1)[..., None].to(k.dtype)
         # Fused SDPA kernels (flash on CPU and GPU) want one head dim for q, k and v: zero-pad the narrower side (zero
         # dims change no score; padded value dims are cut off). Measured 4x faster than the unfused fallback.
         dqk, dv = q.shape[-1], v.shape[-1]
@@ -200,14 +233,24 @@ class CllaDecoderLayer(nn.Module):
 
     def forward(self, h, latent, k_rope, cos, sin, mask, latent_proj=None, cache=None, group: int = 0):
         """h (B, T, hidden) -> (h, latent, k_rope). The group's first layer passes its `latent_proj`: the latent and
-        rope keys are computed from this layer's normed input (and appended to `cache`); later layers reuse them."""
+        rope keys are computed from this layer's normed input (and appended to `cache`); later layers reuse them.
+        A layer's key norms (qk_norm) are its own: cached at index num_layer_groups + layer."""
         x = self.input_layernorm(h)
         if latent_proj is not None:
             latent, k_rope = latent_proj(x, cos, sin)
             if cache is not None:
                 latent4, k_rope = cache.update(latent[:, None], k_rope, group)
                 latent = latent4[:, 0]
-        h = self.attn_residual(h, self.self_attn(x, latent, k_rope, cos, sin, mask))
+        attn = self.self_attn
+        key_scale = None
+        if attn.k_scale is not None:
+            key_scale = attn.k_scale(x).transpose(1, 2)  # (B, K, T)
+            if cache is not None:
+                B, _, T = key_scale.shape
+                cached, _ = cache.update(key_scale[..., None], key_scale.new_zeros(B, 1, T, 0),
+                                         attn.config.num_layer_groups + attn.layer_idx)
+                key_scale = cached[..., 0]
+        h = self.attn_residual(h, attn(x, latent, k_rope, cos, sin, mask, key_scale))
         return self.mlp_residual(h), latent, k_rope
 
 
@@ -276,6 +319,9 @@ class CllaModel(CllaPreTrainedModel):
         B, T, _ = h.shape
         if use_cache and cache is None:
             cache = DynamicCache()
+        if cache is not None and cfg.qk_norm:  # key norms sit past the groups' entries (see CllaDecoderLayer)
+            while len(cache.layers) < cfg.num_layer_groups + cfg.num_hidden_layers:
+                cache.layers.append(DynamicLayer())
         past = cache.get_seq_length(0) if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=h.device)[None].expand(B, T)

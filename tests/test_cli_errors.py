@@ -53,16 +53,14 @@ def test_unsupported_architecture(tmp_path, model_type):
     assert not (tmp_path / "out").exists()
 
 
-def test_compressed_plan_of_a_qwen3_source_is_refused(tmp_path):
-    """Qwen3 normalizes each key head before RoPE: only the identity keeps that exact for now. One line, before the
-    weights are read, and nothing written; --identity of the same folder works."""
-    src, _ = save_source(tmp_path, "qwen3")
+def test_groups_that_mix_layer_kinds_are_refused(tmp_path):
+    """Gemma 3 interleaves sliding-window and global layers: a group shares one latent, so --groups may not mix
+    them. One line, nothing written."""
+    src, _ = save_source(tmp_path, "gemma3_text")  # layers: sliding, global, sliding
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = run("convert", src, tmp_path / "out", "--kv-ratio", "0.5")
-    assert_one_line_error(r, "qwen3", "--identity")
+    r = run("convert", src, tmp_path / "out", "--latent-dim", "32", "--groups", "2,1")
+    assert_one_line_error(r, "different kinds")
     assert_nothing_written(tmp_path, before)
-    ok = run("convert", src, tmp_path / "out", "--identity")
-    assert ok.exit_code == 0, ok.output
 
 
 def test_folder_without_config(tmp_path):

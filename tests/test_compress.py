@@ -31,17 +31,20 @@ def rel_err(src, model, seed=5):
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma3_text"])
 def test_full_width_plans_are_exact(arch):
-    """Every key dim in per-head rope and a latent as wide as the values: the compressed path is lossless."""
+    """Every key dim in per-head rope and a latent as wide as the values: the compressed path is lossless (for
+    Qwen3 and Gemma 3: their key norms exact through the cached per-head scale)."""
     src, comp = compressor(arch)
     plan = Plan(uniform_groups(3, 1), latent_dim=2 * 16, rope_dim=16, kv_bits=16, rope_heads=2)
     assert rel_err(src, comp.build(plan)) <= 1e-5
 
 
-def test_shared_rope_is_exact_for_one_kv_head():
-    """With one kv head the shared rope key (rank-1 complex PCA per frequency) loses nothing."""
-    src, comp = compressor("qwen2", num_key_value_heads=1)
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_shared_rope_is_exact_for_one_kv_head(arch):
+    """With one kv head the shared rope key (rank-1 complex PCA per frequency) loses nothing: for Qwen3 too, whose
+    query map then carries the per-frequency maps after the query norm."""
+    src, comp = compressor(arch, num_key_value_heads=1)
     plan = Plan(uniform_groups(3, 1), latent_dim=32, rope_dim=16, kv_bits=16, rope_heads=1)
     assert comp.build(plan).config.rope_heads == 1
     assert rel_err(src, comp.build(plan)) <= 1e-5
@@ -219,3 +222,43 @@ def test_planned_model_reloads_and_matches_its_byte_figure(tmp_path, tiny_src):
     ids = torch.randint(0, VOCAB, (1, 12))
     gen = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 17)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_qk_norm_sources_convert_and_run(tmp_path, arch):
+    """Qwen3 and Gemma 3 (per-head query/key norms; Gemma's sliding and global layers): a planned conversion whose
+    groups never mix layer kinds, whose KV figure (key norms included) is what the runtime allocates, and whose
+    runtime computes what the model computes."""
+    import kvconvert  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from kvconvert.runtime.generate import LatentRuntime
+
+    src, source = save_source(tmp_path, arch)
+    out = tmp_path / "out"
+    r = convert(src, out, "--kv-ratio", "0.5")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    cfg = model.config
+    assert cfg.qk_norm and record["kv_bytes_breakdown"]["key_scales"] == 3 * 2 * 2
+    assert record["kv_bytes_per_token"] == kv_bytes_per_token(cfg) <= 0.5 * record["source_kv_bytes_per_token"]
+    kinds = [(cfg.layer_windows[i], cfg.rope_freq_index[cfg.group_of_layer()[i]][0][0]) for i in range(3)]
+    assert all(len({kinds[i] for i in g}) == 1 for g in cfg.layer_groups)
+    rt = LatentRuntime(model, 1, 48)
+    assert rt.cache.bytes_per_token == kv_bytes_per_token(cfg)
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits[0, -1]
+        got = rt.prefill(ids, [20])[0]
+        ref = source(ids).logits[0, -1]
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-2  # fp16 cache vs the fp32 model
+    assert ((want - ref).abs().max() / ref.abs().max()).item() <= 0.05  # zero-shot at half the cache: near the source
+
+
+def test_layouts_never_group_across_layer_kinds():
+    """Gemma 3's five sliding layers then one global: each run of one kind is grouped on its own."""
+    kinds = (["s"] * 5 + ["g"]) * 2 + ["s"] * 2
+    assert uniform_groups(14, 2, kinds) == ((0, 1), (2, 3), (4,), (5,), (6, 7), (8, 9), (10,), (11,), (12, 13))
+    assert uniform_groups(14, 30, kinds) == ((0, 1, 2, 3, 4), (5,), (6, 7, 8, 9, 10), (11,), (12, 13))
+    assert uniform_groups(5, 2) == ((0, 1), (2, 3), (4,))

@@ -32,10 +32,11 @@ def compressed_config(bits: int, **kw) -> CllaConfig:
     return CllaConfig(**(base | kw))
 
 
-@pytest.mark.parametrize("bits, rope_bits", [(16, 16), (8, 16), (4, 16), (4, 8), (8, 8), (4, 4)])
+@pytest.mark.parametrize("bits, rope_bits, qk_norm", [(16, 16, False), (8, 16, False), (4, 16, False), (4, 8, False),
+                                                     (8, 8, False), (4, 4, False), (4, 8, True), (16, 16, True)])
 @torch.no_grad()
-def test_byte_formula_equals_cached_tensors(bits, rope_bits):
-    cfg = compressed_config(bits, rope_bits=rope_bits)
+def test_byte_formula_equals_cached_tensors(bits, rope_bits, qk_norm):
+    cfg = compressed_config(bits, rope_bits=rope_bits, qk_norm=qk_norm)
     torch.manual_seed(0)
     model = CllaForCausalLM(cfg).eval()
     T = 11
@@ -47,13 +48,21 @@ def test_byte_formula_equals_cached_tensors(bits, rope_bits):
         rope = pack_latent(k_rope, cfg.rope_bits, cfg.rope_quant_group)
         stored |= {"rope_keys": rope["latent"]} | ({"rope_scales": rope["latent_scales"]} if cfg.rope_bits < 16 else {})
         stored_bytes += sum(t.numel() * t.element_size() for t in stored.values())
+    if qk_norm:  # a 16-bit key norm per layer and kv head, after the groups' entries
+        for layer in out.cache.layers[cfg.num_layer_groups:]:
+            assert layer.keys.shape == (2, cfg.num_key_value_heads, T, 1)
+            stored_bytes += layer.keys.numel() * 2
+        assert len(out.cache.layers) == cfg.num_layer_groups + cfg.num_hidden_layers
     assert all(out.cache.get_seq_length(g) == T for g in range(cfg.num_layer_groups))
     assert stored_bytes == kv_bytes_per_token(cfg) * 2 * T
 
 
 def test_byte_formula_by_hand():
     # 2 groups x (32 latent values at 4 bits = 16 B, 2 quant groups x (scale + zero) x 2 B = 8 B, 1 x 8 rope x 2 B = 16 B)
-    assert kv_bytes_breakdown(compressed_config(4)) == {"latent": 32, "latent_scales": 16, "rope_keys": 32, "rope_scales": 0}
+    assert kv_bytes_breakdown(compressed_config(4)) == {
+        "latent": 32, "latent_scales": 16, "rope_keys": 32, "rope_scales": 0, "key_scales": 0}
+    # qk_norm: 4 layers x 2 kv heads x 2 B of key norms
+    assert kv_bytes_breakdown(compressed_config(4, qk_norm=True))["key_scales"] == 16
     # rope keys at 8 bits: 2 groups x (8 B + one head x (scale + zero) x 2 B)
     assert kv_bytes_breakdown(compressed_config(4, rope_bits=8))["rope_keys"] == 16
     assert kv_bytes_breakdown(compressed_config(4, rope_bits=8))["rope_scales"] == 8

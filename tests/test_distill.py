@@ -278,3 +278,17 @@ def test_bad_distill_input_is_one_line(student, tmp_path):
     fails(["convert", str(src), str(tmp_path / "z"), "--kv-ratio", "0.1", "--resume"], "--resume continues a distillation")
     fails(["convert", str(src), str(tmp_path / "z"), "--identity", "--distill-tokens", "1000"], "nothing to distill")
     assert not (tmp_path / "z").exists()
+
+
+def test_qk_norm_models_train_their_query_map_and_key_norms():
+    """A qk-norm model's conversion-made parts (the query map, the key norms' gains) are in the latent set, the norms
+    themselves in the attention set; its key bias trains (key norms make it position-dependent)."""
+    from test_runtime import tiny_clla
+
+    model = tiny_clla(4, qk_norm=True)
+    latent, attention = set(trainable_names(model, "latent")), set(trainable_names(model, "attention"))
+    assert "model.layers.0.self_attn.q_map" in latent and "model.layers.0.self_attn.k_scale.gain" in latent
+    assert "model.layers.0.self_attn.k_up.bias" in latent
+    assert not any(".q_norm." in n or "k_scale.proj" in n or ".q_proj." in n for n in latent)
+    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_scale.proj.weight"} <= attention
+    assert "model.layers.0.self_attn.k_up.bias" not in trainable_names(tiny_clla(4), "latent")

@@ -240,6 +240,49 @@ def test_latent_decode_log_weights(name):
     check_log_weights(name, "cpu")
 
 
+def check_key_scale(name: str, device) -> None:
+    """A qk-norm source's key norms (one per position and kv head, a strided view of a wider tensor) scale each
+    head's scores by its own kv head's norm, like the reference; with log-weights too."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1)
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, splits = build_decode_case(CASE[name], gen)
+    B, S = latent.data.shape[:2]
+    H = (q_lat if q_lat is not None else q_rope).shape[1]
+    K = 3  # H is 3 or 9: one or three query heads per kv head
+    key_scale = (0.25 + 2 * torch.rand(B, S, K + 2, generator=gen)).half()[..., 1 : K + 1]
+    log_w = torch.log(torch.randint(1, 9, (B, S), generator=gen).float())
+    head_bias = 3 * torch.randn(B, H, generator=gen)  # a key bias under a key norm: q_nope · b_k per head
+
+    def dev(t):
+        return None if t is None else t.to(device)
+
+    args = (dev(q_lat), dev(q_rope), to_device(latent, device), to_device(rope, device), seq_lens.to(device), scale, window, splits)
+    for lw, hb in ((None, None), (log_w, None), (None, head_bias), (log_w, head_bias)):
+        out = decode_module()._latent_decode(*args, log_weights=dev(lw), key_scale=dev(key_scale), head_bias=dev(hb)).cpu()
+        ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window, log_weights=lw, key_scale=key_scale,
+                                head_bias=hb)
+        assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-6
+    # a head bias cancels in the softmax without key norms, and moves the output with them
+    plain = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window)
+    biased = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window, head_bias=head_bias)
+    assert torch.allclose(plain, biased, atol=1e-5 * plain.abs().max().item())
+    normed = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window, key_scale=key_scale)
+    both = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window, key_scale=key_scale, head_bias=head_bias)
+    assert (both - normed).abs().max().item() > 1e-2 * normed.abs().max().item()
+    # the reference itself: head h's scores times key_scale[:, :, h // (H / K)], by hand
+    per_head = key_scale.float().repeat_interleave(H // K, dim=2)
+    by_hand = torch.stack([latent_decode_ref(
+        None if q_lat is None else q_lat[:, h : h + 1] * 1, None if q_rope is None else q_rope[:, h : h + 1], latent,
+        rope, seq_lens, scale, window, log_weights=None, key_scale=per_head[..., h : h + 1]) for h in range(H)], 1)[:, :, 0]
+    assert torch.allclose(normed, by_hand, atol=1e-6)
+    assert (normed - plain).abs().max().item() > 1e-2 * normed.abs().max().item()  # the norms do change the output
+
+
+@interpreter
+@pytest.mark.parametrize("name", ["h9-t129-b4", "h3-t1000-b4", "h9-t1000-b8-w5", "h3-t129-nolat"])
+def test_latent_decode_key_scale(name):
+    check_key_scale(name, "cpu")
+
+
 @interpreter
 def test_latent_decode_default_splits_and_public_signature():
     gen = torch.Generator().manual_seed(5)
@@ -444,6 +487,13 @@ def test_latent_decode_log_weights_cuda(name):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("name", ["h9-t129-b4", "h3-t1000-b4", "h3-t129-nolat"])
+def test_latent_decode_key_scale_cuda(name):
+    check_key_scale(name, "cuda")
+
+
+@gpu
+@needs_cuda
 def test_latent_decode_cuda_graph():
     """Captured once, replayed after the lengths change in place: the grid never depends on seq_lens."""
     gen = torch.Generator().manual_seed(7)
@@ -505,8 +555,9 @@ def test_runtime_through_the_interpreted_kernels(bits):
 
     from test_runtime import PLANS, prompt, reference_greedy, tiny_clla
 
-    for plan in PLANS.values():
-        model = tiny_clla(bits, **plan)
+    # qk_norm (4 bits): the key norms and a key bias's head term reach the kernel
+    for plan, qk_norm in [(p, False) for p in PLANS.values()] + [(p, True) for p in PLANS.values() if bits == 4]:
+        model = tiny_clla(bits, qk_norm=qk_norm, **plan)
         prompts = [prompt(9, seed=1), prompt(4, seed=2)]
         out, _ = LatentRuntime(model, 2, 32).generate(prompts, SamplingOptions(max_new_tokens=8))
         assert out == [reference_greedy(model, p, 8) for p in prompts]

@@ -219,3 +219,26 @@ def test_prompt_only_scoring_differs_from_holding_the_budget():
     assert held["predictions"] == prompt_only["predictions"] == full["predictions"] == 32
     assert prompt_only["nll"] != held["nll"]
     assert abs(prompt_only["nll"] - full["nll"]) < abs(held["nll"] - full["nll"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_key_norms_move_with_their_slots(name):
+    """A qk-norm model caches each layer's key norms per slot: a policy moves them with the latent (a kept token's
+    norms are its own) and merges them like the rest (a merge slot's lie within its tokens')."""
+    model = tiny_clla(4, qk_norm=True)
+    ids = torch.tensor([prompt(33, seed=2)])
+    full = LatentRuntime(model, 1, 64)
+    full.prefill(ids, [33])
+    rt = LatentRuntime(model, 1, 40, policy=make_policy(name, 10), context=200)
+    rt.prefill(ids, [33])  # chunks of 30 then 3: the first 30 tokens' layer inputs are those of the full run
+    cfg = model.config
+    for i in range(cfg.num_hidden_layers):
+        st = rt.policy.states[cfg.group_of_layer()[i]]
+        want, got = full.cache.key_scale(i).data[0, :33], rt.cache.key_scale(i).data[0, :10]
+        for s in range(10):
+            p = int(st.pos[0, s])
+            if bool(st.residual[0, s]):
+                assert (got[s] >= want.min(0).values - 1e-3).all() and (got[s] <= want.max(0).values + 1e-3).all()
+            elif p < 30:
+                assert torch.equal(got[s], want[p]), (i, s, p)
+    assert int((rt.policy.states[0].pos[0, :10] < 30).sum()) >= 4  # the check above had slots to look at

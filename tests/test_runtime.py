@@ -38,6 +38,16 @@ def tiny_clla(bits: int, seed: int = 0, **overrides) -> CllaForCausalLM:
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.3)
+            elif name.endswith("q_map"):  # qk_norm: a random map from the normed query into the plan's dims
+                p.normal_(0, 0.5)
+            elif name.endswith(("q_norm.weight", "k_scale.gain")):
+                p.uniform_(0.5, 2.0)
+    for layer in model.model.layers:
+        if layer.self_attn.k_scale is not None:
+            # The cache stores key norms in fp16; round them so here too, so that the fp32 model is what the runtime
+            # computes (a 4-bit latent's codes would otherwise flip on the difference, upstream of every comparison)
+            k_scale = layer.self_attn.k_scale
+            k_scale.forward = lambda x, f=k_scale.forward: f(x).half().to(x.dtype)
     return model
 
 
@@ -74,8 +84,12 @@ PLANS = {"wide": dict(kv_latent_dim=48, qk_nope_dim=8), "folded": dict(kv_latent
 @pytest.mark.parametrize("bits", [16, 8, 4])
 @pytest.mark.parametrize("rope_heads", [1, 2])
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_greedy_and_logits_equal_the_model(bits, rope_heads, plan):
-    model = tiny_clla(bits, rope_heads=rope_heads, **PLANS[plan])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
+def test_greedy_and_logits_equal_the_model(bits, rope_heads, plan, qk_norm):
+    """Every plan shape; with qk_norm (Qwen3, Gemma 3) the per-layer key norms are cached and scale the scores."""
+    if qk_norm and bits == 8:
+        pytest.skip("qk_norm: 16 and 4 bits cover both storage paths")
+    model = tiny_clla(bits, rope_heads=rope_heads, qk_norm=qk_norm, **PLANS[plan])
     rt = LatentRuntime(model, batch=1, capacity=64)
     assert all((lay.w_uk is None and lay.w_uv_t is None) == (plan != "wide") for lay in rt.layers)
     assert rt.absorbed_prefill == (plan == "narrow" and rope_heads == 1)
@@ -109,13 +123,15 @@ def test_latent_norm_is_applied_before_the_cache(bits):
 
 @pytest.mark.parametrize("bits", [16, 4])
 @pytest.mark.parametrize("policy", [None, "zsmerge"])
-def test_absorbed_prefill_equals_the_models_attention(bits, policy):
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
+def test_absorbed_prefill_equals_the_models_attention(bits, policy, qk_norm):
     """The prompt attended over the latent (absorbed, MQA) gives the logits of the model's own attention over
     reconstructed keys and values: a fresh causal prompt, a second chunk with an explicit mask, a sliding-window
-    layer, a ragged batch, and merged slots' log-weights under a policy."""
+    layer, a ragged batch, and merged slots' log-weights under a policy (with qk_norm: key norms, merged too, and a
+    key bias that they make position-dependent)."""
     from kvconvert.runtime.policies import make_policy
 
-    model = tiny_clla(bits, rope_heads=1, **PLANS["narrow"])
+    model = tiny_clla(bits, rope_heads=1, qk_norm=qk_norm, **PLANS["narrow"])
     prompts = [prompt(n, seed=30 + n) for n in (21, 13)]
     T = max(map(len, prompts))
     ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])

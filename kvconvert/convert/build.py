@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CllaConfig
-from ..errors import KvconvertError
 from ..model import CllaForCausalLM
 from .calibrate import Calibration
-from .identity import identity_config
+from .identity import identity_config, identity_state_dict, norm_gain
 from .latent import Block, LatentFit, fit_latent, inverse_sqrt, rotation
 from .rope import RopeChoice, SharedRope, choose_rope, choose_shared_rope, complex_rows, fold_map_into_query, nope_dims, rope_dims
 from .stats import LayerStats, layer_stats
@@ -38,9 +37,27 @@ class Plan:
         return f"{layout}, latent {self.latent_dim} @ {self.kv_bits} bit, {rope}, quant group {self.quant_group}"
 
 
-def uniform_groups(L: int, size: int) -> tuple[tuple[int, ...], ...]:
-    """Consecutive groups of `size` layers (the last one may be smaller)."""
-    return tuple(tuple(range(i, min(i + size, L))) for i in range(0, L, size))
+def layer_kinds(base: CllaConfig) -> list[tuple]:
+    """Per layer, what a layer group must share: its sliding window (None: full attention) and its RoPE frequency
+    table (Gemma 3's sliding and global layers differ in both)."""
+    return [(base.layer_windows[i], base.rope_freq_index[i][0][0]) for i in range(base.num_hidden_layers)]
+
+
+def uniform_groups(L: int, size: int, kinds: list | None = None) -> tuple[tuple[int, ...], ...]:
+    """Consecutive groups of `size` layers; with `kinds` (per layer), each run of layers of one kind is grouped on
+    its own (the last group of a run may be smaller)."""
+    kinds = kinds or [None] * L
+    runs, start = [], 0
+    for i in range(1, L + 1):
+        if i == L or kinds[i] != kinds[start]:
+            runs.append(range(start, i))
+            start = i
+    return tuple(tuple(run[j : j + size]) for run in runs for j in range(0, len(run), size))
+
+
+def mixed_group(groups, kinds: list) -> tuple[int, ...] | None:
+    """The first group that mixes layer kinds, or None."""
+    return next((tuple(g) for g in groups if len({kinds[i] for i in g}) > 1), None)
 
 
 def plan_config(base: CllaConfig, plan: Plan, freq: list | None = None) -> CllaConfig:
@@ -71,14 +88,14 @@ class Compressor:
     def __init__(self, source_model, model_type: str, source_name: str, cal: Calibration):
         self.src = source_model
         self.base = identity_config(source_model.config, model_type, source_name)
-        if self.base.qk_norm:
-            raise KvconvertError(f"{source_name}: compressed plans of a {model_type} source (per-head key norm) are not built yet")
         self.cal = cal
         c = self.base
         self.H, self.K, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.h = c.hidden_size
         layers = source_model.model.layers
-        self.stats: list[LayerStats] = [layer_stats(layer, cal, i, self.H, self.K, self.D) for i, layer in enumerate(layers)]
+        gain = (lambda norm: norm_gain(norm, c)) if c.qk_norm else None
+        self.stats: list[LayerStats] = [layer_stats(layer, cal, i, self.H, self.K, self.D, gain, c.rms_norm_eps)
+                                        for i, layer in enumerate(layers)]
         self._fits: dict = {}
 
     # ------------------------------------------------------------------ per-group analysis
@@ -86,7 +103,9 @@ class Compressor:
         key = ("rope", group, rope_dim, select, heads)
         if key not in self._fits:
             c = self.base
-            args = (list(group), [self.stats[i] for i in group], self.cal, rope_dim, c.rope_inv_freq, c.softmax_scale,
+            off = self.freq_offset(group)
+            inv_freq = c.rope_inv_freq[off : off + self.D // 2]
+            args = (list(group), [self.stats[i] for i in group], self.cal, rope_dim, inv_freq, c.softmax_scale,
                     self.H, self.K, self.D)
             if heads == 1:
                 choice = choose_shared_rope(*args, select)
@@ -96,6 +115,14 @@ class Compressor:
                     choice.freq = [list(range(rope_dim // 2)) for _ in range(self.K)]
             self._fits[key] = choice
         return self._fits[key]
+
+    def freq_offset(self, group: tuple[int, ...]) -> int:
+        """Where the group's RoPE frequencies start in the config's table (Gemma 3's sliding layers have their own
+        base: see identity.source_rope). A group mixes no layer kinds (see plan.layer_kinds)."""
+        offsets = {self.base.rope_freq_index[layer][0][0] for layer in group}
+        if len(offsets) > 1:
+            raise ValueError(f"layer group {list(group)} mixes layers of different RoPE bases")
+        return offsets.pop()
 
     def blocks(self, group: tuple[int, ...], choice, activation_aware: bool = True) -> list[Block]:
         H, K, D, s = self.H, self.K, self.D, self.base.softmax_scale
@@ -160,10 +187,27 @@ class Compressor:
         s = (k_e / q_e.clamp_min(1e-12)).clamp_min(1e-12) ** 0.25
         return s.repeat(2)[:, None]
 
+    def query_rows(self, head: torch.Tensor, hq: int, j: int, choice, plan: Plan, scales: list[torch.Tensor]) -> torch.Tensor:
+        """Query head hq of the group's j-th layer in the plan's dims, [q_nope | q_rope], as rows over what `head`
+        (its D rows) is over: the source's augmented inputs, or (qk-norm sources) the normed query itself."""
+        D = self.D
+        k = hq // (self.H // self.K)
+        if isinstance(choice, SharedRope):
+            rows = [head]
+            if plan.rope_dim:
+                rows.append(fold_map_into_query(head, choice.freq, choice.u[j, k], D) * scales[0])
+        else:
+            rows = [head[nope_dims(choice.freq[k], D)]]
+            if plan.rope_dim:
+                rows.append(fold_map_into_query(head, choice.freq[k], choice.maps[j][k], D) * scales[k])
+        return torch.cat(rows)
+
     # ------------------------------------------------------------------ assembly
     def config(self, plan: Plan) -> CllaConfig:
-        choices = [self.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads) for g in plan.groups]
-        freq = [[c.freq] if plan.rope_heads == 1 else c.freq for c in choices]
+        freq = []
+        for g in plan.groups:
+            c, off = self.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads), self.freq_offset(g)
+            freq.append([[i + off for i in f] for f in ([c.freq] if plan.rope_heads == 1 else c.freq)])
         return plan_config(self.base, plan, freq)
 
     @torch.no_grad()
@@ -172,21 +216,11 @@ class Compressor:
         H, K, D, h, R = self.H, self.K, self.D, self.h, plan.latent_dim
         model = CllaForCausalLM(cfg)
         src = self.src.model
-        sd = {"model.embed_tokens.weight": src.embed_tokens.weight, "model.norm.weight": src.norm.weight}
-        if not cfg.tie_word_embeddings:
-            sd["lm_head.weight"] = self.src.lm_head.weight
-        for l, layer in enumerate(src.layers):
-            p = f"model.layers.{l}."
-            sd[p + "input_layernorm.weight"] = layer.input_layernorm.weight
-            sd[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
-            sd[p + "self_attn.o_proj.weight"] = layer.self_attn.o_proj.weight
-            if layer.self_attn.o_proj.bias is not None:
-                sd[p + "self_attn.o_proj.bias"] = layer.self_attn.o_proj.bias
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                lin = getattr(layer.mlp, name)
-                sd[p + f"mlp.{name}.weight"] = lin.weight
-                if lin.bias is not None:
-                    sd[p + f"mlp.{name}.bias"] = lin.bias
+        # Embeddings, norms, MLPs and output projections as the identity maps them; attention's own parts below
+        sd = {k: v for k, v in identity_state_dict(self.src, self.base).items()
+              if ".self_attn.o_proj." in k or not (".self_attn." in k or "latent_proj." in k)}
+        if cfg.tie_word_embeddings:
+            sd.pop("lm_head.weight")
         for g, group in enumerate(plan.groups):
             choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
             fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads)
@@ -234,19 +268,18 @@ class Compressor:
                 sd[ap + "v_up.weight"] = torch.cat(v_rows)
                 if cfg.qkv_bias:
                     sd[ap + "v_up.bias"] = torch.cat(v_bias)
-                q_rows = []
-                for hq in range(H):
-                    k = hq // (H // K)
-                    head = st.wq[hq * D : (hq + 1) * D]
-                    if shared:
-                        q_rows.append(head)
-                        if plan.rope_dim:
-                            q_rows.append(fold_map_into_query(head, choice.freq, choice.u[j, k], D) * scales[0])
-                        continue
-                    q_rows.append(head[nope_dims(choice.freq[k], D)])
-                    if plan.rope_dim:
-                        q_rows.append(fold_map_into_query(head, choice.freq[k], choice.maps[j][k], D) * scales[k])
-                q = torch.cat(q_rows)
+                if cfg.qk_norm:  # queries normed as the source does, then mapped per head; keys normed by k_scale
+                    a = src.layers[l].self_attn
+                    eye = torch.eye(D, dtype=torch.float64)
+                    sd[ap + "q_map"] = torch.stack([self.query_rows(eye, hq, j, choice, plan, scales) for hq in range(H)])
+                    sd[ap + "q_norm.weight"] = norm_gain(a.q_norm, cfg)
+                    for name, lin in (("q_proj", a.q_proj), ("k_scale.proj", a.k_proj)):
+                        sd[ap + name + ".weight"] = lin.weight
+                        if lin.bias is not None:
+                            sd[ap + name + ".bias"] = lin.bias
+                    sd[ap + "k_scale.gain"] = 1 / st.key_norm  # the fits saw keys scaled by the typical 1/RMS
+                    continue
+                q = torch.cat([self.query_rows(st.wq[hq * D : (hq + 1) * D], hq, j, choice, plan, scales) for hq in range(H)])
                 sd[ap + "q_proj.weight"] = q[:, :h]
                 if cfg.qkv_bias:
                     sd[ap + "q_proj.bias"] = q[:, h]

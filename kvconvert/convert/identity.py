@@ -134,6 +134,11 @@ def identity_config(hf_config, model_type: str, source_name: str) -> CllaConfig:
     )
 
 
+def norm_gain(norm, config: CllaConfig) -> torch.Tensor:
+    """An RMSNorm's per-dim gain: Gemma's norms multiply by 1 + w, the others by w."""
+    return (norm.weight + 1 if config.sandwich_norms else norm.weight).detach()
+
+
 def _bias(linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach()
 
@@ -143,7 +148,7 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
     src = source_model.model
     sd: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": src.embed_tokens.weight.detach(),
-        "model.norm.weight": (src.norm.weight + 1 if config.sandwich_norms else src.norm.weight).detach(),
+        "model.norm.weight": norm_gain(src.norm, config),
         "lm_head.weight": source_model.lm_head.weight.detach(),
     }
     KD = config.num_key_value_heads * config.head_dim
@@ -152,7 +157,7 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
         if (a.q_proj.bias is not None) != config.qkv_bias or (a.o_proj.bias is not None) != config.o_bias:
             raise KvconvertError(f"layer {i}: attention biases differ from what the {config.source_model_type} config says")
         p = f"model.layers.{i}."
-        norm = (lambda m: m.weight + 1) if config.sandwich_norms else (lambda m: m.weight)  # Gemma: gain 1 + w
+        norm = lambda m: norm_gain(m, config)  # noqa: E731
         tensors = {
             "input_layernorm.weight": norm(layer.input_layernorm),
             # ours is the pre-MLP norm; Gemma calls that one pre_feedforward_layernorm and norms outputs besides
@@ -175,12 +180,20 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
         sd.update({p + k: v.detach() for k, v in tensors.items() if v is not None})
         g = f"model.latent_proj.{i}."
         sd[g + "kv_down.weight"] = a.v_proj.weight.detach()
-        sd[g + "rope_proj.weight"] = a.k_proj.weight.detach()
+        # qk_norm: the key norm's gain folded into the rope key weights (a per-dim scale of the raw key); its 1/RMS
+        # is the layer's cached key scale, from the raw key projection
+        gain = norm(a.k_norm).repeat(config.num_key_value_heads)[:, None] if config.qk_norm else 1
+        sd[g + "rope_proj.weight"] = (a.k_proj.weight * gain).detach()
         if a.k_proj.bias is not None:
-            sd[g + "rope_proj.bias"] = a.k_proj.bias.detach()
-        if config.qk_norm:  # per-head norms: the query's in the layer, the key's where the rope keys are made
-            sd[p + "self_attn.q_norm.weight"] = norm(a.q_norm).detach()
-            sd[g + "k_norm.weight"] = norm(a.k_norm).detach()
+            sd[g + "rope_proj.bias"] = (a.k_proj.bias * gain[:, 0] if config.qk_norm else a.k_proj.bias).detach()
+        if config.qk_norm:
+            sd[p + "self_attn.q_norm.weight"] = norm(a.q_norm)
+            sd[p + "self_attn.q_map"] = torch.eye(config.head_dim, dtype=a.q_proj.weight.dtype).expand(
+                config.num_attention_heads, -1, -1).clone()
+            sd[p + "self_attn.k_scale.proj.weight"] = a.k_proj.weight.detach()
+            if a.k_proj.bias is not None:
+                sd[p + "self_attn.k_scale.proj.bias"] = a.k_proj.bias.detach()
+            sd[p + "self_attn.k_scale.gain"] = torch.ones(config.num_key_value_heads, dtype=a.k_proj.weight.dtype)
     return sd
 
 

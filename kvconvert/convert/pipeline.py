@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..errors import KvconvertError
-from .build import Compressor
+from .build import Compressor, layer_kinds, mixed_group
 from .calibrate import collect_inputs, read_data_files, sample_tokens, tokens_from_text
 from .plan import Overrides, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
@@ -19,7 +19,7 @@ from ..distill import dist
 from ..distill.run import checkpoint_dir, distill_student, load_initial, prepare_checkpoint_dir
 from ..distill.train import DistillOptions, check_distill_options
 from .identity import build_identity
-from .source import QK_NORM_ARCHITECTURES, load_source, load_source_config, model_type_of, resolve
+from .source import load_source, load_source_config, model_type_of, resolve
 
 Log = Callable[[str], None]
 
@@ -127,6 +127,10 @@ def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
         starts = [sum(opts.group_sizes[:i]) for i in range(len(opts.group_sizes))]
         groups = tuple(tuple(range(s, s + n)) for s, n in zip(starts, opts.group_sizes))
         ov = Overrides(**(vars(ov) | {"groups": groups}))
+    mixed = mixed_group(ov.groups or (), layer_kinds(config))
+    if mixed:
+        raise KvconvertError(f"--groups: layers {list(mixed)} are of different kinds (sliding-window and full attention, "
+                             "or different RoPE bases); a group shares one latent, so it takes layers of one kind")
     if ov.rope_heads == K and K > 1 and (ov.group_size not in (None, 1) or (ov.groups and max(map(len, ov.groups)) > 1)):
         raise KvconvertError("one rope head per kv head (--rope-heads K) needs one layer per group")
     return ov
@@ -223,11 +227,6 @@ def check_source_for_plans(ref, opts: ConvertOptions) -> None:
     from .identity import identity_config
 
     model_type = model_type_of(ref)
-    if model_type in QK_NORM_ARCHITECTURES:
-        raise KvconvertError(
-            f"{ref.name}: {model_type} normalizes each key head before RoPE; compressed plans of it need that "
-            "norm kept exact beside the latent, which is not built yet (--identity converts it exactly)"
-        )
     if opts.overrides.target not in (None, "clla"):
         fit_target(identity_config(load_source_config(ref), model_type, ref.name), opts.overrides)
 

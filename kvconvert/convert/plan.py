@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..config import CllaConfig, kv_bytes_per_token
 from ..errors import KvconvertError
 from ..quant import fake_quantize
-from .build import Compressor, Plan, plan_config, uniform_groups
+from .build import Compressor, Plan, layer_kinds, plan_config, uniform_groups
 
 Log = Callable[[str], None]
 GROUP_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
@@ -88,15 +88,22 @@ def widest_latent(base: CllaConfig, plan: Plan, budget: int) -> int:
     per_step = plan_bytes(base, replace(plan, latent_dim=2 * step)) - one
     n = (budget - (one - per_step)) // per_step
     # The latent is a linear function of the hidden state: wider than it, or than everything a group caches, is waste.
-    full = min(len(plan.groups[0]) * 2 * base.num_key_value_heads * base.head_dim, base.hidden_size)
+    full = min(max(map(len, plan.groups)) * 2 * base.num_key_value_heads * base.head_dim, base.hidden_size)
     return int(min(n * step, full - full % step))
 
 
-def layouts(L: int, ov: Overrides) -> list[tuple[tuple[int, ...], ...]]:
+def layouts(base: CllaConfig, ov: Overrides) -> list[tuple[tuple[int, ...], ...]]:
+    """Layer layouts to try: groups of each size, never across layer kinds (sliding vs global, see layer_kinds)."""
     if ov.groups is not None:
         return [ov.groups]
+    L = base.num_hidden_layers
     sizes = [ov.group_size] if ov.group_size else [g for g in GROUP_SIZES if g <= L]
-    return [uniform_groups(L, g) for g in sizes]
+    found = []
+    for g in sizes:
+        layout = uniform_groups(L, g, layer_kinds(base))
+        if layout not in found:
+            found.append(layout)
+    return found
 
 
 def rope_options(base: CllaConfig, groups, ov: Overrides) -> list[tuple[int, int]]:
@@ -115,9 +122,8 @@ def rope_options(base: CllaConfig, groups, ov: Overrides) -> list[tuple[int, int
 def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_layouts: int | None = None) -> list[Plan]:
     """Plans the grid and the overrides allow within the budget (all budgets when None). With `max_layouts`,
     only the that many finest layer layouts that fit the budget: sharing across layers costs quality zero-shot."""
-    L = base.num_hidden_layers
     plans, used = [], 0
-    for groups in layouts(L, ov):
+    for groups in layouts(base, ov):
         found = False
         for rh, rd in rope_options(base, groups, ov):
             for kb in [ov.kv_bits] if ov.kv_bits else LATENT_BITS:

@@ -34,6 +34,18 @@ class LayerStats:
     q_pair_energy: torch.Tensor  # (H, D/2): E|q pair i|², pre-RoPE (RoPE preserves pair norms)
     k_pair_energy: torch.Tensor  # (K, D/2)
     vscale: torch.Tensor  # (H,): E||Wo_h (v - E v)||²
+    key_norm: torch.Tensor | None = None  # (K,) qk-norm sources: E[1/RMS(raw key)²]^½, the scale folded into wk
+
+
+def norm_scales(w: torch.Tensor, x: torch.Tensor, heads: int, eps: float, chunk: int = 4096) -> torch.Tensor:
+    """(heads,) E[1 / (mean_d z_d² + eps)]^½ for z = w x̃ per head over calibration inputs x (N, hidden): the typical
+    factor a per-head RMSNorm multiplies its raw input by."""
+    total = torch.zeros(heads, dtype=torch.float64)
+    for s in range(0, x.shape[0], chunk):
+        xs = x[s : s + chunk].double()
+        z = xs @ w[:, :-1].T + w[:, -1]
+        total += (1 / (z.view(len(xs), heads, -1).pow(2).mean(-1) + eps)).sum(0)
+    return (total / x.shape[0]).sqrt()
 
 
 def pair_energy(w: torch.Tensor, cov: torch.Tensor, heads: int, D: int) -> torch.Tensor:
@@ -42,10 +54,19 @@ def pair_energy(w: torch.Tensor, cov: torch.Tensor, heads: int, D: int) -> torch
     return e[:, : D // 2] + e[:, D // 2 :]
 
 
-def layer_stats(layer, cal: Calibration, idx: int, H: int, K: int, D: int) -> LayerStats:
+def layer_stats(layer, cal: Calibration, idx: int, H: int, K: int, D: int, norm_gain=None, eps: float = 1e-6) -> LayerStats:
+    """`norm_gain(norm) -> (D,)`: given for sources with per-head query and key norms (qk_norm), whose queries and
+    keys are then described linearly as gain ⊙ (raw projection) times the typical 1/RMS of their head (the model
+    applies the exact per-token norms; these weights set what the fits minimize)."""
     a = layer.self_attn
     cov = cal.cov(idx, idx)
     wq, wk, wv = augmented(a.q_proj), augmented(a.k_proj), augmented(a.v_proj)
+    key_norm = None
+    if norm_gain is not None:
+        x = cal.inputs[idx]
+        q_norm, key_norm = norm_scales(wq, x, H, eps), norm_scales(wk, x, K, eps)
+        wq = wq * (q_norm.repeat_interleave(D) * norm_gain(a.q_norm).double().repeat(H))[:, None]
+        wk = wk * (key_norm.repeat_interleave(D) * norm_gain(a.k_norm).double().repeat(K))[:, None]
     wo = a.o_proj.weight.detach().double()
     mean_v = wv @ cov[:, -1]  # E[v] (the last column of the augmented moment is E[x̃])
     cov_v = wv @ cov @ wv.T - torch.outer(mean_v, mean_v)  # (K*D, K*D) centered
@@ -56,4 +77,4 @@ def layer_stats(layer, cal: Calibration, idx: int, H: int, K: int, D: int) -> La
         wo_h = wo[:, h * D : (h + 1) * D]
         block = cov_v[k * D : (k + 1) * D, k * D : (k + 1) * D]
         vscale[h] = torch.trace(wo_h @ block @ wo_h.T)
-    return LayerStats(wq, wk, wv, wo, pair_energy(wq, cov, H, D), pair_energy(wk, cov, K, D), vscale)
+    return LayerStats(wq, wk, wv, wo, pair_energy(wq, cov, H, D), pair_energy(wk, cov, K, D), vscale, key_norm)

@@ -34,10 +34,11 @@ from . import dist
 from .data import TrainingData
 
 # Parameter sets a user can train (names are matched as substrings of CllaForCausalLM parameter names).
-LATENT = ("latent_proj.", ".k_up.", ".v_up.")
+# qk-norm sources add the query map (the rope maps folded after the query norm) and the key norms' gains.
+LATENT = ("latent_proj.", ".k_up.", ".v_up.", ".q_map", ".k_scale.gain")
 TRAIN_SETS = {
     "latent": LATENT,  # only what the conversion created: the latent, rope key and up-projections
-    "attention": LATENT + (".q_proj.", ".o_proj."),  # the whole attention block
+    "attention": LATENT + (".q_proj.", ".o_proj.", ".q_norm.", ".k_scale."),  # the whole attention block
     "all": ("",),  # every weight, MLPs, norms and embeddings included (default)
 }
 
@@ -113,10 +114,12 @@ def check_distill_options(o: DistillOptions, world: dist.World | None = None) ->
 
 
 def trainable_names(model, which: str) -> list[str]:
-    """Parameters of the chosen set. A key bias never trains: it adds q·b to every score of a query alike, which
-    softmax ignores, so its gradient is zero up to rounding and Adam would turn that rounding noise into steps."""
+    """Parameters of the chosen set. A key bias never trains (unless key norms scale it per position, qk_norm): it
+    adds q·b to every score of a query alike, which softmax ignores, so its gradient is zero up to rounding and Adam
+    would turn that rounding noise into steps."""
+    frozen_bias = not getattr(model.config, "qk_norm", False)
     return [n for n, _ in model.named_parameters()
-            if any(p in n for p in TRAIN_SETS[which]) and not n.endswith("k_up.bias")]
+            if any(p in n for p in TRAIN_SETS[which]) and not (frozen_bias and n.endswith("k_up.bias"))]
 
 
 def make_optimizer(student, names: list[str], rms: dict[str, float], opts: DistillOptions) -> torch.optim.AdamW:

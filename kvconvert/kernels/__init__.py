@@ -33,13 +33,17 @@ def latent_decode(
     window: int | None = None,
     num_splits: int | None = None,
     log_weights: torch.Tensor | None = None,
+    key_scale: torch.Tensor | None = None,
+    head_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed decode attention over a quantized latent stream: (B, H, R). See `latent_decode_ref`."""
     if uses_triton(latent.data):
         from .decode_attention import latent_decode_triton
 
-        return latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights)
-    return latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights)
+        return latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights,
+                                    key_scale, head_bias)
+    return latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
+                             head_bias)
 
 
 def quantize_append(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:

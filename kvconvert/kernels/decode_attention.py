@@ -54,9 +54,9 @@ def _load_tile(
 @triton.jit
 def _latent_decode_split_kernel(
     # pointers
-    Q_LAT, Q_ROPE, LAT, LAT_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, LOG_W, PART_OUT, PART_LSE, OUT,
+    Q_LAT, Q_ROPE, LAT, LAT_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, LOG_W, KEY_SCALE, HEAD_BIAS, PART_OUT, PART_LSE, OUT,
     # sizes
-    H, R, WR, CHUNK, WINDOW, qk_scale,
+    H, R, WR, CHUNK, WINDOW, qk_scale, HEADS_PER_KV,
     # strides
     stride_ql_b, stride_ql_h, stride_ql_r,
     stride_qr_b, stride_qr_h, stride_qr_w,
@@ -65,12 +65,15 @@ def _latent_decode_split_kernel(
     stride_rope_b, stride_rope_s, stride_rope_w,
     stride_rsc_b, stride_rsc_s, stride_rsc_g, stride_rsc_k,
     stride_lw_b, stride_lw_s,
+    stride_ks_b, stride_ks_s, stride_ks_k,
+    stride_hb_b, stride_hb_h,
     stride_po_b, stride_po_split, stride_po_h, stride_po_r,
     stride_pl_b, stride_pl_split, stride_pl_h,
     stride_out_b, stride_out_h, stride_out_r,
     # meta
     LAT_BITS: tl.constexpr, LAT_GROUP: tl.constexpr, ROPE_BITS: tl.constexpr, ROPE_GROUP: tl.constexpr,
     HAS_Q_LAT: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOG_W: tl.constexpr,
+    HAS_KEY_SCALE: tl.constexpr, HAS_HEAD_BIAS: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_WR: tl.constexpr,
@@ -99,6 +102,10 @@ def _latent_decode_split_kernel(
         q_rope = tl.load(Q_ROPE + pid_b * stride_qr_b + offs_h[:, None] * stride_qr_h + offs_w[None, :] * stride_qr_w,
                          mask=mask_h[:, None] & (offs_w < WR)[None, :], other=0).to(DOT_DTYPE)
 
+    if HAS_HEAD_BIAS:  # q_nope · b_k per head, in the scale's units
+        head_bias = tl.load(HEAD_BIAS + pid_b * stride_hb_b + offs_h * stride_hb_h, mask=mask_h, other=0).to(tl.float32)
+        head_bias = head_bias * qk_scale
+
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_R), dtype=tl.float32)
@@ -124,6 +131,13 @@ def _latent_decode_split_kernel(
             ).to(DOT_DTYPE)
             scores = tl.dot(q_rope, tl.trans(k), scores, input_precision=DOT_PRECISION)
         scores = scores * qk_scale
+        if HAS_HEAD_BIAS:
+            scores += head_bias[:, None]
+        if HAS_KEY_SCALE:  # a qk-norm source's key norm: one scalar per position and kv head
+            ks = tl.load(KEY_SCALE + row_b * stride_ks_b + offs_t[None, :].to(tl.int64) * stride_ks_s
+                         + (offs_h // HEADS_PER_KV)[:, None] * stride_ks_k,
+                         mask=mask_h[:, None] & mask_t[None, :], other=0)
+            scores = scores * ks.to(tl.float32)
         if HAS_LOG_W:  # a merged slot standing for w tokens scores log(w) higher (log2 units here)
             log_w = tl.load(LOG_W + row_b * stride_lw_b + offs_t.to(tl.int64) * stride_lw_s, mask=mask_t, other=0)
             scores += log_w.to(tl.float32)[None, :] * 1.4426950408889634
@@ -243,16 +257,21 @@ def latent_decode_triton(
     window: int | None = None,
     num_splits: int | None = None,
     log_weights: torch.Tensor | None = None,
+    key_scale: torch.Tensor | None = None,
+    head_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton `latent_decode_ref`: q_lat (B, H, R) or None, q_rope (B, H, Wr) or None, latent/rope streams
-    (B, S, ...), seq_lens (B,) int32, log_weights (B, S) fp32 or None -> (B, H, R) in the queries' dtype.
+    (B, S, ...), seq_lens (B,) int32, log_weights (B, S) fp32 or None, key_scale (B, S, K) or None, head_bias (B, H)
+    or None -> (B, H, R) in the queries' dtype.
     num_splits: split-K factor (None: about two programs per SM on CUDA). S = latent.data.shape[1] is the cache
     capacity; the grid depends on it only."""
-    return _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights=log_weights)
+    return _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights=log_weights,
+                          key_scale=key_scale, head_bias=head_bias)
 
 
 def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, block_t=None,
-                   log_weights=None, num_warps=None, num_stages=None, programs_per_sm=None):
+                   log_weights=None, num_warps=None, num_stages=None, programs_per_sm=None, key_scale=None,
+                   head_bias=None):
     """latent_decode_triton with the launch parameters open (tests and bench/kernels.py --sweep): block_t,
     num_warps, num_stages (None: the defaults below), programs_per_sm (sizes num_splits when that is None)."""
     q = q_lat if q_lat is not None else q_rope
@@ -311,18 +330,24 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     _latent_decode_split_kernel[grid](
         q_lat if q_lat is not None else q, q_rope if q_rope is not None else q,
         latent.data, lat_scales, rope_data, rope_scales, seq_lens,
-        log_weights if log_weights is not None else out, part_out, part_lse, out,
+        log_weights if log_weights is not None else out, key_scale if key_scale is not None else out,
+        head_bias if head_bias is not None else out,
+        part_out, part_lse, out,
         H, R, WR, chunk, int(window) if window is not None else 0, float(softmax_scale) * _LOG2E,
+        H // key_scale.shape[-1] if key_scale is not None else 1,
         *stride_ql, *stride_qr,
         *latent.data.stride(), *stride_lsc,
         *stride_rope, *stride_rsc,
         *(log_weights.stride() if log_weights is not None else (0, 0)),
+        *(key_scale.stride() if key_scale is not None else (0, 0, 0)),
+        *(head_bias.stride() if head_bias is not None else (0, 0)),
         *stride_po, *stride_pl,
         *out.stride(),
         LAT_BITS=latent.bits, LAT_GROUP=latent.group if latent.bits < 16 else 1,
         ROPE_BITS=rope_bits, ROPE_GROUP=rope_group if rope_bits < 16 else 1,
         HAS_Q_LAT=q_lat is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None,
-        HAS_LOG_W=log_weights is not None, DIRECT_OUT=direct,
+        HAS_LOG_W=log_weights is not None, HAS_KEY_SCALE=key_scale is not None,
+        HAS_HEAD_BIAS=head_bias is not None, DIRECT_OUT=direct,
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_WR=block_wr,
         num_warps=num_warps,

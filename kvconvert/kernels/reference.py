@@ -70,6 +70,8 @@ def latent_decode_ref(
     softmax_scale: float,
     window: int | None = None,
     log_weights: torch.Tensor | None = None,
+    key_scale: torch.Tensor | None = None,
+    head_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of absorbed latent attention: every query head against one latent stream (MQA).
 
@@ -78,17 +80,22 @@ def latent_decode_ref(
     outside its own rope head are zero; None without rope); latent: R values per token; rope: Wr values per token;
     seq_lens: (B,) int32 valid positions per row (the current token included); window: only the last `window`
     positions are attended (sliding-window layers); log_weights: (B, S) fp32 added to every head's scores of a slot
-    (a cache policy's merged slot standing for w tokens carries log w), None = 0.
-    score[b, h, s] = (q_lat · latent[s] + q_rope · rope[s]) * softmax_scale + log_weights[b, s]
+    (a cache policy's merged slot standing for w tokens carries log w), None = 0; key_scale: (B, S, K) the key norms
+    of a qk-norm source (per position and kv head; query head h reads kv head h // (H / K)), None = 1; head_bias:
+    (B, H) fp32 q_nope · b_k of a key bias, which the key norms make position-dependent (None = 0).
+    score[b, h, s] = (q_lat · latent[s] + q_rope · rope[s] + head_bias[b, h]) * key_scale[b, s, kv(h)] * softmax_scale
+                     + log_weights[b, s]
     out[b, h] = Σ_s softmax(score) latent[s]
     Returns (B, H, R) in q's dtype; computed in fp32 (fp64 for fp64 queries).
     """
-    scores, c = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights)
+    scores, c = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
+                               head_bias)
     q = q_lat if q_lat is not None else q_rope
     return torch.matmul(scores.softmax(-1), c).to(q.dtype)
 
 
-def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights):
+def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale=None,
+                   head_bias=None):
     """Scores (B, H, S) over the first S = max(seq_lens) positions (-inf where masked) and the latent (B, S, R)."""
     S = int(seq_lens.max())
     q = q_lat if q_rope is None else q_rope if q_lat is None else torch.cat((q_lat, q_rope), -1)
@@ -98,7 +105,13 @@ def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     if q_rope is not None:
         k_rope = dequantize_stream(rope, S, compute)
         keys = k_rope if keys is None else torch.cat((keys, k_rope), -1)
-    scores = torch.matmul(q.to(compute), keys.transpose(1, 2)) * softmax_scale  # (B, H, S)
+    scores = torch.matmul(q.to(compute), keys.transpose(1, 2))  # (B, H, S)
+    if head_bias is not None:
+        scores = scores + head_bias.to(compute)[:, :, None]
+    scores = scores * softmax_scale
+    if key_scale is not None:
+        H, K = q.shape[1], key_scale.shape[-1]
+        scores = scores * key_scale[:, :S].to(compute).transpose(1, 2).repeat_interleave(H // K, dim=1)
     if log_weights is not None:
         scores = scores + log_weights[:, None, :S].to(compute)
     if window is not None or int(seq_lens.min()) != S:  # ragged rows or a sliding window: mask positions
@@ -112,11 +125,13 @@ def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
 
 
 def latent_attention_weights_ref(
-    q_lat, q_rope, latent: Stream, rope: Stream | None, seq_lens, softmax_scale: float, window=None, log_weights=None
+    q_lat, q_rope, latent: Stream, rope: Stream | None, seq_lens, softmax_scale: float, window=None, log_weights=None,
+    key_scale=None, head_bias=None,
 ) -> torch.Tensor:
     """The attention each cached slot receives in `latent_decode_ref`, summed over the query heads: (B, capacity)
     fp32, zero past each row's length. What score-based cache policies accumulate."""
-    scores, _ = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights)
+    scores, _ = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
+                               head_bias)
     out = torch.zeros(scores.shape[0], latent.data.shape[1], dtype=torch.float32, device=scores.device)
     out[:, : scores.shape[-1]] = scores.softmax(-1).sum(1).float()
     return out

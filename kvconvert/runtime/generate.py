@@ -10,6 +10,8 @@ Decode (one token per row): the up-projections are absorbed (DESIGN.md, "The mod
   o_lat[h] = Σ_s softmax_s(q_lat·c_s + q_rope·k_rope_s) c_s   kernels.latent_decode: MQA over one latent stream
   v[h]     = W_uv[kv(h)] o_lat[h] + b_v          (a value bias passes through: the weights sum to 1)
 A key bias adds q_nope·b_k to every score of a head: constant over positions, it cancels in the softmax.
+A qk-norm source (Qwen3, Gemma 3): every layer caches its key norms r (B, S, K), which multiply kv head k's scores
+(kernels' key_scale); queries are normed per head then mapped by q_map, with W_uk folded into that map.
 The decode step has no host synchronisation and fixed shapes, so on CUDA it is captured once in a CUDA graph and
 replayed; on CPU the same code runs on the PyTorch references.
 """
@@ -105,7 +107,11 @@ class AbsorbedLayer:
     w_uv_t: torch.Tensor | None
     b_uv: torch.Tensor | None
     window: int | None
-    q_norm: nn.Module | None = None  # Qwen3's per-head query norm (no folding through it: its keys are all rope)
+    q_norm: nn.Module | None = None  # qk-norm sources: the per-head query norm over q_weight's D dims per head,
+    q_map: torch.Tensor | None = None  # then (H, Q + Dr, D) into [q_a | q_rope] (W_uk folded in when Q = R)
+    # A key bias under a key norm no longer cancels: its score term (q_nope · b_k) r_s, per head, is
+    # key_bias_q[h] · (normed query) (H, D)
+    key_bias_q: torch.Tensor | None = None
 
 
 def absorb_layer(attn, cfg, window: int | None) -> AbsorbedLayer:
@@ -119,7 +125,17 @@ def absorb_layer(attn, cfg, window: int | None) -> AbsorbedLayer:
     cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
     q_weight, q_bias, q_width = attn.q_proj.weight, attn.q_proj.bias, Dn
     w_uk = attn.k_up.weight.view(K, Dn, R) if Dn else None
-    if Dn > 0 and attn.q_norm is None and H * R * hidden <= H * Dn * hidden + K * Dn * R:
+    q_map = attn.q_map
+    key_bias_q = None
+    if q_map is not None and Dn > 0 and attn.k_up.bias is not None:
+        b_k = attn.k_up.bias.float().view(K, Dn).repeat_interleave(G, 0)  # (H, Dn)
+        key_bias_q = cast(torch.einsum("hd,hde->he", b_k, q_map.float()[:, :Dn]))
+    if q_map is not None and Dn > 0 and R <= Dn:  # the map is applied per token anyway: fold W_uk when not wider
+        uk = w_uk.float().repeat_interleave(G, 0)
+        qm = q_map.float()
+        q_map = cast(torch.cat((torch.einsum("hdr,hde->hre", uk, qm[:, :Dn]), qm[:, Dn:]), 1))
+        q_width, w_uk = R, None
+    elif Dn > 0 and q_map is None and H * R * hidden <= H * Dn * hidden + K * Dn * R:
         uk = w_uk.float().repeat_interleave(G, 0)  # (H, Dn, R): query head h reads kv head h // G
         wq = attn.q_proj.weight.float().view(H, Dn + Dr, hidden)
         q_weight = cast(torch.cat((torch.einsum("hdr,hdi->hri", uk, wq[:, :Dn]), wq[:, Dn:]), 1).reshape(-1, hidden))
@@ -136,8 +152,9 @@ def absorb_layer(attn, cfg, window: int | None) -> AbsorbedLayer:
         if b_uv is not None:  # the value bias passes through attention unchanged, then through W_o
             o_bias = (0 if o_bias is None else o_bias) + wo @ b_uv.float()
         return AbsorbedLayer(q_weight, q_bias, q_width, w_uk, cast(o_weight.reshape(hidden, H * R)), cast(o_bias),
-                             None, None, window, attn.q_norm)
-    return AbsorbedLayer(q_weight, q_bias, q_width, w_uk, None, None, w_uv.transpose(1, 2), b_uv, window, attn.q_norm)
+                             None, None, window, attn.q_norm, q_map, key_bias_q)
+    return AbsorbedLayer(q_weight, q_bias, q_width, w_uk, None, None, w_uv.transpose(1, 2), b_uv, window, attn.q_norm,
+                         q_map, key_bias_q)
 
 
 class LatentRuntime:
@@ -211,7 +228,8 @@ class LatentRuntime:
         seen: set[int] = set()
         total = 0
         for lay in self.layers:
-            for t in (lay.q_weight, lay.q_bias, lay.w_uk, lay.o_weight, lay.o_bias, lay.w_uv_t, lay.b_uv):
+            for t in (lay.q_weight, lay.q_bias, lay.w_uk, lay.o_weight, lay.o_bias, lay.w_uv_t, lay.b_uv, lay.q_map,
+                      lay.key_bias_q):
                 if t is not None and (ptr := t.untyped_storage().data_ptr()) not in own | seen:
                     seen.add(ptr)
                     total += t.untyped_storage().nbytes()
@@ -275,6 +293,17 @@ class LatentRuntime:
             k_rope = apply_rope(k_rope, cos, sin).transpose(1, 2).reshape(B, T, -1)
             quantize_append(self.cache.rope(g), k_rope, start)
 
+    def _append_key_scale(self, i: int, x: torch.Tensor, start: torch.Tensor) -> None:
+        """A qk-norm source's layer i: its key norms of x (B, T, hidden) into the cache at start[b] + t."""
+        k_scale = self.model.model.layers[i].self_attn.k_scale
+        if k_scale is not None:
+            quantize_append(self.cache.key_scale(i), k_scale(x), start)
+
+    def _key_scale(self, i: int, S: int) -> torch.Tensor | None:
+        """Layer i's key norms of the first S slots, (B, S, K), or None."""
+        ks = self.cache.key_scale(i)
+        return None if ks is None else ks.data[:, :S]
+
     def _read_group(self, g: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first S positions of group g as the model's attention takes them: latent (B, S, R), rope (B, Hr, S, Dr)."""
         cfg = self.config
@@ -288,13 +317,18 @@ class LatentRuntime:
 
     def _queries(self, lay: AbsorbedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Absorbed queries of N tokens: x (N, hidden), cos/sin (N, Hr, 1, Dr) -> q_lat (N, H, R) or None,
-        q_rope (N, H, Hr * Dr) or None (laid over the whole rope stream, zero outside the head's rope head)."""
+        q_rope (N, H, Hr * Dr) or None (laid over the whole rope stream, zero outside the head's rope head), and the
+        per-head score term of a key bias under key norms (N, H) fp32, or None."""
         N = x.shape[0]
         H, K, Hr, Dr, R, _ = self.dims
         Q = lay.q_width
-        q = F.linear(x, lay.q_weight, lay.q_bias).view(N, H, Q + Dr)
+        q = F.linear(x, lay.q_weight, lay.q_bias).view(N, H, -1)
+        head_bias = None
         if lay.q_norm is not None:
             q = lay.q_norm(q)
+            if lay.key_bias_q is not None:
+                head_bias = (q.float() * lay.key_bias_q.float()).sum(-1)
+            q = torch.matmul(lay.q_map, q[..., None])[..., 0]  # (N, H, Q + Dr)
         q_lat = None
         if Q:
             q_lat = q[..., :Q]
@@ -305,17 +339,21 @@ class LatentRuntime:
             q_rope = apply_rope(q[..., Q:].reshape(N, Hr, H // Hr, Dr), cos, sin).view(N, H, Dr)
             if Hr > 1:
                 q_rope = q_rope.repeat(1, 1, Hr) * self.rope_head_mask
-        return q_lat, q_rope
+        return q_lat, q_rope, head_bias
 
     def _decode_attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, streams):
         """Absorbed attention of layer i for one token per row: x (B, 1, hidden) -> (B, 1, hidden).
         cos/sin (B, Hr, 1, Dr) at each row's position; streams: the group's (latent, rope) as kernels read them."""
         lay = self.layers[i]
-        q_lat, q_rope = self._queries(lay, x[:, 0], cos, sin)
+        q_lat, q_rope, head_bias = self._queries(lay, x[:, 0], cos, sin)
         log_w = self.log_weights(self.group_of[i])
-        o_lat = latent_decode(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_weights=log_w)
+        ks = self.cache.key_scale(i)
+        ks = None if ks is None else ks.data
+        o_lat = latent_decode(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_weights=log_w,
+                              key_scale=ks, head_bias=head_bias)
         if self.policy is not None and self.policy.scored:
-            seen = latent_attention_weights(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_w)
+            seen = latent_attention_weights(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_w,
+                                            ks, head_bias)
             self._attention_seen[self.group_of[i]][:, : seen.shape[1]] += seen
         return self._attention_output(i, o_lat)[:, None]
 
@@ -384,17 +422,21 @@ class LatentRuntime:
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
                 latent, k_rope = self._read_group(g, S)
+            self._append_key_scale(i, x, start)
+            key_scale = self._key_scale(i, S)
             w_g = mask_key(cfg.layer_windows[i], g)
             mask = masks[w_g]
             if policy is not None and mask is not None:
                 mask = mask + self.log_weights(g)[:, None, None, :S].to(self.dtype)  # merged slots: + log(count)
             if self.absorbed_prefill:
-                attn = self._absorbed_prompt_attention(i, x, cos[g], sin[g], latent, k_rope, mask)
+                attn = self._absorbed_prompt_attention(i, x, cos[g], sin[g], latent, k_rope, mask, key_scale)
             else:
-                attn = layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask)
+                attn = layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask,
+                                       None if key_scale is None else key_scale.transpose(1, 2))
             h = layer.attn_residual(h, attn)
             if scored:
-                attention_seen[g] += self._prompt_attention(i, x, cos[g], sin[g], latent, k_rope, allowed[w_g], n_new)
+                attention_seen[g] += self._prompt_attention(i, x, cos[g], sin[g], latent, k_rope, allowed[w_g], n_new,
+                                                            key_scale)
             h = layer.mlp_residual(h)
         lengths = torch.tensor(n_new, dtype=torch.int32, device=self.device)
         self.cache.seq_lens += lengths
@@ -409,17 +451,17 @@ class LatentRuntime:
         h_last = h[torch.arange(B, device=self.device), last]
         return self.model.lm_head(m.norm(h_last))
 
-    def _absorbed_prompt_attention(self, i, x, cos, sin, latent, k_rope, mask) -> torch.Tensor:
+    def _absorbed_prompt_attention(self, i, x, cos, sin, latent, k_rope, mask, key_scale=None) -> torch.Tensor:
         """Layer i's attention for T new tokens as decode computes it, batched: every head against the group's
         latent (keys [latent | rope keys], values the latent), then the absorbed output projection. x (B, T, hidden),
         cos/sin (B, Hr, T, Dr), latent (B, S, R), k_rope (B, Hr, S, Dr), mask (B, 1, T, S) additive or None
-        (causal, S == T) -> (B, T, hidden)."""
+        (causal, S == T), key_scale (B, S, K) or None -> (B, T, hidden)."""
         B, T, _ = x.shape
-        H, _, Hr, Dr, R, _ = self.dims
+        H, K, Hr, Dr, R, _ = self.dims
         S = latent.shape[1]
         lay = self.layers[i]
         c_, s_ = (t.transpose(1, 2).reshape(B * T, Hr, 1, -1) for t in (cos, sin))
-        q_lat, q_rope = self._queries(lay, x.reshape(B * T, -1), c_, s_)
+        q_lat, q_rope, head_bias = self._queries(lay, x.reshape(B * T, -1), c_, s_)
         qs, ks = [], []
         if q_lat is not None:
             qs.append(q_lat.view(B, T, H, R))
@@ -427,6 +469,9 @@ class LatentRuntime:
         if q_rope is not None:
             qs.append(q_rope.view(B, T, H, Hr * Dr))
             ks.append(k_rope.transpose(1, 2).reshape(B, S, Hr * Dr))
+        if head_bias is not None:  # (q·k + bias) r = [q, bias] · [k r, r]: one more dim, a column of ones
+            qs.append(head_bias.to(latent.dtype).view(B, T, H, 1))
+            ks.append(latent.new_ones(B, S, 1))
         q = torch.cat(qs, -1).transpose(1, 2)  # (B, H, T, E)
         k = torch.cat(ks, -1)[:, None]  # (B, 1, S, E): one stream for every head
         v = latent[:, None]
@@ -435,21 +480,25 @@ class LatentRuntime:
             v = F.pad(v, (0, E - R))
         elif E < R:
             q, k = F.pad(q, (0, R - E)), F.pad(k, (0, R - E))
-        out = F.scaled_dot_product_attention(q, k.expand(B, H, S, -1), v.expand(B, H, S, -1), attn_mask=mask,
+        if key_scale is None:
+            k = k.expand(B, H, S, -1)
+        else:  # key norms: one key stream per kv head
+            k = (k * key_scale.transpose(1, 2)[..., None].to(k.dtype)).repeat_interleave(H // K, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v.expand(B, H, S, -1), attn_mask=mask,
                                              is_causal=mask is None, scale=self.softmax_scale)[..., :R]
         return self._attention_output(i, out.transpose(1, 2).reshape(B * T, H, R)).view(B, T, -1)
 
-    def _prompt_attention(self, i, x, cos, sin, latent, k_rope, allowed, n_new) -> torch.Tensor:
+    def _prompt_attention(self, i, x, cos, sin, latent, k_rope, allowed, n_new, key_scale=None) -> torch.Tensor:
         """What a score-based policy learns from a prompt: the attention each slot receives from the prompt's last
         `prefill_queries` queries of layer i, summed over heads, query t of row b weighted decay^(n_b - 1 - t)
         (padding queries weigh nothing). (B, S) fp32."""
         B, T, _ = x.shape
-        H, _, Hr, Dr, R, _ = self.dims
+        H, K, Hr, Dr, R, _ = self.dims
         Qn = min(T, self.policy.prefill_queries)
         lay = self.layers[i]
         xs = x[:, T - Qn :].reshape(B * Qn, -1)
         c_, s_ = (t[:, :, T - Qn :].transpose(1, 2).reshape(B * Qn, Hr, 1, -1) for t in (cos, sin))
-        q_lat, q_rope = self._queries(lay, xs, c_, s_)
+        q_lat, q_rope, head_bias = self._queries(lay, xs, c_, s_)
         S = latent.shape[1]
         scores = torch.zeros(B, Qn, H, S, device=x.device)
         if q_lat is not None:
@@ -457,6 +506,10 @@ class LatentRuntime:
         if q_rope is not None:
             keys = k_rope.transpose(1, 2).reshape(B, S, -1).float()
             scores += torch.matmul(q_rope.view(B, Qn * H, -1).float(), keys.transpose(1, 2)).view(B, Qn, H, S)
+        if head_bias is not None:
+            scores += head_bias.view(B, Qn, H, 1)
+        if key_scale is not None:
+            scores = scores * key_scale.float().repeat_interleave(H // K, dim=2).transpose(1, 2)[:, None]
         scores = scores * self.softmax_scale + self.log_weights(self.group_of[i])[:, None, None, :S]
         scores = scores.masked_fill(~allowed[:, T - Qn :, None, :], float("-inf"))
         t = torch.arange(T - Qn, T, device=x.device)[None, :]
@@ -471,7 +524,7 @@ class LatentRuntime:
         for g in range(self.config.num_layer_groups):
             if attention_seen is not None:
                 policy.observe(g, attention_seen[g], steps)
-            new = policy.compress(g, self.cache.latent(g), self.cache.rope(g), self.lengths, self.seen)
+            new = policy.compress(g, self.cache.group_streams(g), self.lengths, self.seen)
             if counts is not None and new != counts:
                 raise RuntimeError(f"groups disagree on slot counts: {counts} vs {new}")
             counts = new
@@ -533,6 +586,7 @@ class LatentRuntime:
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
                 streams = decode_streams(self.cache.latent(g), self.cache.rope(g), lens)
+            self._append_key_scale(i, x, start)
             h = layer.attn_residual(h, self._decode_attention(i, x, cos[g], sin[g], lens, streams))
             h = layer.mlp_residual(h)
         self.cache.seq_lens.copy_(lens)

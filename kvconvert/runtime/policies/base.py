@@ -109,8 +109,9 @@ class TokenBudgetPolicy:
             st.score[:, :S] += attention
 
     # ------------------------------------------------------------------ compression
-    def compress(self, g: int, latent: Stream, rope: Stream | None, lengths: list[int], seen: list[int]) -> list[int]:
-        """Bring every row of group g back to the budget; returns the new slot counts."""
+    def compress(self, g: int, streams: list[Stream], lengths: list[int], seen: list[int]) -> list[int]:
+        """Bring every row of group g back to the budget; returns the new slot counts. streams: all the group caches
+        per slot (LatentCache.group_streams: the latent first, then the rope keys, then any key norms)."""
         if self.held:
             return list(lengths)
         st = self.states[g]
@@ -119,10 +120,10 @@ class TokenBudgetPolicy:
             if n <= self.n_slots:
                 out.append(n)
                 continue
-            out.append(self._compress_row(st, latent, rope, b, n, seen[b]))
+            out.append(self._compress_row(st, streams, b, n, seen[b]))
         return out
 
-    def _compress_row(self, st: GroupState, latent: Stream, rope: Stream | None, b: int, n: int, seen: int) -> int:
+    def _compress_row(self, st: GroupState, streams: list[Stream], b: int, n: int, seen: int) -> int:
         recent, residual = self.split(self.n_slots)
         pos, res = st.pos[b, :n], st.residual[b, :n]
         protected = res | (pos >= seen - recent) | ((pos >= 0) & (pos < self.sinks))
@@ -139,15 +140,15 @@ class TokenBudgetPolicy:
         keep = torch.ones(n, dtype=torch.bool, device=pos.device)
         keep[evict] = False
         if residual:
-            self._merge(st, latent, rope, b, evict, keep, residual - have_residual)
+            self._merge(st, streams, b, evict, keep, residual - have_residual)
         kept = keep.nonzero()[:, 0]
-        self._move(st, latent, rope, b, kept)
+        self._move(st, streams, b, kept)
         return len(kept)
 
-    def _merge(self, st, latent, rope, b, evict, keep, opening: int) -> None:
+    def _merge(self, st, streams, b, evict, keep, opening: int) -> None:
         """Average the evicted tokens into residual slots (count-weighted). The first compression opens the merge
         slots: the evicted tokens, in position order, split into `opening` runs, each averaged into its first slot."""
-        values = self._values(latent, rope, b)
+        values = self._values(streams, b)
         w = st.weight[b]
         evict = evict[st.pos[b, evict].argsort()]
         touched: list[int] = []
@@ -173,32 +174,27 @@ class TokenBudgetPolicy:
                 touched.append(int(j))
         # Re-quantize only the slots that changed: a round trip through the quantizer is not exact.
         touched_slots = torch.tensor(sorted(set(touched)), dtype=torch.long, device=values.device)
-        self._store(latent, rope, b, touched_slots, values[touched_slots])
+        self._store(streams, b, touched_slots, values[touched_slots])
 
     @staticmethod
-    def _values(latent: Stream, rope: Stream | None, b: int) -> torch.Tensor:
-        """Row b's slots as values (S, R + Wr) in fp32: the latent, then the rope keys."""
-        parts = [dequantize_stream(latent.rows(slice(b, b + 1)), latent.data.shape[1], torch.float32)[0]]
-        if rope is not None:
-            parts.append(dequantize_stream(rope.rows(slice(b, b + 1)), rope.data.shape[1], torch.float32)[0])
-        return torch.cat(parts, -1)
+    def _values(streams: list[Stream], b: int) -> torch.Tensor:
+        """Row b's slots as values (S, Σ widths) in fp32: the streams' values side by side."""
+        return torch.cat([dequantize_stream(s.rows(slice(b, b + 1)), s.data.shape[1], torch.float32)[0] for s in streams], -1)
 
     @staticmethod
-    def _store(latent: Stream, rope: Stream | None, b: int, slots: torch.Tensor, values: torch.Tensor) -> None:
-        R = latent.width
+    def _store(streams: list[Stream], b: int, slots: torch.Tensor, values: torch.Tensor) -> None:
         for j, v in zip(slots.tolist(), values):
             start = torch.tensor([j], dtype=torch.int32, device=values.device)
-            quantize_append(latent.rows(slice(b, b + 1)), v[None, None, :R], start)
-            if rope is not None:
-                quantize_append(rope.rows(slice(b, b + 1)), v[None, None, R:], start)
+            lo = 0
+            for s in streams:
+                quantize_append(s.rows(slice(b, b + 1)), v[None, None, lo : lo + s.width], start)
+                lo += s.width
 
     @staticmethod
-    def _move(st: GroupState, latent: Stream, rope: Stream | None, b: int, kept: torch.Tensor) -> None:
+    def _move(st: GroupState, streams: list[Stream], b: int, kept: torch.Tensor) -> None:
         """Compact row b: the kept slots, in order, to [0, len(kept)). Codes and scales move as they are (exact)."""
         n = len(kept)
-        for s in (latent, rope):
-            if s is None:
-                continue
+        for s in streams:
             s.data[b, :n] = s.data[b, kept]
             if s.scales is not None:
                 s.scales[b, :n] = s.scales[b, kept]
