@@ -103,6 +103,8 @@ def fill_cache_for_timing(rt, context: int) -> None:
             if s.scales is not None:
                 s.scales[..., 0].uniform_(0.001, 0.01)
                 s.scales[..., 1].uniform_(-0.5, 0.5)
+    for i in range(rt.config.num_hidden_layers if rt.config.qk_norm else 0):
+        cache.key_scale(i).data.uniform_(0.5, 2.0)  # a qk-norm source's key norms
     cache.seq_lens.fill_(context)
     rt.lengths = [context] * cache.batch
 
