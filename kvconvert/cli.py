@@ -698,7 +698,8 @@ def profile_memory(
     t.add_column("cached tensor")
     t.add_column("bytes / token", justify="right")
     for name, b in result["kv_bytes_per_token"].items():
-        t.add_row(name, f"{b:,}")
+        if b or name != "key_scales":  # key norms exist only for qk-norm sources (Qwen3, Gemma 3)
+            t.add_row(name, f"{b:,}")
     t.add_row("source (16-bit K+V)", f"{result['source_kv_bytes_per_token']:,}")
     t.add_row("ratio", f"{result['kv_ratio']:.4f}")
     out.print(t)
