@@ -92,6 +92,7 @@ class Compressor:
         c = self.base
         self.H, self.K, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.h = c.hidden_size
+        self.kinds = layer_kinds(c)
         layers = source_model.model.layers
         gain = (lambda norm: norm_gain(norm, c)) if c.qk_norm else None
         self.stats: list[LayerStats] = [layer_stats(layer, cal, i, self.H, self.K, self.D, gain, c.rms_norm_eps)
@@ -119,7 +120,7 @@ class Compressor:
     def freq_offset(self, group: tuple[int, ...]) -> int:
         """Where the group's RoPE frequencies start in the config's table (Gemma 3's sliding layers have their own
         base: see identity.source_rope). A group mixes no layer kinds (see plan.layer_kinds)."""
-        offsets = {self.base.rope_freq_index[layer][0][0] for layer in group}
+        offsets = {self.kinds[layer][1] for layer in group}
         if len(offsets) > 1:
             raise ValueError(f"layer group {list(group)} mixes layers of different RoPE bases")
         return offsets.pop()

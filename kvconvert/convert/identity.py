@@ -182,10 +182,11 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
         sd[g + "kv_down.weight"] = a.v_proj.weight.detach()
         # qk_norm: the key norm's gain folded into the rope key weights (a per-dim scale of the raw key); its 1/RMS
         # is the layer's cached key scale, from the raw key projection
-        gain = norm(a.k_norm).repeat(config.num_key_value_heads)[:, None] if config.qk_norm else 1
-        sd[g + "rope_proj.weight"] = (a.k_proj.weight * gain).detach()
+        gain = (norm(a.k_norm).repeat(config.num_key_value_heads) if config.qk_norm
+                else torch.ones(KD, dtype=a.k_proj.weight.dtype))
+        sd[g + "rope_proj.weight"] = (a.k_proj.weight * gain[:, None]).detach()
         if a.k_proj.bias is not None:
-            sd[g + "rope_proj.bias"] = (a.k_proj.bias * gain[:, 0] if config.qk_norm else a.k_proj.bias).detach()
+            sd[g + "rope_proj.bias"] = (a.k_proj.bias * gain).detach()
         if config.qk_norm:
             sd[p + "self_attn.q_norm.weight"] = norm(a.q_norm)
             sd[p + "self_attn.q_map"] = torch.eye(config.head_dim, dtype=a.q_proj.weight.dtype).expand(

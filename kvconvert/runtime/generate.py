@@ -299,8 +299,8 @@ class LatentRuntime:
         if k_scale is not None:
             quantize_append(self.cache.key_scale(i), k_scale(x), start)
 
-    def _key_scale(self, i: int, S: int) -> torch.Tensor | None:
-        """Layer i's key norms of the first S slots, (B, S, K), or None."""
+    def _key_scale(self, i: int, S: int | None = None) -> torch.Tensor | None:
+        """Layer i's key norms of the first S slots (all of them: None), (B, S, K), or None."""
         ks = self.cache.key_scale(i)
         return None if ks is None else ks.data[:, :S]
 
@@ -347,8 +347,7 @@ class LatentRuntime:
         lay = self.layers[i]
         q_lat, q_rope, head_bias = self._queries(lay, x[:, 0], cos, sin)
         log_w = self.log_weights(self.group_of[i])
-        ks = self.cache.key_scale(i)
-        ks = None if ks is None else ks.data
+        ks = self._key_scale(i)
         o_lat = latent_decode(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_weights=log_w,
                               key_scale=ks, head_bias=head_bias)
         if self.policy is not None and self.policy.scored:
