@@ -105,6 +105,8 @@ def main() -> None:
     src_row = score(source.model, None)
     base_ppl = src_row.get("perplexity")
     rows = []
+    settings = {k: v for k, v in vars(args).items()} | {"eval_text": str(text_path), "train_files": AUSTEN_TRAIN}
+    save = lambda: write_result(name, {"source": src_row, "rows": rows, "settings": settings})  # noqa: E731
     work = Path(tempfile.mkdtemp(prefix="kvconvert-distill-"))
     try:
         for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -116,6 +118,7 @@ def main() -> None:
             model = load_clla(zs).model.to(device)
             row = base | {"data": "none", "tokens": 0, "train_s": 0.0, "convert_s": round(convert_s, 1)}
             rows.append(row | score(model, source.model))
+            save()  # after every row: a run stopped at a time limit keeps what it measured
             print(f"{ratio} zero-shot: ppl {rows[-1].get('perplexity')}", flush=True)
             grid = [(m, t, ts, float(hw), float(lr)) for m in args.data.split(",") for t in parse_tokens(args.tokens)
                     for ts in args.train.split(",") for hw in args.hidden_weight.split(",") for lr in args.lr.split(",")]
@@ -137,15 +140,14 @@ def main() -> None:
                               "train_loop_s": d["seconds"], "best_step": d["best"]["step"], "steps": d["steps"],
                               "validation": d["validation"]}
                 rows.append(row | score(model, source.model))
+                save()
                 best = d["best"]
                 print(f"{ratio} {mode} {tokens:,} {train_set} hw={hidden_weight} lr={lr:g}: ppl {rows[-1].get('perplexity')}, "
                       f"best validation KL {best['kl']:.4f} top-1 {best['top1']:.1%} ({train_s:.0f} s)", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"source": src_row, "rows": rows,
-              "settings": {k: v for k, v in vars(args).items()} | {"eval_text": str(text_path), "train_files": AUSTEN_TRAIN}}
-    path = write_result(name, result)
+    path = save()
     if args.val_only:
         for r in (r for r in rows if r["tokens"] > 0):
             b = r["validation"][-1] if r["validation"] else {}

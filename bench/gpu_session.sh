@@ -29,19 +29,22 @@ mkdir -p "$R"
 MODEL=${1:-/tmp/smollm2-2pct}
 SOURCE=${2:-smollm2}
 save() { if [ -n "${OUT:-}" ]; then cp "$R"/*gpu* "$OUT"/ 2>/dev/null; fi; }
-step() { local limit=$1; shift; echo "== $(date +%T) $* (limit ${limit}s)"; timeout "$limit" "$@"; echo "== rc $?"; save; }
+# STEPS="tests speed profile kernels sweep memory grid" (the default: all) picks steps by name
+STEPS=${STEPS:-tests speed profile kernels sweep memory grid}
+step() { local name=$1 limit=$2; shift 2; [[ " $STEPS " == *" $name "* ]] || return 0
+         echo "== $(date +%T) $* (limit ${limit}s)"; timeout "$limit" "$@"; echo "== rc $?"; save; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if [ -n "${RANDOM_WEIGHTS:-}" ]; then python3 bench/random_weights.py "$MODEL" "$SOURCE" || exit 1; fi
 [ -d "$MODEL" ] || python3 -m kvconvert convert "$SOURCE" "$MODEL" --kv-ratio 0.02 || exit 1
 
-step 180 bash -c "python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --tb=short > $R/gpu_tests.txt 2>&1; tail -25 $R/gpu_tests.txt"
-step 120 python3 bench/speed.py --model "$MODEL" --source "$SOURCE" --batch 64 --context 8192 --no-prefill --steps 32 \
+step tests 180 bash -c "python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --tb=short > $R/gpu_tests.txt 2>&1; tail -25 $R/gpu_tests.txt"
+step speed 120 python3 bench/speed.py --model "$MODEL" --source "$SOURCE" --batch 64 --context 8192 --no-prefill --steps 32 \
     --budget-context 32768 --name speed_gpu
-step 60 python3 bench/profile_decode.py --model "$MODEL" --batch 64 --context 8000
-step 80 python3 bench/kernels.py
-step 120 python3 bench/kernels.py --sweep   # launch parameters of the rewritten kernel (times from graph replays)
-step 50 bash -c "python3 -m kvconvert profile memory $MODEL --measure --source $SOURCE --context 8000 --batch 64 --json > $R/profile_memory_gpu.json; cat $R/profile_memory_gpu.json"
-step 150 python3 bench/speed.py --model "$MODEL" --source "$SOURCE" --batch 1,16,64 --context 1024,8192 --steps 32 \
+step profile 60 python3 bench/profile_decode.py --model "$MODEL" --batch 64 --context 8000
+step kernels 80 python3 bench/kernels.py
+step sweep 240 python3 bench/kernels.py --sweep   # launch parameters and tile loads (times from graph replays)
+step memory 50 bash -c "python3 -m kvconvert profile memory $MODEL --measure --source $SOURCE --context 8000 --batch 64 --json > $R/profile_memory_gpu.json; cat $R/profile_memory_gpu.json"
+step grid 150 python3 bench/speed.py --model "$MODEL" --source "$SOURCE" --batch 1,16,64 --context 1024,8192 --steps 32 \
     --chat-tokens 0 --name speed_grid_gpu

@@ -2,8 +2,9 @@
 
     python bench/kernels.py                      # GPU: the grid below, B·T ≥ 1M tokens per point
     python bench/kernels.py --quick              # smaller grid (also runs on CPU through the reference, as a smoke test)
-    python bench/kernels.py --sweep              # GPU: launch parameters (tile, warps, stages, programs per SM) at a
-                                                 # few points, the fastest first (bench/results/kernels_sweep_gpu.json)
+    python bench/kernels.py --sweep              # GPU: launch parameters (tile, warps, stages, programs per SM) and
+                                                 # the tile loads (vector or per-value `gather`) at a few points, the
+                                                 # fastest first (bench/results/kernels_sweep_gpu.json)
 
 Counted bytes per call = what the kernel must read from the cache for B rows × T positions (latent codes, their
 scales and zero-points, rope keys) + queries and outputs; copy bandwidth = bytes read + written by a large
@@ -102,8 +103,8 @@ def sweep(args, device, dtype, gen, copy: float) -> None:
         per_position = 2 * (max(16, triton.next_power_of_2(width // 2)) + max(16, triton.next_power_of_2(args.rope_dim // 2)))
         tiles = [t for t in (16, 32, 64, 128, 256) if t * per_position <= 16384][-3:]
         point = []
-        for block_t, warps, stages, ppsm in itertools.product(tiles, (4, 8), (1, 3), (2, 8, 32)):
-            kw = dict(block_t=block_t, num_warps=warps, num_stages=stages, programs_per_sm=ppsm)
+        for gather, block_t, warps, stages, ppsm in itertools.product((False, True), tiles, (4, 8), (1, 3), (2, 8, 32)):
+            kw = dict(block_t=block_t, num_warps=warps, num_stages=stages, programs_per_sm=ppsm, gather=gather)
             try:
                 err = rel_err(kd._latent_decode(*first_row(point_args), 0.125, None, None, **kw), want)
                 dt = timed(lambda: kd._latent_decode(*point_args, 0.125, None, None, **kw), device, 10, graph=True)
@@ -117,7 +118,8 @@ def sweep(args, device, dtype, gen, copy: float) -> None:
         rows += point
         for r in point[:5]:
             print(f"B {B:3d} T {T:8,d} R {width:4d} @{bits}b  block_t {r['block_t']:3d} warps {r['num_warps']} "
-                  f"stages {r['num_stages']} programs/SM {r['programs_per_sm']:2d}: {r['us']:8.1f} us "
+                  f"stages {r['num_stages']} programs/SM {r['programs_per_sm']:2d}{' gather' if r['gather'] else ''}: "
+                  f"{r['us']:8.1f} us "
                   f"{r['gb_per_s']:7,.0f} GB/s {r['share_of_copy']:6.1%} (err {r['max_rel_err']:.1e})", flush=True)
         write_result("kernels_sweep_gpu", {"copy_gb_per_s": copy, "heads": H, "rope_dim": args.rope_dim, "points": rows})
 

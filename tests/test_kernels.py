@@ -138,6 +138,8 @@ DECODE_CASES = [
     ("h3-t17-b16-odd", 3, 3, 21, 16, 1, ("1", 8, 16, 1), True, None, 2, 17),
     ("h9-t17-b8-odd", 1, 9, 25, 8, 5, None, True, 5, 1, 17),
     ("h1-t129-b4-r24", 3, 1, 24, 4, 8, ("1", 32, 8, 16), True, None, 3, 129),
+    # 4-bit groups of 12 values (and a 4-bit rope key of groups of 6): each group padded to 16 (8) tile columns
+    ("h9-t129-b4-g12", 3, 9, 36, 4, 12, ("1", 12, 4, 6), True, None, 3, 129),
     ("h3-t129-nolat", 3, 3, 96, 8, 32, ("H", 8, 4, 8), False, None, 5, 129),
     ("h9-t17-nolat-w5", 1, 9, 64, 16, 1, ("1", 32, 16, 1), False, 5, 2, 17),
     ("h9-t129-r192-split1", 3, 9, 192, 16, 1, None, True, None, 1, 129),  # identity-like width, one split
@@ -184,7 +186,7 @@ def assert_decode_close(out, q_lat, q_rope, latent, rope, seq_lens, scale, windo
         assert err <= 2 * eager_err + 1e-4 * exact.abs().max().item(), (err, eager_err)
 
 
-def check_decode(case, dtype, device, block_t=None):
+def check_decode(case, dtype, device, block_t=None, gather=False):
     gen = torch.Generator().manual_seed(zlib.crc32(case[0].encode()))
     q_lat, q_rope, latent, rope, seq_lens, scale, window, splits = build_decode_case(case, gen)
     q_lat = None if q_lat is None else q_lat.to(dtype)
@@ -195,7 +197,7 @@ def check_decode(case, dtype, device, block_t=None):
 
     out = decode_module()._latent_decode(
         dev(q_lat), dev(q_rope), to_device(latent, device), to_device(rope, device), seq_lens.to(device), scale,
-        window, splits, block_t=block_t,
+        window, splits, block_t=block_t, gather=gather,
     )
     H = (q_lat if q_lat is not None else q_rope).shape[1]
     assert out.dtype == dtype and out.shape == (seq_lens.shape[0], H, latent.width)
@@ -214,6 +216,29 @@ def test_latent_decode_interpreter(case, dtype):
 def test_latent_decode_small_tiles(case):
     """BLOCK_T 16: rows, windows and split chunks cross several tiles."""
     check_decode(case, torch.float32, "cpu", block_t=16)
+
+
+GATHER_CASES = [CASE[name] for name in ("h9-t129-b4", "h9-t17-b8-odd", "h9-t129-b4-g12", "h3-t129-nolat")]
+
+
+@interpreter
+@pytest.mark.parametrize("case", GATHER_CASES, ids=[c[0] for c in GATHER_CASES])
+def test_latent_decode_gather_loads(case):
+    """The per-value load variant that bench/kernels.py --sweep times against the default tile loads."""
+    check_decode(case, torch.float32, "cpu", gather=True)
+
+
+def test_tile_geometry():
+    """Tile columns per stream: natural order for power-of-two groups, each group padded to a power of two
+    otherwise, at least tl.dot's 16 columns."""
+    geometry = decode_module()._tile_geometry
+    assert geometry(4, 32, 32) == (32, 32, 1)
+    assert geometry(4, 32, 192) == (32, 32, 8)  # 6 groups -> 8 slots
+    assert geometry(8, 24, 24) == (24, 32, 1)
+    assert geometry(4, 12, 36) == (12, 16, 4)
+    assert geometry(4, 8, 8) == (8, 16, 1)
+    assert geometry(16, 1, 21) == (32, 32, 1)
+    assert geometry(16, 1, 8) == (16, 16, 1)
 
 
 def check_log_weights(name: str, device) -> None:
@@ -476,6 +501,13 @@ def test_quantize_append_16_bit_storage_fp16():
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
 def test_latent_decode_cuda(case, dtype):
     check_decode(case, dtype, "cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", GATHER_CASES, ids=[c[0] for c in GATHER_CASES])
+def test_latent_decode_gather_loads_cuda(case):
+    check_decode(case, torch.bfloat16, "cuda", gather=True)
 
 
 @gpu

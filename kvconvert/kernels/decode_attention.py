@@ -2,12 +2,15 @@
 # stream). Each program takes all query heads of one batch row (up to 64; more heads tile over the third grid axis)
 # against one chunk of cached positions, dequantizes the latent (and rope) tile in registers once for all heads,
 # runs an fp32 online softmax (exp2, log2e folded into the scale) and writes a partial output and its log-sum-exp;
-# a second kernel, grid (B, H), merges the splits. A tile is (BLOCK_T, width) in natural order, as the standard
-# flash-attention loop has it: the latent is both the keys (scores = q_lat · cᵀ) and the values (acc += p · c), so
-# the one dequantized tile feeds both dots. An int4 byte holds values 2k (low nibble) and 2k+1 (high nibble): each
-# lane loads byte v // 2 and shifts by 4·(v % 2) (the byte comes from L1 twice). The first version split every tile
-# into even/odd halves to avoid that shift; compiled for sm_90a that cost 255 registers, spills and seven layout
-# conversions per tile, and on an H100 it ran at 2-17% of the copy bandwidth (bench/results/kernels_gpu.json).
+# a second kernel, grid (B, H), merges the splits. A tile is (BLOCK_T, columns), one row per position: the latent
+# is both the keys (scores = q_lat · cᵀ) and the values (acc += p · c), so the one dequantized tile feeds both dots.
+# Tile loads: every stored byte once, row-contiguous (int4: nibbles split and interleaved in registers), one
+# (scale, zero) per position and quant group broadcast over the group. The widths are compile-time constants, so
+# the column masks fold and the loads vectorize (16-byte loads where a row allows; with R a runtime argument every
+# load was scalar). History on an H100 (bench/results/kernels_gpu.json): the first loop (even/odd half-tiles, 255
+# registers, spills) ran at 2-17% of the copy bandwidth; the natural-order tile with per-value byte/scale/zero
+# loads at 3-10% at 4 bits and 32-57% at 16 bits. The current loads (72 registers for the 2% plan, sm_90a) await
+# a GPU session; `gather=True` keeps the per-value loads for bench/kernels.py --sweep to compare.
 """Triton decode attention over the quantized latent cache: `latent_decode_triton`, same semantics as
 `latent_decode_ref` (reference.py). CUDA-graph safe: the grid depends on shapes and the cache capacity only, the
 valid range of every row is read from `seq_lens` inside the kernel, and the launcher never syncs with the host."""
@@ -28,26 +31,58 @@ _MAX_BLOCK_H = 64
 
 
 @triton.jit
+def _tile_columns(W, GROUP: tl.constexpr, GW: tl.constexpr, NG: tl.constexpr):
+    """Tile column c -> (value index w, valid) of a stream whose groups of GROUP values sit in GW >= GROUP columns
+    each (NG groups, powers of two: a tile is NG * GW wide). GW == GROUP (the usual power-of-two group): c = w."""
+    c = tl.arange(0, NG * GW)
+    if GW == GROUP:
+        return c, c < W
+    return c // GW * GROUP + c % GW, (c % GW < GROUP) & (c // GW * GROUP < W)
+
+
+@triton.jit
 def _load_tile(
     DATA, SCALES,
-    offs_t, mask_t, offs_w, W,
+    offs_t, mask_t, W,
     stride_data_s, stride_data_w, stride_scales_s, stride_scales_g, stride_scales_k,
-    BITS: tl.constexpr, GROUP: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GW: tl.constexpr, NG: tl.constexpr, BLOCK_T: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
-    """Values offs_w of positions offs_t as an fp32 (BLOCK_T, BLOCK_W) tile; 0 where masked."""
-    mask = mask_t[:, None] & (offs_w < W)[None, :]
+    """Positions offs_t of a stream as an fp32 (BLOCK_T, NG * GW) tile in _tile_columns' order; 0 where masked.
+    Default: each stored byte loaded once as a row-contiguous tile (vector loads), int4 nibbles split and
+    interleaved in registers, one (scale, zero) per position and group broadcast over the group's columns.
+    GATHER (the earlier loop, kept for bench/kernels.py --sweep): one byte, scale and zero load per value."""
     row = offs_t[:, None].to(tl.int64) * stride_data_s  # int64: a cache can exceed 2^31 bytes
-    if BITS == 4:
-        packed = tl.load(DATA + row + (offs_w // 2)[None, :] * stride_data_w, mask=mask, other=0)
-        codes = ((packed.to(tl.int32) >> (4 * (offs_w % 2))[None, :]) & 0xF).to(tl.float32)
+    w, ok = _tile_columns(W, GROUP, GW, NG)
+    if GATHER:
+        mask = mask_t[:, None] & ok[None, :]
+        if BITS == 4:
+            packed = tl.load(DATA + row + (w // 2)[None, :] * stride_data_w, mask=mask, other=0)
+            codes = ((packed.to(tl.int32) >> (4 * (w % 2))[None, :]) & 0xF).to(tl.float32)
+        else:
+            codes = tl.load(DATA + row + w[None, :] * stride_data_w, mask=mask, other=0).to(tl.float32)
+        if BITS < 16:
+            sc = SCALES + offs_t[:, None].to(tl.int64) * stride_scales_s + (w // GROUP)[None, :] * stride_scales_g
+            scale = tl.load(sc, mask=mask, other=0).to(tl.float32)
+            zero = tl.load(sc + stride_scales_k, mask=mask, other=0).to(tl.float32)
+            codes = codes * scale + zero
+        return codes
+    if BITS == 4:  # byte b holds values 2b (low nibble) and 2b + 1 (high): bytes in the half-width column order
+        wb, okb = _tile_columns(W // 2, GROUP // 2, GW // 2, NG)
+        packed = tl.load(DATA + row + wb[None, :] * stride_data_w, mask=mask_t[:, None] & okb[None, :], other=0)
+        packed = packed.to(tl.int32)
+        codes = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)
     else:
-        codes = tl.load(DATA + row + offs_w[None, :] * stride_data_w, mask=mask, other=0).to(tl.float32)
-    if BITS < 16:
-        # value = code * scale + zero, (scale, zero) fp16 of quant group v // GROUP
-        sc = SCALES + offs_t[:, None].to(tl.int64) * stride_scales_s + (offs_w // GROUP)[None, :] * stride_scales_g
-        scale = tl.load(sc, mask=mask, other=0).to(tl.float32)
-        zero = tl.load(sc + stride_scales_k, mask=mask, other=0).to(tl.float32)
-        codes = codes * scale + zero
+        codes = tl.load(DATA + row + w[None, :] * stride_data_w, mask=mask_t[:, None] & ok[None, :],
+                        other=0).to(tl.float32)
+    if BITS < 16:  # value = code * scale + zero, (scale, zero) fp16 per position and group
+        g = tl.arange(0, NG)
+        gmask = mask_t[:, None] & (g * GROUP < W)[None, :]
+        sc = SCALES + offs_t[:, None].to(tl.int64) * stride_scales_s + g[None, :] * stride_scales_g
+        scale = tl.load(sc, mask=gmask, other=0).to(tl.float32)
+        zero = tl.load(sc + stride_scales_k, mask=gmask, other=0).to(tl.float32)
+        codes = tl.reshape(codes, (BLOCK_T, NG, GW)) * scale[:, :, None] + zero[:, :, None]
+        codes = tl.reshape(codes, (BLOCK_T, NG * GW))
     return codes
 
 
@@ -56,7 +91,7 @@ def _latent_decode_split_kernel(
     # pointers
     Q_LAT, Q_ROPE, LAT, LAT_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, LOG_W, KEY_SCALE, HEAD_BIAS, PART_OUT, PART_LSE, OUT,
     # sizes
-    H, R, WR, CHUNK, WINDOW, qk_scale, HEADS_PER_KV,
+    H, CHUNK, WINDOW, qk_scale, HEADS_PER_KV,
     # strides
     stride_ql_b, stride_ql_h, stride_ql_r,
     stride_qr_b, stride_qr_h, stride_qr_w,
@@ -70,13 +105,15 @@ def _latent_decode_split_kernel(
     stride_po_b, stride_po_split, stride_po_h, stride_po_r,
     stride_pl_b, stride_pl_split, stride_pl_h,
     stride_out_b, stride_out_h, stride_out_r,
-    # meta
-    LAT_BITS: tl.constexpr, LAT_GROUP: tl.constexpr, ROPE_BITS: tl.constexpr, ROPE_GROUP: tl.constexpr,
+    # meta (the widths too: a compile-time column mask lets the tile loads vectorize)
+    R: tl.constexpr, WR: tl.constexpr,
+    LAT_BITS: tl.constexpr, LAT_GROUP: tl.constexpr, LAT_GW: tl.constexpr, LAT_NG: tl.constexpr,
+    ROPE_BITS: tl.constexpr, ROPE_GROUP: tl.constexpr, ROPE_GW: tl.constexpr, ROPE_NG: tl.constexpr,
     HAS_Q_LAT: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOG_W: tl.constexpr,
     HAS_KEY_SCALE: tl.constexpr, HAS_HEAD_BIAS: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_WR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, GATHER: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -91,16 +128,17 @@ def _latent_decode_split_kernel(
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    # queries, the accumulator and the output in the tiles' column order (_tile_columns): offs_r is each latent
+    # column's value index, mask_r whether it holds one
+    offs_r, mask_r = _tile_columns(R, LAT_GROUP, LAT_GW, LAT_NG)
 
     if HAS_Q_LAT:
         q_lat = tl.load(Q_LAT + pid_b * stride_ql_b + offs_h[:, None] * stride_ql_h + offs_r[None, :] * stride_ql_r,
                         mask=mask_h[:, None] & mask_r[None, :], other=0).to(DOT_DTYPE)
     if HAS_ROPE:
-        offs_w = tl.arange(0, BLOCK_WR)
+        offs_w, mask_w = _tile_columns(WR, ROPE_GROUP, ROPE_GW, ROPE_NG)
         q_rope = tl.load(Q_ROPE + pid_b * stride_qr_b + offs_h[:, None] * stride_qr_h + offs_w[None, :] * stride_qr_w,
-                         mask=mask_h[:, None] & (offs_w < WR)[None, :], other=0).to(DOT_DTYPE)
+                         mask=mask_h[:, None] & mask_w[None, :], other=0).to(DOT_DTYPE)
 
     if HAS_HEAD_BIAS:  # q_nope · b_k per head, in the scale's units
         head_bias = tl.load(HEAD_BIAS + pid_b * stride_hb_b + offs_h * stride_hb_h, mask=mask_h, other=0).to(tl.float32)
@@ -108,16 +146,16 @@ def _latent_decode_split_kernel(
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, LAT_NG * LAT_GW), dtype=tl.float32)
 
     for tile in range(start, end, BLOCK_T):
         offs_t = tile + tl.arange(0, BLOCK_T)
         mask_t = offs_t < end
         c = _load_tile(
             LAT + row_b * stride_lat_b, LAT_SCALES + row_b * stride_lsc_b,
-            offs_t, mask_t, offs_r, R,
+            offs_t, mask_t, R,
             stride_lat_s, stride_lat_w, stride_lsc_s, stride_lsc_g, stride_lsc_k,
-            LAT_BITS, LAT_GROUP,
+            LAT_BITS, LAT_GROUP, LAT_GW, LAT_NG, BLOCK_T, GATHER,
         ).to(DOT_DTYPE)
         scores = tl.zeros((BLOCK_H, BLOCK_T), dtype=tl.float32)
         if HAS_Q_LAT:
@@ -125,9 +163,9 @@ def _latent_decode_split_kernel(
         if HAS_ROPE:
             k = _load_tile(
                 ROPE + row_b * stride_rope_b, ROPE_SCALES + row_b * stride_rsc_b,
-                offs_t, mask_t, offs_w, WR,
+                offs_t, mask_t, WR,
                 stride_rope_s, stride_rope_w, stride_rsc_s, stride_rsc_g, stride_rsc_k,
-                ROPE_BITS, ROPE_GROUP,
+                ROPE_BITS, ROPE_GROUP, ROPE_GW, ROPE_NG, BLOCK_T, GATHER,
             ).to(DOT_DTYPE)
             scores = tl.dot(q_rope, tl.trans(k), scores, input_precision=DOT_PRECISION)
         scores = scores * qk_scale
@@ -216,17 +254,29 @@ def _sm_count(device_index: int) -> int:
 
 
 def _tile_config(block_h: int, block_r: int, block_wr: int) -> tuple[int, int]:
-    """(BLOCK_T, num_warps). The dequantized tile and its scale/zero tiles (3 x BLOCK_T x (BLOCK_R + BLOCK_WR) fp32
-    while it is built) and the accumulator (BLOCK_H x BLOCK_R fp32) live in registers: keep the tile to 32 values
-    per thread. ptxas (sm_90a, Triton 3.9) then reports no spills from R = 32 (64-position tiles, 4 warps, 122
-    registers) to R = 512 (16-position tiles, 8 warps, 174 registers) at 16 heads; R = 1024, or R = 512 at 64 heads,
-    spills a few hundred bytes."""
+    """(BLOCK_T, num_warps). The dequantized tile (BLOCK_T x (BLOCK_R + BLOCK_WR) fp32 while it is built) and the
+    accumulator (BLOCK_H x BLOCK_R fp32) live in registers: keep the tile to 32 values per thread. ptxas (sm_90a,
+    Triton 3.9; python bench/compile_sm90.py) then reports no spills: 72 registers for SmolLM2's 2% plan (R = 32,
+    64-position tiles, 4 warps), 195 at R = 512 and 4 bits (16-position tiles, 8 warps)."""
     per_position = block_r + block_wr
     num_warps = 4 if per_position <= 128 and block_h * block_r <= 2048 else 8
     block_t = 128
     while block_t > 16 and block_t * per_position > 32 * 32 * num_warps:
         block_t //= 2
     return block_t, num_warps
+
+
+def _tile_geometry(bits: int, group: int, width: int) -> tuple[int, int, int]:
+    """(GROUP, GW, NG) of a stream's tile (_tile_columns): quantized streams keep each group in GW = next power of
+    two >= group columns (GW = group for the usual power-of-two groups: natural order), NG = next power of two >=
+    the group count; 16-bit streams are one group. At least 16 columns (tl.dot's smallest K)."""
+    if bits >= 16:
+        gw = max(16, triton.next_power_of_2(width))
+        return gw, gw, 1
+    gw, ng = triton.next_power_of_2(group), triton.next_power_of_2(width // group)
+    while gw * ng < 16:
+        gw *= 2
+    return group, gw, ng
 
 
 def default_num_splits(batch: int, capacity: int, block_t: int, device: torch.device, programs_per_sm: int = 2) -> int:
@@ -271,9 +321,10 @@ def latent_decode_triton(
 
 def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, block_t=None,
                    log_weights=None, num_warps=None, num_stages=None, programs_per_sm=None, key_scale=None,
-                   head_bias=None):
+                   head_bias=None, gather=False):
     """latent_decode_triton with the launch parameters open (tests and bench/kernels.py --sweep): block_t,
-    num_warps, num_stages (None: the defaults below), programs_per_sm (sizes num_splits when that is None)."""
+    num_warps, num_stages (None: the defaults below), programs_per_sm (sizes num_splits when that is None), gather
+    (the earlier per-value loads, _load_tile)."""
     q = q_lat if q_lat is not None else q_rope
     if q is None:
         raise ValueError("latent_decode needs q_lat or q_rope")
@@ -289,8 +340,9 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     S = latent.data.shape[1]
     device = latent.data.device
 
-    block_r = max(16, triton.next_power_of_2(R))
-    block_wr = max(16, triton.next_power_of_2(WR)) if rope is not None else 16
+    lat_geom = _tile_geometry(latent.bits, latent.group, R)
+    rope_geom = _tile_geometry(rope.bits, rope.group, WR) if rope is not None else (16, 16, 1)
+    block_r, block_wr = lat_geom[1] * lat_geom[2], rope_geom[1] * rope_geom[2]
     block_h = min(max(16, triton.next_power_of_2(H)), _MAX_BLOCK_H)
     tile_t, tile_warps = _tile_config(block_h, block_r, block_wr if rope is not None else 0)
     block_t = block_t or tile_t
@@ -318,10 +370,10 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         rope_data = rope.data
         rope_scales, stride_rsc = _scales_and_strides(rope)
         stride_rope = rope.data.stride()
-        rope_bits, rope_group = rope.bits, rope.group
+        rope_bits = rope.bits
     else:
         rope_data, rope_scales, stride_rsc, stride_rope = latent.data, latent.data, (0, 0, 0, 0), (0, 0, 0)
-        rope_bits, rope_group = 16, 1
+        rope_bits = 16
     stride_ql = q_lat.stride() if q_lat is not None else (0, 0, 0)
     stride_qr = q_rope.stride() if q_rope is not None else (0, 0, 0)
     dot_dtype = _DOT_DTYPES[q.dtype]
@@ -333,7 +385,7 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         log_weights if log_weights is not None else out, key_scale if key_scale is not None else out,
         head_bias if head_bias is not None else out,
         part_out, part_lse, out,
-        H, R, WR, chunk, int(window) if window is not None else 0, float(softmax_scale) * _LOG2E,
+        H, chunk, int(window) if window is not None else 0, float(softmax_scale) * _LOG2E,
         H // key_scale.shape[-1] if key_scale is not None else 1,
         *stride_ql, *stride_qr,
         *latent.data.stride(), *stride_lsc,
@@ -343,13 +395,13 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         *(head_bias.stride() if head_bias is not None else (0, 0)),
         *stride_po, *stride_pl,
         *out.stride(),
-        LAT_BITS=latent.bits, LAT_GROUP=latent.group if latent.bits < 16 else 1,
-        ROPE_BITS=rope_bits, ROPE_GROUP=rope_group if rope_bits < 16 else 1,
+        R=R, WR=WR, LAT_BITS=latent.bits, LAT_GROUP=lat_geom[0], LAT_GW=lat_geom[1], LAT_NG=lat_geom[2],
+        ROPE_BITS=rope_bits, ROPE_GROUP=rope_geom[0], ROPE_GW=rope_geom[1], ROPE_NG=rope_geom[2],
         HAS_Q_LAT=q_lat is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None,
         HAS_LOG_W=log_weights is not None, HAS_KEY_SCALE=key_scale is not None,
         HAS_HEAD_BIAS=head_bias is not None, DIRECT_OUT=direct,
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
-        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_WR=block_wr,
+        BLOCK_H=block_h, BLOCK_T=block_t, GATHER=bool(gather),
         num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}),
         enable_fp_fusion=True,  # code * scale + zero as one FMA
