@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--prompt-only", action="store_true",
                     help="kvpress's protocol: compress the prompt only; the scored tokens extend the compressed cache")
     ap.add_argument("--models", default="source,clla-5%", help="which of source, clla-5%% to run")
+    ap.add_argument("--name", default=None, help="result file name (default zsmerge_smollm2[_cpu][_chunkN][_prompt_only])")
     args = ap.parse_args()
     windows_n = args.windows or (3 if args.cpu else 8)
     budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
@@ -68,8 +69,19 @@ def main() -> None:
         models["clla-5%"].model.to(device)
     tok = next(iter(models.values())).tokenizer
     windows = text_windows(tok, text, args.window, args.window * windows_n)
+    name = args.name or ("zsmerge_smollm2" + ("_cpu" if args.cpu else "") + (f"_chunk{args.prompt_chunk}" if args.prompt_chunk else "")
+                         + ("_prompt_only" if args.prompt_only else ""))
     rows = []
-    for name, loaded in models.items():
+
+    def save():  # after every row: a run stopped at a time limit keeps what it measured
+        for row in rows:  # relative to the same model's full cache
+            full = next((r for r in rows if r["model"] == row["model"] and r["policy"] == "full"), None)
+            row["ppl_vs_full"] = row["perplexity"] / full["perplexity"] if full else None
+        return write_result(name, {"window": args.window, "score_last": args.score_last, "windows": windows_n,
+                                   "prompt_chunk": args.prompt_chunk, "prompt_only": args.prompt_only,
+                                   "passkey_trials": trials, "budgets": budgets, "rows": rows})
+
+    for model_name, loaded in models.items():
         for policy in ["full", *policies]:
             for budget in [1.0] if policy == "full" else budgets:
                 factory = (lambda p=policy, b=budget: make_policy(p, b)) if policy != "full" else (lambda: None)
@@ -79,26 +91,16 @@ def main() -> None:
                 gen = runtime_generator(loaded.model, factory, prompt_chunk=args.prompt_chunk)
                 keys = passkey_accuracy(loaded.model, tok, lengths, trials, generate=gen)
                 row = {
-                    "model": name, "policy": policy, "budget": budget,
-                    "kv_bytes_per_token": loaded.model.config.source_kv_bytes_per_token if name == "source" else None,
+                    "model": model_name, "policy": policy, "budget": budget,
+                    "kv_bytes_per_token": loaded.model.config.source_kv_bytes_per_token if model_name == "source" else None,
                     "perplexity": ppl["perplexity"], "predictions": ppl["predictions"],
                     "passkey": {str(p["length"]): p["accuracy"] for p in keys}, "seconds": round(time.perf_counter() - t0, 1),
                 }
                 rows.append(row)
-                print(f"{name:8s} {policy:9s} {budget:5.2f}: ppl {row['perplexity']:9.3f}  passkey {row['passkey']}  "
+                save()
+                print(f"{model_name:8s} {policy:9s} {budget:5.2f}: ppl {row['perplexity']:9.3f}  passkey {row['passkey']}  "
                       f"({row['seconds']} s)", flush=True)
-    for row in rows:  # relative to the same model's full cache
-        full = next(r for r in rows if r["model"] == row["model"] and r["policy"] == "full")
-        row["ppl_vs_full"] = row["perplexity"] / full["perplexity"]
-    name = "zsmerge_smollm2" + ("_cpu" if args.cpu else "")
-    if args.prompt_chunk:
-        name += f"_chunk{args.prompt_chunk}"
-    if args.prompt_only:
-        name += "_prompt_only"
-    path = write_result(name, {"window": args.window, "score_last": args.score_last, "windows": windows_n,
-                               "prompt_chunk": args.prompt_chunk, "prompt_only": args.prompt_only,
-                               "passkey_trials": trials, "budgets": budgets, "rows": rows})
-    print(f"wrote {path}")
+    print(f"wrote {save()}")
 
 
 if __name__ == "__main__":

@@ -538,7 +538,9 @@ def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: 
         rt = LatentRuntime(loaded.model, batch, capacity, cuda_graphs=cuda_graphs and dev == "cuda")
     kind = "converted" if loaded.is_clla else "source through an identity conversion"
     what = f", {policy.name} keeping {policy.n_slots:,} of {capacity:,} tokens" if policy is not None else ""
-    log(f"{kind}{what}; KV cache {rt.cache.capacity:,} slots × {rt.cache.bytes_per_token:,} B = {rt.cache.nbytes / 2**20:,.2f} MiB")
+    rings = (f" (sliding-window layers: rings of {min(rt.cache.slots):,} slots)"
+             if any(rt.cache.is_ring(g) for g in range(rt.config.num_layer_groups)) else "")
+    log(f"{kind}{what}; KV cache {rt.cache.capacity:,} tokens{rings}, {rt.cache.nbytes / 2**20:,.2f} MiB")
     return loaded, rt
 
 
@@ -620,12 +622,14 @@ def chat(
 
 
 def chat_stats_table(rt, last) -> Table:
+    from .config import kv_bytes
+
     t = Table(title="chat")
     t.add_column("")
     t.add_column("value", justify="right")
     t.add_row("tokens in the cache", f"{rt.lengths[0]:,} of {rt.cache.capacity:,}")
     t.add_row("conversation tokens", f"{rt.seen[0]:,} of {rt.context:,}")
-    t.add_row("KV bytes in use", f"{rt.lengths[0] * rt.cache.bytes_per_token:,} ({rt.cache.bytes_per_token:,} B / token)")
+    t.add_row("KV bytes in use", f"{kv_bytes(rt.config, rt.lengths[0], rt.cache.ring_chunk):,}")
     t.add_row("KV bytes allocated", f"{rt.cache.nbytes:,}")
     if last is not None:
         t.add_row("last turn: prompt tokens", f"{last.prompt_tokens:,} at {last.prefill_tokens_per_s:,.1f} tok/s")
@@ -713,6 +717,7 @@ def profile_memory(
     s.add_row("weights", gib(c["weights_bytes"]), gib(o["weights_bytes"]))
     s.add_row(f"max context at batch {batch}", f"{c['max_context_at_batch']:,}", f"{o['max_context_at_batch']:,}")
     s.add_row(f"max batch at context {context:,}", f"{c['max_batch_at_context']:,}", f"{o['max_batch_at_context']:,}")
+    s.add_row("KV cache, converted / source", f"{result['kv_ratio_at_context']:.4f}", "")
     if "kv_policy" in result:
         p = result["kv_policy"]
         s.add_row(f"KV cache with {p['policy']} ({p['slots_per_sequence']:,} tokens kept)", gib(p["kv_bytes_total"]), "")

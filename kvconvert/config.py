@@ -228,3 +228,30 @@ def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
 
 def kv_bytes_per_token(config: CllaConfig) -> int:
     return sum(kv_bytes_breakdown(config).values())
+
+
+RING_CHUNK = 1024  # the runtime's default: the most tokens one prefill step appends to a sliding-window ring
+
+
+def group_window(config: CllaConfig, g: int) -> int | None:
+    """The sliding window layer group g's cache must cover: its layers' largest; None if one attends fully."""
+    windows = [config.layer_windows[i] for i in config.layer_groups[g]]
+    return None if any(w is None for w in windows) else max(windows)
+
+
+def cache_slots(config: CllaConfig, context: int, ring_chunk: int | None) -> list[int]:
+    """Slots per layer group for `context` tokens per row. Full-attention groups keep every token; with
+    `ring_chunk` (the most tokens one prefill step appends), a sliding-window group keeps a ring of its window +
+    ring_chunk - 1 slots (a step's queries reach back a window from each of its tokens), token p in slot p % size."""
+    return [context if ring_chunk is None or (w := group_window(config, g)) is None else min(context, w + ring_chunk - 1)
+            for g in range(config.num_layer_groups)]
+
+
+def kv_bytes(config: CllaConfig, context: int, ring_chunk: int | None = None) -> int:
+    """Bytes of KV cache one row of `context` tokens takes: kv_bytes_per_token per token, except that sliding-window
+    groups kept as rings (`cache_slots`) hold only their ring."""
+    parts = kv_bytes_breakdown(config)
+    per_group = (sum(parts.values()) - parts["key_scales"]) // config.num_layer_groups
+    per_layer = parts["key_scales"] // config.num_hidden_layers
+    return sum(n * (per_group + per_layer * len(layers))
+               for n, layers in zip(cache_slots(config, context, ring_chunk), config.layer_groups))

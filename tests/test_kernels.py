@@ -241,6 +241,74 @@ def test_tile_geometry():
     assert geometry(16, 1, 8) == (16, 16, 1)
 
 
+def ring_of(linear: Stream, lens: list[int], cap: int) -> Stream:
+    """The ring of `cap` slots a sliding-window group keeps of `linear` (token p at slot p), token p at slot
+    p % cap for the last `cap` tokens of each row; the other slots hold garbage."""
+    gen = torch.Generator().manual_seed(cap)
+    B = linear.data.shape[0]
+    data = torch.randint(0, 256, (B, cap, *linear.data.shape[2:]), generator=gen, dtype=torch.uint8)
+    data = data if linear.bits < 16 else (1e3 * torch.randn(data.shape, generator=gen)).to(linear.data.dtype)
+    scales = None if linear.scales is None else (10 * torch.rand(B, cap, *linear.scales.shape[2:], generator=gen)).half()
+    for b, n in enumerate(lens):
+        for p in range(max(0, n - cap), n):
+            data[b, p % cap] = linear.data[b, p]
+            if scales is not None:
+                scales[b, p % cap] = linear.scales[b, p]
+    return Stream(data, scales, linear.bits, linear.group, linear.width)
+
+
+def check_ring(device) -> None:
+    """A wrapped ring (a sliding-window group's cache: token p at slot p % capacity) attends like the full cache
+    over the window: rows that wrapped once, several times and not at all; log-weights and key norms per slot."""
+    gen = torch.Generator().manual_seed(11)
+    B, H, R, window, cap, L = 4, 9, 64, 21, 37, 150
+    lens = [L, 38, 20, 3 * cap + 5]  # wrapped, just wrapped, not wrapped, wrapped three times
+    linear = filled_stream(B, max(lens), R, 4, 16, lens, gen)
+    rope_linear = filled_stream(B, max(lens), 32, 8, 32, lens, gen, spread=2.0)
+    q_lat, q_rope = torch.randn(B, H, R, generator=gen), rope_queries(B, H, 1, 32, gen)
+    log_w = torch.log(torch.randint(1, 9, (B, max(lens)), generator=gen).float())
+    key_scale = (0.25 + 2 * torch.rand(B, max(lens), 3, generator=gen)).half()
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ring, rope_ring = ring_of(linear, lens, cap), ring_of(rope_linear, lens, cap)
+    slot_of = torch.stack([torch.tensor([p % cap for p in range(max(lens))])] * B)
+    ring_log_w, ring_ks = torch.zeros(B, cap), torch.zeros(B, cap, 3).half()
+    for b, n in enumerate(lens):
+        for p in range(max(0, n - cap), n):
+            ring_log_w[b, slot_of[b, p]], ring_ks[b, slot_of[b, p]] = log_w[b, p], key_scale[b, p]
+    scale = 0.1
+    want = latent_decode_ref(q_lat, q_rope, linear, rope_linear, seq_lens, scale, window, log_weights=log_w,
+                             key_scale=key_scale)
+    ref = latent_decode_ref(q_lat, q_rope, ring, rope_ring, seq_lens, scale, window, log_weights=ring_log_w,
+                            key_scale=ring_ks)
+    assert (ref - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    out = decode_module()._latent_decode(q_lat.to(device), q_rope.to(device), to_device(ring, device),
+                                         to_device(rope_ring, device), seq_lens.to(device), scale, window, 3,
+                                         block_t=16, log_weights=ring_log_w.to(device), key_scale=ring_ks.to(device))
+    assert (out.cpu() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@interpreter
+def test_latent_decode_ring():
+    check_ring("cpu")
+
+
+def test_latent_decode_ring_reference_dequantizes_its_slots():
+    """The reference's path through decode_streams reads a wrapped ring's every slot (not max(seq_lens) of them)."""
+    from kvconvert.kernels import decode_streams
+
+    gen = torch.Generator().manual_seed(12)
+    lens, cap = [90, 12], 40
+    linear = filled_stream(2, 90, 32, 4, 16, lens, gen)
+    ring = ring_of(linear, lens, cap)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    plain, _ = decode_streams(ring, None, seq_lens)
+    assert plain.data.shape[1] == cap
+    q = torch.randn(2, 3, 32, generator=gen)
+    got = latent_decode_ref(q, None, plain, None, seq_lens, 0.2, 25)
+    want = latent_decode_ref(q, None, linear, None, seq_lens, 0.2, 25)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 def check_log_weights(name: str, device) -> None:
     """Per-slot log-weights (a cache policy's merged slots) enter every head's scores like the reference's."""
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -447,6 +515,42 @@ def check_quantize(bits, W, group, T, dtype, device, x=None, dtype16=torch.float
         assert _same_bits(got.scales[~written], before.scales[~written])
 
 
+def check_quantize_wraps(bits: int, device) -> None:
+    """Tokens written past the capacity wrap around to slot 0 (a sliding-window group's ring), bit for bit what
+    the same tokens give in a larger cache at their positions."""
+    gen = torch.Generator().manual_seed(bits)
+    B, S, W, group, T = 2, 11, 32, 16, 7
+    x = torch.randn(B, T, W, generator=gen)
+    start = torch.tensor([8, 25], dtype=torch.int32)  # row 0 wraps inside the write; row 1 starts wrapped
+    big = empty_stream(B, 40, W, bits, group)
+    quantize_append_ref(big, x, start)
+    ring = to_device(empty_stream(B, S, W, bits, group), device)
+    if device == "cpu" and not INTERPRETER:
+        quantize_append_ref(ring, x, start)
+    else:
+        quantize_module().quantize_append_triton(ring, x.to(device), start.to(device))
+    ring = to_device(ring, "cpu")
+    for b in range(B):
+        for t in range(T):
+            p = int(start[b]) + t
+            assert _same_bits(ring.data[b, p % S], big.data[b, p])
+            if bits < 16:
+                assert _same_bits(ring.scales[b, p % S], big.scales[b, p])
+    with pytest.raises(ValueError, match="do not fit"):
+        quantize_append_ref(empty_stream(B, 5, W, bits, group), x, start)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_quantize_append_wraps_reference(bits):
+    check_quantize_wraps(bits, "cpu")
+
+
+@interpreter
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_quantize_append_wraps_interpreter(bits):
+    check_quantize_wraps(bits, "cpu")
+
+
 @interpreter
 @pytest.mark.parametrize("bits,W,group,T,dtype", QUANT_CASES, ids=[f"b{c[0]}-w{c[1]}-g{c[2]}-t{c[3]}-{str(c[4])[6:]}"
                                                                     for c in QUANT_CASES])
@@ -501,6 +605,19 @@ def test_quantize_append_16_bit_storage_fp16():
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
 def test_latent_decode_cuda(case, dtype):
     check_decode(case, dtype, "cuda")
+
+
+@gpu
+@needs_cuda
+def test_latent_decode_ring_cuda():
+    check_ring("cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_quantize_append_wraps_cuda(bits):
+    check_quantize_wraps(bits, "cuda")
 
 
 @gpu

@@ -5,8 +5,9 @@ import json
 from typer.testing import CliRunner
 
 from kvconvert.cli import app
-from kvconvert.config import kv_bytes_per_token
+from kvconvert.config import kv_bytes, kv_bytes_per_token
 from kvconvert.convert.identity import build_identity, identity_config
+from kvconvert.runtime.generate import LatentRuntime
 from kvconvert.runtime.profile import GIB, clla_param_count, memory_profile, source_param_count
 
 from conftest import save_source, tiny_source
@@ -32,6 +33,26 @@ def test_memory_profile_by_hand():
     assert p["converted"]["max_context_at_batch"] == free // (per_token * 3)
     assert p["converted"]["max_batch_at_context"] == free // (per_token * 1000)
     assert p["kv_ratio"] == 1.0
+
+
+def test_memory_profile_counts_sliding_windows():
+    """Gemma 3's sliding-window layers: the converted figure counts their rings (what LatentRuntime allocates), the
+    source's its windows; the fits come out of those sizes, not of a per-token rate."""
+    src = tiny_source("gemma3_text")
+    cfg = identity_config(src.config, "gemma3_text", "tiny")
+    windows = cfg.layer_windows
+    assert any(w is not None for w in windows) and any(w is None for w in windows)
+    context, batch = 500, 2  # the tiny model's 512 positions; rings of window + 99 slots as a runtime keeps
+    p = memory_profile(cfg, context=context, batch=batch, budget_gib=0.001, weight_bytes_per_param=2, ring_chunk=100)
+    rt = LatentRuntime(build_identity(src, "gemma3_text", "tiny"), batch, context, ring_chunk=100)
+    assert p["converted"]["kv_bytes_total"] == rt.cache.nbytes == kv_bytes(cfg, context, 100) * batch
+    assert p["converted"]["kv_bytes_total"] < kv_bytes_per_token(cfg) * context * batch
+    per_layer = cfg.source_kv_bytes_per_token // cfg.num_hidden_layers
+    assert p["source"]["kv_bytes_total"] == batch * per_layer * sum(context if w is None else w for w in windows)
+    free = int(0.001 * GIB) - p["converted"]["weights_bytes"]
+    n = p["converted"]["max_context_at_batch"]
+    assert kv_bytes(cfg, n, 100) * batch <= free < kv_bytes(cfg, n + 1, 100) * batch
+    assert p["converted"]["max_batch_at_context"] == free // kv_bytes(cfg, context, 100)
 
 
 def test_profile_cli_on_source_and_converted(tmp_path):

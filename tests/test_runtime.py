@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvconvert.config import CllaConfig, kv_bytes_per_token
+from kvconvert.config import CllaConfig, kv_bytes, kv_bytes_per_token
 from kvconvert.convert.identity import build_identity
 from kvconvert.errors import KvconvertError
 from kvconvert.model import CllaForCausalLM
@@ -64,7 +64,7 @@ def reference_greedy(model, ids: list[int], n: int) -> list[int]:
 def teacher_forced(rt: LatentRuntime, ids: list[int], split: int) -> torch.Tensor:
     """Logits (len(ids) - split + 1, V): prefill ids[:split], then decode the rest one token at a time."""
     rt.reset()
-    steps = [rt.prefill(torch.tensor([ids[:split]], device=rt.device), [split])[0]]
+    steps = [rt.prefill_chunked(torch.tensor([ids[:split]], device=rt.device), [split])[0]]
     for t in ids[split:]:
         steps.append(rt.decode(torch.tensor([t], device=rt.device))[0])
     return torch.stack(steps)
@@ -192,6 +192,11 @@ def test_identity_runtime_equals_source_generate(arch):
         ref = src(torch.tensor([ids + want])).logits[0, 11:-1]
     got = teacher_forced(rt, (ids + want)[:-1], 12)
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= LOGIT_TOL[16]
+    if any(w is not None for w in clla.config.layer_windows):  # Mistral, Gemma 3: sliding layers as rings too
+        rt = LatentRuntime(clla, 1, 32, ring_chunk=3)
+        assert any(rt.cache.is_ring(g) for g in range(clla.config.num_layer_groups))
+        got = teacher_forced(rt, (ids + want)[:-1], 12)
+        assert ((got - ref).abs().max() / ref.abs().max()).item() <= LOGIT_TOL[16]
 
 
 def test_second_turn_continues_the_cache():
@@ -206,12 +211,71 @@ def test_second_turn_continues_the_cache():
     assert second[0] == reference_greedy(model, history, 6)
 
 
+# Layers 1 and 2 (one group) slide over windows of 6 and 5 tokens: with ring_chunk 4 the group keeps a ring of
+# 6 + 4 - 1 = 9 slots that a 30-token conversation wraps around three times.
+RING = dict(layer_windows=[None, 6, 5, None])
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
+def test_sliding_window_ring_equals_the_model(bits, qk_norm):
+    """A sliding-window group cached as a ring (token p in slot p % 9) gives the model's greedy tokens and logits,
+    through chunked prefill and decode past several wrap-arounds, and allocates only its ring."""
+    model = tiny_clla(bits, qk_norm=qk_norm, **RING)
+    rt = LatentRuntime(model, batch=1, capacity=64, ring_chunk=4)
+    assert rt.cache.slots == [64, 9, 64] and rt.ring_chunk == 4
+    assert rt.cache.nbytes == kv_bytes(model.config, 64, 4) < kv_bytes_per_token(model.config) * 64
+    ids = prompt(30, seed=7)
+    ref = reference_greedy(model, ids, 16)
+    out, _ = rt.generate([ids], SamplingOptions(max_new_tokens=16))
+    assert out[0] == ref
+    full = ids + ref
+    with torch.no_grad():
+        want = model(torch.tensor([full])).logits[0, 29:-1]
+    got = teacher_forced(rt, full[:-1], 30)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= LOGIT_TOL[bits], err
+    with pytest.raises(ValueError, match="exceeds the rings"):
+        rt.prefill(torch.tensor([ids[:5]]), [5])
+
+
+def test_sliding_window_ring_ragged_batch_and_truncate():
+    """Ragged rows wrap the ring at different steps and equal one-by-one runs; truncating within what the ring
+    still holds continues the cache, further back starts over."""
+    model = tiny_clla(4, **RING)
+    prompts = [prompt(n, seed=n) for n in (5, 23, 1)]
+    batched, _ = LatentRuntime(model, 3, 48, ring_chunk=4).generate(prompts, SamplingOptions(max_new_tokens=10))
+    for p, got in zip(prompts, batched):
+        alone, _ = LatentRuntime(model, 1, 48).generate([p], SamplingOptions(max_new_tokens=10))  # ring_chunk 1024
+        assert got == alone[0]
+    rt = LatentRuntime(model, 1, 64, ring_chunk=4)
+    ids = prompt(20, seed=9)
+    rt.prefill_chunked(torch.tensor([ids]), [20])
+    rt.truncate(18)  # the ring (9 slots) still holds the window (6) before token 18
+    assert rt.seen == [18]
+    logits = rt.prefill_chunked(torch.tensor([ids[18:]]), [2])[0]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0, -1]
+    assert ((logits - want).abs().max() / want.abs().max()).item() <= LOGIT_TOL[4]
+    rt.truncate(10)  # overwritten: start over
+    assert rt.seen == [0] and rt.lengths == [0]
+
+
 @pytest.mark.parametrize("bits", [16, 8, 4])
 def test_cache_bytes_equal_the_formula(bits):
     cfg = tiny_clla(bits, rope_bits=8 if bits == 4 else bits).config
     cache = LatentCache(cfg, batch=3, capacity=17)
     assert cache.bytes_per_token == kv_bytes_per_token(cfg)
     assert cache.nbytes == kv_bytes_per_token(cfg) * 3 * 17
+    # a sliding-window group kept as a ring: the bytes of its ring, key norms included
+    cfg = tiny_clla(bits, rope_bits=8 if bits == 4 else bits, qk_norm=True, **RING).config
+    cache = LatentCache(cfg, batch=3, capacity=40, ring_chunk=5)
+    assert cache.slots == [40, 10, 40]
+    assert cache.nbytes == kv_bytes(cfg, 40, 5) * 3
+    assert cache.nbytes == sum(t.nbytes for t in cache._key_scales) + sum(
+        st.data.nbytes + (0 if st.scales is None else st.scales.nbytes) for g in range(3)
+        for st in [cache.latent(g)] + ([cache.rope(g)] if cache.rope(g) else []))
+    assert kv_bytes(cfg, 8, 5) == kv_bytes_per_token(cfg) * 8  # shorter than the ring: every token counts
 
 
 def test_stop_tokens_end_a_row():
@@ -299,6 +363,20 @@ def test_cuda_runtime_matches_the_cpu_model(bits):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0, 19:-1]
     rt = LatentRuntime(model.cuda(), 1, 64, cuda_graphs=True)
+    got = teacher_forced(rt, ids[:-1], 20).cpu()
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-3
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_sliding_window_ring_matches_the_cpu_model():
+    """Rings on CUDA (Triton decode and append wrapping around, graphs on): the model's teacher-forced logits."""
+    model = tiny_clla(4, **RING)
+    ids = prompt(40, seed=8)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0, 19:-1]
+    rt = LatentRuntime(model.cuda(), 1, 64, cuda_graphs=True, ring_chunk=4)
+    assert rt.cache.is_ring(1)
     got = teacher_forced(rt, ids[:-1], 20).cpu()
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-3
 

@@ -47,7 +47,7 @@ def latent_decode(
 
 
 def quantize_append(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:
-    """Quantize x (B, T, W) into `stream` at positions start[b] + t, in place. See `quantize_append_ref`."""
+    """Quantize x (B, T, W) into `stream` at slots (start[b] + t) % capacity, in place. See `quantize_append_ref`."""
     if uses_triton(stream.data):
         from .quantize import quantize_append_triton
 
@@ -61,7 +61,7 @@ def decode_streams(latent: Stream, rope: Stream | None, seq_lens: torch.Tensor) 
     of G layers would otherwise dequantize them G times)."""
     if uses_triton(latent.data):
         return latent, rope
-    S = int(seq_lens.max())
+    S = min(int(seq_lens.max()), latent.data.shape[1])  # a wrapped ring: all its slots
 
     def plain(s: Stream | None) -> Stream | None:
         return None if s is None else Stream(dequantize_stream(s, S, torch.float32), None, 16, s.group, s.width)

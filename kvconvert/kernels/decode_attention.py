@@ -91,7 +91,7 @@ def _latent_decode_split_kernel(
     # pointers
     Q_LAT, Q_ROPE, LAT, LAT_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, LOG_W, KEY_SCALE, HEAD_BIAS, PART_OUT, PART_LSE, OUT,
     # sizes
-    H, CHUNK, WINDOW, qk_scale, HEADS_PER_KV,
+    H, CAP, CHUNK, WINDOW, qk_scale, HEADS_PER_KV,
     # strides
     stride_ql_b, stride_ql_h, stride_ql_r,
     stride_qr_b, stride_qr_h, stride_qr_w,
@@ -120,11 +120,13 @@ def _latent_decode_split_kernel(
     pid_h = tl.program_id(2)
     row_b = pid_b.to(tl.int64)  # batch offsets of a large cache overflow int32
 
+    # Token p sits in slot p % CAP: a row longer than the capacity has wrapped around (a sliding-window group's
+    # ring); it holds positions seq_len - CAP .. seq_len - 1, and the window keeps slots whose age is < WINDOW.
     seq_len = tl.load(SEQ_LENS + pid_b).to(tl.int32)
     start = pid_split * CHUNK
-    end = tl.minimum(start + CHUNK, seq_len)
-    if HAS_WINDOW:
-        start = tl.maximum(start, seq_len - WINDOW)
+    end = tl.minimum(start + CHUNK, tl.minimum(seq_len, CAP))
+    if HAS_WINDOW:  # not wrapped: the window is the slots from seq_len - WINDOW on
+        start = tl.where(seq_len <= CAP, tl.maximum(start, seq_len - WINDOW), start)
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
@@ -151,6 +153,8 @@ def _latent_decode_split_kernel(
     for tile in range(start, end, BLOCK_T):
         offs_t = tile + tl.arange(0, BLOCK_T)
         mask_t = offs_t < end
+        if HAS_WINDOW:
+            mask_t = mask_t & ((seq_len - 1 - offs_t) % CAP < WINDOW)
         c = _load_tile(
             LAT + row_b * stride_lat_b, LAT_SCALES + row_b * stride_lsc_b,
             offs_t, mask_t, R,
@@ -181,10 +185,11 @@ def _latent_decode_split_kernel(
             scores += log_w.to(tl.float32)[None, :] * 1.4426950408889634
         scores = tl.where(mask_t[None, :], scores, float("-inf"))
 
-        # every tile holds at least one valid position, so m_new is finite
+        # a tile of a wrapped ring can lie wholly outside the window: keep exp2 away from -inf - -inf
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(DOT_DTYPE), c, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -385,7 +390,7 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         log_weights if log_weights is not None else out, key_scale if key_scale is not None else out,
         head_bias if head_bias is not None else out,
         part_out, part_lse, out,
-        H, chunk, int(window) if window is not None else 0, float(softmax_scale) * _LOG2E,
+        H, S, chunk, int(window) if window is not None else 0, float(softmax_scale) * _LOG2E,
         H // key_scale.shape[-1] if key_scale is not None else 1,
         *stride_ql, *stride_qr,
         *latent.data.stride(), *stride_lsc,

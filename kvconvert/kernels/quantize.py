@@ -1,5 +1,5 @@
-# Grid (B * T,): one program quantizes one token row x[b, t, :W] and writes it in place at cache position
-# start[b] + t. Below 16 bits the row is a (BLOCK_G groups, BLOCK_K units) tile, a unit being one stored value at
+# Grid (B * T,): one program quantizes one token row x[b, t, :W] and writes it in place at cache slot
+# (start[b] + t) % CAP (a sliding-window group's ring wraps around its capacity). Below 16 bits the row is a (BLOCK_G groups, BLOCK_K units) tile, a unit being one stored value at
 # 8 bits and a pair (value 2k, value 2k+1 -> one packed byte) at 4 bits; per group lo/hi = min/max, fp16 zero and
 # scale, code = clamp(rint((x - zero) / scale), 0, qmax): bit-identical to `kvconvert.quant.quantize`.
 """Triton quantize-and-append into the latent cache: `quantize_append_triton`, same semantics and bits as
@@ -32,7 +32,7 @@ def _quantize_append_kernel(
     # pointers
     X, START, DATA, SCALES,
     # sizes
-    T, W,
+    T, W, CAP,
     # strides
     stride_x_b, stride_x_t, stride_x_w,
     stride_data_b, stride_data_s, stride_data_w,
@@ -43,7 +43,7 @@ def _quantize_append_kernel(
     row = tl.program_id(0)
     b = row // T
     t = row % T
-    pos = tl.load(START + b).to(tl.int64) + t
+    pos = (tl.load(START + b).to(tl.int64) + t) % CAP
     x_row = X + b.to(tl.int64) * stride_x_b + t * stride_x_t
     data_row = DATA + b.to(tl.int64) * stride_data_b + pos * stride_data_s
 
@@ -86,11 +86,13 @@ def _quantize_append_kernel(
 
 
 def quantize_append_triton(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:
-    """Triton `quantize_append_ref`: quantize x (B, T, W) fp32/fp16/bf16 into `stream` at positions
-    start[b] + t (start: (B,) int32), in place. The caller checks that start + T fits the cache."""
+    """Triton `quantize_append_ref`: quantize x (B, T, W) fp32/fp16/bf16 into `stream` at slots
+    (start[b] + t) % capacity (start: (B,) int32), in place."""
     B, T, W = x.shape
     if W != stream.width:
         raise ValueError(f"x has {W} values per token, the stream {stream.width}")
+    if T > stream.data.shape[1]:
+        raise ValueError(f"{T} tokens do not fit a stream of {stream.data.shape[1]} slots at once")
     if B * T == 0:
         return
     bits, group = stream.bits, stream.group
@@ -106,7 +108,7 @@ def quantize_append_triton(stream: Stream, x: torch.Tensor, start: torch.Tensor)
         block_k = triton.next_power_of_2(group // (2 if bits == 4 else 1))
     _quantize_append_kernel[(B * T,)](
         x, start, stream.data, scales,
-        T, W,
+        T, W, stream.data.shape[1],
         *x.stride(),
         *stream.data.stride(),
         *stride_scales,

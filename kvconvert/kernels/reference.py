@@ -44,15 +44,19 @@ def dequantize_stream(stream: Stream, length: int, dtype: torch.dtype) -> torch.
 
 
 def quantize_append_ref(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:
-    """Quantize x (B, T, W) as the cache stores it and write row b at positions start[b] .. start[b] + T - 1.
+    """Quantize x (B, T, W) as the cache stores it and write row b's tokens start[b] .. start[b] + T - 1, token p
+    in slot p % S (S: the capacity; past it a sliding-window group's ring wraps around; T <= S).
 
     start: (B,) int32. Writes in place with tensor indices only (no host sync: CUDA-graph safe). The caller checks
-    that start + T fits the cache.
+    that start + T fits the cache, or that the stream is a ring.
     """
     B, T, _ = x.shape
     S = stream.data.shape[1]
-    # flat row index b * S + start[b] + t into the (B * S, ·) view of each tensor: one index_copy_ per tensor
-    flat = (torch.arange(B, device=x.device)[:, None] * S + start[:, None] + torch.arange(T, device=x.device)).view(-1)
+    if T > S:
+        raise ValueError(f"{T} tokens do not fit a stream of {S} slots at once")
+    # flat row index b * S + slot into the (B * S, ·) view of each tensor: one index_copy_ per tensor
+    slots = (start[:, None].long() + torch.arange(T, device=x.device)) % S
+    flat = (torch.arange(B, device=x.device)[:, None] * S + slots).view(-1)
     if stream.bits >= 16:
         stream.data.view(B * S, -1).index_copy_(0, flat, x.reshape(B * T, -1).to(stream.data.dtype))
         return
@@ -78,8 +82,9 @@ def latent_decode_ref(
     q_lat: (B, H, R) queries already multiplied by the key up-projection (None when no key dim goes through the
     latent); q_rope: (B, H, Wr) rope queries after RoPE, laid out over the whole rope stream (a head's entries
     outside its own rope head are zero; None without rope); latent: R values per token; rope: Wr values per token;
-    seq_lens: (B,) int32 valid positions per row (the current token included); window: only the last `window`
-    positions are attended (sliding-window layers); log_weights: (B, S) fp32 added to every head's scores of a slot
+    seq_lens: (B,) int32 tokens per row (the current one included), token p in slot p % S (S: the streams'
+    capacity; a row longer than S has wrapped around, as a sliding-window group's ring does, and holds its last S
+    tokens); window: only the last `window` positions are attended (sliding-window layers); log_weights: (B, S) fp32 added to every head's scores of a slot
     (a cache policy's merged slot standing for w tokens carries log w), None = 0; key_scale: (B, S, K) the key norms
     of a qk-norm source (per position and kv head; query head h reads kv head h // (H / K)), None = 1; head_bias:
     (B, H) fp32 q_nope · b_k of a key bias, which the key norms make position-dependent (None = 0).
@@ -96,8 +101,9 @@ def latent_decode_ref(
 
 def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale=None,
                    head_bias=None):
-    """Scores (B, H, S) over the first S = max(seq_lens) positions (-inf where masked) and the latent (B, S, R)."""
-    S = int(seq_lens.max())
+    """Scores (B, H, S) over the first S = min(max(seq_lens), capacity) slots (-inf where masked) and the latent
+    (B, S, R)."""
+    S = min(int(seq_lens.max()), latent.data.shape[1])
     q = q_lat if q_rope is None else q_rope if q_lat is None else torch.cat((q_lat, q_rope), -1)
     compute = torch.promote_types(q.dtype, torch.float32)
     c = dequantize_stream(latent, S, compute)  # (B, S, R)
@@ -114,12 +120,12 @@ def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         scores = scores * key_scale[:, :S].to(compute).transpose(1, 2).repeat_interleave(H // K, dim=1)
     if log_weights is not None:
         scores = scores + log_weights[:, None, :S].to(compute)
-    if window is not None or int(seq_lens.min()) != S:  # ragged rows or a sliding window: mask positions
-        pos = torch.arange(S, device=c.device)[None, :]
+    if window is not None or int(seq_lens.min()) != S:  # ragged rows or a sliding window: mask slots
+        slot = torch.arange(S, device=c.device)[None, :]
         lens = seq_lens.long()[:, None]
-        valid = pos < lens
-        if window is not None:
-            valid &= pos >= lens - window
+        valid = slot < lens
+        if window is not None:  # a slot's age: how many tokens ago it was written (modulo a wrapped ring's size)
+            valid &= (lens - 1 - slot) % latent.data.shape[1] < window
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     return scores, c
 

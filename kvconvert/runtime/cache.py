@@ -4,16 +4,19 @@ Per layer group g and per token, two streams (byte layout in kernels/reference.p
   latent  kv_latent_dim values at kv_bits    latent_data[g] (B, S, R or R/2), latent_scales[g] (B, S, R/group, 2) fp16
   rope    rope_heads*rope_dim values at rope_bits (after RoPE), rope_data[g], rope_scales[g] likewise
 and for a qk-norm source, per layer, its key norms (B, S, K) 16-bit (`key_scale(layer)`),
-plus `seq_lens` (B,) int32: valid positions per row. Row b holds its tokens at positions 0 .. seq_lens[b] - 1;
-nothing is ever concatenated or moved. Everything is allocated once, zero-filled (so padding positions hold finite
-values), and `nbytes / (batch * capacity)` equals the per-token formula of `profile memory` (tested).
+plus `seq_lens` (B,) int32: tokens per row. Row b holds token p at slot p of each group; nothing is ever
+concatenated or moved. With `ring_chunk`, a sliding-window group keeps only a ring of window + ring_chunk - 1 slots
+(`config.cache_slots`), token p at slot p % size: older tokens are overwritten once they fall out of every
+window that a step of at most ring_chunk tokens reads. Everything is allocated once, zero-filled (so padding
+slots hold finite values), and `nbytes` equals `kv_bytes(config, capacity, ring_chunk)` per row, the formula of
+`profile memory` (tested).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import CllaConfig, kv_bytes_per_token
+from ..config import CllaConfig, cache_slots, kv_bytes
 from ..errors import KvconvertError
 from ..kernels import Stream
 
@@ -33,52 +36,55 @@ class LatentCache:
         capacity: int,
         device: torch.device | str = "cpu",
         dtype16: torch.dtype = torch.float16,
+        ring_chunk: int | None = None,
     ):
-        """batch rows of `capacity` positions; `dtype16` stores 16-bit streams (fp16 or bf16)."""
+        """batch rows of `capacity` tokens; `dtype16` stores 16-bit streams (fp16 or bf16); `ring_chunk`: keep
+        sliding-window groups as rings for steps of at most that many tokens (None: every group keeps every token)."""
         if dtype16 not in (torch.float16, torch.bfloat16):
             raise ValueError(f"16-bit streams are stored as fp16 or bf16, not {dtype16}")
         self.config = config
         self.batch = batch
         self.capacity = capacity
         self.device = torch.device(device)
-        NG = config.num_layer_groups
-        shape = (NG, batch, capacity)
+        self.ring_chunk = ring_chunk
+        self.slots = cache_slots(config, capacity, ring_chunk)  # per layer group
         streams = [("latent", config.kv_latent_dim, config.kv_bits, config.kv_quant_group)]
         if config.rope_dim:
             streams.append(("rope", config.rope_heads * config.rope_dim, config.rope_bits, config.rope_quant_group))
-        self._streams: dict[str, tuple[torch.Tensor, torch.Tensor | None, int, int, int]] = {}
+        # name -> one Stream per layer group
+        self._streams: dict[str, list[Stream]] = {}
         try:
             for name, width, bits, group in streams:
                 data_dtype = dtype16 if bits >= 16 else torch.uint8
-                data = torch.zeros(*shape, stored_width(width, bits), dtype=data_dtype, device=self.device)
-                scales = (
-                    torch.zeros(*shape, width // group, 2, dtype=torch.float16, device=self.device) if bits < 16 else None
-                )
-                self._streams[name] = (data, scales, bits, group, width)
+                self._streams[name] = [Stream(
+                    torch.zeros(batch, n, stored_width(width, bits), dtype=data_dtype, device=self.device),
+                    torch.zeros(batch, n, width // group, 2, dtype=torch.float16, device=self.device) if bits < 16 else None,
+                    bits, group, width) for n in self.slots]
             K = config.num_key_value_heads
-            self._key_scales = [torch.zeros(batch, capacity, K, dtype=dtype16, device=self.device)
-                                for _ in range(config.num_hidden_layers)] if config.qk_norm else []
+            slots_of_layer = [self.slots[g] for g in config.group_of_layer()]
+            self._key_scales = [torch.zeros(batch, n, K, dtype=dtype16, device=self.device)
+                                for n in slots_of_layer] if config.qk_norm else []
             self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         except (torch.OutOfMemoryError, RuntimeError) as e:  # CPU allocation failures are RuntimeErrors
             if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e).lower():
                 raise
             self._streams.clear()
             self._key_scales = []
-            need = kv_bytes_per_token(config) * batch * capacity
+            need = kv_bytes(config, capacity, ring_chunk) * batch
             raise KvconvertError(
                 f"out of memory allocating the KV cache: {batch} × {capacity:,} tokens need {need / GIB:.2f} GiB on "
                 f"{self.device}; lower the batch or the context"
             ) from None
 
     def latent(self, group: int) -> Stream:
-        data, scales, bits, qgroup, width = self._streams["latent"]
-        return Stream(data[group], None if scales is None else scales[group], bits, qgroup, width)
+        return self._streams["latent"][group]
 
     def rope(self, group: int) -> Stream | None:
-        if "rope" not in self._streams:
-            return None
-        data, scales, bits, qgroup, width = self._streams["rope"]
-        return Stream(data[group], None if scales is None else scales[group], bits, qgroup, width)
+        return self._streams["rope"][group] if "rope" in self._streams else None
+
+    def is_ring(self, group: int) -> bool:
+        """Whether group g keeps a ring of fewer slots than the capacity (tokens wrap around it)."""
+        return self.slots[group] < self.capacity
 
     def key_scale(self, layer: int) -> Stream | None:
         """A qk-norm source's key norms of one layer, (B, S, K) 16-bit; None for other sources."""
@@ -98,18 +104,20 @@ class LatentCache:
     @property
     def nbytes(self) -> int:
         """Bytes allocated for cached tokens (the int32 lengths excluded)."""
-        return sum(d.nbytes + (0 if s is None else s.nbytes) for d, s, *_ in self._streams.values()) + sum(
-            t.nbytes for t in self._key_scales)
+        return sum(st.data.nbytes + (0 if st.scales is None else st.scales.nbytes)
+                   for streams in self._streams.values() for st in streams) + sum(t.nbytes for t in self._key_scales)
 
     @property
     def bytes_per_token(self) -> int:
+        """Allocated bytes per token of capacity (less than kv_bytes_per_token where sliding-window groups are rings)."""
         return self.nbytes // (self.batch * self.capacity)
 
     def tokens_in_use(self) -> int:
         return int(self.seq_lens.sum())
 
     def bytes_in_use(self) -> int:
-        return self.tokens_in_use() * self.bytes_per_token
+        """Bytes holding tokens now: each row's tokens in every group, a ring's at most its size."""
+        return sum(kv_bytes(self.config, n, self.ring_chunk) for n in self.seq_lens.tolist())
 
     def reset(self) -> None:
         """Forget every row's tokens (the buffers stay allocated; stale values are never read)."""

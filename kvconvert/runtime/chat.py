@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import kv_bytes
 from ..errors import KvconvertError
 from .generate import GenerationStats, LatentRuntime, SamplingOptions
 
@@ -133,7 +134,7 @@ class ChatSession:
             prefill_tokens_per_s=stats.prompt_tokens / stats.prefill_s if stats.prefill_s else 0.0,
             decode_tokens_per_s=stats.decode_tokens_per_s,
             cached_tokens=self.rt.lengths[0],
-            kv_bytes_in_use=self.rt.lengths[0] * cache.bytes_per_token,
+            kv_bytes_in_use=kv_bytes(cache.config, self.rt.lengths[0], cache.ring_chunk),
             kv_bytes_allocated=cache.nbytes,
         )
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import RING_CHUNK, group_window
 from ..errors import KvconvertError
 from ..kernels import decode_streams, dequantize_stream, latent_attention_weights, latent_decode, quantize_append
 from ..model import CllaForCausalLM, apply_rope, rope_cos_sin, rope_inv_freq
@@ -168,9 +169,12 @@ class LatentRuntime:
         cuda_graphs: bool | None = None,
         policy=None,
         context: int | None = None,
+        ring_chunk: int | None = RING_CHUNK,
     ):
         """policy: a token-budget cache policy (runtime/policies) whose budget is a share of `context` (the longest
-        conversation in tokens; default: the capacity); the cache then needs budget + one prefill chunk of slots."""
+        conversation in tokens; default: the capacity); the cache then needs budget + one prefill chunk of slots.
+        ring_chunk: sliding-window layer groups keep a ring of window + ring_chunk - 1 slots, and a prefill step
+        takes at most ring_chunk tokens (None, or under a policy: every group keeps every token)."""
         self.model = model.eval()
         self.config = cfg = model.config
         self.device = next(model.parameters()).device
@@ -181,7 +185,12 @@ class LatentRuntime:
                 f"context {longest:,} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings:,})"
             )
         dtype16 = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
-        self.cache = LatentCache(cfg, batch, capacity, self.device, dtype16)
+        if policy is not None or not any(w is not None for w in cfg.layer_windows):
+            ring_chunk = None
+        if ring_chunk is not None and ring_chunk < 1:
+            raise ValueError(f"ring_chunk must be at least 1, got {ring_chunk}")
+        self.cache = LatentCache(cfg, batch, capacity, self.device, dtype16, ring_chunk)
+        self.ring_chunk = ring_chunk if any(self.cache.is_ring(g) for g in range(cfg.num_layer_groups)) else None
         self.lengths = [0] * batch  # host copy of cache.seq_lens: capacity checks without a device sync
         # Token positions (RoPE) per row: equal to the slot counts unless a policy evicts or merges slots.
         self.positions = torch.zeros(batch, dtype=torch.int32, device=self.device)
@@ -249,11 +258,15 @@ class LatentRuntime:
 
     def truncate(self, length: int) -> None:
         """Keep only the first `length` tokens of every row (what is past them is never read again). Under a cache
-        policy the slots are not a prefix of the tokens: anything shorter than what was seen starts over."""
+        policy the slots are not a prefix of the tokens, and a ring may have overwritten the window before
+        `length`: then anything shorter than what was seen starts over (`seen` says where a caller stands)."""
         if all(n == length for n in self.seen):
             return
-        if self.policy is not None:
-            self.reset()  # slots no longer map to a prefix of the tokens: start over
+        if self.policy is not None or any(
+            self.cache.is_ring(g) and max(self.seen) - length > self.cache.slots[g] - group_window(self.config, g)
+            for g in range(self.config.num_layer_groups)
+        ):
+            self.reset()  # slots no longer hold the tokens before `length`: start over
             return
         if length > min(self.lengths):
             raise ValueError(f"cannot truncate to {length}: a row holds only {min(self.lengths)} tokens")
@@ -300,12 +313,12 @@ class LatentRuntime:
             quantize_append(self.cache.key_scale(i), k_scale(x), start)
 
     def _key_scale(self, i: int, S: int | None = None) -> torch.Tensor | None:
-        """Layer i's key norms of the first S slots (all of them: None), (B, S, K), or None."""
+        """Layer i's key norms of the first S slots (all of them: None; S covers a ring's), (B, S, K), or None."""
         ks = self.cache.key_scale(i)
         return None if ks is None else ks.data[:, :S]
 
     def _read_group(self, g: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first S positions of group g as the model's attention takes them: latent (B, S, R), rope (B, Hr, S, Dr)."""
+        """The first S slots of group g as the model's attention takes them: latent (B, S, R), rope (B, Hr, S, Dr)."""
         cfg = self.config
         latent = dequantize_stream(self.cache.latent(g), S, self.dtype)
         rope = self.cache.rope(g)
@@ -380,6 +393,8 @@ class LatentRuntime:
         B, T = ids.shape
         if B != self.cache.batch:
             raise ValueError(f"the cache has {self.cache.batch} rows, got {B}")
+        if self.ring_chunk is not None and T > self.ring_chunk:
+            raise ValueError(f"a prefill step of {T:,} tokens exceeds the rings' {self.ring_chunk:,} (prefill_chunked)")
         self._check_room(n_new)
         self._check_slots(T)
         start = self.cache.seq_lens.clone()  # the first new slot of each row
@@ -399,14 +414,23 @@ class LatentRuntime:
         allowed, masks = {}, {}
 
         def mask_key(w: int | None, g: int) -> tuple:
-            # With a policy, slots are not positions: a window is judged on each group's slot positions. Every
-            # other mask is the same for all groups and built once.
+            # With a policy, slots are not positions: a window is judged on each group's slot positions. A ring's
+            # slots hold the positions that wrapped onto them. Every other mask is the same for all groups.
+            if self.cache.is_ring(g):
+                return (w, ("ring", self.cache.slots[g]))
             return (w, g if policy is not None and w is not None else None)
 
-        for w, g in {mask_key(w, g) for w in set(cfg.layer_windows) for g in range(cfg.num_layer_groups)}:
-            a = key <= qslot
-            if w is not None:
-                a = a & (qpos - (key if g is None else policy.states[g].pos[:, None, :S]) < w)
+        after = (start.long() + T)[:, None, None]  # every row wrote T slots (padding included)
+        for w, g in {mask_key(cfg.layer_windows[i], self.group_of[i]) for i in range(cfg.num_hidden_layers)}:
+            if isinstance(g, tuple):  # slot s of a ring of n holds the last position p < after with p % n == s
+                n = g[1]
+                slot = torch.arange(min(S, n), device=self.device)[None, None, :]
+                pos = slot + n * torch.div(after - 1 - slot, n, rounding_mode="floor")
+                a = (pos >= 0) & (pos <= qpos) & (qpos - pos < w)
+            else:
+                a = key <= qslot
+                if w is not None:
+                    a = a & (qpos - (key if g is None else policy.states[g].pos[:, None, :S]) < w)
             allowed[w, g] = a
             masks[w, g] = None if fresh and (w is None or w >= T) else (
                 torch.zeros(a.shape, dtype=self.dtype, device=self.device).masked_fill(~a, fill)[:, None]
@@ -418,11 +442,12 @@ class LatentRuntime:
         for i, layer in enumerate(m.layers):
             g = self.group_of[i]
             x = layer.input_layernorm(h)
+            S_g = min(S, self.cache.slots[g])
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
-                latent, k_rope = self._read_group(g, S)
+                latent, k_rope = self._read_group(g, S_g)
             self._append_key_scale(i, x, start)
-            key_scale = self._key_scale(i, S)
+            key_scale = self._key_scale(i, S_g)
             w_g = mask_key(cfg.layer_windows[i], g)
             mask = masks[w_g]
             if policy is not None and mask is not None:
@@ -551,6 +576,8 @@ class LatentRuntime:
         chunk = chunk or self.prefill_chunk_tokens(max(self.lengths) + T)
         if self.policy is not None and not self.policy.held:  # compress after every chunk: budget + one chunk
             chunk = min(chunk, self.cache.capacity - self.policy.n_slots)
+        if self.ring_chunk is not None:
+            chunk = min(chunk, self.ring_chunk)
         if T <= chunk:
             return self.prefill(ids, n_new)
         self._check_room(n_new)

@@ -1,14 +1,22 @@
 """`kvconvert profile memory`, analytic part: KV bytes per token, totals, and what fits a memory budget.
 
 The budget covers weights + KV cache. The source's figures come from the same config (its standard 16-bit
-cache, its parameter count), so the two columns compare like for like.
+cache, its parameter count), so the two columns compare like for like. Sliding-window layers count what their
+caches hold: the runtime's rings (window + one prefill step, `config.cache_slots`), the source's window (as
+transformers' sliding-window caches keep).
 """
 
 from __future__ import annotations
 
-from ..config import CllaConfig, kv_bytes_breakdown
+from ..config import RING_CHUNK, CllaConfig, kv_bytes, kv_bytes_breakdown
 
 GIB = 1 << 30
+
+
+def source_kv_bytes(cfg: CllaConfig, context: int) -> int:
+    """One row of the source's 16-bit K/V cache at `context` tokens; a sliding-window layer keeps its window."""
+    per_layer = (cfg.source_kv_bytes_per_token or sum(kv_bytes_breakdown(cfg).values())) // cfg.num_hidden_layers
+    return sum(per_layer * (context if w is None else min(context, w)) for w in cfg.layer_windows)
 
 
 def source_param_count(cfg: CllaConfig) -> int:
@@ -43,16 +51,27 @@ def clla_param_count(cfg: CllaConfig) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are one parameter
 
 
-def _fits(budget_bytes: int, weights: int, per_token: int, context: int, batch: int) -> dict:
+def _fits(budget_bytes: int, weights: int, row_bytes, context: int, batch: int) -> dict:
+    """row_bytes(n): one row's KV bytes at n tokens (non-decreasing). The longest context whose `batch` rows fit
+    (found by doubling then bisection: windowed layers make it non-linear), and the largest batch at `context`."""
     free = budget_bytes - weights
-    return {
-        "max_context_at_batch": max(0, free // (per_token * batch)) if free > 0 else 0,
-        "max_batch_at_context": max(0, free // (per_token * context)) if free > 0 else 0,
-    }
+    if free <= 0:
+        return {"max_context_at_batch": 0, "max_batch_at_context": 0}
+    fits = lambda n: row_bytes(n) * batch <= free  # noqa: E731
+    hi = 1
+    while fits(hi) and hi < 1 << 40:  # a model of sliding windows only never runs out: stop at 2^40
+        hi *= 2
+    lo = hi // 2 if fits(hi // 2) else 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"max_context_at_batch": lo if not fits(hi) else hi, "max_batch_at_context": free // max(1, row_bytes(context))}
 
 
-def memory_profile(cfg: CllaConfig, context: int, batch: int, budget_gib: float, weight_bytes_per_param: int) -> dict:
-    """Analytic memory figures of the converted model and of its source."""
+def memory_profile(cfg: CllaConfig, context: int, batch: int, budget_gib: float, weight_bytes_per_param: int,
+                   ring_chunk: int | None = RING_CHUNK) -> dict:
+    """Analytic memory figures of the converted model (its sliding-window groups as the runtime's rings for
+    `ring_chunk`) and of its source."""
     breakdown = kv_bytes_breakdown(cfg)
     per_token = sum(breakdown.values())
     src_per_token = cfg.source_kv_bytes_per_token or per_token
@@ -67,15 +86,16 @@ def memory_profile(cfg: CllaConfig, context: int, batch: int, budget_gib: float,
         "kv_bytes_per_token": breakdown | {"total": per_token},
         "source_kv_bytes_per_token": src_per_token,
         "kv_ratio": per_token / src_per_token,
+        "kv_ratio_at_context": kv_bytes(cfg, context, ring_chunk) / max(1, source_kv_bytes(cfg, context)),
         "converted": {
-            "kv_bytes_total": per_token * context * batch,
+            "kv_bytes_total": kv_bytes(cfg, context, ring_chunk) * batch,
             "weights_bytes": weights,
-            **_fits(budget, weights, per_token, context, batch),
+            **_fits(budget, weights, lambda n: kv_bytes(cfg, n, ring_chunk), context, batch),
         },
         "source": {
-            "kv_bytes_total": src_per_token * context * batch,
+            "kv_bytes_total": source_kv_bytes(cfg, context) * batch,
             "weights_bytes": src_weights,
-            **_fits(budget, src_weights, src_per_token, context, batch),
+            **_fits(budget, src_weights, lambda n: source_kv_bytes(cfg, n), context, batch),
         },
     }
 
@@ -222,10 +242,14 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
     else:
         fill_cache_for_timing(rt, context)
     dt = time_decode(rt, steps)
-    # Every layer reads its group's streams: a group of G layers reads its cache G times per step.
+    # Every layer reads its group's streams (a group of G layers reads its cache G times per step), a sliding-window
+    # layer its window.
     cfg = model.config
-    per_group = rt.cache.bytes_per_token // cfg.num_layer_groups
-    per_step = weight_bytes_read_per_step(model) + batch * context * per_group * cfg.num_hidden_layers
+    parts = kv_bytes_breakdown(cfg)
+    per_group = (sum(parts.values()) - parts["key_scales"]) // cfg.num_layer_groups
+    per_layer = parts["key_scales"] // cfg.num_hidden_layers
+    read = sum(context if w is None else min(context, w) for w in cfg.layer_windows)
+    per_step = weight_bytes_read_per_step(model) + batch * read * (per_group + per_layer)
     return result | {
         "decode_step_ms": dt * 1e3,
         "decode_tokens_per_s": batch / dt,
