@@ -30,7 +30,9 @@ def test_memory_profile_by_hand():
     p = memory_profile(cfg, context=1000, batch=3, budget_gib=0.001, weight_bytes_per_param=2)
     assert p["converted"]["kv_bytes_total"] == per_token * 3000
     free = int(0.001 * GIB) - p["converted"]["weights_bytes"]
-    assert p["converted"]["max_context_at_batch"] == free // (per_token * 3)
+    assert p["converted"]["max_context_at_batch"] == min(free // (per_token * 3), cfg.max_position_embeddings)
+    wide = memory_profile(cfg, context=100, batch=1, budget_gib=1, weight_bytes_per_param=2)
+    assert wide["converted"]["max_context_at_batch"] == cfg.max_position_embeddings  # the model's positions bound it
     assert p["converted"]["max_batch_at_context"] == free // (per_token * 1000)
     assert p["kv_ratio"] == 1.0
 
@@ -50,7 +52,10 @@ def test_memory_profile_counts_sliding_windows():
     per_layer = cfg.source_kv_bytes_per_token // cfg.num_hidden_layers
     assert p["source"]["kv_bytes_total"] == batch * per_layer * sum(context if w is None else w for w in windows)
     free = int(0.001 * GIB) - p["converted"]["weights_bytes"]
+    p = memory_profile(cfg, context=context, batch=batch, budget_gib=0.0004, weight_bytes_per_param=2, ring_chunk=100)
+    free = int(0.0004 * GIB) - p["converted"]["weights_bytes"]
     n = p["converted"]["max_context_at_batch"]
+    assert 0 < n < cfg.max_position_embeddings
     assert kv_bytes(cfg, n, 100) * batch <= free < kv_bytes(cfg, n + 1, 100) * batch
     assert p["converted"]["max_batch_at_context"] == free // kv_bytes(cfg, context, 100)
 

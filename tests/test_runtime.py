@@ -259,6 +259,15 @@ def test_sliding_window_ring_ragged_batch_and_truncate():
     assert ((logits - want).abs().max() / want.abs().max()).item() <= LOGIT_TOL[4]
     rt.truncate(10)  # overwritten: start over
     assert rt.seen == [0] and rt.lengths == [0]
+    # Padding can run past every row's tokens: rows of 7 and 10 tokens take 4 and 1 more in one padded step, so
+    # both hold 11 but row 1 wrote up to position 13, whose slots (9 of them) held its positions 3 and 4, inside
+    # the window (6) before 8: truncating to 8 must start over.
+    rt = LatentRuntime(model, 2, 64, ring_chunk=4)
+    rt.prefill_chunked(torch.tensor([ids[:7] + [0] * 3, ids[:10]]), [7, 10])
+    rt.prefill(torch.tensor([ids[7:11], ids[10:14]]), [4, 1])
+    assert rt.seen == [11, 11] and rt.written == [11, 14]
+    rt.truncate(8)
+    assert rt.seen == [0, 0]
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4])

@@ -195,6 +195,7 @@ class LatentRuntime:
         # Token positions (RoPE) per row: equal to the slot counts unless a policy evicts or merges slots.
         self.positions = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.seen = [0] * batch
+        self.written = [0] * batch  # per row, one past the furthest token written (a prefill's padding included)
         self.context = context or capacity
         self.policy = policy
         if policy is not None:
@@ -250,6 +251,7 @@ class LatentRuntime:
         self.lengths = [0] * self.cache.batch
         self.positions.zero_()
         self.seen = [0] * self.cache.batch
+        self.written = [0] * self.cache.batch
         if self.policy is not None:
             self.policy.reset()
 
@@ -259,11 +261,12 @@ class LatentRuntime:
     def truncate(self, length: int) -> None:
         """Keep only the first `length` tokens of every row (what is past them is never read again). Under a cache
         policy the slots are not a prefix of the tokens, and a ring may have overwritten the window before
-        `length`: then anything shorter than what was seen starts over (`seen` says where a caller stands)."""
+        `length` (with any token written since, a padded row's padding too): then anything shorter than what was
+        seen starts over (`seen` says where a caller stands)."""
         if all(n == length for n in self.seen):
             return
         if self.policy is not None or any(
-            self.cache.is_ring(g) and max(self.seen) - length > self.cache.slots[g] - group_window(self.config, g)
+            self.cache.is_ring(g) and max(self.written) - length > self.cache.slots[g] - group_window(self.config, g)
             for g in range(self.config.num_layer_groups)
         ):
             self.reset()  # slots no longer hold the tokens before `length`: start over
@@ -273,7 +276,7 @@ class LatentRuntime:
         self.cache.seq_lens.fill_(length)
         self.positions.fill_(length)
         self.lengths = [length] * self.cache.batch
-        self.seen = [length] * self.cache.batch
+        self.seen = [length] * self.cache.batch  # `written` stays: tokens past `length` still sit in their slots
 
     def _check_room(self, new: list[int]) -> None:
         """Rows about to take new[b] more tokens: within the context, and (without a policy) within the cache."""
@@ -465,6 +468,7 @@ class LatentRuntime:
         lengths = torch.tensor(n_new, dtype=torch.int32, device=self.device)
         self.cache.seq_lens += lengths
         self.positions += lengths
+        self.written = [max(self.written[b], self.lengths[b] + T) for b in range(B)]
         self.lengths = [self.lengths[b] + n_new[b] for b in range(B)]
         self.seen = [self.seen[b] + n_new[b] for b in range(B)]
         if policy is not None:
@@ -628,6 +632,7 @@ class LatentRuntime:
             logits = self._decode_graph(ids)
         else:
             logits = self._decode_eager(ids)
+        self.written = [max(w, n + 1) for w, n in zip(self.written, self.lengths)]
         self.lengths = [n + 1 for n in self.lengths]
         self.seen = [n + 1 for n in self.seen]
         if self.policy is not None:

@@ -51,21 +51,21 @@ def clla_param_count(cfg: CllaConfig) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are one parameter
 
 
-def _fits(budget_bytes: int, weights: int, row_bytes, context: int, batch: int) -> dict:
-    """row_bytes(n): one row's KV bytes at n tokens (non-decreasing). The longest context whose `batch` rows fit
-    (found by doubling then bisection: windowed layers make it non-linear), and the largest batch at `context`."""
+def _fits(budget_bytes: int, weights: int, row_bytes, context: int, batch: int, limit: int) -> dict:
+    """row_bytes(n): one row's KV bytes at n tokens (non-decreasing). The longest context up to `limit` (the model's
+    positions) whose `batch` rows fit (bisection: windowed layers make it non-linear), and the largest batch at
+    `context`."""
     free = budget_bytes - weights
     if free <= 0:
         return {"max_context_at_batch": 0, "max_batch_at_context": 0}
     fits = lambda n: row_bytes(n) * batch <= free  # noqa: E731
-    hi = 1
-    while fits(hi) and hi < 1 << 40:  # a model of sliding windows only never runs out: stop at 2^40
-        hi *= 2
-    lo = hi // 2 if fits(hi // 2) else 0
-    while hi - lo > 1:
+    lo, hi = 0, limit
+    if fits(limit):
+        lo = hi = limit
+    while hi - lo > 1:  # fits(lo), not fits(hi)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return {"max_context_at_batch": lo if not fits(hi) else hi, "max_batch_at_context": free // max(1, row_bytes(context))}
+    return {"max_context_at_batch": lo, "max_batch_at_context": free // max(1, row_bytes(context))}
 
 
 def memory_profile(cfg: CllaConfig, context: int, batch: int, budget_gib: float, weight_bytes_per_param: int,
@@ -90,12 +90,12 @@ def memory_profile(cfg: CllaConfig, context: int, batch: int, budget_gib: float,
         "converted": {
             "kv_bytes_total": kv_bytes(cfg, context, ring_chunk) * batch,
             "weights_bytes": weights,
-            **_fits(budget, weights, lambda n: kv_bytes(cfg, n, ring_chunk), context, batch),
+            **_fits(budget, weights, lambda n: kv_bytes(cfg, n, ring_chunk), context, batch, cfg.max_position_embeddings),
         },
         "source": {
             "kv_bytes_total": source_kv_bytes(cfg, context) * batch,
             "weights_bytes": src_weights,
-            **_fits(budget, src_weights, lambda n: source_kv_bytes(cfg, n), context, batch),
+            **_fits(budget, src_weights, lambda n: source_kv_bytes(cfg, n), context, batch, cfg.max_position_embeddings),
         },
     }
 
