@@ -6,8 +6,8 @@
 # is both the keys (scores = q_lat · cᵀ) and the values (acc += p · c), so the one dequantized tile feeds both dots.
 # Tile loads: every stored byte once, row-contiguous (int4: nibbles split and interleaved in registers), one
 # (scale, zero) per position and quant group broadcast over the group. The widths are compile-time constants, so
-# the column masks fold and the loads vectorize (16-byte loads where a row allows; with R a runtime argument every
-# load was scalar). History on an H100 (bench/results/kernels_gpu.json): the first loop (even/odd half-tiles, 255
+# the column masks fold and the loads vectorize for any width (a runtime width vectorizes only where the JIT sees
+# it divisible by 16). History on an H100 (bench/results/kernels_gpu.json): the first loop (even/odd half-tiles, 255
 # registers, spills) ran at 2-17% of the copy bandwidth; the natural-order tile with per-value byte/scale/zero
 # loads at 3-10% at 4 bits and 32-57% at 16 bits. The current loads (72 registers for the 2% plan, sm_90a) await
 # a GPU session; `gather=True` keeps the per-value loads for bench/kernels.py --sweep to compare.
