@@ -247,11 +247,22 @@ def cache_slots(config: CllaConfig, context: int, ring_chunk: int | None) -> lis
             for g in range(config.num_layer_groups)]
 
 
+def group_and_layer_bytes(config: CllaConfig) -> tuple[int, int]:
+    """kv_bytes_breakdown split by owner: bytes per token of one layer group's streams (latent, rope keys and their
+    scales) and of one layer's key norms (0 without qk_norm)."""
+    parts = kv_bytes_breakdown(config)
+    per_group = (sum(parts.values()) - parts["key_scales"]) // config.num_layer_groups
+    return per_group, parts["key_scales"] // config.num_hidden_layers
+
+
+def window_tokens(config: CllaConfig, context: int) -> list[int]:
+    """Per layer, the tokens of a `context`-token row that its attention reads: all, or its sliding window."""
+    return [context if w is None else min(context, w) for w in config.layer_windows]
+
+
 def kv_bytes(config: CllaConfig, context: int, ring_chunk: int | None = None) -> int:
     """Bytes of KV cache one row of `context` tokens takes: kv_bytes_per_token per token, except that sliding-window
     groups kept as rings (`cache_slots`) hold only their ring."""
-    parts = kv_bytes_breakdown(config)
-    per_group = (sum(parts.values()) - parts["key_scales"]) // config.num_layer_groups
-    per_layer = parts["key_scales"] // config.num_hidden_layers
+    per_group, per_layer = group_and_layer_bytes(config)
     return sum(n * (per_group + per_layer * len(layers))
                for n, layers in zip(cache_slots(config, context, ring_chunk), config.layer_groups))

@@ -70,6 +70,21 @@ def teacher_forced(rt: LatentRuntime, ids: list[int], split: int) -> torch.Tenso
     return torch.stack(steps)
 
 
+def assert_runtime_equals_model(rt: LatentRuntime, model, ids: list[int], n: int, tol: float):
+    """n greedy tokens equal the model's own generate, and the teacher-forced logits of prompt + those tokens are
+    within `tol` (relative to the largest logit). Returns the runtime's generation stats."""
+    ref = reference_greedy(model, ids, n)
+    out, stats = rt.generate([ids], SamplingOptions(max_new_tokens=n))
+    assert out[0] == ref
+    full = ids + ref
+    with torch.no_grad():
+        want = model(torch.tensor([full])).logits[0, len(ids) - 1 : -1]
+    got = teacher_forced(rt, full[:-1], len(ids))
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= tol, err
+    return stats
+
+
 # 16-bit streams are stored in fp16 (the 2 bytes the formula counts) while this model computes in fp32.
 LOGIT_TOL = {16: 2e-3, 8: 1e-4, 4: 1e-4}
 
@@ -93,17 +108,8 @@ def test_greedy_and_logits_equal_the_model(bits, rope_heads, plan, qk_norm):
     rt = LatentRuntime(model, batch=1, capacity=64)
     assert all((lay.w_uk is None and lay.w_uv_t is None) == (plan != "wide") for lay in rt.layers)
     assert rt.absorbed_prefill == (plan == "narrow" and rope_heads == 1)
-    ids = prompt(11, seed=1)
-    ref = reference_greedy(model, ids, 20)
-    out, stats = rt.generate([ids], SamplingOptions(max_new_tokens=20))
-    assert out[0] == ref
+    stats = assert_runtime_equals_model(rt, model, prompt(11, seed=1), 20, LOGIT_TOL[bits])
     assert stats.new_tokens == 20 and stats.prompt_tokens == 11
-    full = ids + ref
-    with torch.no_grad():
-        want = model(torch.tensor([full])).logits[0, 10:-1]
-    got = teacher_forced(rt, full[:-1], 11)
-    err = ((got - want).abs().max() / want.abs().max()).item()
-    assert err <= LOGIT_TOL[bits], err
 
 
 @pytest.mark.parametrize("bits", [16, 4])
@@ -226,15 +232,7 @@ def test_sliding_window_ring_equals_the_model(bits, qk_norm):
     assert rt.cache.slots == [64, 9, 64] and rt.ring_chunk == 4
     assert rt.cache.nbytes == kv_bytes(model.config, 64, 4) < kv_bytes_per_token(model.config) * 64
     ids = prompt(30, seed=7)
-    ref = reference_greedy(model, ids, 16)
-    out, _ = rt.generate([ids], SamplingOptions(max_new_tokens=16))
-    assert out[0] == ref
-    full = ids + ref
-    with torch.no_grad():
-        want = model(torch.tensor([full])).logits[0, 29:-1]
-    got = teacher_forced(rt, full[:-1], 30)
-    err = ((got - want).abs().max() / want.abs().max()).item()
-    assert err <= LOGIT_TOL[bits], err
+    assert_runtime_equals_model(rt, model, ids, 16, LOGIT_TOL[bits])
     with pytest.raises(ValueError, match="exceeds the rings"):
         rt.prefill(torch.tensor([ids[:5]]), [5])
 

@@ -8,7 +8,7 @@ transformers' sliding-window caches keep).
 
 from __future__ import annotations
 
-from ..config import RING_CHUNK, CllaConfig, kv_bytes, kv_bytes_breakdown
+from ..config import RING_CHUNK, CllaConfig, group_and_layer_bytes, kv_bytes, kv_bytes_breakdown, window_tokens
 
 GIB = 1 << 30
 
@@ -16,7 +16,7 @@ GIB = 1 << 30
 def source_kv_bytes(cfg: CllaConfig, context: int) -> int:
     """One row of the source's 16-bit K/V cache at `context` tokens; a sliding-window layer keeps its window."""
     per_layer = (cfg.source_kv_bytes_per_token or sum(kv_bytes_breakdown(cfg).values())) // cfg.num_hidden_layers
-    return sum(per_layer * (context if w is None else min(context, w)) for w in cfg.layer_windows)
+    return per_layer * sum(window_tokens(cfg, context))
 
 
 def source_param_count(cfg: CllaConfig) -> int:
@@ -245,11 +245,8 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
     # Every layer reads its group's streams (a group of G layers reads its cache G times per step), a sliding-window
     # layer its window.
     cfg = model.config
-    parts = kv_bytes_breakdown(cfg)
-    per_group = (sum(parts.values()) - parts["key_scales"]) // cfg.num_layer_groups
-    per_layer = parts["key_scales"] // cfg.num_hidden_layers
-    read = sum(context if w is None else min(context, w) for w in cfg.layer_windows)
-    per_step = weight_bytes_read_per_step(model) + batch * read * (per_group + per_layer)
+    per_group, per_layer = group_and_layer_bytes(cfg)
+    per_step = weight_bytes_read_per_step(model) + batch * sum(window_tokens(cfg, context)) * (per_group + per_layer)
     return result | {
         "decode_step_ms": dt * 1e3,
         "decode_tokens_per_s": batch / dt,
