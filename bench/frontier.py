@@ -6,7 +6,8 @@ For each ratio: `kvconvert convert smollm2 --kv-ratio R` (timed, default sampled
 the text (first 20,480 tokens, 512-token windows, kvconvert.evaluate's protocol), top-1 agreement and KL
 against the source, passkey accuracy at 1k and 4k tokens, KV bytes per token. The ablation rebuilds the 0.05 plan
 without the RoPE pair selection, with plain weight SVD, without the rotation, and re-plans with one layer per
-group. Writes bench/results/frontier_smollm2.json and bench/results/frontier_smollm2.png.
+group; at 0.10 it compares the planner with and without its prefix layouts (first layers in finer groups).
+Writes bench/results/frontier_smollm2.json and bench/results/frontier_smollm2.png.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def main() -> None:
             variants[f"one layer per group (smallest plan, ratio {reach:.4f})"] = nearest
         from kvconvert.evaluate import score_windows
 
+        # The prefix layouts earn their place below 0.25, where groups must share: the 0.10 plan with and without them.
+        variants["0.10, planned"] = choose_plan(comp, 0.10, Overrides(), tokens[-2:]).plan
+        variants["0.10, planned from uniform layouts only (no prefix layouts)"] = choose_plan(comp, 0.10, Overrides(), tokens[-2:], prefix=False).plan
         for name, p in variants.items():
             model = comp.build(p)
             r = score_windows(model, windows, reference=source.model)

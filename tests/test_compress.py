@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from kvconvert.cli import app
 from kvconvert.config import kv_bytes_per_token
-from kvconvert.convert.build import Compressor, Plan, uniform_groups
+from kvconvert.convert.build import Compressor, Plan, prefix_groups, uniform_groups
 from kvconvert.convert.calibrate import collect_inputs
 from kvconvert.convert.latent import rotation
 from kvconvert.quant import fake_quantize
@@ -262,3 +262,31 @@ def test_layouts_never_group_across_layer_kinds():
     assert uniform_groups(14, 2, kinds) == ((0, 1), (2, 3), (4,), (5,), (6, 7), (8, 9), (10,), (11,), (12, 13))
     assert uniform_groups(14, 30, kinds) == ((0, 1, 2, 3, 4), (5,), (6, 7, 8, 9, 10), (11,), (12, 13))
     assert uniform_groups(5, 2) == ((0, 1), (2, 3), (4,))
+
+
+def test_prefix_layouts_group_the_first_layers_finer_within_each_kind():
+    assert prefix_groups(10, 1, 3, 4) == ((0,), (1,), (2,), (3,), (4, 5, 6), (7, 8, 9))
+    assert prefix_groups(10, 2, 3, 0) == uniform_groups(10, 3)
+    assert prefix_groups(10, 2, 3, 10) == uniform_groups(10, 2)
+    kinds = ["s"] * 5 + ["g"] + ["s"] * 5
+    assert prefix_groups(11, 1, 2, 2, kinds) == ((0,), (1,), (2, 3), (4,), (5,), (6, 7), (8, 9), (10,))
+
+
+def test_the_planner_weighs_prefix_layouts_and_keeps_layout_overrides():
+    """Between the two finest uniform layouts that fit, the planner also builds layouts whose first layers keep
+    finer groups; every candidate meets the ratio, the lowest held-out KL wins, and --group-size / --groups
+    leave the layout alone."""
+    from kvconvert.convert.plan import Overrides, choose_plan
+
+    src = tiny_source("llama", num_hidden_layers=6)
+    tokens = torch.randint(0, VOCAB, (18, 48), generator=torch.Generator().manual_seed(0))
+    comp = Compressor(src, "llama", "tiny", collect_inputs(src, tokens[:-2]))
+    report = choose_plan(comp, 0.3, Overrides(), tokens[-2:])
+    layouts = {c["plan"].split(", latent")[0] for c in report.candidates}
+    assert {"6 groups of 1", "3 groups of 2", "2 groups of 1 + 2 groups of 2"} <= layouts, layouts
+    assert all(c["kv_ratio"] <= 0.3 for c in report.candidates)
+    assert report.heldout_kl == min(c["heldout_kl"] for c in report.candidates)
+    for ov in (Overrides(group_size=2), Overrides(groups=((0, 1), (2, 3, 4), (5,)))):
+        report = choose_plan(comp, 0.3, ov, tokens[-2:])
+        assert {c["plan"].split(", latent")[0] for c in report.candidates} == {Plan(report.plan.groups, 8, 0, 16).describe().split(", latent")[0]}
+

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # older transformers: the random init runs (slower, same result)
+    no_init_weights = nullcontext
 
 from ..config import CllaConfig
 from ..model import CllaForCausalLM
@@ -31,8 +37,13 @@ class Plan:
     latent_norm: bool = False  # an RMSNorm on the latent (DeepSeek's kv_a_layernorm; gain set to the latent's RMS)
 
     def describe(self) -> str:
-        sizes = [len(g) for g in self.groups]
-        layout = f"{len(sizes)} groups of {sizes[0]}" if len(set(sizes)) == 1 else f"{len(sizes)} groups {sizes}"
+        runs: list[list[int]] = []  # [count, size] of each run of equal group sizes
+        for g in self.groups:
+            if runs and runs[-1][1] == len(g):
+                runs[-1][0] += 1
+            else:
+                runs.append([1, len(g)])
+        layout = " + ".join(f"{n} group{'s' if n > 1 else ''} of {k}" for n, k in runs)
         rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
         return f"{layout}, latent {self.latent_dim} @ {self.kv_bits} bit, {rope}, quant group {self.quant_group}"
 
@@ -46,13 +57,23 @@ def layer_kinds(base: CllaConfig) -> list[tuple]:
 def uniform_groups(L: int, size: int, kinds: list | None = None) -> tuple[tuple[int, ...], ...]:
     """Consecutive groups of `size` layers; with `kinds` (per layer), each run of layers of one kind is grouped on
     its own (the last group of a run may be smaller)."""
+    return prefix_groups(L, size, size, 0, kinds)
+
+
+def prefix_groups(L: int, first: int, rest: int, m: int, kinds: list | None = None) -> tuple[tuple[int, ...], ...]:
+    """Consecutive groups: of `first` layers while a group starts below layer m, of `rest` layers after; each run
+    of layers of one kind (see `uniform_groups`) is grouped on its own."""
     kinds = kinds or [None] * L
-    runs, start = [], 0
+    groups, start = [], 0
     for i in range(1, L + 1):
         if i == L or kinds[i] != kinds[start]:
-            runs.append(range(start, i))
+            j = start
+            while j < i:
+                size = first if j < m else rest
+                groups.append(tuple(range(j, min(j + size, i))))
+                j += size
             start = i
-    return tuple(tuple(run[j : j + size]) for run in runs for j in range(0, len(run), size))
+    return tuple(groups)
 
 
 def mixed_group(groups, kinds: list) -> tuple[int, ...] | None:
@@ -215,7 +236,8 @@ class Compressor:
     def build(self, plan: Plan) -> CllaForCausalLM:
         cfg = self.config(plan)
         H, K, D, h, R = self.H, self.K, self.D, self.h, plan.latent_dim
-        model = CllaForCausalLM(cfg)
+        with no_init_weights():  # every weight is assigned below
+            model = CllaForCausalLM(cfg)
         src = self.src.model
         # Embeddings, norms, MLPs and output projections as the identity maps them; attention's own parts below
         sd = {k: v for k, v in identity_state_dict(self.src, self.base).items()
