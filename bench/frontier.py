@@ -43,7 +43,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--passkey-trials", type=int, default=5)
     ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="rerun only --ratios and replace their rows in the existing JSON "
+                    "(the source row and the ablation are kept, with a record of what was rerun and when)")
     args = ap.parse_args()
+    if args.merge:
+        import json
+        import subprocess
+
+        previous = json.loads((RESULTS / "frontier_smollm2.json").read_text())
+        args.skip_ablation = True
     text_path = data_file("austen_persuasion.txt", args.text)
 
     from kvconvert.convert.build import Compressor
@@ -56,8 +64,11 @@ def main() -> None:
 
     source = load_any("smollm2")
     windows = text_windows(source.tokenizer, read_text(text_path), args.window, args.max_tokens)
-    print("source ...", flush=True)
-    rows = [{"name": "source", "kv_ratio": 1.0, "kv_bytes_per_token": 23040} | evaluate(source.model, source.tokenizer, windows, None, args.passkey_trials)]
+    if args.merge:
+        rows = previous["rows"][:1]
+    else:
+        print("source ...", flush=True)
+        rows = [{"name": "source", "kv_ratio": 1.0, "kv_bytes_per_token": 23040} | evaluate(source.model, source.tokenizer, windows, None, args.passkey_trials)]
     base_ppl = rows[0]["perplexity"]
     print(f"source: ppl {base_ppl:.2f} passkey {rows[0]['passkey']}", flush=True)
     tmp = Path(tempfile.mkdtemp())
@@ -78,6 +89,18 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     meta = {"text": text_path.name, "max_tokens": args.max_tokens, "window": args.window, "passkey_trials": args.passkey_trials}
+    if args.merge:
+        fresh = {r["name"]: r for r in rows[1:]}
+        kept = [r for r in previous["rows"][1:] if r["name"] not in fresh]
+        rows = rows[:1] + sorted(kept + list(fresh.values()), key=lambda r: -r["kv_ratio"])
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        merged = previous.get("merged", []) + [{"rows": sorted(fresh), "commit": commit, "date": time.strftime("%Y-%m-%d")}]
+        kept_fields = {k: v for k, v in previous.items() if k != "environment"}
+        path = write_result("frontier_smollm2", kept_fields | meta | {"rows": rows, "merged": merged,
+                            "previous_environment": previous["environment"]})
+        plot(rows, RESULTS / "frontier_smollm2.png")
+        print(f"wrote {path}")
+        return
     write_result("frontier_smollm2", meta | {"rows": rows, "ablation_at_0.05": []})  # kept if the ablation fails
     plot(rows, RESULTS / "frontier_smollm2.png")
     ablation = []

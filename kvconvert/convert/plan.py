@@ -1,8 +1,8 @@
 """Planning: the plan that meets --kv-ratio with the least calibration error.
 
 1. Enumerate plans: layer layouts (the two finest uniform ones that fit: groups of a and of b > a layers; then
-   "prefix" layouts, the first 1/8, 1/4 or 1/2 of the layers in groups of a and the rest in groups of b, since
-   early layers lose most when they share), rope heads (one shared head, or one per kv head for single-layer
+   "prefix" layouts, the first few layers, or 1/8, 1/4 or 1/2 of them, in groups of 1 or a and the rest in groups
+   of b, since early layers lose most when they share), rope heads (one shared head, or one per kv head for single-layer
    groups) and rope dims, latent and rope bits, quantization group; the latent width is the largest the byte
    budget leaves.
 2. Score each with a proxy built from calibration moments, in one unit (expected squared change of attention
@@ -110,18 +110,30 @@ def layouts(base: CllaConfig, ov: Overrides) -> list[tuple[tuple[int, ...], ...]
 
 
 def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[tuple[tuple[int, ...], ...]]:
-    """Layouts between the uniform ones of a- and b-layer groups: the first share of the layers (PREFIX_SHARES) in
-    groups of a, the rest in groups of b. Measured on SmolLM2 at 10%, what a pair of adjacent layers loses by
-    sharing a latent varies by more than an order of magnitude across the model and is largest in the first layer, which a first-order
-    proxy does not see (it counts every layer's attention-output error alike): held-out KL judges these."""
-    L, out = base.num_hidden_layers, []
-    for share in PREFIX_SHARES:
-        m = max(a, round(L * share / a) * a)
-        kinds = layer_kinds(base)
-        layout = prefix_groups(L, a, b, m, kinds)
-        if layout not in out + [uniform_groups(L, a, kinds), uniform_groups(L, b, kinds)]:
-            out.append(layout)
+    """Layouts between the uniform ones of a- and b-layer groups: the first m layers in groups of f (f = 1 or a),
+    the rest in groups of b, for m = f, 2f, 3f and the shares PREFIX_SHARES of the layers. Measured on SmolLM2,
+    what a pair of adjacent layers loses by sharing a latent varies by more than an order of magnitude across the
+    model and is largest in the first layers, which a first-order proxy does not see (it counts every layer's
+    attention-output error alike): held-out KL judges these (choose_plan builds, per f, latent width, bits and rope
+    option, the one with the longest prefix)."""
+    L, kinds, out = base.num_hidden_layers, layer_kinds(base), []
+    taken = [uniform_groups(L, a, kinds), uniform_groups(L, b, kinds)]
+    for f in dict.fromkeys((1, a)):
+        for m in sorted({f, 2 * f, 3 * f, *(max(f, round(L * share / f) * f) for share in PREFIX_SHARES)}):
+            layout = prefix_groups(L, f, b, m, kinds)
+            if m < L and layout not in out + taken:
+                out.append(layout)
     return out
+
+
+def prefix_length(groups) -> int:
+    """Layers in the leading run of groups as large as the first."""
+    n = 0
+    for g in groups:
+        if len(g) != len(groups[0]):
+            break
+        n += len(g)
+    return n
 
 
 def rope_options(base: CllaConfig, groups, ov: Overrides) -> list[tuple[int, int]]:
@@ -228,31 +240,44 @@ def choose_plan(
         raise KvconvertError("give --kv-ratio, or --latent-dim with the other plan options")
     plans = enumerate_plans(base, budget, ov, max_layouts=2)
     uniform = list(dict.fromkeys(p.groups for p in plans))
+    mixed = []
     if prefix and ov.groups is None and ov.group_size is None and len(uniform) == 2:
         a, b = (max(map(len, g)) for g in uniform)
         for layout in prefix_layouts(base, a, b):
-            plans += enumerate_plans(base, budget, replace(ov, groups=layout))
+            mixed += enumerate_plans(base, budget, replace(ov, groups=layout))
     if not plans:
         reach = smallest_ratio(base, ov)
         if kv_ratio is not None and reach > kv_ratio:
             what = "with these plan options " if ov.any() else ""
             raise KvconvertError(f"--kv-ratio {kv_ratio:g} is out of reach {what}(smallest reachable ratio: {reach:.4f})")
         raise KvconvertError("the plan options contradict each other or the model's shapes (no valid plan)")
-    families: dict = {}
-    for p in plans:
-        families.setdefault((p.groups, p.rope_heads, p.rope_dim), []).append(p)
-    log(f"planning: {len(plans)} plans in {len(families)} families")
+    def picks(candidates: list[Plan]) -> list[tuple[float, Plan]]:
+        """The `per_family` lowest-proxy plans of each (layout, rope heads, rope dim) family."""
+        families: dict = {}
+        for p in candidates:
+            families.setdefault((p.groups, p.rope_heads, p.rope_dim), []).append(p)
+        return [t for members in families.values()
+                for t in sorted(((proxy_error(comp, p), p) for p in members), key=lambda t: t[0])[:per_family]]
+
+    chosen = picks(plans)
+    finest: dict = {}  # prefix layouts of one first-group size, width, bits and rope: the longest prefix
+    for proxy, p in picks(mixed):
+        f = len(p.groups[0])
+        key = (f, p.latent_dim, p.kv_bits, p.rope_bits, p.quant_group, p.rope_heads, p.rope_dim)
+        if key not in finest or prefix_length(p.groups) > prefix_length(finest[key][1].groups):
+            finest[key] = (proxy, p)
+    chosen += finest.values()
+    log(f"planning: {len(plans) + len(mixed)} plans, {len(chosen)} built")
     source_logp = F.log_softmax(comp.src(heldout, use_cache=False).logits.float(), -1)
     results, best = [], None
-    for members in families.values():
-        for proxy, p in sorted(((proxy_error(comp, p), p) for p in members), key=lambda t: t[0])[:per_family]:
-            model = comp.build(p)
-            kl = kl_to_source(model, heldout, source_logp)
-            ratio = plan_bytes(base, p) / src
-            log(f"  {p.describe()}: KV ratio {ratio:.4f}, held-out KL {kl:.4f}")
-            results.append({"plan": p.describe(), "kv_ratio": ratio, "proxy": proxy, "heldout_kl": kl})
-            if best is None or kl < best[0]:
-                best = (kl, p, model)
+    for proxy, p in chosen:
+        model = comp.build(p)
+        kl = kl_to_source(model, heldout, source_logp)
+        ratio = plan_bytes(base, p) / src
+        log(f"  {p.describe()}: KV ratio {ratio:.4f}, held-out KL {kl:.4f}")
+        results.append({"plan": p.describe(), "kv_ratio": ratio, "proxy": proxy, "heldout_kl": kl})
+        if best is None or kl < best[0]:
+            best = (kl, p, model)
     kl, plan, model = best
     nbytes = plan_bytes(base, plan)
     return PlanReport(plan, model, nbytes, nbytes / src, kl, results)
