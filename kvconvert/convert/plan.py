@@ -1,7 +1,7 @@
 """Planning: the plan that meets --kv-ratio with the least calibration error.
 
 1. Enumerate plans: layer layouts (the two finest uniform ones that fit: groups of a and of b > a layers; then
-   "prefix" layouts, the first few layers, or 1/8, 1/4 or 1/2 of them, in groups of 1 or a and the rest in groups
+   "prefix" layouts, the first 2 or 3 groups' worth of layers, or 1/8, 1/4 or 1/2 of them, in groups of 1 or a and the rest in groups
    of b, since early layers lose most when they share), rope heads (one shared head, or one per kv head for single-layer
    groups) and rope dims, latent and rope bits, quantization group; the latent width is the largest the byte
    budget leaves.
@@ -111,7 +111,7 @@ def layouts(base: CllaConfig, ov: Overrides) -> list[tuple[tuple[int, ...], ...]
 
 def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[tuple[tuple[int, ...], ...]]:
     """Layouts between the uniform ones of a- and b-layer groups: the first m layers in groups of f (f = 1 or a),
-    the rest in groups of b, for m = f, 2f, 3f and the shares PREFIX_SHARES of the layers. Measured on SmolLM2,
+    the rest in groups of b, for m = 2f, 3f and the shares PREFIX_SHARES of the layers. Measured on SmolLM2,
     what a pair of adjacent layers loses by sharing a latent varies by more than an order of magnitude across the
     model and is largest in the first layers, which a first-order proxy does not see (it counts every layer's
     attention-output error alike): held-out KL judges these (choose_plan builds, per f, latent width, bits and rope
@@ -119,7 +119,7 @@ def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[tuple[tuple[int, ..
     L, kinds, out = base.num_hidden_layers, layer_kinds(base), []
     taken = [uniform_groups(L, a, kinds), uniform_groups(L, b, kinds)]
     for f in dict.fromkeys((1, a)):
-        for m in sorted({f, 2 * f, 3 * f, *(max(f, round(L * share / f) * f) for share in PREFIX_SHARES)}):
+        for m in sorted({2 * f, 3 * f, *(max(f, round(L * share / f) * f) for share in PREFIX_SHARES)}):
             layout = prefix_groups(L, f, b, m, kinds)
             if m < L and layout not in out + taken:
                 out.append(layout)
