@@ -115,7 +115,7 @@ def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[tuple[tuple[int, ..
     what a pair of adjacent layers loses by sharing a latent varies by more than an order of magnitude across the
     model and is largest in the first layers, which a first-order proxy does not see (it counts every layer's
     attention-output error alike): held-out KL judges these (choose_plan builds, per f, latent width, bits and rope
-    option, the one with the longest prefix)."""
+    option, the one with the longest prefix, and none whose latent is under half the uniform layouts' widest)."""
     L, kinds, out = base.num_hidden_layers, layer_kinds(base), []
     taken = [uniform_groups(L, a, kinds), uniform_groups(L, b, kinds)]
     for f in dict.fromkeys((1, a)):
@@ -260,8 +260,11 @@ def choose_plan(
                 for t in sorted(((proxy_error(comp, p), p) for p in members), key=lambda t: t[0])[:per_family]]
 
     chosen = picks(plans)
+    widest = max((p.latent_dim for _, p in chosen), default=0)
     finest: dict = {}  # prefix layouts of one first-group size, width, bits and rope: the longest prefix
     for proxy, p in picks(mixed):
+        if 2 * p.latent_dim < widest:
+            continue  # a prefix that halves the uniform layouts' widest latent never measured better
         f = len(p.groups[0])
         key = (f, p.latent_dim, p.kv_bits, p.rope_bits, p.quant_group, p.rope_heads, p.rope_dim)
         if key not in finest or prefix_length(p.groups) > prefix_length(finest[key][1].groups):
