@@ -37,15 +37,25 @@ class Plan:
     latent_norm: bool = False  # an RMSNorm on the latent (DeepSeek's kv_a_layernorm; gain set to the latent's RMS)
 
     def describe(self) -> str:
-        runs: list[list[int]] = []  # [count, size] of each run of equal group sizes
-        for g in self.groups:
-            if runs and runs[-1][1] == len(g):
-                runs[-1][0] += 1
-            else:
-                runs.append([1, len(g)])
-        layout = " + ".join(f"{n} group{'s' if n > 1 else ''} of {k}" for n, k in runs)
         rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
-        return f"{layout}, latent {self.latent_dim} @ {self.kv_bits} bit, {rope}, quant group {self.quant_group}"
+        return (f"{describe_layout(self.groups)}, latent {self.latent_dim} @ {self.kv_bits} bit, {rope}, "
+                f"quant group {self.quant_group}")
+
+
+def size_runs(groups) -> list[list[int]]:
+    """[count, size] of each run of consecutive layer groups of one size."""
+    runs: list[list[int]] = []
+    for g in groups:
+        if runs and runs[-1][1] == len(g):
+            runs[-1][0] += 1
+        else:
+            runs.append([1, len(g)])
+    return runs
+
+
+def describe_layout(groups) -> str:
+    """E.g. "2 groups of 1 + 14 groups of 2"."""
+    return " + ".join(f"{n} group{'s' if n > 1 else ''} of {k}" for n, k in size_runs(groups))
 
 
 def layer_kinds(base: CllaConfig) -> list[tuple]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..config import CllaConfig, kv_bytes_per_token
 from ..errors import KvconvertError
 from ..quant import fake_quantize
-from .build import Compressor, Plan, layer_kinds, plan_config, prefix_groups, uniform_groups
+from .build import Compressor, Plan, layer_kinds, plan_config, prefix_groups, size_runs, uniform_groups
 
 Log = Callable[[str], None]
 GROUP_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
@@ -128,12 +128,8 @@ def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[tuple[tuple[int, ..
 
 def prefix_length(groups) -> int:
     """Layers in the leading run of groups as large as the first."""
-    n = 0
-    for g in groups:
-        if len(g) != len(groups[0]):
-            break
-        n += len(g)
-    return n
+    count, size = size_runs(groups)[0]
+    return count * size
 
 
 def rope_options(base: CllaConfig, groups, ov: Overrides) -> list[tuple[int, int]]:
@@ -251,6 +247,7 @@ def choose_plan(
             what = "with these plan options " if ov.any() else ""
             raise KvconvertError(f"--kv-ratio {kv_ratio:g} is out of reach {what}(smallest reachable ratio: {reach:.4f})")
         raise KvconvertError("the plan options contradict each other or the model's shapes (no valid plan)")
+
     def picks(candidates: list[Plan]) -> list[tuple[float, Plan]]:
         """The `per_family` lowest-proxy plans of each (layout, rope heads, rope dim) family."""
         families: dict = {}
