@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--score-last", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=None)
     ap.add_argument("--budgets", default=None)
-    ap.add_argument("--policies", default="zsmerge,h2o,streaming")
+    ap.add_argument("--policies", default="zsmerge,h2o,streaming",
+                    help="comma-separated; a policy may carry knobs, e.g. zsmerge:residual=0 (recent, residual, decay)")
     ap.add_argument("--passkey", default=None)
     ap.add_argument("--passkey-trials", type=int, default=None)
     ap.add_argument("--prompt-chunk", type=int, default=None,
@@ -84,7 +85,9 @@ def main() -> None:
     for model_name, loaded in models.items():
         for policy in ["full", *policies]:
             for budget in [1.0] if policy == "full" else budgets:
-                factory = (lambda p=policy, b=budget: make_policy(p, b)) if policy != "full" else (lambda: None)
+                name_, *knobs = policy.split(":")
+                kw = {k: float(v) for k, v in (x.split("=", 1) for x in knobs)}
+                factory = (lambda p=name_, b=budget, kw=kw: make_policy(p, b, **kw)) if policy != "full" else (lambda: None)
                 t0 = time.perf_counter()
                 ppl = score_windows_with_policy(loaded.model, windows, factory, args.score_last, prompt_chunk=args.prompt_chunk,
                                                 prompt_only=args.prompt_only)
