@@ -1,0 +1,102 @@
+"""What a mixed-precision latent would score at the 0.25 plan's bytes (simulated: the runtime cannot store one yet).
+
+    python bench/mixed_latent.py ["192@4/32;96@4/32+160@2/32;..."]
+
+SmolLM2-135M-Instruct, zero-shot, one layer per group, rope 1x64 @ 8 bit (the planner's choice at --kv-ratio 0.25),
+default sampled calibration. The latent is fitted as usual; its dims come in the regression's order (largest
+energy first) and are split into segments, each rotated on its own (the same rotation the plan uses) and
+quantized at its own bit width and quantization group: R@bits/group+... . The model's forward applies that
+quantize->dequantize, so the scores are what such a cache would give. Reports latent bytes per token and layer
+(codes + an fp16 scale and zero per group), held-out KL on 512 sampled tokens, and perplexity, top-1 agreement
+and KL on Persuasion (first 20,480 tokens, 512-token windows) as `bench/frontier.py` measures them.
+Writes bench/results/mixed_latent_smollm2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import data_file, write_result  # noqa: E402
+
+DEFAULT = "192@4/32;32@8/32+128@4/32;128@4/32+96@2/32;96@4/32+160@2/32;320@2/32;96@4/32+192@2/64;64@4/32+256@2/64"
+
+
+def parse(spec: str) -> list[tuple[int, int, int]]:
+    out = []
+    for part in spec.split("+"):
+        width, rest = part.split("@")
+        bits, group = rest.split("/")
+        out.append((int(width), int(bits), int(group)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("specs", nargs="?", default=DEFAULT, help="';'-separated latent layouts, each R@bits/group[+...]")
+    ap.add_argument("--calib-tokens", type=int, default=3072)
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from kvconvert import model as clla
+    from kvconvert.convert.build import Compressor, Plan
+    from kvconvert.convert.calibrate import collect_inputs, sample_tokens
+    from kvconvert.convert.latent import rotation
+    from kvconvert.convert.plan import kl_to_source
+    from kvconvert.evaluate import read_text, score_windows, text_windows
+    from kvconvert.loading import load_any
+    from kvconvert.quant import fake_quantize
+
+    segments: list[tuple[int, int, int]] = []
+    rotations: dict[int, torch.Tensor] = {}
+
+    def forward(self, x, cos, sin):  # CllaLatentProjection.forward with a segmented latent
+        c, parts, lo = self.latent(x), [], 0
+        for width, bits, group in segments:
+            Q = rotations.setdefault(width, rotation(width)).to(c.dtype)
+            parts.append(fake_quantize(c[..., lo : lo + width] @ Q.T, bits, group) @ Q)
+            lo += width
+        k_rope = clla.apply_rope(self.rope_keys(x).transpose(1, 2), cos, sin)
+        return torch.cat(parts, -1), fake_quantize(k_rope, self.config.rope_bits, self.config.rope_quant_group)
+
+    t0 = time.perf_counter()
+    source = load_any("smollm2")
+    windows = text_windows(source.tokenizer, read_text(data_file("austen_persuasion.txt", None)), 512, 20480)
+    tokens = sample_tokens(source.model, source.tokenizer, args.calib_tokens + 512, 256)
+    comp = Compressor(source.model, "llama", "smollm2", collect_inputs(source.model, tokens[:-2]))
+    held = tokens[-2:]
+    source_logp = F.log_softmax(source.model(held, use_cache=False).logits.float(), -1)
+    L = comp.base.num_hidden_layers
+    original = clla.CllaLatentProjection.forward
+    clla.CllaLatentProjection.forward = forward
+    rows = []
+    try:
+        for spec in args.specs.split(";"):
+            segments[:] = parse(spec)
+            width = sum(w for w, _, _ in segments)
+            latent_bytes = sum(w * b / 8 + w // g * 4 for w, b, g in segments)
+            plan = Plan(tuple((i,) for i in range(L)), width, 64, 16, 8, 1, 32, rotate=False)
+            model = comp.build(plan)
+            kl = kl_to_source(model, held, source_logp)
+            r = score_windows(model, windows, reference=source.model)
+            rows.append({"latent": spec, "width": width, "latent_bytes_per_layer": latent_bytes, "heldout_kl": kl,
+                         "perplexity": r["perplexity"], "top1_agreement": r["top1_agreement"], "kl": r["kl"]})
+            print(f"{spec:28s} R {width:3d}, {latent_bytes:5.1f} B/layer: held-out KL {kl:.4f}, "
+                  f"perplexity {r['perplexity']:.2f}, top-1 {r['top1_agreement']:.3f}, KL {r['kl']:.3f}", flush=True)
+    finally:
+        clla.CllaLatentProjection.forward = original
+    path = write_result("mixed_latent_smollm2", {
+        "plan": "30 groups of 1, rope 1x64 @ 8 bit (quant group 32), latent as given", "calibration_tokens": args.calib_tokens,
+        "rows": rows, "wall_s": round(time.perf_counter() - t0, 1),
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
