@@ -1,14 +1,15 @@
 """What a mixed-precision latent would score at the 0.25 plan's bytes (simulated: the runtime cannot store one yet).
 
-    python bench/mixed_latent.py ["192@4/32;96@4/32+160@2/32;..."]
+    python bench/mixed_latent.py ["192@4/32;96@4/32+160@2/32;..."] [--layout 2x1+14x2 --quant-group 64 --name N]
 
-SmolLM2-135M-Instruct, zero-shot, one layer per group, rope 1x64 @ 8 bit (the planner's choice at --kv-ratio 0.25),
+SmolLM2-135M-Instruct, zero-shot, one layer per group (or --layout), rope 1x64 @ 8 bit (the planner's choice at
+--kv-ratio 0.25 and 0.10),
 default sampled calibration. The latent is fitted as usual; its dims come in the regression's order (largest
 energy first) and are split into segments, each rotated on its own (the same rotation the plan uses) and
 quantized at its own bit width and quantization group: R@bits/group+... . The model's forward applies that
 quantize->dequantize, so the scores are what such a cache would give. Reports latent bytes per token and layer
-(codes + an fp16 scale and zero per group), held-out KL on 512 sampled tokens, and perplexity, top-1 agreement
-and KL on Persuasion (first 20,480 tokens, 512-token windows) as `bench/frontier.py` measures them.
+group (codes + an fp16 scale and zero per quantization group), held-out KL on 512 sampled tokens, and perplexity,
+top-1 agreement and KL on Persuasion (first 20,480 tokens, 512-token windows) as `bench/frontier.py` measures them.
 Writes bench/results/mixed_latent_smollm2.json.
 """
 
@@ -39,6 +40,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("specs", nargs="?", default=DEFAULT, help="';'-separated latent layouts, each R@bits/group[+...]")
     ap.add_argument("--calib-tokens", type=int, default=3072)
+    ap.add_argument("--layout", default=None, help="layer groups as runs, e.g. 2x1+14x2 (default: one layer per group)")
+    ap.add_argument("--quant-group", type=int, default=32, help="the plan's kv_quant_group (sets the rope keys' group)")
+    ap.add_argument("--name", default="mixed_latent_smollm2")
     args = ap.parse_args()
 
     import torch
@@ -73,6 +77,13 @@ def main() -> None:
     held = tokens[-2:]
     source_logp = F.log_softmax(source.model(held, use_cache=False).logits.float(), -1)
     L = comp.base.num_hidden_layers
+    groups: tuple = tuple((i,) for i in range(L))
+    if args.layout:
+        sizes = [int(k) for part in args.layout.split("+") for n, k in [part.split("x")] for _ in range(int(n))]
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        groups = tuple(tuple(range(a, a + k)) for a, k in zip(starts, sizes))
+        if sum(sizes) != L:
+            sys.exit(f"error: --layout covers {sum(sizes)} layers, the model has {L}")
     original = clla.CllaLatentProjection.forward
     clla.CllaLatentProjection.forward = forward
     rows = []
@@ -81,18 +92,19 @@ def main() -> None:
             segments[:] = parse(spec)
             width = sum(w for w, _, _ in segments)
             latent_bytes = sum(w * b / 8 + w // g * 4 for w, b, g in segments)
-            plan = Plan(tuple((i,) for i in range(L)), width, 64, 16, 8, 1, 32, rotate=False)
+            plan = Plan(groups, width, 64, 16, 8, 1, args.quant_group, rotate=False)
             model = comp.build(plan)
             kl = kl_to_source(model, held, source_logp)
             r = score_windows(model, windows, reference=source.model)
-            rows.append({"latent": spec, "width": width, "latent_bytes_per_layer": latent_bytes, "heldout_kl": kl,
+            rows.append({"latent": spec, "width": width, "latent_bytes_per_group": latent_bytes, "heldout_kl": kl,
                          "perplexity": r["perplexity"], "top1_agreement": r["top1_agreement"], "kl": r["kl"]})
-            print(f"{spec:28s} R {width:3d}, {latent_bytes:5.1f} B/layer: held-out KL {kl:.4f}, "
+            print(f"{spec:28s} R {width:3d}, {latent_bytes:5.1f} B/group: held-out KL {kl:.4f}, "
                   f"perplexity {r['perplexity']:.2f}, top-1 {r['top1_agreement']:.3f}, KL {r['kl']:.3f}", flush=True)
     finally:
         clla.CllaLatentProjection.forward = original
-    path = write_result("mixed_latent_smollm2", {
-        "plan": "30 groups of 1, rope 1x64 @ 8 bit (quant group 32), latent as given", "calibration_tokens": args.calib_tokens,
+    path = write_result(args.name, {
+        "plan": f"{args.layout or f'{L}x1'} layer groups, rope 1x64 @ 8 bit (quant group {args.quant_group}), latent as given",
+        "calibration_tokens": args.calib_tokens,
         "rows": rows, "wall_s": round(time.perf_counter() - t0, 1),
     })
     print(f"wrote {path}")
