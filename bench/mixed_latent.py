@@ -1,6 +1,6 @@
 """What a mixed-precision latent would score at the 0.25 plan's bytes (simulated: the runtime cannot store one yet).
 
-    python bench/mixed_latent.py ["192@4/32;96@4/32+160@2/32;..."] [--layout 2x1+14x2 --quant-group 64 --name N]
+    python bench/mixed_latent.py ["192@4/32;96@4/32+160@2/32;..."] [--layout 2x1+14x2 --quant-group 64 --rope-dim 64 --name N]
 
 SmolLM2-135M-Instruct, zero-shot, one layer per group (or --layout), rope 1x64 @ 8 bit (the planner's choice at
 --kv-ratio 0.25 and 0.10),
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=3072)
     ap.add_argument("--layout", default=None, help="layer groups as runs, e.g. 2x1+14x2 (default: one layer per group)")
     ap.add_argument("--quant-group", type=int, default=32, help="the plan's kv_quant_group (sets the rope keys' group)")
+    ap.add_argument("--rope-dim", type=int, default=64, help="the shared rope key's width (8-bit)")
     ap.add_argument("--name", default="mixed_latent_smollm2")
     args = ap.parse_args()
 
@@ -92,7 +93,7 @@ def main() -> None:
             segments[:] = parse(spec)
             width = sum(w for w, _, _ in segments)
             latent_bytes = sum(w * b / 8 + w // g * 4 for w, b, g in segments)
-            plan = Plan(groups, width, 64, 16, 8, 1, args.quant_group, rotate=False)
+            plan = Plan(groups, width, args.rope_dim, 16, 8, 1, args.quant_group, rotate=False)
             model = comp.build(plan)
             kl = kl_to_source(model, held, source_logp)
             r = score_windows(model, windows, reference=source.model)
@@ -103,7 +104,7 @@ def main() -> None:
     finally:
         clla.CllaLatentProjection.forward = original
     path = write_result(args.name, {
-        "plan": f"{args.layout or f'{L}x1'} layer groups, rope 1x64 @ 8 bit (quant group {args.quant_group}), latent as given",
+        "plan": f"{args.layout or f'{L}x1'} layer groups, rope 1x{args.rope_dim} @ 8 bit (quant group {args.quant_group}), latent as given",
         "calibration_tokens": args.calib_tokens,
         "rows": rows, "wall_s": round(time.perf_counter() - t0, 1),
     })
