@@ -43,3 +43,13 @@ def data_file(name: str, override: str | None) -> Path:
     if not path.is_file():
         sys.exit(f"error: {path} not found (pass --text FILE)")
     return path
+
+
+def calibrated(source, calib_tokens: int = 3072):
+    """`kvconvert convert`'s default calibration of SmolLM2 (`source`: load_any("smollm2")): sampled from the model,
+    calib_tokens in 256-token sequences plus 512 held out. Returns (Compressor, held-out tokens)."""
+    from kvconvert.convert.build import Compressor
+    from kvconvert.convert.calibrate import collect_inputs, sample_tokens
+
+    tokens = sample_tokens(source.model, source.tokenizer, calib_tokens + 512, 256)
+    return Compressor(source.model, "llama", "smollm2", collect_inputs(source.model, tokens[:-2])), tokens[-2:]

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from _common import RESULTS, data_file, write_result  # noqa: E402
+from _common import RESULTS, calibrated, data_file, write_result  # noqa: E402
 
 
 def evaluate(model, tokenizer, windows, reference, trials: int) -> dict:
@@ -54,8 +54,6 @@ def main() -> None:
         args.skip_ablation = True
     text_path = data_file("austen_persuasion.txt", args.text)
 
-    from kvconvert.convert.build import Compressor
-    from kvconvert.convert.calibrate import collect_inputs, sample_tokens
     from kvconvert.convert.pipeline import ConvertOptions, convert
     from kvconvert.convert.plan import Overrides, choose_plan, plan_bytes, smallest_ratio
     from kvconvert.errors import KvconvertError
@@ -105,9 +103,8 @@ def main() -> None:
     plot(rows, RESULTS / "frontier_smollm2.png")
     ablation = []
     if not args.skip_ablation:
-        tokens = sample_tokens(source.model, source.tokenizer, 3072 + 512, 256)
-        comp = Compressor(source.model, "llama", "smollm2", collect_inputs(source.model, tokens[:-2]))
-        report = choose_plan(comp, 0.05, Overrides(), tokens[-2:])
+        comp, held = calibrated(source)
+        report = choose_plan(comp, 0.05, Overrides(), held)
         plan = report.plan
         variants = {
             "full method": plan,
@@ -116,17 +113,17 @@ def main() -> None:
             "no rotation before quantization": replace(plan, rotate=False),
         }
         try:
-            variants["one layer per group (re-planned)"] = choose_plan(comp, 0.05, Overrides(group_size=1), tokens[-2:]).plan
+            variants["one layer per group (re-planned)"] = choose_plan(comp, 0.05, Overrides(group_size=1), held).plan
         except KvconvertError as e:  # one layer per group may not fit 5% at all: say so, and show its nearest plan
             reach = smallest_ratio(comp.base, Overrides(group_size=1))
             ablation.append({"variant": "one layer per group at 0.05", "unreachable": str(e)})
-            nearest = choose_plan(comp, reach * 1.001, Overrides(group_size=1), tokens[-2:]).plan
+            nearest = choose_plan(comp, reach * 1.001, Overrides(group_size=1), held).plan
             variants[f"one layer per group (smallest plan, ratio {reach:.4f})"] = nearest
         from kvconvert.evaluate import score_windows
 
         # The prefix layouts earn their place below 0.25, where groups must share: the 0.10 plan with and without them.
-        variants["0.10, planned"] = choose_plan(comp, 0.10, Overrides(), tokens[-2:]).plan
-        variants["0.10, planned from uniform layouts only (no prefix layouts)"] = choose_plan(comp, 0.10, Overrides(), tokens[-2:], prefix=False).plan
+        variants["0.10, planned"] = choose_plan(comp, 0.10, Overrides(), held).plan
+        variants["0.10, planned from uniform layouts only (no prefix layouts)"] = choose_plan(comp, 0.10, Overrides(), held, prefix=False).plan
         for name, p in variants.items():
             model = comp.build(p)
             r = score_windows(model, windows, reference=source.model)

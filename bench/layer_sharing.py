@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import write_result  # noqa: E402
+from _common import calibrated, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -29,16 +29,13 @@ def main() -> None:
 
     import torch.nn.functional as F
 
-    from kvconvert.convert.build import Compressor, Plan
-    from kvconvert.convert.calibrate import collect_inputs, sample_tokens
+    from kvconvert.convert.build import Plan
     from kvconvert.convert.plan import kl_to_source, proxy_error
     from kvconvert.loading import load_any
 
     t0 = time.perf_counter()
     source = load_any("smollm2")
-    tokens = sample_tokens(source.model, source.tokenizer, args.calib_tokens + 512, 256)
-    comp = Compressor(source.model, "llama", "smollm2", collect_inputs(source.model, tokens[:-2]))
-    held = tokens[-2:]
+    comp, held = calibrated(source, args.calib_tokens)
     source_logp = F.log_softmax(source.model(held, use_cache=False).logits.float(), -1)
     L = comp.base.num_hidden_layers
     base = Plan(tuple((i,) for i in range(L)), args.latent, 64, 4, 8, 1, 32)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import data_file, write_result  # noqa: E402
+from _common import calibrated, data_file, write_result  # noqa: E402
 
 DEFAULT = "192@4/32;32@8/32+128@4/32;128@4/32+96@2/32;96@4/32+160@2/32;320@2/32;96@4/32+192@2/64;64@4/32+256@2/64"
 
@@ -50,8 +50,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from kvconvert import model as clla
-    from kvconvert.convert.build import Compressor, Plan
-    from kvconvert.convert.calibrate import collect_inputs, sample_tokens
+    from kvconvert.convert.build import Plan
     from kvconvert.convert.latent import rotation
     from kvconvert.convert.plan import kl_to_source
     from kvconvert.evaluate import read_text, score_windows, text_windows
@@ -73,9 +72,7 @@ def main() -> None:
     t0 = time.perf_counter()
     source = load_any("smollm2")
     windows = text_windows(source.tokenizer, read_text(data_file("austen_persuasion.txt", None)), 512, 20480)
-    tokens = sample_tokens(source.model, source.tokenizer, args.calib_tokens + 512, 256)
-    comp = Compressor(source.model, "llama", "smollm2", collect_inputs(source.model, tokens[:-2]))
-    held = tokens[-2:]
+    comp, held = calibrated(source, args.calib_tokens)
     source_logp = F.log_softmax(source.model(held, use_cache=False).logits.float(), -1)
     L = comp.base.num_hidden_layers
     groups: tuple = tuple((i,) for i in range(L))
