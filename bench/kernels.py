@@ -24,10 +24,11 @@ import torch  # noqa: E402
 
 from _common import write_result  # noqa: E402
 
-# (batch, positions) with B·T ≥ 1M; latent widths: SmolLM2 at 2% (32), a mid plan (128), DeepSeek-like (512).
+# (batch, positions) with B·T ≥ 1M; latent widths: SmolLM2 at 2% (32), a mid plan (128), DeepSeek-like (512), and
+# latents with a 2-bit tail: SmolLM2's 0.25 plan (128 @ 4 + 96 @ 2) and 0.10 plan (64 @ 4 + 128 @ 2).
 GRID = [(1, 1 << 20), (16, 1 << 16), (64, 1 << 14), (128, 1 << 13), (256, 1 << 12)]
 QUICK = [(1, 4096), (8, 1024)]
-LATENTS = [(32, 4), (128, 4), (512, 4), (512, 8), (512, 16)]  # (width, bits)
+LATENTS = [(32, 4, 0), (128, 4, 0), (512, 4, 0), (512, 8, 0), (512, 16, 0), (128, 4, 96), (64, 4, 128)]  # (width, bits, 2-bit tail)
 
 
 def timed(fn, device, reps: int, graph: bool = False) -> float:
@@ -94,20 +95,18 @@ def sweep(args, device, dtype, gen, copy: float) -> None:
 
     import triton
 
-    from kvconvert.kernels import decode_attention as kd
-
     rows: list[dict] = []
     H = args.heads
     for B, T, width, bits in SWEEP_POINTS:
-        point_args, want, counted = make_point(B, T, width, bits, H, args.rope_dim, device, dtype, gen)
+        point_args, want, counted = make_point(B, T, width, bits, 0, H, args.rope_dim, device, dtype, gen)
         per_position = 2 * (max(16, triton.next_power_of_2(width // 2)) + max(16, triton.next_power_of_2(args.rope_dim // 2)))
         tiles = [t for t in (16, 32, 64, 128, 256) if t * per_position <= 16384][-3:]
         point = []
         for gather, block_t, warps, stages, ppsm in itertools.product((False, True), tiles, (4, 8), (1, 3), (2, 8, 32)):
             kw = dict(block_t=block_t, num_warps=warps, num_stages=stages, programs_per_sm=ppsm, gather=gather)
             try:
-                err = rel_err(kd._latent_decode(*first_row(point_args), 0.125, None, None, **kw), want)
-                dt = timed(lambda: kd._latent_decode(*point_args, 0.125, None, None, **kw), device, 10, graph=True)
+                err = rel_err(decode(first_row(point_args), **kw), want)
+                dt = timed(lambda: decode(point_args, **kw), device, 10, graph=True)
             except Exception as e:  # a configuration that does not compile (registers, shared memory) is skipped
                 print(f"  {kw}: {e.__class__.__name__}")
                 continue
@@ -129,30 +128,41 @@ def stream_bytes(s, B: int, T: int) -> int:
     return B * T * per
 
 
-def make_point(B: int, T: int, width: int, bits: int, heads: int, rope_dim: int, device, dtype, gen):
-    """One timed point: (args of latent_decode for B rows × T positions, the reference output of row 0, the bytes
-    a call must read: cache streams + queries + output)."""
+def make_point(B: int, T: int, width: int, bits: int, tail: int, heads: int, rope_dim: int, device, dtype, gen):
+    """One timed point: (args of latent_decode for B rows × T positions and a 2-bit tail stream or None, the
+    reference output of row 0, the bytes a call must read: cache streams + queries + output)."""
     from kvconvert.kernels.reference import latent_decode_ref
 
     latent = make_stream(B, T, width, bits, 32, device, gen)
+    tail_stream = make_stream(B, T, tail, 2, 32, device, gen) if tail else None
     rope = make_stream(B, T, rope_dim, bits, 32, device, gen)
-    q_lat = torch.randn(B, heads, width, device=device, generator=gen).to(dtype) * 0.05
+    q_lat = torch.randn(B, heads, width + tail, device=device, generator=gen).to(dtype) * 0.05
     q_rope = torch.randn(B, heads, rope_dim, device=device, generator=gen).to(dtype) * 0.05
     lens = torch.full((B,), T, dtype=torch.int32, device=device)
-    one = slice(0, 1)
-    want = latent_decode_ref(q_lat[one].float(), q_rope[one].float(), latent.rows(one), rope.rows(one), lens[one], 0.125)
-    counted = stream_bytes(latent, B, T) + stream_bytes(rope, B, T) + 2 * q_lat.nbytes + q_rope.nbytes
-    return (q_lat, q_rope, latent, rope, lens), want, counted
+    args = (q_lat, q_rope, latent, rope, lens, tail_stream)
+    want = latent_decode_ref(*first_row(args, float)[:5], 0.125, tail=first_row(args)[5])
+    counted = sum(stream_bytes(s, B, T) for s in (latent, tail_stream, rope) if s is not None) + 2 * q_lat.nbytes + q_rope.nbytes
+    return args, want, counted
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
 
 
-def first_row(args: tuple) -> tuple:
-    q_lat, q_rope, latent, rope, lens = args
+def first_row(args: tuple, cast=None) -> tuple:
+    """Row 0 of make_point's args (queries cast to `cast`: float for the fp32 reference)."""
+    q_lat, q_rope, latent, rope, lens, tail = args
     one = slice(0, 1)
-    return q_lat[one], q_rope[one], latent.rows(one), rope.rows(one), lens[one]
+    q_lat, q_rope = (q_lat[one], q_rope[one]) if cast is None else (q_lat[one].float(), q_rope[one].float())
+    return q_lat, q_rope, latent.rows(one), rope.rows(one), lens[one], None if tail is None else tail.rows(one)
+
+
+def decode(args: tuple, **kw):
+    """latent_decode_triton's launcher (`_latent_decode`, launch parameters in kw) on make_point's args."""
+    from kvconvert.kernels import decode_attention as kd
+
+    q_lat, q_rope, latent, rope, lens, tail = args
+    return kd._latent_decode(q_lat, q_rope, latent, rope, lens, 0.125, None, None, tail=tail, **kw)
 
 
 def main() -> None:
@@ -178,17 +188,22 @@ def main() -> None:
     rows: list[dict] = []
     name = "kernels_" + ("quick_" if args.quick else "") + ("gpu" if device.type == "cuda" else "cpu")
     for B, T in QUICK if args.quick else GRID:
-        for width, bits in LATENTS:
+        for width, bits, tail in LATENTS:
             H = args.heads
-            point_args, want, counted = make_point(B, T, width, bits, H, args.rope_dim, device, dtype, gen)
-            run = lambda: latent_decode(*point_args, 0.125)  # noqa: E731
-            err = rel_err(latent_decode(*first_row(point_args), 0.125), want)
+            point_args, want, counted = make_point(B, T, width, bits, tail, H, args.rope_dim, device, dtype, gen)
+
+            def call(a):
+                return latent_decode(*a[:5], 0.125, tail=a[5])
+
+            run = lambda: call(point_args)  # noqa: E731
+            err = rel_err(call(first_row(point_args)), want)
             dt = timed(run, device, args.reps, graph=True)
             dt_eager = timed(run, device, args.reps)
             gbps = counted / dt / 1e9
-            rows.append(dict(batch=B, positions=T, latent_dim=width, bits=bits, rope_dim=args.rope_dim, heads=H,
+            rows.append(dict(batch=B, positions=T, latent_dim=width, bits=bits, tail_dim=tail, rope_dim=args.rope_dim, heads=H,
                              us=dt * 1e6, us_with_launch=dt_eager * 1e6, counted_bytes=counted, gb_per_s=gbps, share_of_copy=gbps / copy, max_rel_err=err))
-            print(f"B {B:4d} T {T:8,d} R {width:4d} @{bits:2d}b: {dt * 1e6:9.1f} us ({dt_eager * 1e6:7.1f} launched) {gbps:8,.0f} GB/s  "
+            latent = f"{width} @{bits:2d}b" + (f" + {tail} @ 2b" if tail else "")
+            print(f"B {B:4d} T {T:8,d} R {latent:>18s}: {dt * 1e6:9.1f} us ({dt_eager * 1e6:7.1f} launched) {gbps:8,.0f} GB/s  "
                   f"{gbps / copy:6.1%} of copy  (rel err {err:.1e})", flush=True)
             write_result(name, {"copy_gb_per_s": copy, "points": rows})  # a run cut short keeps what it measured
     path = write_result(name, {"copy_gb_per_s": copy, "points": rows})

@@ -193,8 +193,11 @@ def convert(
     groups: Annotated[Optional[str], typer.Option(help="Group sizes in layer order, e.g. 1,2,3,3,... (uneven groups).")] = None,
     rope_dim: Annotated[Optional[int], typer.Option(help="RoPE dims kept per rope head (even).")] = None,
     rope_heads: Annotated[Optional[int], typer.Option(help="1: one rope key shared by all heads; K: one per kv head.")] = None,
-    kv_bits: Annotated[Optional[int], typer.Option(help="Latent bits: 16, 8 or 4.")] = None,
-    rope_bits: Annotated[Optional[int], typer.Option(help="Rope-key bits: 16, 8 or 4.")] = None,
+    kv_bits: Annotated[Optional[int], typer.Option(help="Latent bits: 16, 8, 4 or 2.")] = None,
+    kv_tail_dim: Annotated[
+        Optional[int], typer.Option(help="Store the latent's last N (lowest-energy) dims at 2 bits, the rest at --kv-bits; 0: none (default: the planner tries 4-bit latents with tails).")
+    ] = None,
+    rope_bits: Annotated[Optional[int], typer.Option(help="Rope-key bits: 16, 8, 4 or 2.")] = None,
     quant_group: Annotated[Optional[int], typer.Option(help="Values per quantization scale/zero-point.")] = None,
     target: Annotated[
         str, typer.Option(help="clla: any plan; deepseek-v3: only plans `kvconvert export --format deepseek-v3` can write (one latent per layer, one shared rope key, a normed 16-bit latent).")
@@ -241,7 +244,7 @@ def convert(
     set_threads(threads)
     overrides = Overrides(
         latent_dim=latent_dim, group_size=group_size, rope_dim=rope_dim, rope_heads=rope_heads, kv_bits=kv_bits,
-        rope_bits=rope_bits, quant_group=quant_group, target=target,
+        rope_bits=rope_bits, quant_group=quant_group, tail_dim=kv_tail_dim, target=target,
     )
     if target not in TARGETS:
         raise KvconvertError(f"--target must be one of {', '.join(TARGETS)}; got {target}")

@@ -1,8 +1,9 @@
 """CllaConfig: the transformers config of a Cross-Layer Latent Attention model, holding the whole plan.
 
 What is cached per token and per layer group g (see DESIGN.md):
-  latent  c      = quant(W_dkv[g] · x_first)   kv_latent_dim values at kv_bits
-                   (+ one fp16 scale and one fp16 zero-point per kv_quant_group values when kv_bits < 16)
+  latent  c      = quant(W_dkv[g] · x_first)   kv_latent_dim values: the first kv_latent_dim - kv_tail_dim at kv_bits,
+                   the last kv_tail_dim (the latent's low-energy tail) at kv_tail_bits
+                   (+ one fp16 scale and one fp16 zero-point per kv_quant_group values when quantized)
   rope key k_r   = RoPE(W_kr[g] · x_first)     rope_heads × rope_dim values at rope_bits
                    (+ one fp16 scale and zero-point per rope head when rope_bits < 16)
 and with qk_norm, per layer l of the group, the key norm r_l = gain / RMS(W_k[l] · x_l) of each kv head (16-bit).
@@ -14,7 +15,7 @@ import math
 
 from transformers import PretrainedConfig
 
-SUPPORTED_KV_BITS = (16, 8, 4)
+SUPPORTED_KV_BITS = (16, 8, 4, 2)
 SCALE_BYTES = 2  # scales and zero-points are stored as fp16
 CACHE_ELEMENT_BYTES_16 = 2  # a 16-bit cache stores fp16/bf16
 
@@ -31,8 +32,11 @@ class CllaConfig(PretrainedConfig):
       query head h reads rope head h // (num_attention_heads // rope_heads).
     - `rope_freq_index`: per layer group and rope head, the `rope_dim // 2` RoPE frequency indices kept
       (rotate-half layout: dims [i, i + rope_dim/2] rotate with frequency `rope_inv_freq[rope_freq_index[g][r][i]]`).
-    - `kv_bits` (16, 8, 4) and `kv_quant_group`: latent storage; asymmetric group-wise quantization.
-    - `rope_bits` (16, 8, 4): rope-key storage; quantized in groups of `rope_quant_group` = gcd(rope_dim,
+    - `kv_bits` (16, 8, 4, 2) and `kv_quant_group`: latent storage; asymmetric group-wise quantization.
+    - `kv_tail_dim`, `kv_tail_bits`: a mixed-precision latent. The latent's dims come in order of energy (the
+      regression's order; each segment rotated on its own), and the last kv_tail_dim of them are stored at
+      kv_tail_bits < kv_bits in a second stream (`latent_segments`). 0: one precision throughout.
+    - `rope_bits` (16, 8, 4, 2): rope-key storage; quantized in groups of `rope_quant_group` = gcd(rope_dim,
       kv_quant_group) dims of each rope head, one fp16 scale and zero-point per group.
     - `layer_windows`: per layer, a sliding-window length or None (full attention).
     - `embed_scale`: token embeddings are multiplied by it (in the weights' dtype), as Gemma does (sqrt(hidden)).
@@ -79,6 +83,8 @@ class CllaConfig(PretrainedConfig):
         rope_freq_index: list[list[list[int]]] | None = None,
         kv_bits: int = 16,
         kv_quant_group: int = 32,
+        kv_tail_dim: int = 0,
+        kv_tail_bits: int = 2,
         rope_bits: int = 16,
         qk_norm: bool = False,
         embed_scale: float = 1.0,
@@ -130,6 +136,8 @@ class CllaConfig(PretrainedConfig):
         )
         self.kv_bits = kv_bits
         self.kv_quant_group = kv_quant_group
+        self.kv_tail_dim = kv_tail_dim
+        self.kv_tail_bits = kv_tail_bits
         self.rope_bits = rope_bits
         self.qk_norm = qk_norm
         self.embed_scale = embed_scale
@@ -158,12 +166,20 @@ class CllaConfig(PretrainedConfig):
             raise ValueError(f"kv_bits must be one of {SUPPORTED_KV_BITS}, got {self.kv_bits}")
         if self.kv_latent_dim < 1:
             raise ValueError(f"kv_latent_dim must be positive, got {self.kv_latent_dim}")
-        if self.kv_bits < 16 and self.kv_latent_dim % self.kv_quant_group:
-            raise ValueError(
-                f"kv_latent_dim {self.kv_latent_dim} must be a multiple of kv_quant_group {self.kv_quant_group}"
-            )
-        if self.kv_bits == 4 and self.kv_quant_group % 2:
-            raise ValueError("kv_quant_group must be even at 4 bits (two values per byte)")
+        if self.kv_tail_dim:
+            if not 0 < self.kv_tail_dim < self.kv_latent_dim:
+                raise ValueError(f"kv_tail_dim must lie between 0 and kv_latent_dim ({self.kv_latent_dim}), "
+                                 f"got {self.kv_tail_dim}")
+            if self.kv_tail_bits not in SUPPORTED_KV_BITS or not self.kv_tail_bits < self.kv_bits:
+                raise ValueError(f"kv_tail_bits must be one of {SUPPORTED_KV_BITS} below kv_bits ({self.kv_bits}), "
+                                 f"got {self.kv_tail_bits}")
+        for width, bits in self.latent_segments:
+            if bits < 16 and width % self.kv_quant_group:
+                raise ValueError(f"each latent segment ({width} dims at {bits} bits) must be a multiple of "
+                                 f"kv_quant_group {self.kv_quant_group}")
+            if bits < 8 and self.kv_quant_group % (8 // bits):
+                raise ValueError(f"kv_quant_group must be a multiple of {8 // bits} at {bits} bits "
+                                 f"({8 // bits} values per byte)")
         if self.rope_dim % 2 or self.rope_dim < 0:
             raise ValueError(f"rope_dim must be even and non-negative, got {self.rope_dim}")
         H = self.num_attention_heads
@@ -173,8 +189,9 @@ class CllaConfig(PretrainedConfig):
             raise ValueError("num_key_value_heads must divide num_attention_heads")
         if self.rope_bits not in SUPPORTED_KV_BITS:
             raise ValueError(f"rope_bits must be one of {SUPPORTED_KV_BITS}, got {self.rope_bits}")
-        if self.rope_bits == 4 and self.rope_dim and math.gcd(self.rope_dim, self.kv_quant_group) % 2:
-            raise ValueError("rope_bits 4 needs an even rope quant group (gcd of rope_dim and kv_quant_group)")
+        if self.rope_bits < 8 and self.rope_dim and self.rope_quant_group % (8 // self.rope_bits):
+            raise ValueError(f"rope_bits {self.rope_bits} needs a rope quant group (gcd of rope_dim and "
+                             f"kv_quant_group) that is a multiple of {8 // self.rope_bits}")
         heads = self.rope_freq_index
         if self.rope_dim and (
             len(heads) != len(self.layer_groups)
@@ -187,6 +204,12 @@ class CllaConfig(PretrainedConfig):
             )
         if self.qk_nope_dim + self.rope_dim < 1:
             raise ValueError("queries need at least one dim (qk_nope_dim + rope_dim)")
+
+    @property
+    def latent_segments(self) -> list[tuple[int, int]]:
+        """The latent's stored segments, in order: [(width, bits)], the head then (with kv_tail_dim) the tail."""
+        R, tail = self.kv_latent_dim, self.kv_tail_dim
+        return [(R - tail, self.kv_bits), (tail, self.kv_tail_bits)] if tail else [(R, self.kv_bits)]
 
     @property
     def rope_quant_group(self) -> int:
@@ -209,15 +232,15 @@ def source_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int)
 def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
     """Bytes per token of each cached tensor, summed over layer groups (what the runtime allocates per token).
 
-    latent: kv_latent_dim values at kv_bits (int4 packs two per byte); latent_scales: an fp16 scale and an fp16
-    zero-point per kv_quant_group values (only below 16 bits); rope_keys: rope_heads × rope_dim values at rope_bits;
+    latent: each latent segment's values at its bits (packed 8 // bits per byte below 8 bits); latent_scales: an fp16
+    scale and an fp16 zero-point per kv_quant_group values of each quantized segment; rope_keys: rope_heads × rope_dim values at rope_bits;
     rope_scales: an fp16 scale and zero-point per rope_quant_group values (only below 16 bits); key_scales (qk_norm
     sources): a 16-bit key norm per layer and kv head.
     """
     G = config.num_layer_groups
-    R = config.kv_latent_dim
-    latent = G * math.ceil(R * config.kv_bits / 8)
-    scales = G * (R // config.kv_quant_group) * 2 * SCALE_BYTES if config.kv_bits < 16 else 0
+    segments = config.latent_segments
+    latent = G * sum(math.ceil(w * bits / 8) for w, bits in segments)
+    scales = G * sum((w // config.kv_quant_group) * 2 * SCALE_BYTES for w, bits in segments if bits < 16)
     rope = G * config.rope_heads * config.rope_dim * config.rope_bits // 8
     rope_groups = config.rope_heads * config.rope_dim // config.rope_quant_group
     rope_scales = G * rope_groups * 2 * SCALE_BYTES if config.rope_bits < 16 and config.rope_dim else 0

@@ -1,7 +1,7 @@
 """CllaForCausalLM: the Cross-Layer Latent Attention model (training and evaluation forward, HF generate).
 
 Per layer group g, from the normalized input x of the group's first layer (B, T, hidden):
-  c   = fake_quant(kv_down[g](x))                 (B, T, R)       the cached latent
+  c   = fake_quant(kv_down[g](x))                 (B, T, R)       the cached latent (per segment: head, tail)
   k_r = RoPE(rope_proj[g](x))                     (B, Hr, T, Dr)  the cached rope keys
 Per layer l of the group:
   q            = q_proj(x_l)                      (B, H, T, Dn + Dr)  = [q_nope | q_rope]
@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import CllaConfig
-from .quant import fake_quantize
+from .quant import fake_quantize, fake_quantize_latent
 
 
 class CllaRMSNorm(nn.Module):
@@ -101,7 +101,7 @@ class CllaLatentProjection(nn.Module):
         """x (B, T, hidden) -> latent (B, T, R) quantized as cached, rope keys (B, Hr, T, Dr) after RoPE."""
         cfg = self.config
         B, T, _ = x.shape
-        latent = fake_quantize(self.latent(x), cfg.kv_bits, cfg.kv_quant_group)
+        latent = fake_quantize_latent(self.latent(x), cfg.latent_segments, cfg.kv_quant_group)
         if self.rope_proj is None:
             return latent, x.new_zeros(B, 1, T, 0)
         k_rope = self.rope_keys(x).transpose(1, 2)

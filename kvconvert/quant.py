@@ -1,7 +1,8 @@
 """Group-wise asymmetric quantization of the latent, as the cache stores it.
 
-Layout: the last dim (R values) splits into R / group groups; each group stores `bits`-bit codes plus an fp16
-scale and an fp16 zero-point (the group minimum). Dequantized value = code * scale + zero.
+Layout: the last dim (R values) splits into R / group groups; each group stores `bits`-bit codes (8, 4 or 2) plus an
+fp16 scale and an fp16 zero-point (the group minimum). Dequantized value = code * scale + zero. Below 8 bits the codes
+are packed little-end first: value PACK*i + j in bits [j*bits, (j+1)*bits) of byte i (PACK = 8 // bits).
 The model's forward calls `fake_quantize` so that what is evaluated and trained is what the cache will return.
 """
 
@@ -13,7 +14,7 @@ import torch
 def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(..., R) float -> codes (..., R) uint8, scale (..., R/group) fp16, zero (..., R/group) fp16."""
     if bits >= 16:
-        raise ValueError("quantize is for 8 and 4 bits; 16-bit latents are stored as they are")
+        raise ValueError("quantize is for 8, 4 and 2 bits; 16-bit latents are stored as they are")
     shape = x.shape
     xg = x.float().reshape(*shape[:-1], shape[-1] // group, group)
     lo, hi = torch.aminmax(xg, dim=-1)
@@ -42,30 +43,51 @@ def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return x + (xq - x).detach()
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """(..., R) uint8 codes < 16 -> (..., R/2) uint8; value 2i in the low nibble, 2i+1 in the high nibble."""
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., R) uint8 codes < 2^bits -> (..., R * bits / 8) uint8 (see the module docstring); 8 bits: as they are."""
+    if bits == 8:
+        return codes
+    per = 8 // bits
+    parts = codes.unflatten(-1, (codes.shape[-1] // per, per))
+    packed = parts[..., 0].clone()
+    for j in range(1, per):
+        packed |= parts[..., j] << (bits * j)
+    return packed
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    out = torch.stack((packed & 0xF, packed >> 4), dim=-1)
-    return out.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_codes`."""
+    if bits == 8:
+        return packed
+    mask = (1 << bits) - 1
+    out = torch.stack([(packed >> (bits * j)) & mask for j in range(8 // bits)], dim=-1)
+    return out.flatten(-2)
 
 
 def pack_latent(latent: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
     """What the cache stores for latents (..., R): at 16 bits the values in fp16 (bf16 when given bf16);
-    below, codes (int4 packed two per byte) and `latent_scales` (..., R/group, 2) fp16 = (scale, zero)."""
+    below, codes (packed 8 // bits per byte) and `latent_scales` (..., R/group, 2) fp16 = (scale, zero)."""
     if bits >= 16:
         return {"latent": latent if latent.dtype in (torch.float16, torch.bfloat16) else latent.half()}
     codes, scale, zero = quantize(latent, bits, group)
-    packed = pack_int4(codes) if bits == 4 else codes
-    return {"latent": packed, "latent_scales": torch.stack((scale, zero), dim=-1)}
+    return {"latent": pack_codes(codes, bits), "latent_scales": torch.stack((scale, zero), dim=-1)}
 
 
 def unpack_latent(stored: dict[str, torch.Tensor], bits: int, group: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `pack_latent`: the latent values the attention reads."""
     if bits >= 16:
         return stored["latent"].to(dtype)
-    codes = unpack_int4(stored["latent"]) if bits == 4 else stored["latent"]
+    codes = unpack_codes(stored["latent"], bits)
     scales = stored["latent_scales"]
     return dequantize(codes, scales[..., 0], scales[..., 1], group, dtype)
+
+
+def fake_quantize_latent(c: torch.Tensor, segments: list[tuple[int, int]], group: int) -> torch.Tensor:
+    """`fake_quantize` of a latent stored in segments: [(width, bits), ...] over its last dim, in order."""
+    if len(segments) == 1:
+        return fake_quantize(c, segments[0][1], group)
+    parts, lo = [], 0
+    for width, bits in segments:
+        parts.append(fake_quantize(c[..., lo : lo + width], bits, group))
+        lo += width
+    return torch.cat(parts, -1)

@@ -11,7 +11,7 @@ from kvconvert.config import kv_bytes_per_token
 from kvconvert.convert.build import Compressor, Plan, describe_layout, prefix_groups, uniform_groups
 from kvconvert.convert.calibrate import collect_inputs
 from kvconvert.convert.latent import rotation
-from kvconvert.quant import fake_quantize
+from kvconvert.quant import fake_quantize, fake_quantize_latent
 
 from conftest import VOCAB, save_source, tiny_source
 
@@ -122,6 +122,56 @@ def test_quantized_latent_in_the_forward_is_what_the_cache_stores():
     assert not torch.equal(raw, fake_quantize(raw, 4, 16))
 
 
+def test_a_2_bit_tail_keeps_the_latents_low_energy_dims():
+    """Each latent segment is rotated on its own, so the 2-bit tail holds the regression's weakest dims: per dim it
+    carries a fraction of the head's energy (one rotation over the whole latent would even them out), the forward
+    quantizes each segment at its bits, and the tail costs less quality than storing the whole latent at 2 bits."""
+    src, comp = compressor("llama")
+    plan = Plan(uniform_groups(3, 1), 32, 8, 4, 8, rope_heads=1, quant_group=8, tail_dim=16)
+    model = comp.build(plan)
+    assert model.config.latent_segments == [(16, 4), (16, 2)]
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        raw = model.model.latent_proj[0].kv_down(x)
+        mixed = comp.build(Plan(**(vars(plan) | {"tail_dim": 0, "rotate": True})))
+        whole = mixed.model.latent_proj[0].kv_down(x)
+    assert torch.equal(out.cache.layers[0].keys[:, 0], fake_quantize_latent(raw, [(16, 4), (16, 2)], 8))
+    per_dim = raw.pow(2).mean((0, 1))
+    assert per_dim[16:].mean() < 0.5 * per_dim[:16].mean()
+    even = whole.pow(2).mean((0, 1))
+    assert even[16:].mean() > 0.5 * even[:16].mean()  # the contrast: one rotation spreads the energy evenly
+    all4 = comp.build(Plan(**(vars(plan) | {"tail_dim": 0})))
+    all2 = comp.build(Plan(**(vars(plan) | {"tail_dim": 0, "kv_bits": 2})))
+    assert rel_err(src, all4) < rel_err(src, model) < rel_err(src, all2)
+
+
+def test_the_planner_tries_4_bit_latents_with_2_bit_tails():
+    """Within a budget, a 4-bit latent of width W also comes with tails: heads of TAIL_SHARES of W and the widest
+    2-bit tail the bytes leave; every one within the budget. --kv-tail-dim 0 keeps them out, and a given tail
+    width is kept while the head widens to the budget."""
+    from kvconvert.convert.plan import TAIL_SHARES, Overrides, enumerate_plans, plan_bytes
+
+    _, comp = compressor("llama")
+    budget = int(0.5 * comp.base.source_kv_bytes_per_token)
+    plans = enumerate_plans(comp.base, budget, Overrides(group_size=1, rope_dim=8, rope_heads=1, rope_bits=8,
+                                                         quant_group=8))
+    assert all(plan_bytes(comp.base, p) <= budget for p in plans)
+    widest = max(p.latent_dim for p in plans if p.kv_bits == 4 and not p.tail_dim)
+    tails = [p for p in plans if p.tail_dim]
+    assert tails and all(p.kv_bits == 4 and p.tail_bits == 2 for p in tails)
+    heads = sorted(p.latent_dim - p.tail_dim for p in tails)
+    assert heads == sorted({int(widest * s) // 8 * 8 for s in TAIL_SHARES} - {0})
+    for p in tails:  # the widest tail: 8 more dims would not fit (or the latent is already full width)
+        wider = Plan(**(vars(p) | {"latent_dim": p.latent_dim + 8, "tail_dim": p.tail_dim + 8}))
+        assert plan_bytes(comp.base, wider) > budget or p.latent_dim + 8 > comp.base.hidden_size
+    assert not any(p.tail_dim for p in enumerate_plans(comp.base, budget, Overrides(tail_dim=0)))
+    given = enumerate_plans(comp.base, budget, Overrides(group_size=1, tail_dim=16, kv_bits=4, quant_group=8))
+    assert given and all(p.tail_dim == 16 and p.latent_dim > 16 for p in given)
+    assert all(plan_bytes(comp.base, p) <= budget for p in given)
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 
@@ -160,6 +210,12 @@ def test_every_override_lands_in_the_config(tmp_path, tiny_src):
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "out2" / "config.json").read_text())
     assert cfg["layer_groups"] == [[0, 1, 2]] and cfg["kv_bits"] == 4
+    r = convert(tiny_src, tmp_path / "out3", "--latent-dim", "48", "--kv-tail-dim", "32", "--kv-bits", "4",
+                "--group-size", "1", "--quant-group", "16")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "out3" / "config.json").read_text())
+    assert cfg["kv_latent_dim"] == 48 and cfg["kv_tail_dim"] == 32 and cfg["kv_tail_bits"] == 2
+    assert "latent 16 @ 4 + 32 @ 2 bit" in json.loads(r.stdout)["plan"]
 
 
 def test_calibration_from_data_files(tmp_path, tiny_src):
@@ -187,6 +243,9 @@ def test_calibration_from_data_files(tmp_path, tiny_src):
         ([], "--kv-ratio"),
         (["--kv-ratio", "0.5", "--groups", "a,b"], "--groups"),
         (["--latent-dim", "96"], "exceeds the hidden size"),
+        (["--kv-ratio", "0.5", "--kv-tail-dim", "-8"], "--kv-tail-dim"),
+        (["--latent-dim", "32", "--kv-tail-dim", "32"], "smaller than --latent-dim"),
+        (["--kv-ratio", "0.5", "--kv-tail-dim", "16", "--kv-bits", "2"], "wider latent head"),
     ],
 )
 def test_bad_plans_are_refused(tmp_path, tiny_src, args, needle):

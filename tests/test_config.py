@@ -69,6 +69,13 @@ def test_byte_formula_by_hand():
     assert kv_bytes_per_token(compressed_config(8)) == 2 * (32 + 8 + 16)
     assert kv_bytes_per_token(compressed_config(16)) == 2 * (64 + 16)
     assert source_kv_bytes_per_token(30, 3, 64) == 23_040  # SmolLM2-135M, as in DESIGN.md
+    # a 2-bit tail: per group 16 values at 4 bits (8 B) + 16 at 2 bits (4 B), one quant group each (2 x 4 B)
+    tail = compressed_config(4, kv_tail_dim=16)
+    assert tail.latent_segments == [(16, 4), (16, 2)]
+    assert kv_bytes_breakdown(tail) == {
+        "latent": 24, "latent_scales": 16, "rope_keys": 32, "rope_scales": 0, "key_scales": 0}
+    # a whole 2-bit latent: 32 values = 8 B per group
+    assert kv_bytes_breakdown(compressed_config(2))["latent"] == 16
 
 
 @pytest.mark.parametrize(
@@ -82,7 +89,11 @@ def test_byte_formula_by_hand():
         (dict(rope_heads=3, rope_freq_index=[[[0, 1, 2, 3]] * 3] * 2), "rope_heads"),
         (dict(rope_freq_index=[[[0, 1, 2, 99]], [[0, 1, 2, 3]]]), "rope_freq_index"),
         (dict(rope_freq_index=[[[0, 1, 2, 3]]]), "rope_freq_index"),
-        (dict(rope_bits=2), "rope_bits"),
+        (dict(rope_bits=3), "rope_bits"),
+        (dict(kv_tail_dim=32), "kv_tail_dim"),
+        (dict(kv_tail_dim=16, kv_tail_bits=4), "kv_tail_bits"),
+        (dict(kv_tail_dim=8), "multiple of kv_quant_group"),
+        (dict(kv_bits=2, kv_quant_group=2), "multiple of 4"),
     ],
 )
 def test_invalid_plans_are_refused(kw, message):

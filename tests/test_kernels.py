@@ -65,7 +65,7 @@ def test_interpreter_suite():
 def empty_stream(B: int, S: int, W: int, bits: int, group: int, dtype16=torch.float16, device="cpu") -> Stream:
     if bits >= 16:
         return Stream(torch.zeros(B, S, W, dtype=dtype16, device=device), None, 16, group, W)
-    data = torch.zeros(B, S, W // 2 if bits == 4 else W, dtype=torch.uint8, device=device)
+    data = torch.zeros(B, S, W * bits // 8, dtype=torch.uint8, device=device)
     scales = torch.zeros(B, S, W // group, 2, dtype=torch.float16, device=device)
     return Stream(data, scales, bits, group, W)
 
@@ -107,10 +107,12 @@ def rope_queries(B, H, rope_heads, dr, gen) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- decode references
-def attention_eager(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, dtype):
+def attention_eager(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, dtype, tail=None):
     """Naive attention with every operation in `dtype` (fp64: the ground truth; fp16: the eager error scale)."""
     S = int(seq_lens.max())
     c = dequantize_stream(latent, S, torch.float32).to(dtype)
+    if tail is not None:
+        c = torch.cat((c, dequantize_stream(tail, S, torch.float32).to(dtype)), -1)
     q = q_lat if q_lat is not None else q_rope
     B, H = q.shape[:2]
     scores = torch.zeros(B, H, S, dtype=dtype)
@@ -128,8 +130,9 @@ def attention_eager(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window
     return torch.matmul(scores.softmax(-1), c)
 
 
-# (name, B, H, R, lat_bits, lat_group, rope (rope_heads "1"/"H", dr, bits, group) or None, q_lat?, window, splits, T)
-# T: the longest row; batch rows are ragged (T, T // 3 + 1, 1, ...).
+# (name, B, H, R, lat_bits, lat_group, rope (rope_heads "1"/"H", dr, bits, group) or None, q_lat?, window, splits, T
+#  [, tail (width, bits, group)])
+# T: the longest row; batch rows are ragged (T, T // 3 + 1, 1, ...). R: the latent's head when it has a tail.
 DECODE_CASES = [
     ("h1-t1-b16", 1, 1, 64, 16, 1, None, True, None, 1, 1),
     ("h3-t17-b8", 3, 3, 96, 8, 32, ("1", 32, 16, 1), True, None, 3, 17),
@@ -147,18 +150,28 @@ DECODE_CASES = [
     ("h65-t17-head-blocks", 3, 65, 24, 4, 8, ("1", 8, 16, 1), True, None, 2, 17),  # two head blocks of 64
     ("h3-t1000-b4", 3, 3, 96, 4, 32, ("1", 32, 16, 1), True, None, 4, 1000),
     ("h9-t1000-b8-w5", 1, 9, 64, 8, 64, ("H", 8, 16, 1), True, 5, 7, 1000),
+    ("h9-t129-b2", 3, 9, 64, 2, 16, ("1", 16, 2, 16), True, None, 4, 129),  # 2-bit latent and rope key
+    # a latent with a low-precision tail (a second stream; the 0.25 plan's shape: 96 @ 4 + 160 @ 2, rope 64 @ 8)
+    ("h9-t129-tail2", 3, 9, 32, 4, 16, ("H", 8, 16, 1), True, None, 4, 129, (64, 2, 16)),
+    ("h3-t1000-tail2", 3, 3, 96, 4, 32, ("1", 64, 8, 32), True, None, 4, 1000, (160, 2, 32)),
+    ("h9-t129-tail2-g12-w5", 3, 9, 24, 4, 12, ("1", 12, 4, 6), True, 5, 3, 129, (36, 2, 12)),
+    ("h3-t17-b16-tail4", 3, 3, 32, 16, 1, None, True, None, 2, 17, (48, 4, 16)),
+    ("h3-t129-nolat-tail", 3, 3, 32, 8, 32, ("H", 8, 4, 8), False, None, 5, 129, (64, 2, 32)),
 ]
 
 CASE = {c[0]: c for c in DECODE_CASES}
-SMALL_TILE_CASES = [CASE[name] for name in ("h3-t17-b8", "h9-t129-b4-w5", "h3-t129-nolat")]
+SMALL_TILE_CASES = [CASE[name] for name in ("h3-t17-b8", "h9-t129-b4-w5", "h3-t129-nolat", "h9-t129-tail2")]
 
 
-def build_decode_case(case, gen):
-    _, B, H, R, bits, group, rope_cfg, has_q_lat, window, splits, T = case
+def build_decode_case(case, gen, with_tail=False):
+    """(q_lat, q_rope, latent, rope, seq_lens, scale, window, splits[, tail])."""
+    _, B, H, R, bits, group, rope_cfg, has_q_lat, window, splits, T, *tail_cfg = case
     lens = [max(1, T if b == 0 else T // (2 * b + 1) + b) for b in range(B)]
     S = T + 7  # the capacity: beyond every row's length
     latent = filled_stream(B, S, R, bits, group, lens, gen)
-    q_lat = torch.randn(B, H, R, generator=gen) if has_q_lat else None
+    tail = filled_stream(B, S, *tail_cfg[0], lens, gen, spread=0.3) if tail_cfg else None
+    width = R + (tail.width if tail is not None else 0)
+    q_lat = torch.randn(B, H, width, generator=gen) if has_q_lat else None
     rope = q_rope = None
     if rope_cfg is not None:
         mode, dr, rbits, rgroup = rope_cfg
@@ -166,21 +179,23 @@ def build_decode_case(case, gen):
         rope = filled_stream(B, S, rope_heads * dr, rbits, rgroup, lens, gen, spread=2.0)
         q_rope = rope_queries(B, H, rope_heads, dr, gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    scale = 1.0 / (R + (rope_cfg[1] if rope_cfg else 0)) ** 0.5
-    return q_lat, q_rope, latent, rope, seq_lens, scale, window, splits
+    scale = 1.0 / (width + (rope_cfg[1] if rope_cfg else 0)) ** 0.5
+    if tail is not None and not with_tail:
+        raise ValueError(f"case {case[0]} has a tail: build it with with_tail=True")
+    return (q_lat, q_rope, latent, rope, seq_lens, scale, window, splits) + ((tail,) if with_tail else ())
 
 
-def assert_decode_close(out, q_lat, q_rope, latent, rope, seq_lens, scale, window):
+def assert_decode_close(out, q_lat, q_rope, latent, rope, seq_lens, scale, window, tail=None):
     """fp32: within 1e-5 of the fp32 reference; fp16/bf16: error vs fp64 <= 2 x eager same-dtype error + atol."""
     out = out.cpu()
     assert torch.isfinite(out).all()
     if out.dtype == torch.float32:
-        ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window)
+        ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window, tail=tail)
         err = (out - ref).abs().max().item()
         assert err <= 1e-5 * ref.abs().max().item() + 1e-6, err
     else:
-        exact = attention_eager(q_lat, q_rope, latent, rope, seq_lens, scale, window, torch.float64)
-        eager = attention_eager(q_lat, q_rope, latent, rope, seq_lens, scale, window, out.dtype)
+        exact = attention_eager(q_lat, q_rope, latent, rope, seq_lens, scale, window, torch.float64, tail)
+        eager = attention_eager(q_lat, q_rope, latent, rope, seq_lens, scale, window, out.dtype, tail)
         err = (out.double() - exact).abs().max().item()
         eager_err = (eager.double() - exact).abs().max().item()
         assert err <= 2 * eager_err + 1e-4 * exact.abs().max().item(), (err, eager_err)
@@ -188,7 +203,7 @@ def assert_decode_close(out, q_lat, q_rope, latent, rope, seq_lens, scale, windo
 
 def check_decode(case, dtype, device, block_t=None, gather=False):
     gen = torch.Generator().manual_seed(zlib.crc32(case[0].encode()))
-    q_lat, q_rope, latent, rope, seq_lens, scale, window, splits = build_decode_case(case, gen)
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, splits, tail = build_decode_case(case, gen, with_tail=True)
     q_lat = None if q_lat is None else q_lat.to(dtype)
     q_rope = None if q_rope is None else q_rope.to(dtype)
 
@@ -197,11 +212,12 @@ def check_decode(case, dtype, device, block_t=None, gather=False):
 
     out = decode_module()._latent_decode(
         dev(q_lat), dev(q_rope), to_device(latent, device), to_device(rope, device), seq_lens.to(device), scale,
-        window, splits, block_t=block_t, gather=gather,
+        window, splits, block_t=block_t, gather=gather, tail=to_device(tail, device),
     )
     H = (q_lat if q_lat is not None else q_rope).shape[1]
-    assert out.dtype == dtype and out.shape == (seq_lens.shape[0], H, latent.width)
-    assert_decode_close(out, q_lat, q_rope, latent, rope, seq_lens, scale, window)
+    width = latent.width + (tail.width if tail is not None else 0)
+    assert out.dtype == dtype and out.shape == (seq_lens.shape[0], H, width)
+    assert_decode_close(out, q_lat, q_rope, latent, rope, seq_lens, scale, window, tail)
 
 
 @interpreter
@@ -218,7 +234,8 @@ def test_latent_decode_small_tiles(case):
     check_decode(case, torch.float32, "cpu", block_t=16)
 
 
-GATHER_CASES = [CASE[name] for name in ("h9-t129-b4", "h9-t17-b8-odd", "h9-t129-b4-g12", "h3-t129-nolat")]
+GATHER_CASES = [CASE[name] for name in ("h9-t129-b4", "h9-t17-b8-odd", "h9-t129-b4-g12", "h3-t129-nolat", "h9-t129-b2",
+                                        "h9-t129-tail2-g12-w5")]
 
 
 @interpreter
@@ -239,6 +256,8 @@ def test_tile_geometry():
     assert geometry(4, 8, 8) == (8, 16, 1)
     assert geometry(16, 1, 21) == (32, 32, 1)
     assert geometry(16, 1, 8) == (16, 16, 1)
+    assert geometry(2, 32, 160) == (32, 32, 8)  # 5 groups -> 8 slots
+    assert geometry(2, 12, 36) == (12, 16, 4)
 
 
 def ring_of(linear: Stream, lens: list[int], cap: int) -> Stream:
@@ -301,7 +320,7 @@ def test_latent_decode_ring_reference_dequantizes_its_slots():
     linear = filled_stream(2, 90, 32, 4, 16, lens, gen)
     ring = ring_of(linear, lens, cap)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    plain, _ = decode_streams(ring, None, seq_lens)
+    plain, _, _ = decode_streams(ring, None, seq_lens)
     assert plain.data.shape[1] == cap
     q = torch.randn(2, 3, 32, generator=gen)
     got = latent_decode_ref(q, None, plain, None, seq_lens, 0.2, 25)
@@ -475,6 +494,10 @@ QUANT_CASES = [
     (4, 96, 32, 5, torch.float32),
     (4, 64, 64, 1, torch.float16),
     (4, 64, 64, 5, torch.float32),
+    (2, 24, 8, 5, torch.float16),
+    (2, 24, 12, 1, torch.float32),
+    (2, 160, 32, 5, torch.float32),
+    (2, 64, 64, 5, torch.float32),
 ]
 
 
@@ -540,13 +563,13 @@ def check_quantize_wraps(bits: int, device) -> None:
         quantize_append_ref(empty_stream(B, 5, W, bits, group), x, start)
 
 
-@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
 def test_quantize_append_wraps_reference(bits):
     check_quantize_wraps(bits, "cpu")
 
 
 @interpreter
-@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
 def test_quantize_append_wraps_interpreter(bits):
     check_quantize_wraps(bits, "cpu")
 
@@ -560,7 +583,7 @@ def test_quantize_append_interpreter(bits, W, group, T, dtype):
 
 @interpreter
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_quantize_append_edge_values(bits):
     """Ties round half to even; constant groups (fp16 scale underflows to 0: 0/0) and huge ranges match too."""
     qmax = (1 << bits) - 1
@@ -588,7 +611,7 @@ def tie_values(bits: int, T: int = 2, W: int = 128, group: int = 8) -> torch.Ten
 
 
 @interpreter
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_quantize_append_ties_round_half_even(bits):
     check_quantize(bits, 128, 8, 2, torch.float32, "cpu", x=tie_values(bits))
 
@@ -615,7 +638,7 @@ def test_latent_decode_ring_cuda():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
 def test_quantize_append_wraps_cuda(bits):
     check_quantize_wraps(bits, "cuda")
 
@@ -675,7 +698,7 @@ def test_quantize_append_cuda(bits, W, group, T, dtype):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_quantize_append_edge_values_cuda(bits):
     qmax = (1 << bits) - 1
     x = torch.tensor([0.0, qmax * 0.25, 0.625, 0.875, 0.125, 0.375, 1.125, 2.0] + [0.0] * 8 + [0.1] * 8)
@@ -684,7 +707,7 @@ def test_quantize_append_edge_values_cuda(bits):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_quantize_append_ties_round_half_even_cuda(bits):
     check_quantize(bits, 128, 8, 2, torch.float32, "cuda", x=tie_values(bits))
 
@@ -697,7 +720,7 @@ def test_quantize_append_16_bit_storage_bf16_cuda():
 
 
 @interpreter
-@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("bits", [16, 4, "4+2"])
 def test_runtime_through_the_interpreted_kernels(bits):
     """The whole runtime with the Triton kernels (interpreted): the model's own greedy tokens."""
     from kvconvert.runtime.generate import LatentRuntime, SamplingOptions

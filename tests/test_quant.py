@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvconvert.quant import fake_quantize, pack_int4, pack_latent, unpack_int4, unpack_latent
+from kvconvert.quant import fake_quantize, fake_quantize_latent, pack_codes, pack_latent, unpack_codes, unpack_latent
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -11,12 +11,12 @@ def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # Uniform quantization of Gaussian data over a group's min..max range: about 6 dB per bit, minus the
-# range-to-rms loss. A correct implementation reaches 45-48 dB at 8 bits and 20.7-23.6 dB at 4 bits for
-# groups of 64-16 here; the floors sit ~3 dB under, where a wrong scale, zero-point or rounding lands.
-SQNR_FLOOR_DB = {8: 42.0, 4: 18.0}
+# range-to-rms loss. A correct implementation reaches 45-48 dB at 8 bits, 20.7-23.6 dB at 4 bits and 6.8-9.6 dB at
+# 2 bits for groups of 64-16 here; the floors sit ~3 dB under, where a wrong scale, zero-point or rounding lands.
+SQNR_FLOOR_DB = {8: 42.0, 4: 18.0, 2: 4.0}
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("group", [16, 32, 64])
 def test_sqnr_floor(bits, group):
     x = torch.randn(37, 128, generator=torch.Generator().manual_seed(0))
@@ -33,7 +33,7 @@ def test_16_bits_is_identity():
     assert fake_quantize(x, 16, 32) is x
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4, 2])
 def test_pack_unpack_equals_fake_quant(bits):
     """What the cache stores and returns is bit-for-bit what the model's forward used."""
     x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(2)).half().float()
@@ -41,11 +41,27 @@ def test_pack_unpack_equals_fake_quant(bits):
     assert torch.equal(unpack_latent(stored, bits, 32, torch.float32), fake_quantize(x, bits, 32))
 
 
-def test_int4_packing_round_trip():
-    codes = torch.randint(0, 16, (4, 10), dtype=torch.uint8)
-    packed = pack_int4(codes)
-    assert packed.shape == (4, 5)
-    assert torch.equal(unpack_int4(packed), codes)
+@pytest.mark.parametrize("bits", [4, 2])
+def test_packing_round_trip(bits):
+    codes = torch.randint(0, 1 << bits, (4, 16), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (4, 16 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+def test_packing_layout():
+    """Value PACK*i + j sits in bits [j*bits, (j+1)*bits) of byte i: the layout the Triton kernels read."""
+    codes = torch.tensor([[1, 2, 3, 0, 2, 2, 0, 1]], dtype=torch.uint8)
+    assert pack_codes(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4, 2 | 2 << 2 | 1 << 6]]
+    assert pack_codes(codes, 4).tolist() == [[1 | 2 << 4, 3, 2 | 2 << 4, 1 << 4]]
+
+
+def test_segmented_latent_quantizes_each_segment_at_its_bits():
+    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(3))
+    y = fake_quantize_latent(x, [(32, 4), (64, 2)], 32)
+    assert torch.equal(y[..., :32], fake_quantize(x[..., :32], 4, 32))
+    assert torch.equal(y[..., 32:], fake_quantize(x[..., 32:], 2, 32))
+    assert torch.equal(fake_quantize_latent(x, [(96, 4)], 32), fake_quantize(x, 4, 32))
 
 
 def test_straight_through_gradient():

@@ -13,10 +13,15 @@ from kvconvert.runtime.generate import LatentRuntime, SamplingOptions, sample
 from conftest import VOCAB, tiny_source
 
 
-def tiny_clla(bits: int, seed: int = 0, **overrides) -> CllaForCausalLM:
+TAIL = "4+2"  # `bits` of a mixed-precision latent: a 4-bit head, a 2-bit tail of half the latent, 4-bit rope keys
+
+
+def tiny_clla(bits: int | str, seed: int = 0, **overrides) -> CllaForCausalLM:
     """A random compressed plan with every awkward feature: groups of 1 and 2 layers, nope + rope key dims, a rope
-    head per kv head, biases, a sliding-window layer inside a group."""
+    head per kv head, biases, a sliding-window layer inside a group. bits: 16, 8, 4 or TAIL."""
     torch.manual_seed(seed)
+    tail = bits == TAIL
+    bits = 4 if tail else bits
     kw = dict(
         vocab_size=VOCAB,
         num_hidden_layers=4,
@@ -33,6 +38,10 @@ def tiny_clla(bits: int, seed: int = 0, **overrides) -> CllaForCausalLM:
         initializer_range=0.1,
         layer_windows=[None, 6, None, None],
     ) | overrides
+    if tail:
+        R = kw["kv_latent_dim"]
+        kw["kv_quant_group"] = group = 8 if R >= 16 else 4
+        kw["kv_tail_dim"] = R // 2 // group * group
     model = CllaForCausalLM(CllaConfig(**kw)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -86,7 +95,7 @@ def assert_runtime_equals_model(rt: LatentRuntime, model, ids: list[int], n: int
 
 
 # 16-bit streams are stored in fp16 (the 2 bytes the formula counts) while this model computes in fp32.
-LOGIT_TOL = {16: 2e-3, 8: 1e-4, 4: 1e-4}
+LOGIT_TOL = {16: 2e-3, 8: 1e-4, 4: 1e-4, TAIL: 1e-4}
 
 
 # A latent wider than the key dims keeps the up-projections apart; a narrow one folds W_uk into the query and
@@ -96,13 +105,13 @@ PLANS = {"wide": dict(kv_latent_dim=48, qk_nope_dim=8), "folded": dict(kv_latent
          "narrow": dict(kv_latent_dim=8, qk_nope_dim=16, kv_quant_group=8)}
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4, TAIL])
 @pytest.mark.parametrize("rope_heads", [1, 2])
 @pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
 def test_greedy_and_logits_equal_the_model(bits, rope_heads, plan, qk_norm):
     """Every plan shape; with qk_norm (Qwen3, Gemma 3) the per-layer key norms are cached and scale the scores."""
-    if qk_norm and bits == 8:
+    if qk_norm and bits in (8, TAIL):
         pytest.skip("qk_norm: 16 and 4 bits cover both storage paths")
     model = tiny_clla(bits, rope_heads=rope_heads, qk_norm=qk_norm, **PLANS[plan])
     rt = LatentRuntime(model, batch=1, capacity=64)
@@ -127,7 +136,7 @@ def test_latent_norm_is_applied_before_the_cache(bits):
     assert reference_greedy(plain, ids, 16) != ref
 
 
-@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("bits", [16, 4, TAIL])
 @pytest.mark.parametrize("policy", [None, "zsmerge"])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
 def test_absorbed_prefill_equals_the_models_attention(bits, policy, qk_norm):
@@ -222,7 +231,7 @@ def test_second_turn_continues_the_cache():
 RING = dict(layer_windows=[None, 6, 5, None])
 
 
-@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("bits", [16, 4, TAIL])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
 def test_sliding_window_ring_equals_the_model(bits, qk_norm):
     """A sliding-window group cached as a ring (token p in slot p % 9) gives the model's greedy tokens and logits,
@@ -268,20 +277,22 @@ def test_sliding_window_ring_ragged_batch_and_truncate():
     assert rt.seen == [0, 0]
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4, TAIL])
 def test_cache_bytes_equal_the_formula(bits):
-    cfg = tiny_clla(bits, rope_bits=8 if bits == 4 else bits).config
+    rope_bits = {4: 8, TAIL: 2}.get(bits, bits)
+    cfg = tiny_clla(bits, rope_bits=rope_bits).config
     cache = LatentCache(cfg, batch=3, capacity=17)
     assert cache.bytes_per_token == kv_bytes_per_token(cfg)
     assert cache.nbytes == kv_bytes_per_token(cfg) * 3 * 17
     # a sliding-window group kept as a ring: the bytes of its ring, key norms included
-    cfg = tiny_clla(bits, rope_bits=8 if bits == 4 else bits, qk_norm=True, **RING).config
+    cfg = tiny_clla(bits, rope_bits=rope_bits, qk_norm=True, **RING).config
     cache = LatentCache(cfg, batch=3, capacity=40, ring_chunk=5)
     assert cache.slots == [40, 10, 40]
     assert cache.nbytes == kv_bytes(cfg, 40, 5) * 3
     assert cache.nbytes == sum(t.nbytes for t in cache._key_scales) + sum(
         st.data.nbytes + (0 if st.scales is None else st.scales.nbytes) for g in range(3)
-        for st in [cache.latent(g)] + ([cache.rope(g)] if cache.rope(g) else []))
+        for st in cache.latent_streams(g) + ([cache.rope(g)] if cache.rope(g) else []))
+    assert len(cache.latent_streams(0)) == (2 if bits == TAIL else 1)
     assert kv_bytes(cfg, 8, 5) == kv_bytes_per_token(cfg) * 8  # shorter than the ring: every token counts
 
 
@@ -350,7 +361,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4, TAIL])
 def test_cuda_graph_decode_equals_eager(bits):
     """The captured decode step replays exactly what the eager step computes (same kernels, same inputs)."""
     model = tiny_clla(bits).cuda()
@@ -362,7 +373,7 @@ def test_cuda_graph_decode_equals_eager(bits):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, TAIL])
 def test_cuda_runtime_matches_the_cpu_model(bits):
     """Triton kernels on CUDA (fp32 model, graphs on): the model's own teacher-forced logits, within tolerance."""
     model = tiny_clla(bits)

@@ -30,6 +30,8 @@ class Plan:
     rope_bits: int = 16
     rope_heads: int = 1  # 1: one rope head shared by all heads and layers of a group; else num_key_value_heads
     quant_group: int = 32
+    tail_dim: int = 0  # the latent's last (lowest-energy) dims stored at tail_bits (see CllaConfig.kv_tail_dim)
+    tail_bits: int = 2
     rotate: bool = True  # orthogonal rotation of the latent before quantization
     activation_aware: bool = True  # False: plain weight SVD (ablation)
     select_rope: bool = True  # False: keep the highest frequencies, as plain partial RoPE would (ablation)
@@ -38,8 +40,14 @@ class Plan:
 
     def describe(self) -> str:
         rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
-        return (f"{describe_layout(self.groups)}, latent {self.latent_dim} @ {self.kv_bits} bit, {rope}, "
-                f"quant group {self.quant_group}")
+        latent = " + ".join(f"{w} @ {b}" for w, b in self.latent_segments)
+        return f"{describe_layout(self.groups)}, latent {latent} bit, {rope}, quant group {self.quant_group}"
+
+    @property
+    def latent_segments(self) -> list[tuple[int, int]]:
+        """[(width, bits)] of the latent's head and (with tail_dim) its tail."""
+        head = (self.latent_dim - self.tail_dim, self.kv_bits)
+        return [head, (self.tail_dim, self.tail_bits)] if self.tail_dim else [head]
 
 
 def size_runs(groups) -> list[list[int]]:
@@ -108,6 +116,8 @@ def plan_config(base: CllaConfig, plan: Plan, freq: list | None = None) -> CllaC
         kv_bits=plan.kv_bits,
         rope_bits=plan.rope_bits,
         kv_quant_group=plan.quant_group,
+        kv_tail_dim=plan.tail_dim,
+        kv_tail_bits=plan.tail_bits,
         latent_norm=plan.latent_norm,
     )
     return CllaConfig(**b)
@@ -259,8 +269,8 @@ class Compressor:
             fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads)
             shared = isinstance(choice, SharedRope)
             A, B = fit.weights(R)
-            if plan.rotate:
-                Q = rotation(R)
+            if plan.rotate:  # each latent segment on its own: the tail's dims stay the tail's
+                Q = torch.block_diag(*(rotation(w) for w, _ in plan.latent_segments))
                 A, B = A @ Q.T, Q @ B
             first = self.stats[group[0]]
             gp = f"model.latent_proj.{g}."

@@ -65,7 +65,7 @@ Converted by kvconvert {version} from **{source}** into Cross-Layer Latent Atten
 | | |
 |---|---|
 | layer groups | {groups} |
-| latent width | {latent} at {bits} bits |
+| latent width | {latent} bits |
 | rope dims | {rope_dim} × {rope_heads} rope heads |
 | KV bytes per token | {kv} (source: {src_kv}, ratio {ratio}) |
 
@@ -119,8 +119,7 @@ def write_model(tmp: Path, model, tokenizer, generation_config, dtype: torch.dty
             version=__version__,
             source=cfg.source_name,
             groups=f"{cfg.num_layer_groups} for {cfg.num_hidden_layers} layers",
-            latent=cfg.kv_latent_dim,
-            bits=cfg.kv_bits,
+            latent=" + ".join(f"{w} at {b}" for w, b in cfg.latent_segments),
             rope_dim=cfg.rope_dim,
             rope_heads=cfg.rope_heads,
             kv=kv,

@@ -10,10 +10,11 @@ from typing import Callable
 
 import torch
 
+from ..config import SUPPORTED_KV_BITS
 from ..errors import KvconvertError
 from .build import Compressor, layer_kinds, mixed_group
 from .calibrate import collect_inputs, read_data_files, sample_tokens, tokens_from_text
-from .plan import Overrides, choose_plan, fit_target, proxy_error
+from .plan import TAIL_BITS, Overrides, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
 from ..distill import dist
 from ..distill.run import checkpoint_dir, distill_student, load_initial, prepare_checkpoint_dir
@@ -92,9 +93,18 @@ def check_options(opts: ConvertOptions) -> None:
         raise KvconvertError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {opts.dtype}")
     if ov.group_size is not None and opts.group_sizes:
         raise KvconvertError("--group-size and --groups contradict each other; give one")
-    for name, value, allowed in (("--kv-bits", ov.kv_bits, (4, 8, 16)), ("--rope-bits", ov.rope_bits, (4, 8, 16))):
-        if value is not None and value not in allowed:
-            raise KvconvertError(f"{name} must be one of 4, 8, 16; got {value}")
+    for name, value in (("--kv-bits", ov.kv_bits), ("--rope-bits", ov.rope_bits)):
+        if value is not None and value not in SUPPORTED_KV_BITS:
+            raise KvconvertError(f"{name} must be one of {', '.join(map(str, sorted(SUPPORTED_KV_BITS)))}; got {value}")
+    if ov.tail_dim is not None:
+        if ov.tail_dim < 0:
+            raise KvconvertError(f"--kv-tail-dim must be non-negative, got {ov.tail_dim}")
+        if ov.tail_dim and ov.latent_dim is not None and ov.tail_dim >= ov.latent_dim:
+            raise KvconvertError(f"--kv-tail-dim {ov.tail_dim} must be smaller than --latent-dim {ov.latent_dim} "
+                                 "(the tail is the latent's last dims)")
+        if ov.tail_dim and ov.kv_bits is not None and ov.kv_bits <= TAIL_BITS:
+            raise KvconvertError(f"a {TAIL_BITS}-bit tail needs a wider latent head: --kv-bits {ov.kv_bits} leaves "
+                                 "nothing to save (drop --kv-tail-dim, or raise --kv-bits)")
     for name, value in (("--latent-dim", ov.latent_dim), ("--group-size", ov.group_size), ("--quant-group", ov.quant_group),
                         ("--rope-heads", ov.rope_heads)):
         if value is not None and value < 1:

@@ -4,7 +4,8 @@
    "prefix" layouts, the first 2 or 3 groups' worth of layers, or 1/8, 1/4 or 1/2 of them, in groups of 1 or a and the rest in groups
    of b, since early layers lose most when they share), rope heads (one shared head, or one per kv head for single-layer
    groups) and rope dims, latent and rope bits, quantization group; the latent width is the largest the byte
-   budget leaves.
+   budget leaves. A 4-bit latent is also tried with a 2-bit tail: TAIL_SHARES of the all-4-bit width stay at 4 bits
+   and the bytes left hold the widest 2-bit tail (the latent's low-energy dims).
 2. Score each with a proxy built from calibration moments, in one unit (expected squared change of attention
    outputs, summed over layers): rotation loss of what becomes position-free, the latent regression error, and
    quantization noise (measured relative noise of the quantizer times the signal it quantizes).
@@ -32,6 +33,8 @@ GROUP_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
 LATENT_BITS = (4, 8, 16)
 ROPE_BITS = (4, 8, 16)
 QUANT_GROUPS = (32, 64)
+TAIL_BITS = 2
+TAIL_SHARES = (1 / 3, 1 / 2, 2 / 3)  # of the all-4-bit latent width, kept at 4 bits before a 2-bit tail
 MIN_LATENT = 32
 PREFIX_SHARES = (1 / 8, 1 / 4, 1 / 2)  # of the layers, kept in the finer groups (see prefix_layouts)
 DEEPSEEK_V3 = "deepseek-v3"
@@ -49,11 +52,11 @@ def fit_target(base: CllaConfig, ov: Overrides) -> Overrides:
     reasons = source_reasons(base)
     if reasons:
         raise KvconvertError(f"--target deepseek-v3: this source cannot be expressed: {'; '.join(reasons)}")
-    forced = dict(group_size=1, rope_heads=1, kv_bits=16, rope_bits=16)
+    forced = dict(group_size=1, rope_heads=1, kv_bits=16, rope_bits=16, tail_dim=0)
     for name, value in forced.items():
         given = getattr(ov, name)
         if given is not None and given != value:
-            flag = "--" + name.replace("_", "-")
+            flag = "--kv-tail-dim" if name == "tail_dim" else "--" + name.replace("_", "-")
             raise KvconvertError(f"--target deepseek-v3 fixes {flag} {value} (one latent per layer, one shared rope "
                                  f"key, a 16-bit cache); got {flag} {given}")
     if ov.groups is not None and any(len(g) != 1 for g in ov.groups):
@@ -73,6 +76,7 @@ class Overrides:
     kv_bits: int | None = None
     rope_bits: int | None = None
     quant_group: int | None = None
+    tail_dim: int | None = None  # 0: no tail; None: the planner decides
     target: str | None = None  # "deepseek-v3": plans the DeepSeek-V3 export can express (see fit_target)
 
     def any(self) -> bool:
@@ -83,16 +87,41 @@ def plan_bytes(base: CllaConfig, plan: Plan) -> int:
     return kv_bytes_per_token(plan_config(base, plan))
 
 
-def widest_latent(base: CllaConfig, plan: Plan, budget: int) -> int:
-    """The largest latent width (a multiple of the quant group, or of 8 at 16 bits) within `budget` bytes,
-    capped at the width that already holds every key and value of a group."""
-    step = plan.quant_group if plan.kv_bits < 16 else 8
-    one = plan_bytes(base, replace(plan, latent_dim=step))
-    per_step = plan_bytes(base, replace(plan, latent_dim=2 * step)) - one
+def _widest(base: CllaConfig, budget: int, at: Callable[[int], Plan], step: int, cap: int) -> int:
+    """The largest n (a multiple of step, at most cap) with plan_bytes(at(n)) <= budget; bytes are linear in n."""
+    one = plan_bytes(base, at(step))
+    per_step = plan_bytes(base, at(2 * step)) - one
     n = (budget - (one - per_step)) // per_step
-    # The latent is a linear function of the hidden state: wider than it, or than everything a group caches, is waste.
-    full = min(max(map(len, plan.groups)) * 2 * base.num_key_value_heads * base.head_dim, base.hidden_size)
-    return int(min(n * step, full - full % step))
+    return int(max(0, min(n * step, cap - cap % step)))
+
+
+def full_width(base: CllaConfig, plan: Plan) -> int:
+    """The latent is a linear function of the hidden state: wider than it, or than everything a group caches, is
+    waste."""
+    return min(max(map(len, plan.groups)) * 2 * base.num_key_value_heads * base.head_dim, base.hidden_size)
+
+
+def widest_latent(base: CllaConfig, plan: Plan, budget: int) -> int:
+    """The largest latent width (a multiple of the quant group, or of 8 at 16 bits) within `budget` bytes, capped
+    at `full_width`; a tail (plan.tail_dim) stays as it is and the head widens."""
+    step = plan.quant_group if plan.kv_bits < 16 or plan.tail_dim else 8
+    t = plan.tail_dim
+    return t + _widest(base, budget, lambda n: replace(plan, latent_dim=t + n), step, full_width(base, plan) - t)
+
+
+def tail_plans(base: CllaConfig, plan: Plan, budget: int) -> list[Plan]:
+    """The 4-bit plan of the widest latent (width W) with a 2-bit tail instead: heads of TAIL_SHARES of W, each
+    with the widest tail the budget leaves."""
+    qg, out = plan.quant_group, []
+    for share in TAIL_SHARES:
+        head = int(plan.latent_dim * share) // qg * qg
+        if head < qg:
+            continue
+        tail = _widest(base, budget, lambda n: replace(plan, latent_dim=head + n, tail_dim=n), qg,
+                       full_width(base, plan) - head)
+        if tail >= qg:
+            out.append(replace(plan, latent_dim=head + tail, tail_dim=tail))
+    return list(dict.fromkeys(out))
 
 
 def layouts(base: CllaConfig, ov: Overrides) -> list[tuple[tuple[int, ...], ...]]:
@@ -157,21 +186,26 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
                     for qg in [ov.quant_group] if ov.quant_group else QUANT_GROUPS:
                         if kb == 16 and rb == 16 and qg != QUANT_GROUPS[0] and not ov.quant_group:
                             continue  # the quant group does not matter then
-                        plan = Plan(groups, ov.latent_dim or qg, rd, kb, rb, rh, qg)
+                        tail = ov.tail_dim or 0
+                        plan = Plan(groups, ov.latent_dim or (tail + qg), rd, kb, rb, rh, qg, tail, TAIL_BITS)
                         if ov.target == DEEPSEEK_V3:  # standard RoPE frequencies (the highest), a normed latent
                             plan = replace(plan, select_rope=False, latent_norm=True)
+                        candidates = [plan]
                         if ov.latent_dim is None and budget is not None:
                             R = widest_latent(base, plan, budget)
-                            if R < MIN_LATENT:
+                            if R < MIN_LATENT or R <= tail:
                                 continue
-                            plan = replace(plan, latent_dim=R)
-                        try:
-                            nbytes = plan_bytes(base, plan)
-                        except ValueError:
-                            continue
-                        if budget is None or nbytes <= budget:
-                            plans.append(plan)
-                            found = True
+                            candidates = [replace(plan, latent_dim=R)]
+                            if kb == 4 and ov.tail_dim is None and ov.target != DEEPSEEK_V3:
+                                candidates += tail_plans(base, candidates[0], budget)
+                        for p in candidates:
+                            try:
+                                nbytes = plan_bytes(base, p)
+                            except ValueError:
+                                continue
+                            if budget is None or nbytes <= budget:
+                                plans.append(p)
+                                found = True
         used += found
         if max_layouts is not None and used >= max_layouts:
             break
@@ -180,7 +214,7 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
 
 def smallest_ratio(base: CllaConfig, ov: Overrides) -> float:
     """The smallest KV ratio any plan of the grid reaches (honouring the overrides)."""
-    tiny = replace(ov, latent_dim=ov.latent_dim or MIN_LATENT)
+    tiny = replace(ov, latent_dim=ov.latent_dim or (ov.tail_dim or 0) + MIN_LATENT)
     plans = enumerate_plans(base, None, tiny)
     return min(plan_bytes(base, p) for p in plans) / base.source_kv_bytes_per_token if plans else math.inf
 
@@ -197,13 +231,15 @@ def quantizer_noise(bits: int, group: int) -> float:
 def proxy_error(comp: Compressor, plan: Plan) -> float:
     """Expected squared attention-output change summed over layers (see the module docstring)."""
     err = 0.0
-    latent_noise = quantizer_noise(plan.kv_bits, plan.quant_group)
     rope_noise = quantizer_noise(plan.rope_bits, math.gcd(plan.rope_dim, plan.quant_group) if plan.rope_dim else 1)
     for g in plan.groups:
         choice = comp.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads)
         fit = comp.latent_fit(g, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads)
-        R = plan.latent_dim
-        err += choice.error + fit.error(R) + latent_noise * fit.S2[:R].sum().item() + rope_noise * choice.kept_energy
+        err += choice.error + fit.error(plan.latent_dim) + rope_noise * choice.kept_energy
+        lo = 0
+        for width, bits in plan.latent_segments:  # each segment's noise on the energy of its dims
+            err += quantizer_noise(bits, plan.quant_group) * fit.S2[lo : lo + width].sum().item()
+            lo += width
     return err
 
 
@@ -263,7 +299,7 @@ def choose_plan(
         if 2 * p.latent_dim < widest:
             continue  # a prefix that halves the uniform layouts' widest latent never measured better
         f = len(p.groups[0])
-        key = (f, p.latent_dim, p.kv_bits, p.rope_bits, p.quant_group, p.rope_heads, p.rope_dim)
+        key = (f, p.latent_dim, p.tail_dim, p.kv_bits, p.rope_bits, p.quant_group, p.rope_heads, p.rope_dim)
         if key not in finest or prefix_length(p.groups) > prefix_length(finest[key][1].groups):
             finest[key] = (proxy, p)
     chosen += finest.values()

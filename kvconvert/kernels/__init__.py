@@ -35,15 +35,16 @@ def latent_decode(
     log_weights: torch.Tensor | None = None,
     key_scale: torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
+    tail: Stream | None = None,
 ) -> torch.Tensor:
-    """Absorbed decode attention over a quantized latent stream: (B, H, R). See `latent_decode_ref`."""
+    """Absorbed decode attention over a quantized latent stream (and its tail): (B, H, R). See `latent_decode_ref`."""
     if uses_triton(latent.data):
         from .decode_attention import latent_decode_triton
 
         return latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights,
-                                    key_scale, head_bias)
+                                    key_scale, head_bias, tail)
     return latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
-                             head_bias)
+                             head_bias, tail)
 
 
 def quantize_append(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:
@@ -55,15 +56,20 @@ def quantize_append(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> Non
     return quantize_append_ref(stream, x, start)
 
 
-def decode_streams(latent: Stream, rope: Stream | None, seq_lens: torch.Tensor) -> tuple[Stream, Stream | None]:
-    """A group's streams as its layers' decode attention reads them in one step: the cache itself for the Triton
-    kernel (it dequantizes in registers); for the reference, the valid positions dequantized once to fp32 (a group
-    of G layers would otherwise dequantize them G times)."""
+def decode_streams(latent: Stream, rope: Stream | None, seq_lens: torch.Tensor, tail: Stream | None = None
+                   ) -> tuple[Stream, Stream | None, Stream | None]:
+    """A group's streams (latent, rope, tail) as its layers' decode attention reads them in one step: the cache
+    itself for the Triton kernel (it dequantizes in registers); for the reference, the valid positions dequantized
+    once to fp32 (a group of G layers would otherwise dequantize them G times), the tail joined to the latent."""
     if uses_triton(latent.data):
-        return latent, rope
+        return latent, rope, tail
     S = min(int(seq_lens.max()), latent.data.shape[1])  # a wrapped ring: all its slots
 
-    def plain(s: Stream | None) -> Stream | None:
-        return None if s is None else Stream(dequantize_stream(s, S, torch.float32), None, 16, s.group, s.width)
+    def plain(*streams: Stream | None) -> Stream | None:
+        values = [dequantize_stream(s, S, torch.float32) for s in streams if s is not None]
+        if not values:
+            return None
+        data = torch.cat(values, -1)
+        return Stream(data, None, 16, 1, data.shape[-1])
 
-    return plain(latent), plain(rope)
+    return plain(latent, tail), plain(rope), None

@@ -4,7 +4,9 @@
 # runs an fp32 online softmax (exp2, log2e folded into the scale) and writes a partial output and its log-sum-exp;
 # a second kernel, grid (B, H), merges the splits. A tile is (BLOCK_T, columns), one row per position: the latent
 # is both the keys (scores = q_lat · cᵀ) and the values (acc += p · c), so the one dequantized tile feeds both dots.
-# Tile loads: every stored byte once, row-contiguous (int4: nibbles split and interleaved in registers), one
+# A latent with a low-precision tail is two streams: a second tile, dot pair and accumulator, its output columns
+# after the head's. Tile loads: every stored byte once, row-contiguous (int4 nibbles, 2-bit crumbs split and
+# interleaved in registers), one
 # (scale, zero) per position and quant group broadcast over the group. The widths are compile-time constants, so
 # the column masks fold and the loads vectorize for any width (a runtime width vectorizes only where the JIT sees
 # it divisible by 16). History on an H100 (bench/results/kernels_gpu.json): the first loop (even/odd half-tiles, 255
@@ -49,16 +51,17 @@ def _load_tile(
     GATHER: tl.constexpr,
 ):
     """Positions offs_t of a stream as an fp32 (BLOCK_T, NG * GW) tile in _tile_columns' order; 0 where masked.
-    Default: each stored byte loaded once as a row-contiguous tile (vector loads), int4 nibbles split and
-    interleaved in registers, one (scale, zero) per position and group broadcast over the group's columns.
+    Default: each stored byte loaded once as a row-contiguous tile (vector loads), int4 nibbles (2-bit crumbs) split
+    and interleaved in registers, one (scale, zero) per position and group broadcast over the group's columns.
     GATHER (the earlier loop, kept for bench/kernels.py --sweep): one byte, scale and zero load per value."""
     row = offs_t[:, None].to(tl.int64) * stride_data_s  # int64: a cache can exceed 2^31 bytes
     w, ok = _tile_columns(W, GROUP, GW, NG)
     if GATHER:
         mask = mask_t[:, None] & ok[None, :]
-        if BITS == 4:
-            packed = tl.load(DATA + row + (w // 2)[None, :] * stride_data_w, mask=mask, other=0)
-            codes = ((packed.to(tl.int32) >> (4 * (w % 2))[None, :]) & 0xF).to(tl.float32)
+        if BITS < 8:
+            PACK: tl.constexpr = 8 // BITS
+            packed = tl.load(DATA + row + (w // PACK)[None, :] * stride_data_w, mask=mask, other=0)
+            codes = ((packed.to(tl.int32) >> (BITS * (w % PACK))[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
         else:
             codes = tl.load(DATA + row + w[None, :] * stride_data_w, mask=mask, other=0).to(tl.float32)
         if BITS < 16:
@@ -72,6 +75,13 @@ def _load_tile(
         packed = tl.load(DATA + row + wb[None, :] * stride_data_w, mask=mask_t[:, None] & okb[None, :], other=0)
         packed = packed.to(tl.int32)
         codes = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)
+    elif BITS == 2:  # byte b holds values 4b + j in bits [2j, 2j + 2): bytes in the quarter-width column order
+        wb, okb = _tile_columns(W // 4, GROUP // 4, GW // 4, NG)
+        packed = tl.load(DATA + row + wb[None, :] * stride_data_w, mask=mask_t[:, None] & okb[None, :], other=0)
+        packed = packed.to(tl.int32)
+        # interleave(interleave(v0, v2), interleave(v1, v3)) = v0, v1, v2, v3 per byte
+        codes = tl.interleave(tl.interleave(packed & 3, (packed >> 4) & 3),
+                              tl.interleave((packed >> 2) & 3, packed >> 6)).to(tl.float32)
     else:
         codes = tl.load(DATA + row + w[None, :] * stride_data_w, mask=mask_t[:, None] & ok[None, :],
                         other=0).to(tl.float32)
@@ -89,7 +99,7 @@ def _load_tile(
 @triton.jit
 def _latent_decode_split_kernel(
     # pointers
-    Q_LAT, Q_ROPE, LAT, LAT_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, LOG_W, KEY_SCALE, HEAD_BIAS, PART_OUT, PART_LSE, OUT,
+    Q_LAT, Q_ROPE, LAT, LAT_SCALES, TAIL, TAIL_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, LOG_W, KEY_SCALE, HEAD_BIAS, PART_OUT, PART_LSE, OUT,
     # sizes
     H, CAP, CHUNK, WINDOW, qk_scale, HEADS_PER_KV,
     # strides
@@ -97,6 +107,8 @@ def _latent_decode_split_kernel(
     stride_qr_b, stride_qr_h, stride_qr_w,
     stride_lat_b, stride_lat_s, stride_lat_w,
     stride_lsc_b, stride_lsc_s, stride_lsc_g, stride_lsc_k,
+    stride_tail_b, stride_tail_s, stride_tail_w,
+    stride_tsc_b, stride_tsc_s, stride_tsc_g, stride_tsc_k,
     stride_rope_b, stride_rope_s, stride_rope_w,
     stride_rsc_b, stride_rsc_s, stride_rsc_g, stride_rsc_k,
     stride_lw_b, stride_lw_s,
@@ -106,10 +118,11 @@ def _latent_decode_split_kernel(
     stride_pl_b, stride_pl_split, stride_pl_h,
     stride_out_b, stride_out_h, stride_out_r,
     # meta (the widths too: a compile-time column mask lets the tile loads vectorize)
-    R: tl.constexpr, WR: tl.constexpr,
+    R: tl.constexpr, RT: tl.constexpr, WR: tl.constexpr,
     LAT_BITS: tl.constexpr, LAT_GROUP: tl.constexpr, LAT_GW: tl.constexpr, LAT_NG: tl.constexpr,
+    TAIL_BITS: tl.constexpr, TAIL_GROUP: tl.constexpr, TAIL_GW: tl.constexpr, TAIL_NG: tl.constexpr,
     ROPE_BITS: tl.constexpr, ROPE_GROUP: tl.constexpr, ROPE_GW: tl.constexpr, ROPE_NG: tl.constexpr,
-    HAS_Q_LAT: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOG_W: tl.constexpr,
+    HAS_Q_LAT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOG_W: tl.constexpr,
     HAS_KEY_SCALE: tl.constexpr, HAS_HEAD_BIAS: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -134,9 +147,15 @@ def _latent_decode_split_kernel(
     # column's value index, mask_r whether it holds one
     offs_r, mask_r = _tile_columns(R, LAT_GROUP, LAT_GW, LAT_NG)
 
+    if HAS_TAIL:  # the latent's tail: its columns follow the head's (R of them) in q_lat and the output
+        offs_rt, mask_rt = _tile_columns(RT, TAIL_GROUP, TAIL_GW, TAIL_NG)
     if HAS_Q_LAT:
-        q_lat = tl.load(Q_LAT + pid_b * stride_ql_b + offs_h[:, None] * stride_ql_h + offs_r[None, :] * stride_ql_r,
-                        mask=mask_h[:, None] & mask_r[None, :], other=0).to(DOT_DTYPE)
+        q_row = Q_LAT + pid_b * stride_ql_b + offs_h[:, None] * stride_ql_h
+        q_lat = tl.load(q_row + offs_r[None, :] * stride_ql_r, mask=mask_h[:, None] & mask_r[None, :],
+                        other=0).to(DOT_DTYPE)
+        if HAS_TAIL:
+            q_tail = tl.load(q_row + (R + offs_rt)[None, :] * stride_ql_r, mask=mask_h[:, None] & mask_rt[None, :],
+                             other=0).to(DOT_DTYPE)
     if HAS_ROPE:
         offs_w, mask_w = _tile_columns(WR, ROPE_GROUP, ROPE_GW, ROPE_NG)
         q_rope = tl.load(Q_ROPE + pid_b * stride_qr_b + offs_h[:, None] * stride_qr_h + offs_w[None, :] * stride_qr_w,
@@ -149,6 +168,8 @@ def _latent_decode_split_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, LAT_NG * LAT_GW), dtype=tl.float32)
+    if HAS_TAIL:
+        acc_t = tl.zeros((BLOCK_H, TAIL_NG * TAIL_GW), dtype=tl.float32)
 
     for tile in range(start, end, BLOCK_T):
         offs_t = tile + tl.arange(0, BLOCK_T)
@@ -164,6 +185,15 @@ def _latent_decode_split_kernel(
         scores = tl.zeros((BLOCK_H, BLOCK_T), dtype=tl.float32)
         if HAS_Q_LAT:
             scores = tl.dot(q_lat, tl.trans(c), scores, input_precision=DOT_PRECISION)
+        if HAS_TAIL:
+            ct = _load_tile(
+                TAIL + row_b * stride_tail_b, TAIL_SCALES + row_b * stride_tsc_b,
+                offs_t, mask_t, RT,
+                stride_tail_s, stride_tail_w, stride_tsc_s, stride_tsc_g, stride_tsc_k,
+                TAIL_BITS, TAIL_GROUP, TAIL_GW, TAIL_NG, BLOCK_T, GATHER,
+            ).to(DOT_DTYPE)
+            if HAS_Q_LAT:
+                scores = tl.dot(q_tail, tl.trans(ct), scores, input_precision=DOT_PRECISION)
         if HAS_ROPE:
             k = _load_tile(
                 ROPE + row_b * stride_rope_b, ROPE_SCALES + row_b * stride_rsc_b,
@@ -192,18 +222,28 @@ def _latent_decode_split_kernel(
         p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(DOT_DTYPE), c, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        if HAS_TAIL:
+            acc_t = tl.dot(p.to(DOT_DTYPE), ct, acc_t * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     # a split with no position keeps l = 0 and writes only lse = -inf: with a large capacity most splits are empty
     has_any = l_i > 0
-    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    denom = tl.where(has_any, l_i, 1.0)[:, None]
+    out = acc / denom
     mask_out = mask_h[:, None] & mask_r[None, :]
+    if HAS_TAIL:
+        out_t = acc_t / denom
+        mask_out_t = mask_h[:, None] & mask_rt[None, :]
     if DIRECT_OUT:
-        tl.store(OUT + pid_b * stride_out_b + offs_h[:, None] * stride_out_h + offs_r[None, :] * stride_out_r,
-                 out.to(OUT.dtype.element_ty), mask=mask_out)
+        out_row = OUT + pid_b * stride_out_b + offs_h[:, None] * stride_out_h
+        tl.store(out_row + offs_r[None, :] * stride_out_r, out.to(OUT.dtype.element_ty), mask=mask_out)
+        if HAS_TAIL:
+            tl.store(out_row + (R + offs_rt)[None, :] * stride_out_r, out_t.to(OUT.dtype.element_ty), mask=mask_out_t)
     else:
         po_row = PART_OUT + pid_b * stride_po_b + pid_split * stride_po_split + offs_h[:, None] * stride_po_h
         tl.store(po_row + offs_r[None, :] * stride_po_r, out, mask=mask_out & has_any[:, None])
+        if HAS_TAIL:
+            tl.store(po_row + (R + offs_rt)[None, :] * stride_po_r, out_t, mask=mask_out_t & has_any[:, None])
         lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
         tl.store(PART_LSE + pid_b * stride_pl_b + pid_split * stride_pl_split + offs_h * stride_pl_h, lse,
                  mask=mask_h)
@@ -314,19 +354,20 @@ def latent_decode_triton(
     log_weights: torch.Tensor | None = None,
     key_scale: torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
+    tail: Stream | None = None,
 ) -> torch.Tensor:
-    """Triton `latent_decode_ref`: q_lat (B, H, R) or None, q_rope (B, H, Wr) or None, latent/rope streams
+    """Triton `latent_decode_ref`: q_lat (B, H, R) or None, q_rope (B, H, Wr) or None, latent/rope/tail streams
     (B, S, ...), seq_lens (B,) int32, log_weights (B, S) fp32 or None, key_scale (B, S, K) or None, head_bias (B, H)
-    or None -> (B, H, R) in the queries' dtype.
+    or None -> (B, H, R) in the queries' dtype (R: the latent's width, its tail's included).
     num_splits: split-K factor (None: about two programs per SM on CUDA). S = latent.data.shape[1] is the cache
     capacity; the grid depends on it only."""
     return _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights=log_weights,
-                          key_scale=key_scale, head_bias=head_bias)
+                          key_scale=key_scale, head_bias=head_bias, tail=tail)
 
 
 def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, block_t=None,
                    log_weights=None, num_warps=None, num_stages=None, programs_per_sm=None, key_scale=None,
-                   head_bias=None, gather=False):
+                   head_bias=None, gather=False, tail=None):
     """latent_decode_triton with the launch parameters open (tests and bench/kernels.py --sweep): block_t,
     num_warps, num_stages (None: the defaults below), programs_per_sm (sizes num_splits when that is None), gather
     (the earlier per-value loads, _load_tile)."""
@@ -337,17 +378,20 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         raise ValueError("q_rope needs the rope stream")
     if q_rope is None:
         rope = None  # like the reference: without rope queries the rope stream does not enter the scores
-    if latent.bits not in (4, 8, 16) or (rope is not None and rope.bits not in (4, 8, 16)):
-        raise ValueError("streams are stored at 16, 8 or 4 bits")
+    if any(s is not None and s.bits not in (2, 4, 8, 16) for s in (latent, tail, rope)):
+        raise ValueError("streams are stored at 16, 8, 4 or 2 bits")
     B, H = q.shape[:2]
     R = latent.width
+    RT = tail.width if tail is not None else 0
     WR = rope.width if rope is not None else 0
     S = latent.data.shape[1]
     device = latent.data.device
 
     lat_geom = _tile_geometry(latent.bits, latent.group, R)
+    tail_geom = _tile_geometry(tail.bits, tail.group, RT) if tail is not None else (16, 16, 1)
     rope_geom = _tile_geometry(rope.bits, rope.group, WR) if rope is not None else (16, 16, 1)
-    block_r, block_wr = lat_geom[1] * lat_geom[2], rope_geom[1] * rope_geom[2]
+    block_r = lat_geom[1] * lat_geom[2] + (tail_geom[1] * tail_geom[2] if tail is not None else 0)
+    block_wr = rope_geom[1] * rope_geom[2]
     block_h = min(max(16, triton.next_power_of_2(H)), _MAX_BLOCK_H)
     tile_t, tile_warps = _tile_config(block_h, block_r, block_wr if rope is not None else 0)
     block_t = block_t or tile_t
@@ -357,7 +401,7 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     num_splits = max(1, int(num_splits))
     chunk = triton.cdiv(triton.cdiv(S, num_splits), block_t) * block_t
 
-    out = torch.empty(B, H, R, dtype=q.dtype, device=device)
+    out = torch.empty(B, H, R + RT, dtype=q.dtype, device=device)
     direct = num_splits == 1
     if direct:
         part_out = out  # unused
@@ -365,12 +409,17 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         stride_po = (0, 0, 0, 0)
         stride_pl = (0, 0, 0)
     else:
-        part_out = torch.empty(B, num_splits, H, R, dtype=torch.float32, device=device)
+        part_out = torch.empty(B, num_splits, H, R + RT, dtype=torch.float32, device=device)
         part_lse = torch.empty(B, num_splits, H, dtype=torch.float32, device=device)
         stride_po = part_out.stride()
         stride_pl = part_lse.stride()
 
     lat_scales, stride_lsc = _scales_and_strides(latent)
+    if tail is not None:
+        tail_data, stride_tail = tail.data, tail.data.stride()
+        tail_scales, stride_tsc = _scales_and_strides(tail)
+    else:
+        tail_data, tail_scales, stride_tail, stride_tsc = latent.data, latent.data, (0, 0, 0), (0, 0, 0, 0)
     if rope is not None:
         rope_data = rope.data
         rope_scales, stride_rsc = _scales_and_strides(rope)
@@ -386,7 +435,7 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     grid = (B, num_splits, triton.cdiv(H, block_h))
     _latent_decode_split_kernel[grid](
         q_lat if q_lat is not None else q, q_rope if q_rope is not None else q,
-        latent.data, lat_scales, rope_data, rope_scales, seq_lens,
+        latent.data, lat_scales, tail_data, tail_scales, rope_data, rope_scales, seq_lens,
         log_weights if log_weights is not None else out, key_scale if key_scale is not None else out,
         head_bias if head_bias is not None else out,
         part_out, part_lse, out,
@@ -394,15 +443,18 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         H // key_scale.shape[-1] if key_scale is not None else 1,
         *stride_ql, *stride_qr,
         *latent.data.stride(), *stride_lsc,
+        *stride_tail, *stride_tsc,
         *stride_rope, *stride_rsc,
         *(log_weights.stride() if log_weights is not None else (0, 0)),
         *(key_scale.stride() if key_scale is not None else (0, 0, 0)),
         *(head_bias.stride() if head_bias is not None else (0, 0)),
         *stride_po, *stride_pl,
         *out.stride(),
-        R=R, WR=WR, LAT_BITS=latent.bits, LAT_GROUP=lat_geom[0], LAT_GW=lat_geom[1], LAT_NG=lat_geom[2],
+        R=R, RT=RT, WR=WR, LAT_BITS=latent.bits, LAT_GROUP=lat_geom[0], LAT_GW=lat_geom[1], LAT_NG=lat_geom[2],
+        TAIL_BITS=tail.bits if tail is not None else 16, TAIL_GROUP=tail_geom[0], TAIL_GW=tail_geom[1],
+        TAIL_NG=tail_geom[2],
         ROPE_BITS=rope_bits, ROPE_GROUP=rope_geom[0], ROPE_GW=rope_geom[1], ROPE_NG=rope_geom[2],
-        HAS_Q_LAT=q_lat is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None,
+        HAS_Q_LAT=q_lat is not None, HAS_TAIL=tail is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None,
         HAS_LOG_W=log_weights is not None, HAS_KEY_SCALE=key_scale is not None,
         HAS_HEAD_BIAS=head_bias is not None, DIRECT_OUT=direct,
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
@@ -414,11 +466,11 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     if not direct:
         _merge_splits_kernel[(B, H)](
             part_out, part_lse, out,
-            R, num_splits,
+            R + RT, num_splits,
             *stride_po, *stride_pl, *out.stride(),
             # a (BLOCK_S, BLOCK_R) fp32 tile of partial outputs per step: at most 4096 values (32 per thread)
-            BLOCK_S=max(2, min(32, triton.next_power_of_2(num_splits), 4096 // triton.next_power_of_2(R))),
-            BLOCK_R=triton.next_power_of_2(R),
+            BLOCK_S=max(2, min(32, triton.next_power_of_2(num_splits), 4096 // triton.next_power_of_2(R + RT))),
+            BLOCK_R=triton.next_power_of_2(R + RT),
             num_warps=4, enable_fp_fusion=True,
         )
     return out

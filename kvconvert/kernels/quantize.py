@@ -1,7 +1,8 @@
 # Grid (B * T,): one program quantizes one token row x[b, t, :W] and writes it in place at cache slot
-# (start[b] + t) % CAP (a sliding-window group's ring wraps around its capacity). Below 16 bits the row is a (BLOCK_G groups, BLOCK_K units) tile, a unit being one stored value at
-# 8 bits and a pair (value 2k, value 2k+1 -> one packed byte) at 4 bits; per group lo/hi = min/max, fp16 zero and
-# scale, code = clamp(rint((x - zero) / scale), 0, qmax): bit-identical to `kvconvert.quant.quantize`.
+# (start[b] + t) % CAP (a sliding-window group's ring wraps around its capacity). Below 16 bits the row is a
+# (BLOCK_G groups, BLOCK_K units) tile, a unit being one stored byte: one value at 8 bits, PACK = 8 // bits values
+# (value PACK*k + j in bits [j*bits, (j+1)*bits)) below; per group lo/hi = min/max, fp16 zero and scale,
+# code = clamp(rint((x - zero) / scale), 0, qmax): bit-identical to `kvconvert.quant.quantize`.
 """Triton quantize-and-append into the latent cache: `quantize_append_triton`, same semantics and bits as
 `quantize_append_ref` (reference.py). CUDA-graph safe: positions come from the `start` tensor, no host sync."""
 
@@ -54,30 +55,29 @@ def _quantize_append_kernel(
         tl.store(data_row + offs_w * stride_data_w, x.to(DATA.dtype.element_ty), mask=mask_w)
     else:
         QMAX: tl.constexpr = (1 << BITS) - 1
-        PACK: tl.constexpr = 2 if BITS == 4 else 1  # values per stored byte
+        PACK: tl.constexpr = 8 // BITS if BITS < 8 else 1  # values per stored byte
         UNITS: tl.constexpr = GROUP // PACK  # stored bytes per group
         offs_g = tl.arange(0, BLOCK_G)
         offs_k = tl.arange(0, BLOCK_K)
         mask_g = offs_g < W // GROUP
         valid = mask_g[:, None] & (offs_k < UNITS)[None, :]
         first = offs_g[:, None] * GROUP + offs_k[None, :] * PACK  # value index of the unit's first value
-        x0 = tl.load(x_row + first * stride_x_w, mask=valid, other=0).to(tl.float32)
-        lo = tl.min(tl.where(valid, x0, float("inf")), 1)
-        hi = tl.max(tl.where(valid, x0, float("-inf")), 1)
-        if PACK == 2:
-            x1 = tl.load(x_row + (first + 1) * stride_x_w, mask=valid, other=0).to(tl.float32)
-            lo = tl.minimum(lo, tl.min(tl.where(valid, x1, float("inf")), 1))
-            hi = tl.maximum(hi, tl.max(tl.where(valid, x1, float("-inf")), 1))
+        lo = tl.full((BLOCK_G,), float("inf"), tl.float32)
+        hi = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        for j in tl.static_range(PACK):
+            xj = tl.load(x_row + (first + j) * stride_x_w, mask=valid, other=0).to(tl.float32)
+            lo = tl.minimum(lo, tl.min(tl.where(valid, xj, float("inf")), 1))
+            hi = tl.maximum(hi, tl.max(tl.where(valid, xj, float("-inf")), 1))
         # scale and zero are stored in fp16: round them first so codes are chosen against the stored values;
         # div_rn: IEEE division like torch (Triton's `/` on fp32 is approximate on GPU)
         zero = lo.to(tl.float16)
         zero_f = zero.to(tl.float32)
         scale = tl.maximum(tl.math.div_rn(hi - zero_f, tl.full(hi.shape, QMAX, tl.float32)), 1e-8).to(tl.float16)
         scale_f = tl.broadcast_to(scale.to(tl.float32)[:, None], (BLOCK_G, BLOCK_K))
-        codes = _quantize_units(tl.math.div_rn(x0 - zero_f[:, None], scale_f), valid, QMAX)
-        if PACK == 2:
-            codes_hi = _quantize_units(tl.math.div_rn(x1 - zero_f[:, None], scale_f), valid, QMAX)
-            codes = codes | (codes_hi << 4)
+        codes = tl.zeros((BLOCK_G, BLOCK_K), tl.uint8)
+        for j in tl.static_range(PACK):  # the row again (from cache): a unit's values, packed into its byte
+            xj = tl.load(x_row + (first + j) * stride_x_w, mask=valid, other=0).to(tl.float32)
+            codes = codes | (_quantize_units(tl.math.div_rn(xj - zero_f[:, None], scale_f), valid, QMAX) << (BITS * j))
         unit = offs_g[:, None] * UNITS + offs_k[None, :]
         tl.store(data_row + unit * stride_data_w, codes, mask=valid)
         scales_row = SCALES + b.to(tl.int64) * stride_scales_b + pos * stride_scales_s + offs_g * stride_scales_g
@@ -101,11 +101,12 @@ def quantize_append_triton(stream: Stream, x: torch.Tensor, start: torch.Tensor)
         block_g = block_k = 1
         group = 1
     else:
-        if bits not in (4, 8) or W % group or (bits == 4 and group % 2):
+        pack = 8 // bits if bits < 8 else 1
+        if bits not in (2, 4, 8) or W % group or group % pack:
             raise ValueError(f"cannot quantize width {W} at {bits} bits with group {group}")
         scales, stride_scales = stream.scales, stream.scales.stride()
         block_g = triton.next_power_of_2(W // group)
-        block_k = triton.next_power_of_2(group // (2 if bits == 4 else 1))
+        block_k = triton.next_power_of_2(group // pack)
     _quantize_append_kernel[(B * T,)](
         x, start, stream.data, scales,
         T, W, stream.data.shape[1],

@@ -1,15 +1,18 @@
 """PyTorch references of every kernel: the CPU path of the runtime and the ground truth of the kernel tests.
 
-Cache layout of one stream (the latent, or the rope keys) of one layer group, per batch row b and position s
-(a stream is W values per token; `Stream` below names the tensors):
+Cache layout of one stream (the latent, its low-precision tail, or the rope keys) of one layer group, per batch row
+b and position s (a stream is W values per token; `Stream` below names the tensors):
 
   bits 16:  data[b, s, :W]             fp16 or bf16 values
   bits 8:   data[b, s, :W]             uint8 codes
   bits 4:   data[b, s, :W/2]           uint8, value 2i in the low nibble of byte i, value 2i+1 in the high nibble
+  bits 2:   data[b, s, :W/4]           uint8, value 4i+j in bits [2j, 2j+2) of byte i
   bits < 16: scales[b, s, j, 0/1]      fp16 scale and zero-point of values [j*group, (j+1)*group)
              value = code * scale + zero
 
 Bytes per token of a stream = W * bits / 8 + (W / group) * 4 below 16 bits: the formula `profile memory` prints.
+A latent with a tail (CllaConfig.kv_tail_dim) is two streams, head then tail: the kernels read it as their
+concatenation (the tail's columns follow the head's in q_lat and the output).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def latent_decode_ref(
     log_weights: torch.Tensor | None = None,
     key_scale: torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
+    tail: Stream | None = None,
 ) -> torch.Tensor:
     """One decode step of absorbed latent attention: every query head against one latent stream (MQA).
 
@@ -87,26 +91,29 @@ def latent_decode_ref(
     tokens); window: only the last `window` positions are attended (sliding-window layers); log_weights: (B, S) fp32 added to every head's scores of a slot
     (a cache policy's merged slot standing for w tokens carries log w), None = 0; key_scale: (B, S, K) the key norms
     of a qk-norm source (per position and kv head; query head h reads kv head h // (H / K)), None = 1; head_bias:
-    (B, H) fp32 q_nope · b_k of a key bias, which the key norms make position-dependent (None = 0).
+    (B, H) fp32 q_nope · b_k of a key bias, which the key norms make position-dependent (None = 0); tail: the
+    latent's low-precision tail, its values following the head's (R counts both), or None.
     score[b, h, s] = (q_lat · latent[s] + q_rope · rope[s] + head_bias[b, h]) * key_scale[b, s, kv(h)] * softmax_scale
                      + log_weights[b, s]
     out[b, h] = Σ_s softmax(score) latent[s]
     Returns (B, H, R) in q's dtype; computed in fp32 (fp64 for fp64 queries).
     """
     scores, c = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
-                               head_bias)
+                               head_bias, tail)
     q = q_lat if q_lat is not None else q_rope
     return torch.matmul(scores.softmax(-1), c).to(q.dtype)
 
 
 def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale=None,
-                   head_bias=None):
+                   head_bias=None, tail=None):
     """Scores (B, H, S) over the first S = min(max(seq_lens), capacity) slots (-inf where masked) and the latent
     (B, S, R)."""
     S = min(int(seq_lens.max()), latent.data.shape[1])
     q = q_lat if q_rope is None else q_rope if q_lat is None else torch.cat((q_lat, q_rope), -1)
     compute = torch.promote_types(q.dtype, torch.float32)
     c = dequantize_stream(latent, S, compute)  # (B, S, R)
+    if tail is not None:
+        c = torch.cat((c, dequantize_stream(tail, S, compute)), -1)
     keys = c if q_lat is not None else None
     if q_rope is not None:
         k_rope = dequantize_stream(rope, S, compute)
@@ -132,12 +139,12 @@ def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
 
 def latent_attention_weights_ref(
     q_lat, q_rope, latent: Stream, rope: Stream | None, seq_lens, softmax_scale: float, window=None, log_weights=None,
-    key_scale=None, head_bias=None,
+    key_scale=None, head_bias=None, tail=None,
 ) -> torch.Tensor:
     """The attention each cached slot receives in `latent_decode_ref`, summed over the query heads: (B, capacity)
     fp32, zero past each row's length. What score-based cache policies accumulate."""
     scores, _ = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
-                               head_bias)
+                               head_bias, tail)
     out = torch.zeros(scores.shape[0], latent.data.shape[1], dtype=torch.float32, device=scores.device)
     out[:, : scores.shape[-1]] = scores.softmax(-1).sum(1).float()
     return out

@@ -1,8 +1,10 @@
 """LatentCache: the static, preallocated KV cache of a CLLA model.
 
-Per layer group g and per token, two streams (byte layout in kernels/reference.py):
-  latent  kv_latent_dim values at kv_bits    latent_data[g] (B, S, R or R/2), latent_scales[g] (B, S, R/group, 2) fp16
-  rope    rope_heads*rope_dim values at rope_bits (after RoPE), rope_data[g], rope_scales[g] likewise
+Per layer group g and per token, up to three streams (byte layout in kernels/reference.py):
+  latent  the latent's head, kv_latent_dim - kv_tail_dim values at kv_bits: data (B, S, R * bits / 8),
+          scales (B, S, R/group, 2) fp16
+  tail    with kv_tail_dim, the latent's last kv_tail_dim values at kv_tail_bits, likewise
+  rope    rope_heads*rope_dim values at rope_bits (after RoPE), likewise
 and for a qk-norm source, per layer, its key norms (B, S, K) 16-bit (`key_scale(layer)`),
 plus `seq_lens` (B,) int32: tokens per row. Row b holds token p at slot p of each group; nothing is ever
 concatenated or moved. With `ring_chunk`, a sliding-window group keeps only a ring of window + ring_chunk - 1 slots
@@ -24,8 +26,8 @@ GIB = 1 << 30
 
 
 def stored_width(width: int, bits: int) -> int:
-    """Elements per token of a stream's data tensor: int4 packs two values per byte."""
-    return (width + 1) // 2 if bits == 4 else width
+    """Elements per token of a stream's data tensor: below 8 bits, 8 // bits values per byte."""
+    return -(-width * bits // 8) if bits < 8 else width
 
 
 class LatentCache:
@@ -48,7 +50,10 @@ class LatentCache:
         self.device = torch.device(device)
         self.ring_chunk = ring_chunk
         self.slots = cache_slots(config, capacity, ring_chunk)  # per layer group
-        streams = [("latent", config.kv_latent_dim, config.kv_bits, config.kv_quant_group)]
+        (head, head_bits), *tail = config.latent_segments
+        streams = [("latent", head, head_bits, config.kv_quant_group)]
+        if tail:
+            streams.append(("tail", tail[0][0], tail[0][1], config.kv_quant_group))
         if config.rope_dim:
             streams.append(("rope", config.rope_heads * config.rope_dim, config.rope_bits, config.rope_quant_group))
         # name -> one Stream per layer group
@@ -77,7 +82,16 @@ class LatentCache:
             ) from None
 
     def latent(self, group: int) -> Stream:
+        """The latent (its head, when it has a tail)."""
         return self._streams["latent"][group]
+
+    def tail(self, group: int) -> Stream | None:
+        """The latent's low-precision tail (config.kv_tail_dim), or None."""
+        return self._streams["tail"][group] if "tail" in self._streams else None
+
+    def latent_streams(self, group: int) -> list[Stream]:
+        """The streams that hold group g's latent, in the latent's order."""
+        return [self.latent(group)] + ([] if self.tail(group) is None else [self.tail(group)])
 
     def rope(self, group: int) -> Stream | None:
         return self._streams["rope"][group] if "rope" in self._streams else None
@@ -94,9 +108,9 @@ class LatentCache:
         return Stream(data, None, 16, 1, data.shape[-1])
 
     def group_streams(self, group: int) -> list[Stream]:
-        """Everything group g caches per slot (what a cache policy moves and merges): latent, rope keys, and the
-        key norms of the group's layers."""
-        streams = [self.latent(group)] + ([] if self.rope(group) is None else [self.rope(group)])
+        """Everything group g caches per slot (what a cache policy moves and merges): latent (and its tail), rope
+        keys, and the key norms of the group's layers."""
+        streams = self.latent_streams(group) + ([] if self.rope(group) is None else [self.rope(group)])
         if self._key_scales:
             streams += [self.key_scale(i) for i in self.config.layer_groups[group]]
         return streams

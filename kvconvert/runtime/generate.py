@@ -303,7 +303,10 @@ class LatentRuntime:
         """Quantize group g's latent and rope keys of x (B, T, hidden) into the cache at start[b] + t."""
         proj = self.model.model.latent_proj[g]
         B, T, _ = x.shape
-        quantize_append(self.cache.latent(g), proj.latent(x), start)
+        latent, lo = proj.latent(x), 0
+        for stream in self.cache.latent_streams(g):  # the head, then any low-precision tail
+            quantize_append(stream, latent[..., lo : lo + stream.width], start)
+            lo += stream.width
         if proj.rope_proj is not None:
             k_rope = proj.rope_keys(x).transpose(1, 2)
             k_rope = apply_rope(k_rope, cos, sin).transpose(1, 2).reshape(B, T, -1)
@@ -323,7 +326,7 @@ class LatentRuntime:
     def _read_group(self, g: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first S slots of group g as the model's attention takes them: latent (B, S, R), rope (B, Hr, S, Dr)."""
         cfg = self.config
-        latent = dequantize_stream(self.cache.latent(g), S, self.dtype)
+        latent = torch.cat([dequantize_stream(st, S, self.dtype) for st in self.cache.latent_streams(g)], -1)
         rope = self.cache.rope(g)
         B = latent.shape[0]
         if rope is None:
@@ -359,16 +362,17 @@ class LatentRuntime:
 
     def _decode_attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, streams):
         """Absorbed attention of layer i for one token per row: x (B, 1, hidden) -> (B, 1, hidden).
-        cos/sin (B, Hr, 1, Dr) at each row's position; streams: the group's (latent, rope) as kernels read them."""
+        cos/sin (B, Hr, 1, Dr) at each row's position; streams: the group's (latent, rope, tail) as kernels read them."""
         lay = self.layers[i]
         q_lat, q_rope, head_bias = self._queries(lay, x[:, 0], cos, sin)
         log_w = self.log_weights(self.group_of[i])
         ks = self._key_scale(i)
-        o_lat = latent_decode(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_weights=log_w,
-                              key_scale=ks, head_bias=head_bias)
+        latent, rope, tail = streams
+        o_lat = latent_decode(q_lat, q_rope, latent, rope, lens, self.softmax_scale, lay.window, log_weights=log_w,
+                              key_scale=ks, head_bias=head_bias, tail=tail)
         if self.policy is not None and self.policy.scored:
-            seen = latent_attention_weights(q_lat, q_rope, streams[0], streams[1], lens, self.softmax_scale, lay.window, log_w,
-                                            ks, head_bias)
+            seen = latent_attention_weights(q_lat, q_rope, latent, rope, lens, self.softmax_scale, lay.window, log_w,
+                                            ks, head_bias, tail)
             self._attention_seen[self.group_of[i]][:, : seen.shape[1]] += seen
         return self._attention_output(i, o_lat)[:, None]
 
@@ -615,7 +619,7 @@ class LatentRuntime:
             x = layer.input_layernorm(h)
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
-                streams = decode_streams(self.cache.latent(g), self.cache.rope(g), lens)
+                streams = decode_streams(self.cache.latent(g), self.cache.rope(g), lens, self.cache.tail(g))
             self._append_key_scale(i, x, start)
             h = layer.attn_residual(h, self._decode_attention(i, x, cos[g], sin[g], lens, streams))
             h = layer.mlp_residual(h)

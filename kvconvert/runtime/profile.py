@@ -111,9 +111,8 @@ def fill_cache_for_timing(rt, context: int) -> None:
     import torch
 
     cache = rt.cache
-    for name in ("latent", "rope"):
-        for g in range(rt.config.num_layer_groups):
-            s = cache.latent(g) if name == "latent" else cache.rope(g)
+    for g in range(rt.config.num_layer_groups):
+        for s in cache.latent_streams(g) + [cache.rope(g)]:
             if s is None:
                 continue
             if s.data.dtype == torch.uint8:
