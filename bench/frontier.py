@@ -1,12 +1,13 @@
 """Zero-shot CLLA conversion of SmolLM2-135M-Instruct across KV ratios, and an ablation at 0.05.
 
     python bench/frontier.py [--ratios 0.25,0.10,0.05,0.02] [--text FILE] [--passkey-trials 5] [--skip-ablation]
+    python bench/frontier.py --ablation-only     # rerun the ablation, keep the rows of the existing JSON
 
 For each ratio: `kvconvert convert smollm2 --kv-ratio R` (timed, default sampled calibration), then perplexity on
 the text (first 20,480 tokens, 512-token windows, kvconvert.evaluate's protocol), top-1 agreement and KL
 against the source, passkey accuracy at 1k and 4k tokens, KV bytes per token. The ablation rebuilds the 0.05 plan
 without the RoPE pair selection, with plain weight SVD, without the rotation, and re-plans with one layer per
-group; at 0.10 it compares the planner with and without its prefix layouts (first layers in finer groups).
+group and without 2-bit tails (equal bits throughout the latent); at 0.10 it compares the planner with and without its prefix layouts (first layers in finer groups).
 Writes bench/results/frontier_smollm2.json and bench/results/frontier_smollm2.png.
 """
 
@@ -45,13 +46,17 @@ def main() -> None:
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--merge", action="store_true", help="rerun only --ratios and replace their rows in the existing JSON "
                     "(the source row and the ablation are kept, with a record of what was rerun and when)")
+    ap.add_argument("--ablation-only", action="store_true", help="rerun only the ablation; the rows of the existing JSON "
+                    "are kept, with a record of when the ablation was rerun")
     args = ap.parse_args()
-    if args.merge:
+    if args.merge and args.ablation_only:
+        sys.exit("error: --merge reruns rows, --ablation-only the ablation: give one")
+    if args.merge or args.ablation_only:
         import json
         import subprocess
 
         previous = json.loads((RESULTS / "frontier_smollm2.json").read_text())
-        args.skip_ablation = True
+        args.skip_ablation = args.merge
     text_path = data_file("austen_persuasion.txt", args.text)
 
     from kvconvert.convert.pipeline import ConvertOptions, convert
@@ -64,6 +69,8 @@ def main() -> None:
     windows = text_windows(source.tokenizer, read_text(text_path), args.window, args.max_tokens)
     if args.merge:
         rows = previous["rows"][:1]
+    elif args.ablation_only:
+        rows = previous["rows"]
     else:
         print("source ...", flush=True)
         rows = [{"name": "source", "kv_ratio": 1.0, "kv_bytes_per_token": 23040} | evaluate(source.model, source.tokenizer, windows, None, args.passkey_trials)]
@@ -71,7 +78,7 @@ def main() -> None:
     print(f"source: ppl {base_ppl:.2f} passkey {rows[0]['passkey']}", flush=True)
     tmp = Path(tempfile.mkdtemp())
     try:
-        for ratio in [float(r) for r in args.ratios.split(",")]:
+        for ratio in [] if args.ablation_only else [float(r) for r in args.ratios.split(",")]:
             out = tmp / f"r{ratio}"
             t = time.perf_counter()
             record = convert("smollm2", out, ConvertOptions(kv_ratio=ratio, log=lambda m: print("  " + m, flush=True)))
@@ -99,8 +106,14 @@ def main() -> None:
         plot(rows, RESULTS / "frontier_smollm2.png")
         print(f"wrote {path}")
         return
-    write_result("frontier_smollm2", meta | {"rows": rows, "ablation_at_0.05": []})  # kept if the ablation fails
-    plot(rows, RESULTS / "frontier_smollm2.png")
+    if args.ablation_only:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        meta = {k: v for k, v in previous.items() if k not in ("environment", "ablation_at_0.05")} | {
+            "rows_environment": previous.get("rows_environment", previous["environment"]),
+            "ablation_rerun": {"commit": commit, "date": time.strftime("%Y-%m-%d")}}
+    else:
+        write_result("frontier_smollm2", meta | {"rows": rows, "ablation_at_0.05": []})  # kept if the ablation fails
+        plot(rows, RESULTS / "frontier_smollm2.png")
     ablation = []
     if not args.skip_ablation:
         comp, held = calibrated(source)
@@ -111,6 +124,8 @@ def main() -> None:
             "no RoPE pair selection (highest frequencies kept)": replace(plan, select_rope=False),
             "plain weight SVD (not activation-aware)": replace(plan, activation_aware=False),
             "no rotation before quantization": replace(plan, rotate=False),
+            "no 2-bit tail (re-planned with equal bits throughout the latent)": choose_plan(
+                comp, 0.05, Overrides(tail_dim=0), held).plan,
         }
         try:
             variants["one layer per group (re-planned)"] = choose_plan(comp, 0.05, Overrides(group_size=1), held).plan
