@@ -172,6 +172,18 @@ def test_the_planner_tries_4_bit_latents_with_2_bit_tails():
     assert all(plan_bytes(comp.base, p) <= budget for p in given)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_width_search_prices_plans_as_their_configs_do(arch):
+    """PlanShape (the width search's bytes, no config built) equals the built config's figure for every plan the
+    planner enumerates, tails and qk-norm key scales included."""
+    from kvconvert.convert.plan import Overrides, PlanShape, enumerate_plans, plan_bytes
+
+    _, comp = compressor(arch)
+    plans = enumerate_plans(comp.base, int(0.5 * comp.base.source_kv_bytes_per_token), Overrides())
+    assert any(p.tail_dim for p in plans) and any(not p.tail_dim for p in plans)
+    assert [kv_bytes_per_token(PlanShape(comp.base, p)) for p in plans] == [plan_bytes(comp.base, p) for p in plans]
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 

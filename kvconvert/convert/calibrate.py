@@ -112,6 +112,13 @@ class Calibration:
             self._cov[key] = torch.cat([top, bottom], 0) / n
         return self._cov[key]
 
+    def cov_pinv(self, i: int) -> torch.Tensor:
+        """The pseudo-inverse of cov(i, i) (kept: every layer group starting at layer i needs it)."""
+        key = ("pinv", i)
+        if key not in self._cov:
+            self._cov[key] = torch.linalg.pinv(self.cov(i, i))
+        return self._cov[key]
+
 
 @torch.no_grad()
 def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progress | None = None) -> Calibration:

@@ -84,13 +84,34 @@ class Overrides:
 
 
 def plan_bytes(base: CllaConfig, plan: Plan) -> int:
+    """KV bytes per token of the plan's config (built, so an invalid plan raises ValueError)."""
     return kv_bytes_per_token(plan_config(base, plan))
 
 
+@dataclass(frozen=True)
+class PlanShape:
+    """What a plan's KV bytes depend on, as `kv_bytes_breakdown` reads them from a config: the width search prices
+    hundreds of plans, and building (and validating) a CllaConfig for each cost a sixth of the planning time."""
+
+    base: CllaConfig
+    plan: Plan
+
+    num_hidden_layers = property(lambda self: self.base.num_hidden_layers)
+    num_key_value_heads = property(lambda self: self.base.num_key_value_heads)
+    qk_norm = property(lambda self: self.base.qk_norm)
+    num_layer_groups = property(lambda self: len(self.plan.groups))
+    latent_segments = property(lambda self: self.plan.latent_segments)
+    kv_quant_group = property(lambda self: self.plan.quant_group)
+    rope_heads = property(lambda self: self.plan.rope_heads)
+    rope_dim = property(lambda self: self.plan.rope_dim)
+    rope_bits = property(lambda self: self.plan.rope_bits)
+    rope_quant_group = property(lambda self: math.gcd(self.plan.rope_dim, self.plan.quant_group) if self.plan.rope_dim else 1)
+
+
 def _widest(base: CllaConfig, budget: int, at: Callable[[int], Plan], step: int, cap: int) -> int:
-    """The largest n (a multiple of step, at most cap) with plan_bytes(at(n)) <= budget; bytes are linear in n."""
-    one = plan_bytes(base, at(step))
-    per_step = plan_bytes(base, at(2 * step)) - one
+    """The largest n (a multiple of step, at most cap) with plan bytes(at(n)) <= budget; bytes are linear in n."""
+    one = kv_bytes_per_token(PlanShape(base, at(step)))
+    per_step = kv_bytes_per_token(PlanShape(base, at(2 * step))) - one
     n = (budget - (one - per_step)) // per_step
     return int(max(0, min(n * step, cap - cap % step)))
 

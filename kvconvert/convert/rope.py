@@ -126,28 +126,28 @@ def choose_shared_rope(
     f = layers[0]
     rot = rotation_loss(inv_freq)
     cf = cal.cov(f, f)
-    cf_inv = torch.linalg.pinv(cf)
     # Rows that predict each layer's keys from x̃_f: wk_l E[x̃_l x̃_fᵀ] E[x̃_f x̃_fᵀ]^-1 (exact for the first layer).
-    pred = [st.wk if l == f else st.wk @ cal.cov(l, f) @ cf_inv for l, st in zip(layers, stats)]
+    pred = [st.wk if l == f else st.wk @ cal.cov(l, f) @ cal.cov_pinv(f) for l, st in zip(layers, stats)]
     qw = torch.stack(
         [(st.vscale[:, None] * st.q_pair_energy).view(K, per, half).sum(1) * softmax_scale**2 for st in stats]
     )  # (G, K, half)
     k_energy = torch.stack([st.k_pair_energy for st in stats])  # (G, K, half)
     P = torch.cat(pred)  # (G*K*D, h+1)
     M2 = P @ cf @ P.T  # second moments of the predicted keys
-    u = torch.zeros(G, K, half, dtype=torch.complex128)
-    coef = torch.zeros(G * K, half, dtype=torch.complex128)
-    captured = torch.zeros(half, dtype=torch.float64)
-    for i in range(half):
-        a = torch.tensor([g * K * D + k * D + i for g in range(G) for k in range(K)])
-        b = a + half
-        sigma = torch.complex(M2[a][:, a] + M2[b][:, b], M2[b][:, a] - M2[a][:, b])  # E[ẑ ẑ^H]
-        w = qw[:, :, i].reshape(-1).clamp_min(1e-30).sqrt()
-        lam, vec = torch.linalg.eigh(w[:, None] * sigma * w[None, :])
-        v = vec[:, -1]
-        captured[i] = lam[-1].clamp_min(0)
-        coef[:, i] = v.conj() * w  # s = Σ coef · ẑ
-        u[:, :, i] = (v / w).view(G, K)
+    # Per pair i (all pairs at once, batched): over the (layer, kv head) keys ẑ of the pair, E[ẑ ẑ^H] weighted by
+    # the queries that read them; its top eigenvector is the shared key's direction.
+    a = (torch.arange(G * K) // K * K * D + torch.arange(G * K) % K * D)[None, :] + torch.arange(half)[:, None]
+    b = a + half  # (half, G*K) row indices of the pair's real and imaginary parts
+
+    def block(r, c):
+        return M2[r[:, :, None], c[:, None, :]]
+    sigma = torch.complex(block(a, a) + block(b, b), block(b, a) - block(a, b))  # (half, GK, GK) E[ẑ ẑ^H]
+    w = qw.permute(2, 0, 1).reshape(half, G * K).clamp_min(1e-30).sqrt()
+    lam, vec = torch.linalg.eigh(w[:, :, None] * sigma * w[:, None, :])
+    v = vec[..., -1]  # (half, GK)
+    captured = lam[:, -1].clamp_min(0)
+    coef = (v.conj() * w).T  # (GK, half): s = Σ coef · ẑ
+    u = (v / w).T.reshape(G, K, half).clone()
     total = (qw * k_energy).sum((0, 1))  # (half,)
     benefit = captured * rot
     keep = sorted(torch.argsort(benefit, descending=True)[:m].tolist()) if select else list(range(m))
