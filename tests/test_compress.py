@@ -230,6 +230,13 @@ def test_every_override_lands_in_the_config(tmp_path, tiny_src):
     assert "latent 16 @ 4 + 32 @ 2 bit" in json.loads(r.stdout)["plan"]
 
 
+def test_a_quant_group_that_does_not_divide_128_converts(tmp_path, tiny_src):
+    """The planner's quantizer-noise estimate works on whole groups of any size (a group of 6 once crashed it)."""
+    r = convert(tiny_src, tmp_path / "out", "--kv-ratio", "0.5", "--quant-group", "6", "--rope-dim", "6", "--rope-bits", "4")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["kv_quant_group"] == 6
+
+
 def test_calibration_from_data_files(tmp_path, tiny_src):
     txt = tmp_path / "a.txt"
     txt.write_text("Calibration text from a file. " * 60)
@@ -257,7 +264,9 @@ def test_calibration_from_data_files(tmp_path, tiny_src):
         (["--latent-dim", "96"], "exceeds the hidden size"),
         (["--kv-ratio", "0.5", "--kv-tail-dim", "-8"], "--kv-tail-dim"),
         (["--latent-dim", "32", "--kv-tail-dim", "32"], "smaller than --latent-dim"),
-        (["--kv-ratio", "0.5", "--kv-tail-dim", "16", "--kv-bits", "2"], "wider latent head"),
+        (["--kv-ratio", "0.5", "--kv-tail-dim", "32", "--kv-bits", "2"], "wider latent head"),
+        (["--kv-ratio", "0.5", "--kv-tail-dim", "40"], "multiple of the quantization group (32 or 64"),
+        (["--kv-ratio", "0.5", "--kv-tail-dim", "16", "--quant-group", "32"], "multiple of the quantization group (32;"),
     ],
 )
 def test_bad_plans_are_refused(tmp_path, tiny_src, args, needle):

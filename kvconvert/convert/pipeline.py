@@ -14,7 +14,7 @@ from ..config import SUPPORTED_KV_BITS
 from ..errors import KvconvertError
 from .build import Compressor, layer_kinds, mixed_group
 from .calibrate import collect_inputs, read_data_files, sample_tokens, tokens_from_text
-from .plan import TAIL_BITS, Overrides, choose_plan, fit_target, proxy_error
+from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
 from ..distill import dist
 from ..distill.run import checkpoint_dir, distill_student, load_initial, prepare_checkpoint_dir
@@ -102,6 +102,10 @@ def check_options(opts: ConvertOptions) -> None:
         if ov.tail_dim and ov.latent_dim is not None and ov.tail_dim >= ov.latent_dim:
             raise KvconvertError(f"--kv-tail-dim {ov.tail_dim} must be smaller than --latent-dim {ov.latent_dim} "
                                  "(the tail is the latent's last dims)")
+        groups = [ov.quant_group] if ov.quant_group else list(QUANT_GROUPS)
+        if ov.tail_dim and all(ov.tail_dim % g for g in groups):
+            raise KvconvertError(f"--kv-tail-dim {ov.tail_dim} must be a multiple of the quantization group "
+                                 f"({' or '.join(map(str, groups))}; --quant-group sets it)")
         if ov.tail_dim and ov.kv_bits is not None and ov.kv_bits <= TAIL_BITS:
             raise KvconvertError(f"a {TAIL_BITS}-bit tail needs a wider latent head: --kv-bits {ov.kv_bits} leaves "
                                  "nothing to save (drop --kv-tail-dim, or raise --kv-bits)")

@@ -245,7 +245,7 @@ def quantizer_noise(bits: int, group: int) -> float:
     """Relative MSE of the group-wise quantizer on Gaussian data (what a rotated latent looks like)."""
     if bits >= 16:
         return 0.0
-    x = torch.randn(4096, 128, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4096, group * max(1, 128 // group), generator=torch.Generator().manual_seed(0))  # whole groups
     return ((fake_quantize(x, bits, group) - x).pow(2).mean() / x.pow(2).mean()).item()
 
 
@@ -300,7 +300,7 @@ def choose_plan(
             mixed += enumerate_plans(base, budget, replace(ov, groups=layout))
     if not plans:
         reach = smallest_ratio(base, ov)
-        if kv_ratio is not None and reach > kv_ratio:
+        if kv_ratio is not None and kv_ratio < reach < math.inf:
             what = "with these plan options " if ov.any() else ""
             raise KvconvertError(f"--kv-ratio {kv_ratio:g} is out of reach {what}(smallest reachable ratio: {reach:.4f})")
         raise KvconvertError("the plan options contradict each other or the model's shapes (no valid plan)")
