@@ -193,7 +193,7 @@ def convert(
     groups: Annotated[Optional[str], typer.Option(help="Group sizes in layer order, e.g. 1,2,3,3,... (uneven groups).")] = None,
     rope_dim: Annotated[Optional[int], typer.Option(help="RoPE dims kept per rope head (even).")] = None,
     rope_heads: Annotated[Optional[int], typer.Option(help="1: one rope key shared by all heads; K: one per kv head.")] = None,
-    kv_bits: Annotated[Optional[int], typer.Option(help="Latent bits: 16, 8, 4 or 2.")] = None,
+    kv_bits: Annotated[Optional[int], typer.Option(help="Latent bits: 16, 8, 4 or 2 (at 4 the planner may still store a 2-bit tail: --kv-tail-dim 0 rules it out).")] = None,
     kv_tail_dim: Annotated[
         Optional[int], typer.Option(help="Store the latent's last N (lowest-energy) dims at 2 bits, the rest at --kv-bits; 0: none (default: the planner tries 4-bit latents with tails).")
     ] = None,

@@ -170,6 +170,10 @@ def test_the_planner_tries_4_bit_latents_with_2_bit_tails():
     given = enumerate_plans(comp.base, budget, Overrides(group_size=1, tail_dim=16, kv_bits=4, quant_group=8))
     assert given and all(p.tail_dim == 16 and p.latent_dim > 16 for p in given)
     assert all(plan_bytes(comp.base, p) <= budget for p in given)
+    # a tail is quantized whatever the head's bits: a 16-bit head still tries every quant group
+    _, wide = compressor("llama", hidden_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    forced = enumerate_plans(wide.base, int(0.5 * wide.base.source_kv_bytes_per_token), Overrides(tail_dim=64))
+    assert {(16, 16, 32), (16, 16, 64)} <= {(p.kv_bits, p.rope_bits, p.quant_group) for p in forced}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -266,6 +270,9 @@ def test_calibration_from_data_files(tmp_path, tiny_src):
         (["--latent-dim", "32", "--kv-tail-dim", "32"], "smaller than --latent-dim"),
         (["--kv-ratio", "0.5", "--kv-tail-dim", "32", "--kv-bits", "2"], "wider latent head"),
         (["--kv-ratio", "0.5", "--kv-tail-dim", "40"], "multiple of the quantization group (32 or 64"),
+        (["--kv-ratio", "0.5", "--kv-tail-dim", "64"], "leaves no latent head within the hidden size 64"),
+        # the narrowest latent at a quant group of 64 is 64 wide (a 32-wide probe would find no plan at all)
+        (["--kv-ratio", "0.01", "--kv-bits", "4", "--quant-group", "64"], "smallest reachable ratio: 0."),
         (["--kv-ratio", "0.5", "--kv-tail-dim", "16", "--quant-group", "32"], "multiple of the quantization group (32;"),
     ],
 )

@@ -129,6 +129,9 @@ def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
     L, D, K = config.num_hidden_layers, config.head_dim, config.num_key_value_heads
     if ov.latent_dim is not None and ov.latent_dim > config.hidden_size:
         raise KvconvertError(f"--latent-dim {ov.latent_dim} exceeds the hidden size {config.hidden_size}")
+    if ov.tail_dim and ov.tail_dim >= config.hidden_size:
+        raise KvconvertError(f"--kv-tail-dim {ov.tail_dim} leaves no latent head within the hidden size "
+                             f"{config.hidden_size}")
     if ov.rope_dim is not None and ov.rope_dim > D:
         raise KvconvertError(f"--rope-dim {ov.rope_dim} exceeds the head dim {D}")
     if ov.rope_heads is not None and ov.rope_heads not in (1, K):

@@ -196,8 +196,10 @@ def rope_options(base: CllaConfig, groups, ov: Overrides) -> list[tuple[int, int
 
 
 def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_layouts: int | None = None) -> list[Plan]:
-    """Plans the grid and the overrides allow within the budget (all budgets when None). With `max_layouts`,
-    only the that many finest layer layouts that fit the budget: sharing across layers costs quality zero-shot."""
+    """Plans the grid and the overrides allow within the budget. Without a budget (`smallest_ratio`), each plan at
+    its narrowest latent: MIN_LATENT rounded up to the quant group (plus any tail), within `full_width`. With
+    `max_layouts`, only the that many finest layer layouts that fit the budget: sharing across layers costs
+    quality zero-shot."""
     plans, used = [], 0
     for groups in layouts(base, ov):
         found = False
@@ -205,13 +207,17 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
             for kb in [ov.kv_bits] if ov.kv_bits else LATENT_BITS:
                 for rb in [ov.rope_bits] if ov.rope_bits else ROPE_BITS:
                     for qg in [ov.quant_group] if ov.quant_group else QUANT_GROUPS:
-                        if kb == 16 and rb == 16 and qg != QUANT_GROUPS[0] and not ov.quant_group:
-                            continue  # the quant group does not matter then
                         tail = ov.tail_dim or 0
-                        plan = Plan(groups, ov.latent_dim or (tail + qg), rd, kb, rb, rh, qg, tail, TAIL_BITS)
+                        if kb == 16 and rb == 16 and not tail and qg != QUANT_GROUPS[0] and not ov.quant_group:
+                            continue  # nothing is quantized: the quant group does not matter
+                        step = qg if kb < 16 or tail else 8
+                        narrowest = tail + -(-MIN_LATENT // step) * step
+                        plan = Plan(groups, ov.latent_dim or narrowest, rd, kb, rb, rh, qg, tail, TAIL_BITS)
                         if ov.target == DEEPSEEK_V3:  # standard RoPE frequencies (the highest), a normed latent
                             plan = replace(plan, select_rope=False, latent_norm=True)
                         candidates = [plan]
+                        if ov.latent_dim is None and budget is None and narrowest > full_width(base, plan):
+                            continue
                         if ov.latent_dim is None and budget is not None:
                             R = widest_latent(base, plan, budget)
                             if R < MIN_LATENT or R <= tail:
@@ -235,8 +241,7 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
 
 def smallest_ratio(base: CllaConfig, ov: Overrides) -> float:
     """The smallest KV ratio any plan of the grid reaches (honouring the overrides)."""
-    tiny = replace(ov, latent_dim=ov.latent_dim or (ov.tail_dim or 0) + MIN_LATENT)
-    plans = enumerate_plans(base, None, tiny)
+    plans = enumerate_plans(base, None, ov)
     return min(plan_bytes(base, p) for p in plans) / base.source_kv_bytes_per_token if plans else math.inf
 
 
