@@ -1,4 +1,7 @@
-"""What a mixed-precision latent would score at the 0.25 plan's bytes (simulated: the runtime cannot store one yet).
+"""What a mixed-precision latent would score at the 0.25 plan's bytes (simulated in the forward: any segments).
+
+The runtime stores a 4-bit head with a 2-bit tail at one quant group (CllaConfig.kv_tail_dim; the planner picks it);
+this script also simulates what it cannot store: a quant group per segment, more than two segments, other bits.
 
     python bench/mixed_latent.py ["192@4/32;96@4/32+160@2/32;..."] [--layout 2x1+14x2 --quant-group 64 --rope-dim 64 --name N]
 
