@@ -704,9 +704,10 @@ def profile_memory(
     t = Table(title=f"KV cache of {model_path} ({kind})")
     t.add_column("cached tensor")
     t.add_column("bytes / token", justify="right")
+    segments = " + ".join(f"{s['width']} @ {s['bits']}" for s in result["latent_segments"])
     for name, b in result["kv_bytes_per_token"].items():
         if b or name != "key_scales":  # key norms exist only for qk-norm sources (Qwen3, Gemma 3)
-            t.add_row(name, f"{b:,}")
+            t.add_row(f"latent ({segments} bit)" if name == "latent" else name, f"{b:,}")
     t.add_row("source (16-bit K+V)", f"{result['source_kv_bytes_per_token']:,}")
     t.add_row("ratio", f"{result['kv_ratio']:.4f}")
     out.print(t)

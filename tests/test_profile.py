@@ -73,3 +73,10 @@ def test_profile_cli_on_source_and_converted(tmp_path):
     assert jb["converted"]["kv_bytes_total"] == jb["kv_bytes_per_token"]["total"] * 4096 * 2
     table = runner.invoke(app, ["profile", "memory", str(out)])
     assert table.exit_code == 0 and "rope_keys" in table.stdout and "ratio" in table.stdout
+    assert "latent (32 @ 16 bit)" in table.stdout  # identity: the values of 2 kv heads x 16 dims, 16-bit
+    tail = tmp_path / "tail"
+    assert runner.invoke(app, ["convert", str(src), str(tail), "--latent-dim", "64", "--kv-tail-dim", "32", "--kv-bits",
+                               "4", "--quant-group", "16", "--calib-tokens", "512"]).exit_code == 0
+    jt = json.loads(runner.invoke(app, ["profile", "memory", str(tail), "--json"]).stdout)
+    assert jt["latent_segments"] == [{"width": 32, "bits": 4}, {"width": 32, "bits": 2}]
+    assert "latent (32 @ 4 + 32 @ 2 bit)" in runner.invoke(app, ["profile", "memory", str(tail)]).stdout
