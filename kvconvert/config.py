@@ -207,9 +207,7 @@ class CllaConfig(PretrainedConfig):
 
     @property
     def latent_segments(self) -> list[tuple[int, int]]:
-        """The latent's stored segments, in order: [(width, bits)], the head then (with kv_tail_dim) the tail."""
-        R, tail = self.kv_latent_dim, self.kv_tail_dim
-        return [(R - tail, self.kv_bits), (tail, self.kv_tail_bits)] if tail else [(R, self.kv_bits)]
+        return latent_segments(self.kv_latent_dim, self.kv_bits, self.kv_tail_dim, self.kv_tail_bits)
 
     @property
     def rope_quant_group(self) -> int:
@@ -222,6 +220,11 @@ class CllaConfig(PretrainedConfig):
     def group_of_layer(self) -> list[int]:
         """layer index -> group index."""
         return [g for g, layers in enumerate(self.layer_groups) for _ in layers]
+
+
+def latent_segments(width: int, bits: int, tail_dim: int, tail_bits: int) -> list[tuple[int, int]]:
+    """A latent's stored segments, in order: [(width, bits)], the head then (with a tail) the tail."""
+    return [(width - tail_dim, bits), (tail_dim, tail_bits)] if tail_dim else [(width, bits)]
 
 
 def source_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:

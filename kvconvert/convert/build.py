@@ -12,7 +12,7 @@ try:
 except ImportError:  # older transformers: the random init runs (slower, same result)
     no_init_weights = nullcontext
 
-from ..config import CllaConfig
+from ..config import CllaConfig, latent_segments
 from ..model import CllaForCausalLM
 from .calibrate import Calibration
 from .identity import identity_config, identity_state_dict, norm_gain
@@ -45,9 +45,7 @@ class Plan:
 
     @property
     def latent_segments(self) -> list[tuple[int, int]]:
-        """[(width, bits)] of the latent's head and (with tail_dim) its tail."""
-        head = (self.latent_dim - self.tail_dim, self.kv_bits)
-        return [head, (self.tail_dim, self.tail_bits)] if self.tail_dim else [head]
+        return latent_segments(self.latent_dim, self.kv_bits, self.tail_dim, self.tail_bits)
 
 
 def size_runs(groups) -> list[list[int]]:

@@ -215,9 +215,9 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
                         plan = Plan(groups, ov.latent_dim or narrowest, rd, kb, rb, rh, qg, tail, TAIL_BITS)
                         if ov.target == DEEPSEEK_V3:  # standard RoPE frequencies (the highest), a normed latent
                             plan = replace(plan, select_rope=False, latent_norm=True)
-                        candidates = [plan]
                         if ov.latent_dim is None and budget is None and narrowest > full_width(base, plan):
                             continue
+                        candidates = [plan]
                         if ov.latent_dim is None and budget is not None:
                             R = widest_latent(base, plan, budget)
                             if R < MIN_LATENT or R <= tail:
