@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--passkey-trials", type=int, default=5)
     ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--rope-keys", default="cached", help="cached, latent or auto (kvconvert convert --rope-keys)")
+    ap.add_argument("--name", default="frontier_smollm2", help="result JSON (and PNG) name under bench/results")
     ap.add_argument("--merge", action="store_true", help="rerun only --ratios and replace their rows in the existing JSON "
                     "(the source row and the ablation are kept, with a record of what was rerun and when)")
     ap.add_argument("--ablation-only", action="store_true", help="rerun only the ablation; the rows of the existing JSON "
@@ -55,7 +57,7 @@ def main() -> None:
         import json
         import subprocess
 
-        previous = json.loads((RESULTS / "frontier_smollm2.json").read_text())
+        previous = json.loads((RESULTS / f"{args.name}.json").read_text())
         args.skip_ablation = args.merge
     text_path = data_file("austen_persuasion.txt", args.text)
 
@@ -81,7 +83,9 @@ def main() -> None:
         for ratio in [] if args.ablation_only else [float(r) for r in args.ratios.split(",")]:
             out = tmp / f"r{ratio}"
             t = time.perf_counter()
-            record = convert("smollm2", out, ConvertOptions(kv_ratio=ratio, log=lambda m: print("  " + m, flush=True)))
+            ov = Overrides(rope_keys=None if args.rope_keys == "auto" else args.rope_keys)
+            record = convert("smollm2", out, ConvertOptions(kv_ratio=ratio, overrides=ov,
+                                                            log=lambda m: print("  " + m, flush=True)))
             wall = time.perf_counter() - t
             model = load_clla(out).model
             row = {"name": f"CLLA {ratio:g}", "target": ratio, "kv_ratio": record["kv_ratio"], "kv_bytes_per_token": record["kv_bytes_per_token"],
@@ -101,9 +105,9 @@ def main() -> None:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         merged = previous.get("merged", []) + [{"rows": sorted(fresh), "commit": commit, "date": time.strftime("%Y-%m-%d")}]
         kept_fields = {k: v for k, v in previous.items() if k != "environment"}
-        path = write_result("frontier_smollm2", kept_fields | meta | {"rows": rows, "merged": merged,
+        path = write_result(args.name, kept_fields | meta | {"rows": rows, "merged": merged,
                             "previous_environment": previous["environment"]})
-        plot(rows, RESULTS / "frontier_smollm2.png")
+        plot(rows, RESULTS / f"{args.name}.png")
         print(f"wrote {path}")
         return
     if args.ablation_only:
@@ -112,8 +116,8 @@ def main() -> None:
             "rows_environment": previous.get("rows_environment", previous["environment"]),
             "ablation_rerun": {"commit": commit, "date": time.strftime("%Y-%m-%d")}}
     else:
-        write_result("frontier_smollm2", meta | {"rows": rows, "ablation_at_0.05": []})  # kept if the ablation fails
-        plot(rows, RESULTS / "frontier_smollm2.png")
+        write_result(args.name, meta | {"rows": rows, "ablation_at_0.05": []})  # kept if the ablation fails
+        plot(rows, RESULTS / f"{args.name}.png")
     ablation = []
     if not args.skip_ablation:
         comp, held = calibrated(source)
@@ -145,7 +149,7 @@ def main() -> None:
             ablation.append({"variant": name, "plan": p.describe(), "kv_ratio": plan_bytes(comp.base, p) / 23040} | r)
             print(f"ablation {name}: ppl {r['perplexity']:.2f} top1 {r['top1_agreement']:.3f} kl {r['kl']:.3f}", flush=True)
 
-    path = write_result("frontier_smollm2", meta | {"rows": rows, "ablation_at_0.05": ablation})
+    path = write_result(args.name, meta | {"rows": rows, "ablation_at_0.05": ablation})
     print(f"wrote {path}")
 
 

@@ -197,7 +197,10 @@ def convert(
     kv_tail_dim: Annotated[
         Optional[int], typer.Option(help="Store the latent's last N (lowest-energy) dims at 2 bits, the rest at --kv-bits; 0: none (default: the planner tries 4-bit latents with tails).")
     ] = None,
-    rope_bits: Annotated[Optional[int], typer.Option(help="Rope-key bits: 16, 8, 4 or 2.")] = None,
+    rope_bits: Annotated[Optional[int], typer.Option(help="Rope-key bits: 16, 8, 4 or 2 (cached rope keys).")] = None,
+    rope_keys: Annotated[
+        str, typer.Option(help="Where rope keys live: cached (beside the latent; fastest decode), latent (reconstructed from the latent before RoPE at each step: nothing else cached, far better quality at low ratios, more decode compute; cache policies do not support it yet), or auto (the planner picks by held-out error).")
+    ] = "cached",
     quant_group: Annotated[Optional[int], typer.Option(help="Values per quantization scale/zero-point.")] = None,
     target: Annotated[
         str, typer.Option(help="clla: any plan; deepseek-v3: only plans `kvconvert export --format deepseek-v3` can write (one latent per layer, one shared rope key, a normed 16-bit latent).")
@@ -238,14 +241,17 @@ def convert(
     then train it from the source (checkpoints in OUT.distill, resumable with --resume; runs data-parallel under
     torchrun)."""
     from .convert.pipeline import ConvertOptions, convert as run_convert
-    from .convert.plan import TARGETS, Overrides
+    from .convert.plan import ROPE_KEYS, TARGETS, Overrides
 
     distill = distill_options(locals(), distill_tokens, data) if distill_tokens is not None else None
     set_threads(threads)
     overrides = Overrides(
         latent_dim=latent_dim, group_size=group_size, rope_dim=rope_dim, rope_heads=rope_heads, kv_bits=kv_bits,
         rope_bits=rope_bits, quant_group=quant_group, tail_dim=kv_tail_dim, target=target,
+        rope_keys=None if rope_keys == "auto" else rope_keys,
     )
+    if rope_keys not in ROPE_KEYS:
+        raise KvconvertError(f"--rope-keys must be one of {', '.join(ROPE_KEYS)}; got {rope_keys}")
     if target not in TARGETS:
         raise KvconvertError(f"--target must be one of {', '.join(TARGETS)}; got {target}")
     if identity and target != "clla":

@@ -7,6 +7,8 @@ What is cached per token and per layer group g (see DESIGN.md):
   rope key k_r   = RoPE(W_kr[g] · x_first)     rope_heads × rope_dim values at rope_bits
                    (+ one fp16 scale and zero-point per rope head when rope_bits < 16)
 and with qk_norm, per layer l of the group, the key norm r_l = gain / RMS(W_k[l] · x_l) of each kv head (16-bit).
+With rope_from_latent nothing but the latent is cached: each layer l reconstructs its rope keys from it,
+RoPE(W_ur[l] · c), at the slot's position (keys that are low-rank before RoPE, not after).
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ class CllaConfig(PretrainedConfig):
     - `kv_tail_dim`, `kv_tail_bits`: a mixed-precision latent. The latent's dims come in order of energy (the
       regression's order; each segment rotated on its own), and the last kv_tail_dim of them are stored at
       kv_tail_bits < kv_bits in a second stream (`latent_segments`). 0: one precision throughout.
-    - `rope_bits` (16, 8, 4, 2): rope-key storage; quantized in groups of `rope_quant_group` = gcd(rope_dim,
+    - `rope_from_latent`: the rope keys are not cached; each layer reconstructs them from the latent before RoPE
+      (`rope_up`, per layer: rope_heads × rope_dim rows over the latent) and rotates them at each slot's position.
+      Pre-RoPE keys share the latent's low rank (measured on SmolLM2: every key dim through the latent beats a
+      separately cached rope key at equal bytes), at the cost of reconstructing rope keys at decode time.
+    - `rope_bits` (16, 8, 4, 2): rope-key storage (cached rope keys only); quantized in groups of `rope_quant_group` = gcd(rope_dim,
       kv_quant_group) dims of each rope head, one fp16 scale and zero-point per group.
     - `layer_windows`: per layer, a sliding-window length or None (full attention).
     - `embed_scale`: token embeddings are multiplied by it (in the weights' dtype), as Gemma does (sqrt(hidden)).
@@ -86,6 +92,7 @@ class CllaConfig(PretrainedConfig):
         kv_tail_dim: int = 0,
         kv_tail_bits: int = 2,
         rope_bits: int = 16,
+        rope_from_latent: bool = False,
         qk_norm: bool = False,
         embed_scale: float = 1.0,
         sandwich_norms: bool = False,
@@ -139,6 +146,7 @@ class CllaConfig(PretrainedConfig):
         self.kv_tail_dim = kv_tail_dim
         self.kv_tail_bits = kv_tail_bits
         self.rope_bits = rope_bits
+        self.rope_from_latent = rope_from_latent
         self.qk_norm = qk_norm
         self.embed_scale = embed_scale
         self.sandwich_norms = sandwich_norms
@@ -202,6 +210,9 @@ class CllaConfig(PretrainedConfig):
             raise ValueError(
                 "rope_freq_index needs, per layer group, rope_heads lists of rope_dim/2 valid frequency indices"
             )
+        if self.rope_from_latent and (not self.rope_dim or self.rope_bits != 16):
+            raise ValueError("rope_from_latent needs rope keys (rope_dim > 0) and leaves rope_bits at 16 (nothing "
+                             f"separate is cached), got rope_dim {self.rope_dim}, rope_bits {self.rope_bits}")
         if self.qk_nope_dim + self.rope_dim < 1:
             raise ValueError("queries need at least one dim (qk_nope_dim + rope_dim)")
 
@@ -236,7 +247,8 @@ def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
     """Bytes per token of each cached tensor, summed over layer groups (what the runtime allocates per token).
 
     latent: each latent segment's values at its bits (packed 8 // bits per byte below 8 bits); latent_scales: an fp16
-    scale and an fp16 zero-point per kv_quant_group values of each quantized segment; rope_keys: rope_heads × rope_dim values at rope_bits;
+    scale and an fp16 zero-point per kv_quant_group values of each quantized segment; rope_keys: rope_heads × rope_dim values at rope_bits
+    (0 with rope_from_latent: reconstructed, not cached);
     rope_scales: an fp16 scale and zero-point per rope_quant_group values (only below 16 bits); key_scales (qk_norm
     sources): a 16-bit key norm per layer and kv head.
     """
@@ -244,9 +256,10 @@ def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
     segments = config.latent_segments
     latent = G * sum(math.ceil(w * bits / 8) for w, bits in segments)
     scales = G * sum((w // config.kv_quant_group) * 2 * SCALE_BYTES for w, bits in segments if bits < 16)
-    rope = G * config.rope_heads * config.rope_dim * config.rope_bits // 8
+    cached_rope = config.rope_dim and not config.rope_from_latent
+    rope = G * config.rope_heads * config.rope_dim * config.rope_bits // 8 if cached_rope else 0
     rope_groups = config.rope_heads * config.rope_dim // config.rope_quant_group
-    rope_scales = G * rope_groups * 2 * SCALE_BYTES if config.rope_bits < 16 and config.rope_dim else 0
+    rope_scales = G * rope_groups * 2 * SCALE_BYTES if config.rope_bits < 16 and cached_rope else 0
     key_scales = config.num_hidden_layers * config.num_key_value_heads * CACHE_ELEMENT_BYTES_16 if config.qk_norm else 0
     return {"latent": latent, "latent_scales": scales, "rope_keys": rope, "rope_scales": rope_scales,
             "key_scales": key_scales}

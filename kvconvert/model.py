@@ -3,6 +3,7 @@
 Per layer group g, from the normalized input x of the group's first layer (B, T, hidden):
   c   = fake_quant(kv_down[g](x))                 (B, T, R)       the cached latent (per segment: head, tail)
   k_r = RoPE(rope_proj[g](x))                     (B, Hr, T, Dr)  the cached rope keys
+  (rope_from_latent: no rope keys are cached; layer l's are RoPE(rope_up[l](c)) at each key's position)
 Per layer l of the group:
   q            = q_proj(x_l)                      (B, H, T, Dn + Dr)  = [q_nope | q_rope]
   k_nope, v    = k_up[l](c), v_up[l](c)           (B, K, S, Dn), (B, K, S, Dv), repeated to H heads (GQA)
@@ -81,7 +82,7 @@ class CllaLatentProjection(nn.Module):
         self.kv_down = nn.Linear(config.hidden_size, config.kv_latent_dim, bias=False)
         self.rope_proj = (
             nn.Linear(config.hidden_size, config.rope_heads * config.rope_dim, bias=config.qkv_bias)
-            if config.rope_dim
+            if config.rope_dim and not config.rope_from_latent
             else None
         )
         # DeepSeek's kv_a_layernorm: the latent is normed before it is cached
@@ -98,10 +99,14 @@ class CllaLatentProjection(nn.Module):
         return self.rope_proj(x).view(*x.shape[:2], cfg.rope_heads, cfg.rope_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, hidden) -> latent (B, T, R) quantized as cached, rope keys (B, Hr, T, Dr) after RoPE."""
+        """x (B, T, hidden) -> latent (B, T, R) quantized as cached, rope keys (B, Hr, T, Dr) after RoPE. With
+        rope_from_latent, in the rope keys' place, the rotations of these positions: [cos | sin] (B, Hr, T, 2 Dr),
+        from which each layer rotates the rope keys it reconstructs (see CllaAttention.rope_keys)."""
         cfg = self.config
         B, T, _ = x.shape
         latent = fake_quantize_latent(self.latent(x), cfg.latent_segments, cfg.kv_quant_group)
+        if cfg.rope_from_latent:
+            return latent, torch.cat([cos, sin], -1)
         if self.rope_proj is None:
             return latent, x.new_zeros(B, 1, T, 0)
         k_rope = self.rope_keys(x).transpose(1, 2)
@@ -137,6 +142,8 @@ class CllaAttention(nn.Module):
         D = config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, H * (D if config.qk_norm else Dn + Dr), bias=config.qkv_bias)
         self.k_up = nn.Linear(R, K * Dn, bias=config.qkv_bias) if Dn else None
+        # rope_from_latent: this layer's pre-RoPE rope keys from the latent
+        self.rope_up = nn.Linear(R, config.rope_heads * Dr, bias=config.qkv_bias) if config.rope_from_latent else None
         self.v_up = nn.Linear(R, K * Dv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * Dv, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:  # the source's per-head query norm, then into the plan's query dims; the key norm
@@ -154,6 +161,15 @@ class CllaAttention(nn.Module):
             return q
         return torch.einsum("bthd,hed->bthe", self.q_norm(q), self.q_map.to(q.dtype))
 
+    def rope_keys(self, latent: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """rope_from_latent: this layer's rope keys (B, Hr, S, Dr) from the latent (B, S, R), rotated by
+        rotations = [cos | sin] (B, Hr, S, 2 Dr) of each key's position."""
+        B, S, _ = latent.shape
+        cfg = self.config
+        k = self.rope_up(latent).view(B, S, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
+        cos, sin = rotations.to(k.dtype).chunk(2, -1)
+        return apply_rope(k, cos, sin)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -164,7 +180,8 @@ class CllaAttention(nn.Module):
         mask: torch.Tensor,
         key_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden); latent (B, S, R); k_rope (B, Hr, S, Dr); cos/sin (B, Hr, T, Dr); mask (B, 1, T, S) additive,
+        """x (B, T, hidden); latent (B, S, R); k_rope (B, Hr, S, Dr) (rope_from_latent: the keys' rotations, see
+        CllaLatentProjection.forward); cos/sin (B, Hr, T, Dr); mask (B, 1, T, S) additive,
         or None for causal attention when S == T; key_scale (B, K, S): the key norms (qk_norm), else None."""
         cfg = self.config
         B, T, _ = x.shape
@@ -180,6 +197,8 @@ class CllaAttention(nn.Module):
             k_parts.append(k_nope.repeat_interleave(H // K, dim=1))
         if Dr:
             per = H // cfg.rope_heads
+            if self.rope_up is not None:
+                k_rope = self.rope_keys(latent, k_rope)
             q_parts.append(apply_rope(q[..., Dn:], cos.repeat_interleave(per, 1), sin.repeat_interleave(per, 1)))
             k_parts.append(k_rope.repeat_interleave(per, dim=1))
         q = torch.cat(q_parts, -1) if len(q_parts) > 1 else q_parts[0]

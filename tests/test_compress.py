@@ -50,6 +50,38 @@ def test_shared_rope_is_exact_for_one_kv_head(arch):
     assert rel_err(src, comp.build(plan)) <= 1e-5
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3_text"])
+def test_rope_keys_from_a_full_width_latent_are_exact(arch):
+    """Rope keys reconstructed from the latent (rope_from_latent): a latent carrying every key dim before RoPE and
+    every value is lossless (key biases rotate with their keys; Qwen3's key norms through the cached scale; Gemma 3's
+    two RoPE bases); wider than that, the unused dims stay zero instead of blowing up."""
+    # 2 kv heads x 16 dims x (keys + values) = 64; one kv head: 32 targets, so a 48-wide latent is past their rank
+    for K, R in ((2, 64), (1, 48)):
+        src, comp = compressor(arch, num_key_value_heads=K)
+        plan = Plan(uniform_groups(3, 1), latent_dim=R, rope_dim=16, kv_bits=16, rope_heads=K, rope_from_latent=True)
+        model = comp.build(plan)
+        assert model.config.rope_from_latent and model.config.qk_nope_dim == (0 if K > 1 else 16)  # K = 1: shared
+        assert rel_err(src, model) <= (1e-5 if K > 1 else 1e-4), R  # past the rank: float rounding of null dims
+
+
+def test_rope_keys_from_the_latent_cost_no_cache_bytes_and_beat_cached_ones():
+    """At equal bytes (the cached rope keys' share spent on latent width), a latent that also carries the keys before
+    RoPE is closer to the source than a narrower latent beside a cached rope key, for both rope layouts; the
+    byte formula counts no rope keys."""
+    src, comp = compressor("llama")
+    groups = uniform_groups(3, 1)
+    cached = Plan(groups, 16, 16, 16, 16, rope_heads=2)
+    latent = Plan(groups, 48, 16, 16, 16, rope_heads=2, rope_from_latent=True)
+    base = comp.base
+    from kvconvert.convert.plan import plan_bytes
+
+    assert plan_bytes(base, cached) == plan_bytes(base, latent) == 3 * 48 * 2
+    assert rel_err(src, comp.build(latent)) < rel_err(src, comp.build(cached))
+    shared = Plan(groups, 32, 16, 16, 16, rope_heads=1, rope_from_latent=True)
+    assert plan_bytes(base, shared) == 3 * 32 * 2
+    assert rel_err(src, comp.build(shared)) < rel_err(src, comp.build(Plan(groups, 16, 16, 16, 16, rope_heads=1)))
+
+
 def test_error_falls_as_the_latent_widens():
     src, comp = compressor("llama")
     errors = [rel_err(src, comp.build(Plan(uniform_groups(3, 1), R, 16, 16, rope_heads=2))) for R in (8, 16, 24, 32)]
@@ -232,6 +264,13 @@ def test_every_override_lands_in_the_config(tmp_path, tiny_src):
     cfg = json.loads((tmp_path / "out3" / "config.json").read_text())
     assert cfg["kv_latent_dim"] == 48 and cfg["kv_tail_dim"] == 32 and cfg["kv_tail_bits"] == 2
     assert "latent 16 @ 4 + 32 @ 2 bit" in json.loads(r.stdout)["plan"]
+    r = convert(tiny_src, tmp_path / "out4", "--kv-ratio", "0.5", "--rope-keys", "latent")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "out4" / "config.json").read_text())
+    assert cfg["rope_from_latent"] and "from the latent" in json.loads(r.stdout)["plan"]
+    from kvconvert.loading import load_clla
+
+    assert load_clla(tmp_path / "out4").model.config.rope_from_latent
 
 
 def test_a_quant_group_that_does_not_divide_128_converts(tmp_path, tiny_src):
@@ -274,6 +313,9 @@ def test_calibration_from_data_files(tmp_path, tiny_src):
         # the narrowest latent at a quant group of 64 is 64 wide (a 32-wide probe would find no plan at all)
         (["--kv-ratio", "0.01", "--kv-bits", "4", "--quant-group", "64"], "smallest reachable ratio: 0."),
         (["--kv-ratio", "0.5", "--kv-tail-dim", "16", "--quant-group", "32"], "multiple of the quantization group (32;"),
+        (["--kv-ratio", "0.5", "--rope-keys", "nowhere"], "--rope-keys must be one of"),
+        (["--kv-ratio", "0.5", "--rope-keys", "latent", "--rope-bits", "4"], "caches no rope keys"),
+        (["--kv-ratio", "0.5", "--rope-keys", "latent", "--rope-dim", "0"], "leaves none"),
     ],
 )
 def test_bad_plans_are_refused(tmp_path, tiny_src, args, needle):

@@ -124,6 +124,8 @@ def test_convert_target_deepseek_v3_then_export_end_to_end(tmp_path):
         (["convert", str(src), str(tmp_path / "x"), "--kv-ratio", "0.9", "--target", "deepseek-v3", "--kv-bits", "4"], "--kv-bits 16"),
         (["convert", str(src), str(tmp_path / "x"), "--kv-ratio", "0.9", "--target", "deepseek-v3", "--kv-tail-dim", "32"],
          "--kv-tail-dim 0"),
+        (["convert", str(src), str(tmp_path / "x"), "--kv-ratio", "0.9", "--target", "deepseek-v3", "--rope-keys", "latent"],
+         "--rope-keys cached"),
         (["convert", str(src), str(tmp_path / "x"), "--kv-ratio", "0.9", "--target", "mla"], "--target must be one of"),
         (["convert", str(src), str(tmp_path / "x"), "--kv-ratio", "0.9", "--target", "deepseek-v3", "--rope-dim", "2"], "at least 4"),
     ):

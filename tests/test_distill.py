@@ -135,7 +135,7 @@ def test_only_the_chosen_parameters_train(student, tmp_path, which, frozen, trai
     distill_folder(zs, str(src), small_opts(data, tokens=4 * 8 * 32, train=which, eval_every=100), out=tmp_path / "d")
     before, after = dict(load_clla(zs).model.named_parameters()), dict(load_clla(tmp_path / "d").model.named_parameters())
     kinds = {n.split(".")[-2] for n in trainable_names(load_clla(zs).model, which)}
-    allowed = {"kv_down", "rope_proj", "k_up", "v_up"} | ({"q_proj", "o_proj"} if which == "attention" else set())
+    allowed = {"kv_down", "rope_proj", "rope_up", "k_up", "v_up"} | ({"q_proj", "o_proj"} if which == "attention" else set())
     assert trained in kinds and kinds <= allowed
     for n, p in before.items():
         if any(f in n for f in frozen):

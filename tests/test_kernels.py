@@ -725,10 +725,13 @@ def test_runtime_through_the_interpreted_kernels(bits):
     """The whole runtime with the Triton kernels (interpreted): the model's own greedy tokens."""
     from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
 
-    from test_runtime import PLANS, prompt, reference_greedy, tiny_clla
+    from test_runtime import FROM_LATENT, PLANS, prompt, reference_greedy, tiny_clla
 
-    # qk_norm (4 bits): the key norms and a key bias's head term reach the kernel
-    for plan, qk_norm in [(p, False) for p in PLANS.values()] + [(p, True) for p in PLANS.values() if bits == 4]:
+    # qk_norm (4 bits): the key norms and a key bias's head term reach the kernel; rope keys from the latent reach
+    # it as a 16-bit rope stream reconstructed from the dequantized cache
+    plans = [(p, False) for p in PLANS.values()] + [(p, True) for p in PLANS.values() if bits == 4]
+    plans += [(p | dict(rope_from_latent=True, rope_bits=16), False) for p in FROM_LATENT.values()]
+    for plan, qk_norm in plans:
         model = tiny_clla(bits, qk_norm=qk_norm, **plan)
         prompts = [prompt(9, seed=1), prompt(4, seed=2)]
         out, _ = LatentRuntime(model, 2, 32).generate(prompts, SamplingOptions(max_new_tokens=8))

@@ -162,6 +162,60 @@ def test_absorbed_prefill_equals_the_models_attention(bits, policy, qk_norm):
     assert err <= 1e-5, err
 
 
+# Rope keys reconstructed from the latent (rope_from_latent): every key dim of each kv head through RoPE after the
+# up-projection, or one shared rope head beside position-free dims. Nothing but the latent is cached.
+FROM_LATENT = {"per kv head": dict(qk_nope_dim=0, rope_dim=16, rope_heads=2),
+               "shared": dict(qk_nope_dim=16, rope_dim=16, rope_heads=1)}
+
+
+@pytest.mark.parametrize("bits", [16, 4, TAIL])
+@pytest.mark.parametrize("rope", list(FROM_LATENT))
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
+def test_rope_from_latent_equals_the_model(bits, rope, qk_norm):
+    """Greedy tokens and teacher-forced logits equal the model's own (which rotates reconstructed rope keys at
+    each key's position, through HF generate's cache too); the cache holds the latent alone, as the formula says."""
+    if qk_norm and bits == TAIL:
+        pytest.skip("qk_norm: 16 and 4 bits cover both storage paths")
+    model = tiny_clla(bits, rope_from_latent=True, rope_bits=16, qk_norm=qk_norm, **FROM_LATENT[rope])
+    rt = LatentRuntime(model, batch=1, capacity=64)
+    assert all(rt.cache.rope(g) is None for g in range(model.config.num_layer_groups))
+    assert rt.cache.nbytes == kv_bytes_per_token(model.config) * 64
+    assert_runtime_equals_model(rt, model, prompt(11, seed=1), 20, LOGIT_TOL[bits])
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_rope_from_latent_ring_and_ragged_batch(bits):
+    """A sliding-window group kept as a ring rotates each slot at the position that wrapped onto it; ragged rows
+    equal one-by-one runs; the absorbed prompt path (a shared rope head) equals the model's attention."""
+    model = tiny_clla(bits, rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"], **RING)
+    rt = LatentRuntime(model, batch=1, capacity=64, ring_chunk=4)
+    assert rt.cache.slots == [64, 9, 64]
+    assert_runtime_equals_model(rt, model, prompt(30, seed=7), 16, LOGIT_TOL[bits])
+    prompts = [prompt(n, seed=n) for n in (5, 13, 1)]
+    batched, _ = LatentRuntime(model, 3, 48).generate(prompts, SamplingOptions(max_new_tokens=10))
+    for p, got in zip(prompts, batched):
+        alone, _ = LatentRuntime(model, 1, 48).generate([p], SamplingOptions(max_new_tokens=10))
+        assert got == alone[0]
+    narrow = tiny_clla(bits, rope_from_latent=True, rope_bits=16, rope_heads=1, **PLANS["narrow"])
+    ids = torch.tensor([prompt(21, seed=5)])
+    outs = []
+    for absorbed in (True, False):
+        rt = LatentRuntime(narrow, 1, 48)
+        assert rt.absorbed_prefill
+        rt.absorbed_prefill = absorbed
+        outs.append(torch.cat([rt.prefill(ids[:, :9], [9], all_logits=True),
+                               rt.prefill(ids[:, 9:], [12], all_logits=True)], 1))
+    assert ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item() <= 1e-5
+
+
+def test_rope_from_latent_refuses_cache_policies():
+    from kvconvert.runtime.policies import make_policy
+
+    model = tiny_clla(4, rope_from_latent=True, rope_bits=16, **FROM_LATENT["shared"])
+    with pytest.raises(KvconvertError, match="--rope-keys cached"):
+        LatentRuntime(model, 1, 48, policy=make_policy("zsmerge", 12), context=64)
+
+
 def test_latent_without_rope_and_rope_without_nope():
     for overrides in (dict(rope_dim=0, qk_nope_dim=16), dict(qk_nope_dim=0, rope_dim=16, rope_heads=4)):
         model = tiny_clla(8, **overrides)
@@ -383,6 +437,22 @@ def test_cuda_runtime_matches_the_cpu_model(bits):
     rt = LatentRuntime(model.cuda(), 1, 64, cuda_graphs=True)
     got = teacher_forced(rt, ids[:-1], 20).cpu()
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-3
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [4, TAIL])
+def test_cuda_rope_from_latent_matches_the_cpu_model(bits):
+    """Rope keys reconstructed from the dequantized cache on CUDA (graphs on, a ring too): the model's logits."""
+    model = tiny_clla(bits, rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"], **RING)
+    ids = prompt(40, seed=8)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0, 19:-1]
+    for ring_chunk in (None, 4):
+        rt = LatentRuntime(model.cuda(), 1, 64, cuda_graphs=True, ring_chunk=ring_chunk)
+        got = teacher_forced(rt, ids[:-1], 20).cpu()
+        assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-3
+    model.cpu()
 
 
 @pytest.mark.gpu

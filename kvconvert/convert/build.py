@@ -37,9 +37,12 @@ class Plan:
     select_rope: bool = True  # False: keep the highest frequencies, as plain partial RoPE would (ablation)
     equalize_rope: bool = True  # balance rope-key pairs against their queries (see rope_scale) before quantization
     latent_norm: bool = False  # an RMSNorm on the latent (DeepSeek's kv_a_layernorm; gain set to the latent's RMS)
+    rope_from_latent: bool = False  # rope keys reconstructed from the latent per layer, not cached (CllaConfig)
 
     def describe(self) -> str:
         rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
+        if self.rope_from_latent:
+            rope = f"rope {self.rope_heads}x{self.rope_dim} from the latent"
         latent = " + ".join(f"{w} @ {b}" for w, b in self.latent_segments)
         return f"{describe_layout(self.groups)}, latent {latent} bit, {rope}, quant group {self.quant_group}"
 
@@ -117,6 +120,7 @@ def plan_config(base: CllaConfig, plan: Plan, freq: list | None = None) -> CllaC
         kv_tail_dim=plan.tail_dim,
         kv_tail_bits=plan.tail_bits,
         latent_norm=plan.latent_norm,
+        rope_from_latent=plan.rope_from_latent,
     )
     return CllaConfig(**b)
 
@@ -164,11 +168,36 @@ class Compressor:
             raise ValueError(f"layer group {list(group)} mixes layers of different RoPE bases")
         return offsets.pop()
 
-    def blocks(self, group: tuple[int, ...], choice, activation_aware: bool = True) -> list[Block]:
+    def rope_blocks(self, group: tuple[int, ...], choice) -> list[Block]:
+        """rope_from_latent: the pre-RoPE rope keys as regression targets (kind "r"). A key error e in pair i moves a
+        score by s·q_i·R e_i; averaged over the relative rotation R its mean square is s² E|q_i|² |e_i|² / 2, so each
+        dim of pair i weighs s²/2 Σ_h vscale_h E|q_h,i|² (the queries that read it, through any folded map u).
+        Shared rope key: one block on the first layer (every layer reads it); per kv head: each layer's own keys."""
+        H, K, D, s = self.H, self.K, self.D, self.base.softmax_scale
+        per = H // K
+        out = []
+        if isinstance(choice, SharedRope):
+            w = torch.zeros(len(choice.freq), dtype=torch.float64)
+            for j, l in enumerate(group):
+                st = self.stats[l]
+                for hq in range(H):
+                    w += st.vscale[hq] * st.q_pair_energy[hq, choice.freq] * choice.u[j, hq // per, choice.freq].abs() ** 2
+            return [Block(group[0], "r", 0, choice.ws, torch.diag(s**2 * w.repeat(2) / 2))]
+        for l in group:
+            st = self.stats[l]
+            for k in range(K):
+                keep = choice.freq[k]
+                w = (st.vscale[k * per : (k + 1) * per, None] * st.q_pair_energy[k * per : (k + 1) * per][:, keep]).sum(0)
+                rows = st.wk[[k * D + d for d in rope_dims(keep, D)]]
+                out.append(Block(l, "r", k, rows, torch.diag(s**2 * w.repeat(2) / 2)))
+        return out
+
+    def blocks(self, group: tuple[int, ...], choice, activation_aware: bool = True, rope_from_latent: bool = False
+               ) -> list[Block]:
         H, K, D, s = self.H, self.K, self.D, self.base.softmax_scale
         per = H // K
         shared = isinstance(choice, SharedRope)
-        out = []
+        out = self.rope_blocks(group, choice) if rope_from_latent else []
         for j, l in enumerate(group):
             st = self.stats[l]
             cov = self.cal.cov(l, l)
@@ -193,11 +222,12 @@ class Compressor:
         return out
 
     def latent_fit(
-        self, group: tuple[int, ...], rope_dim: int, select: bool = True, activation_aware: bool = True, heads: int = 1
+        self, group: tuple[int, ...], rope_dim: int, select: bool = True, activation_aware: bool = True, heads: int = 1,
+        rope_from_latent: bool = False,
     ) -> LatentFit:
-        key = ("latent", group, rope_dim, select, activation_aware, heads)
+        key = ("latent", group, rope_dim, select, activation_aware, heads, rope_from_latent)
         if key not in self._fits:
-            blocks = self.blocks(group, self.rope_choice(group, rope_dim, select, heads), activation_aware)
+            blocks = self.blocks(group, self.rope_choice(group, rope_dim, select, heads), activation_aware, rope_from_latent)
             if activation_aware:
                 ci_key = ("Ci", group[0])
                 if ci_key not in self._fits:
@@ -236,10 +266,11 @@ class Compressor:
             rows = [head]
             if plan.rope_dim:
                 rows.append(fold_map_into_query(head, choice.freq, choice.u[j, k], D) * scales[0])
-        else:
+        else:  # a layer's own rope keys from the latent need no map onto the first layer's
             rows = [head[nope_dims(choice.freq[k], D)]]
+            M = torch.ones(D // 2, dtype=torch.complex128) if plan.rope_from_latent else choice.maps[j][k]
             if plan.rope_dim:
-                rows.append(fold_map_into_query(head, choice.freq[k], choice.maps[j][k], D) * scales[k])
+                rows.append(fold_map_into_query(head, choice.freq[k], M, D) * scales[k])
         return torch.cat(rows)
 
     # ------------------------------------------------------------------ assembly
@@ -264,7 +295,8 @@ class Compressor:
             sd.pop("lm_head.weight")
         for g, group in enumerate(plan.groups):
             choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
-            fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads)
+            fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
+                                  plan.rope_from_latent)
             shared = isinstance(choice, SharedRope)
             A, B = fit.weights(R)
             if plan.rotate:  # each latent segment on its own: the tail's dims stay the tail's
@@ -281,7 +313,7 @@ class Compressor:
             # and multiplying the query by it changes no score, and flattens outlier channels before quantization.
             scales = [self.rope_scale(group, choice, k) if plan.equalize_rope and plan.rope_bits < 16
                       else torch.ones(plan.rope_dim, 1, dtype=torch.float64) for k in range(plan.rope_heads)]
-            if plan.rope_dim:
+            if plan.rope_dim and not plan.rope_from_latent:
                 if shared:
                     rope = choice.ws / scales[0]
                 else:
@@ -296,12 +328,18 @@ class Compressor:
                 offsets.append(offsets[-1] + blk.w.shape[0])
             for j, l in enumerate(group):
                 st = self.stats[l]
-                k_rows, v_rows, k_bias, v_bias = [], [], [], []
+                rows: dict[str, list] = {"k": [], "v": [], "r": []}
+                biases: dict[str, list] = {"k": [], "v": [], "r": []}
                 for blk, start, end in zip(fit.blocks, offsets, offsets[1:]):
-                    if blk.layer == l:
-                        (k_rows if blk.kind == "k" else v_rows).append(A[start:end])
-                        (k_bias if blk.kind == "k" else v_bias).append(blk.bias)
+                    if blk.layer == l or (blk.kind == "r" and shared):  # a shared rope key serves every layer
+                        rows[blk.kind].append(A[start:end])
+                        biases[blk.kind].append(blk.bias)
+                k_rows, v_rows, k_bias, v_bias = rows["k"], rows["v"], biases["k"], biases["v"]
                 ap = f"model.layers.{l}.self_attn."
+                if rows["r"]:
+                    sd[ap + "rope_up.weight"] = torch.cat(rows["r"])
+                    if cfg.qkv_bias:
+                        sd[ap + "rope_up.bias"] = torch.cat(biases["r"])
                 if k_rows:
                     sd[ap + "k_up.weight"] = torch.cat(k_rows)
                     if cfg.qkv_bias:

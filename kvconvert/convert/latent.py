@@ -43,17 +43,25 @@ class LatentFit:
     Ci: torch.Tensor  # (h, h)
     T: torch.Tensor  # (targets, h)
     total: float  # E_total = Σ_b tr(Ω_b E[y_b y_bᵀ])
+    mean2: torch.Tensor | None = None  # (h,) E[c_j]² of each latent dim (its constant part: see `spread`)
 
     def error(self, R: int) -> float:
         """Ω-weighted regression error of a rank-R latent (before quantization)."""
         return max(0.0, self.total - self.S2[:R].sum().item())
 
+    def spread(self, lo: int, hi: int) -> float:
+        """Energy of latent dims lo:hi less their constant part: a token-wise quantizer after a Hadamard rotation
+        maps a dominant constant direction onto ±equal values, which its min/max grid holds almost exactly."""
+        e = self.S2[lo:hi].sum()
+        return (e - self.mean2[lo:hi].sum()).clamp_min(0).item() if self.mean2 is not None else e.item()
+
     def weights(self, R: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A (targets × R) and B (R × h)."""
-        S = self.S2[:R].clamp_min(1e-30).sqrt()
-        VR = self.V[:, :R]
+        S = self.S2[:R].sqrt()
+        live = S > 1e-9 * S[0].clamp_min(1e-300)  # a latent wider than the targets' rank: unused dims stay 0
+        VR = self.V[:, :R] * live[None, :]
         B = S[:, None] * (VR.T @ self.Ci)
-        A = self.T @ self.Ci @ VR / S[None, :]
+        A = self.T @ self.Ci @ VR / torch.where(live, S, torch.ones_like(S))[None, :]
         return A, B
 
 
@@ -83,12 +91,18 @@ def fit_latent(blocks: list[Block], cov, first: int, Ci: torch.Tensor | None = N
         total += torch.trace(b.omega @ Eyy).item()
     S2, V = torch.linalg.eigh(Ci @ gram @ Ci)
     order = torch.argsort(S2, descending=True)
-    return LatentFit(blocks, S2[order].clamp_min(0), V[:, order], Ci, torch.cat(Ts), total)
+    S2, V = S2[order].clamp_min(0), V[:, order]
+    mean = cov(first, first)[:h, h]  # E[x_f] (the augmented moment's last column)
+    mean2 = (S2.sqrt() * (V.T @ Ci @ mean)) ** 2  # (B E[x_f])² per latent dim, B = S Vᵀ Ci
+    return LatentFit(blocks, S2, V, Ci, torch.cat(Ts), total, torch.minimum(mean2, S2))
 
 
 def rotation(R: int, seed: int = 0) -> torch.Tensor:
     """An orthogonal R×R matrix that spreads outliers over all latent dims before quantization: a normalized
-    Hadamard matrix when R is a power of two, a seeded random orthogonal matrix otherwise."""
+    Hadamard matrix when R is a power of two, a seeded random orthogonal matrix otherwise. Either way its first
+    column is constant (1/√R): the latent's first dim, its largest, often mostly a constant offset (the keys' mean,
+    when rope keys go through the latent), lands on every dim alike, an offset a min/max quantizer's zero-point holds
+    exactly, where a random direction would spread it unevenly and cost every token resolution."""
     if R & (R - 1) == 0:
         H = torch.ones(1, 1, dtype=torch.float64)
         while H.shape[0] < R:
@@ -96,4 +110,11 @@ def rotation(R: int, seed: int = 0) -> torch.Tensor:
         return H / R**0.5
     g = torch.Generator().manual_seed(seed)
     Q, Rm = torch.linalg.qr(torch.randn(R, R, generator=g, dtype=torch.float64))
-    return Q * torch.sign(torch.diagonal(Rm))[None, :]
+    Q = Q * torch.sign(torch.diagonal(Rm))[None, :]
+    # A Householder reflection that takes Q's first column onto the constant direction keeps Q orthogonal
+    ones = torch.full((R,), R**-0.5, dtype=torch.float64)
+    v = Q[:, 0] - ones
+    if v.norm() > 1e-12:
+        v = v / v.norm()
+        Q = Q - 2 * torch.outer(v, v @ Q)
+    return Q

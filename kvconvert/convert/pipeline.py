@@ -109,6 +109,10 @@ def check_options(opts: ConvertOptions) -> None:
         if ov.tail_dim and ov.kv_bits is not None and ov.kv_bits <= TAIL_BITS:
             raise KvconvertError(f"a {TAIL_BITS}-bit tail needs a wider latent head: --kv-bits {ov.kv_bits} leaves "
                                  "nothing to save (drop --kv-tail-dim, or raise --kv-bits)")
+    if ov.rope_keys == "latent" and ov.rope_bits not in (None, 16):
+        raise KvconvertError(f"--rope-keys latent caches no rope keys: --rope-bits {ov.rope_bits} has nothing to set")
+    if ov.rope_keys == "latent" and ov.rope_dim == 0:
+        raise KvconvertError("--rope-keys latent needs rope keys to reconstruct: --rope-dim 0 leaves none")
     for name, value in (("--latent-dim", ov.latent_dim), ("--group-size", ov.group_size), ("--quant-group", ov.quant_group),
                         ("--rope-heads", ov.rope_heads)):
         if value is not None and value < 1:

@@ -3,7 +3,8 @@
 1. Enumerate plans: layer layouts (the two finest uniform ones that fit: groups of a and of b > a layers; then
    "prefix" layouts, the first 2 or 3 groups' worth of layers, or 1/8, 1/4 or 1/2 of them, in groups of 1 or a and the rest in groups
    of b, since early layers lose most when they share), rope heads (one shared head, or one per kv head for single-layer
-   groups) and rope dims, latent and rope bits, quantization group; the latent width is the largest the byte
+   groups) and rope dims, latent and rope bits, quantization group, and where the rope keys live: cached beside the
+   latent, or reconstructed from it (every key dim of every kv head, or one shared rope key); the latent width is the largest the byte
    budget leaves. A 4-bit latent is also tried with a 2-bit tail: TAIL_SHARES of the all-4-bit width stay at 4 bits
    and the bytes left hold the widest 2-bit tail (the latent's low-energy dims).
 2. Score each with a proxy built from calibration moments, in one unit (expected squared change of attention
@@ -27,6 +28,7 @@ from ..config import CllaConfig, kv_bytes_per_token
 from ..errors import KvconvertError
 from ..quant import fake_quantize
 from .build import Compressor, Plan, layer_kinds, plan_config, prefix_groups, size_runs, uniform_groups
+from .rope import SharedRope
 
 Log = Callable[[str], None]
 GROUP_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
@@ -39,6 +41,7 @@ MIN_LATENT = 32
 PREFIX_SHARES = (1 / 8, 1 / 4, 1 / 2)  # of the layers, kept in the finer groups (see prefix_layouts)
 DEEPSEEK_V3 = "deepseek-v3"
 TARGETS = ("clla", DEEPSEEK_V3)
+ROPE_KEYS = ("cached", "latent", "auto")
 
 
 def fit_target(base: CllaConfig, ov: Overrides) -> Overrides:
@@ -52,11 +55,11 @@ def fit_target(base: CllaConfig, ov: Overrides) -> Overrides:
     reasons = source_reasons(base)
     if reasons:
         raise KvconvertError(f"--target deepseek-v3: this source cannot be expressed: {'; '.join(reasons)}")
-    forced = dict(group_size=1, rope_heads=1, kv_bits=16, rope_bits=16, tail_dim=0)
+    forced = dict(group_size=1, rope_heads=1, kv_bits=16, rope_bits=16, tail_dim=0, rope_keys="cached")
     for name, value in forced.items():
         given = getattr(ov, name)
         if given is not None and given != value:
-            flag = "--kv-tail-dim" if name == "tail_dim" else "--" + name.replace("_", "-")
+            flag = {"tail_dim": "--kv-tail-dim"}.get(name, "--" + name.replace("_", "-"))
             raise KvconvertError(f"--target deepseek-v3 fixes {flag} {value} (one latent per layer, one shared rope "
                                  f"key, a 16-bit cache); got {flag} {given}")
     if ov.groups is not None and any(len(g) != 1 for g in ov.groups):
@@ -77,10 +80,11 @@ class Overrides:
     rope_bits: int | None = None
     quant_group: int | None = None
     tail_dim: int | None = None  # 0: no tail; None: the planner decides
+    rope_keys: str | None = "cached"  # "cached", "latent" (rope_from_latent); None: the planner decides
     target: str | None = None  # "deepseek-v3": plans the DeepSeek-V3 export can express (see fit_target)
 
     def any(self) -> bool:
-        return any(v is not None for k, v in vars(self).items() if k != "target")
+        return any(v is not None for k, v in vars(self).items() if k not in ("target", "rope_keys"))
 
 
 def plan_bytes(base: CllaConfig, plan: Plan) -> int:
@@ -105,6 +109,7 @@ class PlanShape:
     rope_heads = property(lambda self: self.plan.rope_heads)
     rope_dim = property(lambda self: self.plan.rope_dim)
     rope_bits = property(lambda self: self.plan.rope_bits)
+    rope_from_latent = property(lambda self: self.plan.rope_from_latent)
     rope_quant_group = property(lambda self: math.gcd(self.plan.rope_dim, self.plan.quant_group) if self.plan.rope_dim else 1)
 
 
@@ -182,14 +187,18 @@ def prefix_length(groups) -> int:
     return count * size
 
 
-def rope_options(base: CllaConfig, groups, ov: Overrides) -> list[tuple[int, int]]:
-    """(rope heads, rope dim) pairs to try: one rope head shared by every kv head (and layer) of a group with all
-    or half of the frequency pairs, and for single-layer groups one rope head per kv head with every pair."""
+def rope_options(base: CllaConfig, groups, ov: Overrides, from_latent: bool = False) -> list[tuple[int, int]]:
+    """(rope heads, rope dim) pairs to try. Cached rope keys: one rope head shared by every kv head (and layer) of a
+    group with all or half of the frequency pairs, and for single-layer groups one rope head per kv head with every
+    pair. Rope keys from the latent: every pair of every kv head (each layer its own keys), or one shared head."""
     K, D = base.num_key_value_heads, base.head_dim
     single = all(len(g) == 1 for g in groups)
-    options = [(1, D), (1, D // 2 - (D // 2) % 2)] + ([(K, D)] if single and K > 1 else [])
+    if from_latent:
+        options = [(K, D), (1, D)]
+    else:
+        options = [(1, D), (1, D // 2 - (D // 2) % 2)] + ([(K, D)] if single and K > 1 else [])
     if ov.rope_heads is not None:
-        options = [(ov.rope_heads, rd) for _, rd in options if ov.rope_heads == 1 or single]
+        options = [(ov.rope_heads, rd) for _, rd in options if ov.rope_heads == 1 or single or from_latent]
     if ov.rope_dim is not None:
         options = [(rh, ov.rope_dim) for rh, _ in options]
     return sorted(set((rh, rd) for rh, rd in options if rd >= 0))
@@ -201,18 +210,22 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
     `max_layouts`, only the that many finest layer layouts that fit the budget: sharing across layers costs
     quality zero-shot."""
     plans, used = [], 0
+    where = {"cached": [False], "latent": [True], None: [False, True]}[ov.rope_keys]
     for groups in layouts(base, ov):
         found = False
-        for rh, rd in rope_options(base, groups, ov):
+        for from_latent, (rh, rd) in [(f, o) for f in where for o in rope_options(base, groups, ov, f)]:
+            if from_latent and not rd:
+                continue
             for kb in [ov.kv_bits] if ov.kv_bits else LATENT_BITS:
-                for rb in [ov.rope_bits] if ov.rope_bits else ROPE_BITS:
+                for rb in [16] if from_latent else [ov.rope_bits] if ov.rope_bits else ROPE_BITS:
                     for qg in [ov.quant_group] if ov.quant_group else QUANT_GROUPS:
                         tail = ov.tail_dim or 0
                         if kb == 16 and rb == 16 and not tail and qg != QUANT_GROUPS[0] and not ov.quant_group:
                             continue  # nothing is quantized: the quant group does not matter
                         step = qg if kb < 16 or tail else 8
                         narrowest = tail + -(-MIN_LATENT // step) * step
-                        plan = Plan(groups, ov.latent_dim or narrowest, rd, kb, rb, rh, qg, tail, TAIL_BITS)
+                        plan = Plan(groups, ov.latent_dim or narrowest, rd, kb, rb, rh, qg, tail, TAIL_BITS,
+                                    rope_from_latent=from_latent)
                         if ov.target == DEEPSEEK_V3:  # standard RoPE frequencies (the highest), a normed latent
                             plan = replace(plan, select_rope=False, latent_norm=True)
                         if ov.latent_dim is None and budget is None and narrowest > full_width(base, plan):
@@ -260,11 +273,18 @@ def proxy_error(comp: Compressor, plan: Plan) -> float:
     rope_noise = quantizer_noise(plan.rope_bits, math.gcd(plan.rope_dim, plan.quant_group) if plan.rope_dim else 1)
     for g in plan.groups:
         choice = comp.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads)
-        fit = comp.latent_fit(g, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads)
-        err += choice.error + fit.error(plan.latent_dim) + rope_noise * choice.kept_energy
+        fit = comp.latent_fit(g, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
+                              plan.rope_from_latent)
+        err += fit.error(plan.latent_dim)
+        if not plan.rope_from_latent:
+            err += choice.error + rope_noise * choice.kept_energy
+        elif isinstance(choice, SharedRope):  # what stays position-free loses its rotation; rope keys per kv head
+            err += choice.error  # keep every pair and need no map onto the first layer: nothing lost
         lo = 0
         for width, bits in plan.latent_segments:  # each segment's noise on the energy of its dims
-            err += quantizer_noise(bits, plan.quant_group) * fit.S2[lo : lo + width].sum().item()
+            # Rope keys through the latent make one direction (the keys' mean) dominate: count the spread only there
+            energy = fit.spread(lo, lo + width) if plan.rope_from_latent else fit.S2[lo : lo + width].sum().item()
+            err += quantizer_noise(bits, plan.quant_group) * energy
             lo += width
     return err
 
@@ -314,7 +334,7 @@ def choose_plan(
         """The `per_family` lowest-proxy plans of each (layout, rope heads, rope dim) family."""
         families: dict = {}
         for p in candidates:
-            families.setdefault((p.groups, p.rope_heads, p.rope_dim), []).append(p)
+            families.setdefault((p.groups, p.rope_heads, p.rope_dim, p.rope_from_latent), []).append(p)
         return [t for members in families.values()
                 for t in sorted(((proxy_error(comp, p), p) for p in members), key=lambda t: t[0])[:per_family]]
 
@@ -325,7 +345,8 @@ def choose_plan(
         if 2 * p.latent_dim < widest:
             continue  # a prefix that halves the uniform layouts' widest latent never measured better
         f = len(p.groups[0])
-        key = (f, p.latent_dim, p.tail_dim, p.kv_bits, p.rope_bits, p.quant_group, p.rope_heads, p.rope_dim)
+        key = (f, p.latent_dim, p.tail_dim, p.kv_bits, p.rope_bits, p.quant_group, p.rope_heads, p.rope_dim,
+               p.rope_from_latent)
         if key not in finest or prefix_length(p.groups) > prefix_length(finest[key][1].groups):
             finest[key] = (proxy, p)
     chosen += finest.values()

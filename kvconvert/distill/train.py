@@ -35,9 +35,9 @@ from .data import TrainingData
 
 # Parameter sets a user can train (names are matched as substrings of CllaForCausalLM parameter names).
 # qk-norm sources add the query map (the rope maps folded after the query norm) and the key norms' gains.
-LATENT = ("latent_proj.", ".k_up.", ".v_up.", ".q_map", ".k_scale.gain")
+LATENT = ("latent_proj.", ".k_up.", ".v_up.", ".rope_up.", ".q_map", ".k_scale.gain")
 TRAIN_SETS = {
-    "latent": LATENT,  # only what the conversion created: the latent, rope key and up-projections
+    "latent": LATENT,  # only what the conversion created: the latent, rope key and up-projections (rope_up too)
     "attention": LATENT + (".q_proj.", ".o_proj.", ".q_norm.", ".k_scale."),  # the whole attention block
     "all": ("",),  # every weight, MLPs, norms and embeddings included (default)
 }

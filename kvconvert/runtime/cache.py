@@ -54,7 +54,7 @@ class LatentCache:
         streams = [("latent", head, head_bits, config.kv_quant_group)]
         if tail:
             streams.append(("tail", tail[0][0], tail[0][1], config.kv_quant_group))
-        if config.rope_dim:
+        if config.rope_dim and not config.rope_from_latent:  # else each layer reconstructs them from the latent
             streams.append(("rope", config.rope_heads * config.rope_dim, config.rope_bits, config.rope_quant_group))
         # name -> one Stream per layer group
         self._streams: dict[str, list[Stream]] = {}

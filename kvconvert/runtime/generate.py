@@ -12,6 +12,9 @@ Decode (one token per row): the up-projections are absorbed (DESIGN.md, "The mod
 A key bias adds q_nope·b_k to every score of a head: constant over positions, it cancels in the softmax.
 A qk-norm source (Qwen3, Gemma 3): every layer caches its key norms r (B, S, K), which multiply kv head k's scores
 (kernels' key_scale); queries are normed per head then mapped by q_map, with W_uk folded into that map.
+With rope keys from the latent (config.rope_from_latent) nothing else is cached: each layer reconstructs its rope
+keys from the dequantized latent, RoPE(W_ur c_s) at slot s's position, and the kernels read them as a 16-bit rope
+stream (materialized per layer and step; a kernel that rotates them in registers is not written yet).
 The decode step has no host synchronisation and fixed shapes, so on CUDA it is captured once in a CUDA graph and
 replayed; on CPU the same code runs on the PyTorch references.
 """
@@ -28,7 +31,8 @@ from torch import nn
 
 from ..config import RING_CHUNK, group_window
 from ..errors import KvconvertError
-from ..kernels import decode_streams, dequantize_stream, latent_attention_weights, latent_decode, quantize_append
+from ..kernels import (Stream, decode_streams, dequantize_stream, latent_attention_weights, latent_decode, quantize_append,
+                       uses_triton)
 from ..model import CllaForCausalLM, apply_rope, rope_cos_sin, rope_inv_freq
 from .cache import LatentCache
 
@@ -190,6 +194,7 @@ class LatentRuntime:
         if ring_chunk is not None and ring_chunk < 1:
             raise ValueError(f"ring_chunk must be at least 1, got {ring_chunk}")
         self.cache = LatentCache(cfg, batch, capacity, self.device, dtype16, ring_chunk)
+        self.dtype16 = dtype16
         self.ring_chunk = ring_chunk if any(self.cache.is_ring(g) for g in range(cfg.num_layer_groups)) else None
         self.lengths = [0] * batch  # host copy of cache.seq_lens: capacity checks without a device sync
         # Token positions (RoPE) per row: equal to the slot counts unless a policy evicts or merges slots.
@@ -198,6 +203,9 @@ class LatentRuntime:
         self.written = [0] * batch  # per row, one past the furthest token written (a prefill's padding included)
         self.context = context or capacity
         self.policy = policy
+        if policy is not None and cfg.rope_from_latent:
+            raise KvconvertError("cache policies do not support rope keys reconstructed from the latent yet "
+                                 "(convert with --rope-keys cached)")
         if policy is not None:
             slots = policy.slots(self.context)
             if capacity <= slots:
@@ -323,10 +331,54 @@ class LatentRuntime:
         ks = self.cache.key_scale(i)
         return None if ks is None else ks.data[:, :S]
 
-    def _read_group(self, g: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first S slots of group g as the model's attention takes them: latent (B, S, R), rope (B, Hr, S, Dr)."""
+    def _slot_rotations(self, g: int, S: int, lens: torch.Tensor) -> torch.Tensor:
+        """rope_from_latent: [cos | sin] (B, Hr, S, 2 Dr) of the position each of group g's first S slots holds:
+        slot s holds position s, or in a ring of n slots (lens[b] tokens written, padding included), the last
+        position p < lens[b] with p % n == s (never-written slots get negative positions: masked anyway)."""
+        slot = torch.arange(S, device=self.device)[None, :]
+        n = self.cache.slots[g]
+        pos = slot if not self.cache.is_ring(g) else slot + n * torch.div(lens.long()[:, None] - 1 - slot, n,
+                                                                           rounding_mode="floor")
+        pos = pos.expand(self.cache.batch, S)
+        cos, sin = rope_cos_sin(self.config, pos, self.dtype, self.inv_freq[g : g + 1])
+        return torch.cat([cos[0], sin[0]], -1)
+
+    def _layer_rope(self, i: int, latent: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """Layer i's rope keys (B, Hr, S, Dr): the group's cached ones, or (rope_from_latent, `rope` then being the
+        slots' rotations) reconstructed from the latent (B, S, R)."""
+        if not self.config.rope_from_latent:
+            return rope
+        return self.model.model.layers[i].self_attn.rope_keys(latent, rope)
+
+    def _rope_stream(self, i: int, latent: Stream, rotations: torch.Tensor) -> Stream:
+        """Decode, rope_from_latent: layer i's rope keys over the slots of `latent` (a plain stream: see
+        `_decode_latent`) as a 16-bit stream the kernels read, (B, S, Hr * Dr)."""
+        k = self._layer_rope(i, latent.data.to(self.dtype), rotations)
+        B, Hr, S, Dr = k.shape
+        dtype = self.dtype16 if uses_triton(latent.data) else torch.float32  # the reference reads plain fp32 streams
+        data = k.transpose(1, 2).reshape(B, S, Hr * Dr).to(dtype)
+        return Stream(data, None, 16, 1, Hr * Dr)
+
+    def _decode_latent(self, g: int, streams, lens: torch.Tensor):
+        """rope_from_latent: the dequantized latent of group g every layer reconstructs its rope keys from, as a plain
+        stream over the slots the kernels read (the reference's are already plain), and those slots' rotations."""
+        latent, _, tail = streams
+        if latent.bits >= 16 and tail is None and latent.scales is None and latent.data.dtype.is_floating_point:
+            plain = latent
+        else:  # Triton reads the cache itself: dequantize every slot (fixed shapes for CUDA graphs)
+            S = latent.data.shape[1]
+            values = torch.cat([dequantize_stream(s, S, self.dtype) for s in (latent, tail) if s is not None], -1)
+            plain = Stream(values, None, 16, 1, values.shape[-1])
+        return plain, self._slot_rotations(g, plain.data.shape[1], lens)
+
+    def _read_group(self, g: int, S: int, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first S slots of group g as the model's attention takes them: latent (B, S, R), rope (B, Hr, S, Dr)
+        (rope_from_latent: the slots' rotations, see CllaLatentProjection.forward; `after`: per row, one past the last
+        slot written, which places a ring's slots)."""
         cfg = self.config
         latent = torch.cat([dequantize_stream(st, S, self.dtype) for st in self.cache.latent_streams(g)], -1)
+        if cfg.rope_from_latent:
+            return latent, self._slot_rotations(g, S, after)
         rope = self.cache.rope(g)
         B = latent.shape[0]
         if rope is None:
@@ -367,7 +419,11 @@ class LatentRuntime:
         q_lat, q_rope, head_bias = self._queries(lay, x[:, 0], cos, sin)
         log_w = self.log_weights(self.group_of[i])
         ks = self._key_scale(i)
-        latent, rope, tail = streams
+        if self.config.rope_from_latent:  # streams: (the latent's kernel streams, (plain latent, slot rotations))
+            (latent, _, tail), (plain, rotations) = streams
+            rope = self._rope_stream(i, plain, rotations)
+        else:
+            latent, rope, tail = streams
         o_lat = latent_decode(q_lat, q_rope, latent, rope, lens, self.softmax_scale, lay.window, log_weights=log_w,
                               key_scale=ks, head_bias=head_bias, tail=tail)
         if self.policy is not None and self.policy.scored:
@@ -452,7 +508,7 @@ class LatentRuntime:
             S_g = min(S, self.cache.slots[g])
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
-                latent, k_rope = self._read_group(g, S_g)
+                latent, k_rope = self._read_group(g, S_g, start + T)
             self._append_key_scale(i, x, start)
             key_scale = self._key_scale(i, S_g)
             w_g = mask_key(cfg.layer_windows[i], g)
@@ -460,7 +516,8 @@ class LatentRuntime:
             if policy is not None and mask is not None:
                 mask = mask + self.log_weights(g)[:, None, None, :S].to(self.dtype)  # merged slots: + log(count)
             if self.absorbed_prefill:
-                attn = self._absorbed_prompt_attention(i, x, cos[g], sin[g], latent, k_rope, mask, key_scale)
+                attn = self._absorbed_prompt_attention(i, x, cos[g], sin[g], latent, self._layer_rope(i, latent, k_rope),
+                                                       mask, key_scale)
             else:
                 attn = layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask,
                                        None if key_scale is None else key_scale.transpose(1, 2))
@@ -620,6 +677,8 @@ class LatentRuntime:
             if i in self.first_of_group:
                 self._append(g, x, cos[g], sin[g], start)
                 streams = decode_streams(self.cache.latent(g), self.cache.rope(g), lens, self.cache.tail(g))
+                if cfg.rope_from_latent:
+                    streams = (streams, self._decode_latent(g, streams, lens))
             self._append_key_scale(i, x, start)
             h = layer.attn_residual(h, self._decode_attention(i, x, cos[g], sin[g], lens, streams))
             h = layer.mlp_residual(h)
