@@ -43,17 +43,16 @@ class LatentFit:
     Ci: torch.Tensor  # (h, h)
     T: torch.Tensor  # (targets, h)
     total: float  # E_total = Σ_b tr(Ω_b E[y_b y_bᵀ])
-    mean2: torch.Tensor | None = None  # (h,) E[c_j]² of each latent dim (its constant part: see `spread`)
+    mean2: torch.Tensor  # (h,) E[c_j]² of each latent dim (its constant part: see `spread`)
 
     def error(self, R: int) -> float:
         """Ω-weighted regression error of a rank-R latent (before quantization)."""
         return max(0.0, self.total - self.S2[:R].sum().item())
 
     def spread(self, lo: int, hi: int) -> float:
-        """Energy of latent dims lo:hi less their constant part: a token-wise quantizer after a Hadamard rotation
-        maps a dominant constant direction onto ±equal values, which its min/max grid holds almost exactly."""
-        e = self.S2[lo:hi].sum()
-        return (e - self.mean2[lo:hi].sum()).clamp_min(0).item() if self.mean2 is not None else e.item()
+        """Energy of latent dims lo:hi less their constant part: `rotation` sends the first (largest) dim onto the
+        constant direction, an offset that a token-wise min/max quantizer's zero-point holds almost exactly."""
+        return (self.S2[lo:hi].sum() - self.mean2[lo:hi].sum()).clamp_min(0).item()
 
     def weights(self, R: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A (targets × R) and B (R × h)."""

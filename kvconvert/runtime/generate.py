@@ -37,6 +37,12 @@ from ..model import CllaForCausalLM, apply_rope, rope_cos_sin, rope_inv_freq
 from .cache import LatentCache
 
 
+def ring_positions(slot: torch.Tensor, n: int, after: torch.Tensor) -> torch.Tensor:
+    """The token position slot s of a ring of n slots holds: the last p < after with p % n == s (negative where
+    nothing was written yet). Broadcasts slot against after (one past the last position written, per row)."""
+    return slot + n * torch.div(after - 1 - slot, n, rounding_mode="floor")
+
+
 @dataclass
 class SamplingOptions:
     """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; stop tokens end a row (not included in its output)."""
@@ -336,9 +342,7 @@ class LatentRuntime:
         slot s holds position s, or in a ring of n slots (lens[b] tokens written, padding included), the last
         position p < lens[b] with p % n == s (never-written slots get negative positions: masked anyway)."""
         slot = torch.arange(S, device=self.device)[None, :]
-        n = self.cache.slots[g]
-        pos = slot if not self.cache.is_ring(g) else slot + n * torch.div(lens.long()[:, None] - 1 - slot, n,
-                                                                           rounding_mode="floor")
+        pos = ring_positions(slot, self.cache.slots[g], lens.long()[:, None]) if self.cache.is_ring(g) else slot
         pos = pos.expand(self.cache.batch, S)
         cos, sin = rope_cos_sin(self.config, pos, self.dtype, self.inv_freq[g : g + 1])
         return torch.cat([cos[0], sin[0]], -1)
@@ -363,7 +367,7 @@ class LatentRuntime:
         """rope_from_latent: the dequantized latent of group g every layer reconstructs its rope keys from, as a plain
         stream over the slots the kernels read (the reference's are already plain), and those slots' rotations."""
         latent, _, tail = streams
-        if latent.bits >= 16 and tail is None and latent.scales is None and latent.data.dtype.is_floating_point:
+        if not uses_triton(latent.data):  # decode_streams already made it plain (the tail joined)
             plain = latent
         else:  # Triton reads the cache itself: dequantize every slot (fixed shapes for CUDA graphs)
             S = latent.data.shape[1]
@@ -485,10 +489,9 @@ class LatentRuntime:
 
         after = (start.long() + T)[:, None, None]  # every row wrote T slots (padding included)
         for w, g in {mask_key(cfg.layer_windows[i], self.group_of[i]) for i in range(cfg.num_hidden_layers)}:
-            if isinstance(g, tuple):  # slot s of a ring of n holds the last position p < after with p % n == s
+            if isinstance(g, tuple):
                 n = g[1]
-                slot = torch.arange(min(S, n), device=self.device)[None, None, :]
-                pos = slot + n * torch.div(after - 1 - slot, n, rounding_mode="floor")
+                pos = ring_positions(torch.arange(min(S, n), device=self.device)[None, None, :], n, after)
                 a = (pos >= 0) & (pos <= qpos) & (qpos - pos < w)
             else:
                 a = key <= qslot
