@@ -739,16 +739,19 @@ def test_runtime_through_the_interpreted_kernels(bits):
 
 
 @interpreter
-def test_policy_runtime_through_the_interpreted_kernels():
-    """ZSMerge's merged slots reach the Triton kernel as log-weights: the same tokens as the reference path."""
+@pytest.mark.parametrize("rope", ["cached", "from latent"])
+def test_policy_runtime_through_the_interpreted_kernels(rope):
+    """ZSMerge's merged slots reach the Triton kernel as log-weights (and, rope keys from the latent, the rope
+    stream rotated at each slot's position): the same tokens as the reference path."""
     import subprocess as sp
 
     from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
     from kvconvert.runtime.policies import make_policy
 
-    from test_runtime import prompt, tiny_clla
+    from test_runtime import FROM_LATENT, prompt, tiny_clla
 
-    model = tiny_clla(4)
+    kw = {} if rope == "cached" else dict(rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"])
+    model = tiny_clla(4, **kw)
     ids = prompt(30, seed=4)
     rt = LatentRuntime(model, 1, 40, policy=make_policy("zsmerge", 12), context=64)
     out, _ = rt.generate([ids], SamplingOptions(max_new_tokens=10))
@@ -757,7 +760,7 @@ def test_policy_runtime_through_the_interpreted_kernels():
         "from test_runtime import prompt, tiny_clla;"
         "from kvconvert.runtime.generate import LatentRuntime, SamplingOptions;"
         "from kvconvert.runtime.policies import make_policy;"
-        "rt = LatentRuntime(tiny_clla(4), 1, 40, policy=make_policy('zsmerge', 12), context=64);"
+        f"rt = LatentRuntime(tiny_clla(4, **{kw!r}), 1, 40, policy=make_policy('zsmerge', 12), context=64);"
         "print(json.dumps(rt.generate([prompt(30, seed=4)], SamplingOptions(max_new_tokens=10))[0][0]))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -10,9 +10,11 @@ from kvconvert.kernels.reference import latent_decode_ref
 from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
 from kvconvert.runtime.policies import POLICIES, make_policy
 
-from test_runtime import prompt, tiny_clla
+from test_runtime import FROM_LATENT, prompt, tiny_clla
 
 NAMES = list(POLICIES)
+# Rope keys cached (rotated when written) or reconstructed from the latent (rotated when read, at GroupState.rot)
+ROPE = {"cached": {}, "from latent": dict(rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"])}
 
 
 def run(model, prompts, policy, n=12, capacity=96, context=96):
@@ -22,8 +24,9 @@ def run(model, prompts, policy, n=12, capacity=96, context=96):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_budget_above_the_context_changes_nothing(name):
-    model = tiny_clla(4)
+@pytest.mark.parametrize("rope", list(ROPE))
+def test_budget_above_the_context_changes_nothing(name, rope):
+    model = tiny_clla(4, **ROPE[rope])
     prompts = [prompt(20, seed=1)]
     plain, _ = run(model, prompts, None)
     with_policy, rt = run(model, prompts, make_policy(name, 60))  # 60 slots >= 20 + 12 tokens
@@ -33,8 +36,9 @@ def test_budget_above_the_context_changes_nothing(name):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bits", [16, 4])
-def test_budget_is_never_exceeded(name, bits):
-    model = tiny_clla(bits)
+@pytest.mark.parametrize("rope", list(ROPE))
+def test_budget_is_never_exceeded(name, bits, rope):
+    model = tiny_clla(bits, **ROPE[rope])
     budget = 10
     rt = LatentRuntime(model, 1, 40, policy=make_policy(name, budget), context=200)
     rt.prefill(torch.tensor([prompt(33, seed=2)]), [33])  # a prompt of 33 in chunks of 30: compressed twice
@@ -58,8 +62,9 @@ def test_budget_is_never_exceeded(name, bits):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_padded_batch_equals_one_by_one(name):
-    model = tiny_clla(4)
+@pytest.mark.parametrize("rope", list(ROPE))
+def test_padded_batch_equals_one_by_one(name, rope):
+    model = tiny_clla(4, **ROPE[rope])
     prompts = [prompt(n, seed=10 + n) for n in (27, 9, 18)]
     batched, _ = run(model, prompts, make_policy(name, 12), n=10, capacity=48, context=64)
     for p, got in zip(prompts, batched):
@@ -242,3 +247,43 @@ def test_key_norms_move_with_their_slots(name):
             elif p < 30:
                 assert torch.equal(got[s], want[p]), (i, s, p)
     assert int((rt.policy.states[0].pos[0, :10] < 30).sum()) >= 4  # the check above had slots to look at
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("rope", list(FROM_LATENT))
+def test_reconstructed_rope_keys_rotate_at_their_slots_positions(name, rope):
+    """Rope keys from the latent under a policy: a kept slot's reconstructed keys are exactly those its token has
+    without a policy (its own latent, rotated at its own position, wherever compaction moved it); a merge slot
+    rotates at its tokens' count-weighted mean position, so Σ count × position over the slots is the sum of every
+    position seen (each token sits in exactly one slot)."""
+    model = tiny_clla(4, rope_from_latent=True, rope_bits=16, **FROM_LATENT[rope])
+    ids = torch.tensor([prompt(33, seed=2)])
+    full = LatentRuntime(model, 1, 64)
+    full.prefill(ids, [33])
+    rt = LatentRuntime(model, 1, 40, policy=make_policy(name, 10), context=200)
+    rt.prefill(ids, [33])  # chunks of 30 then 3: the first 30 tokens' layer inputs are those of the full run
+    cfg = model.config
+    after = torch.tensor([33])
+    checked = 0
+    for g, layers in enumerate(cfg.layer_groups):
+        st = rt.policy.states[g]
+        lat_full, rot_full = full._read_group(g, 33, after)
+        lat, rot = rt._read_group(g, 10, after)
+        for i in layers:
+            want, got = full._layer_rope(i, lat_full, rot_full), rt._layer_rope(i, lat, rot)
+            for s in range(10):
+                p = int(st.pos[0, s])
+                if not bool(st.residual[0, s]) and p < 30:
+                    assert float(st.rot[0, s]) == p
+                    assert torch.equal(got[:, :, s], want[:, :, p]), (i, s, p)
+                    checked += 1
+        if name == "zsmerge":
+            assert math.isclose(float((st.weight[0, :10] * st.rot[0, :10]).sum()), sum(range(33)), rel_tol=1e-6)
+            assert bool(st.residual[0, :10].any())
+    assert checked >= 4 * cfg.num_hidden_layers  # the comparison above had slots to look at
+    for t in range(12):  # decode under the budget goes on reading them
+        rt.decode(torch.tensor([t]))
+    assert rt.lengths == [10]
+    if name == "zsmerge":
+        st = rt.policy.states[0]
+        assert math.isclose(float((st.weight[0, :10] * st.rot[0, :10]).sum()), sum(range(45)), rel_tol=1e-6)

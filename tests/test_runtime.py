@@ -186,7 +186,8 @@ def test_rope_from_latent_equals_the_model(bits, rope, qk_norm):
 @pytest.mark.parametrize("bits", [16, 4])
 def test_rope_from_latent_ring_and_ragged_batch(bits):
     """A sliding-window group kept as a ring rotates each slot at the position that wrapped onto it; ragged rows
-    equal one-by-one runs; the absorbed prompt path (a shared rope head) equals the model's attention."""
+    equal one-by-one runs; the absorbed prompt path (a shared rope head) equals the model's attention, with and
+    without a cache policy."""
     model = tiny_clla(bits, rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"], **RING)
     rt = LatentRuntime(model, batch=1, capacity=64, ring_chunk=4)
     assert rt.cache.slots == [64, 9, 64]
@@ -196,24 +197,19 @@ def test_rope_from_latent_ring_and_ragged_batch(bits):
     for p, got in zip(prompts, batched):
         alone, _ = LatentRuntime(model, 1, 48).generate([p], SamplingOptions(max_new_tokens=10))
         assert got == alone[0]
-    narrow = tiny_clla(bits, rope_from_latent=True, rope_bits=16, rope_heads=1, **PLANS["narrow"])
-    ids = torch.tensor([prompt(21, seed=5)])
-    outs = []
-    for absorbed in (True, False):
-        rt = LatentRuntime(narrow, 1, 48)
-        assert rt.absorbed_prefill
-        rt.absorbed_prefill = absorbed
-        outs.append(torch.cat([rt.prefill(ids[:, :9], [9], all_logits=True),
-                               rt.prefill(ids[:, 9:], [12], all_logits=True)], 1))
-    assert ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item() <= 1e-5
-
-
-def test_rope_from_latent_refuses_cache_policies():
     from kvconvert.runtime.policies import make_policy
 
-    model = tiny_clla(4, rope_from_latent=True, rope_bits=16, **FROM_LATENT["shared"])
-    with pytest.raises(KvconvertError, match="--rope-keys cached"):
-        LatentRuntime(model, 1, 48, policy=make_policy("zsmerge", 12), context=64)
+    narrow = tiny_clla(bits, rope_from_latent=True, rope_bits=16, rope_heads=1, **PLANS["narrow"])
+    ids = torch.tensor([prompt(21, seed=5)])
+    for policy in (None, "zsmerge"):  # under a policy: merged slots, their log-weights and mean positions
+        outs = []
+        for absorbed in (True, False):
+            rt = LatentRuntime(narrow, 1, 48, policy=make_policy(policy, 8) if policy else None, context=64)
+            assert rt.absorbed_prefill
+            rt.absorbed_prefill = absorbed
+            outs.append(torch.cat([rt.prefill(ids[:, :9], [9], all_logits=True),
+                                   rt.prefill(ids[:, 9:], [12], all_logits=True)], 1))
+        assert ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item() <= 1e-5
 
 
 def test_latent_without_rope_and_rope_without_nope():

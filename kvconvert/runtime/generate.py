@@ -209,9 +209,6 @@ class LatentRuntime:
         self.written = [0] * batch  # per row, one past the furthest token written (a prefill's padding included)
         self.context = context or capacity
         self.policy = policy
-        if policy is not None and cfg.rope_from_latent:
-            raise KvconvertError("cache policies do not support rope keys reconstructed from the latent yet "
-                                 "(convert with --rope-keys cached)")
         if policy is not None:
             slots = policy.slots(self.context)
             if capacity <= slots:
@@ -340,10 +337,14 @@ class LatentRuntime:
     def _slot_rotations(self, g: int, S: int, lens: torch.Tensor) -> torch.Tensor:
         """rope_from_latent: [cos | sin] (B, Hr, S, 2 Dr) of the position each of group g's first S slots holds:
         slot s holds position s, or in a ring of n slots (lens[b] tokens written, padding included), the last
-        position p < lens[b] with p % n == s (never-written slots get negative positions: masked anyway)."""
-        slot = torch.arange(S, device=self.device)[None, :]
-        pos = ring_positions(slot, self.cache.slots[g], lens.long()[:, None]) if self.cache.is_ring(g) else slot
-        pos = pos.expand(self.cache.batch, S)
+        position p < lens[b] with p % n == s (never-written slots get negative positions: masked anyway), or under
+        a policy the slot's rotation position (GroupState.rot)."""
+        if self.policy is not None:
+            pos = self.policy.states[g].rot[:, :S]
+        else:
+            slot = torch.arange(S, device=self.device)[None, :]
+            pos = ring_positions(slot, self.cache.slots[g], lens.long()[:, None]) if self.cache.is_ring(g) else slot
+            pos = pos.expand(self.cache.batch, S)
         cos, sin = rope_cos_sin(self.config, pos, self.dtype, self.inv_freq[g : g + 1])
         return torch.cat([cos[0], sin[0]], -1)
 
@@ -518,15 +519,15 @@ class LatentRuntime:
             mask = masks[w_g]
             if policy is not None and mask is not None:
                 mask = mask + self.log_weights(g)[:, None, None, :S].to(self.dtype)  # merged slots: + log(count)
+            rope_i = self._layer_rope(i, latent, k_rope) if self.absorbed_prefill or scored else None
             if self.absorbed_prefill:
-                attn = self._absorbed_prompt_attention(i, x, cos[g], sin[g], latent, self._layer_rope(i, latent, k_rope),
-                                                       mask, key_scale)
+                attn = self._absorbed_prompt_attention(i, x, cos[g], sin[g], latent, rope_i, mask, key_scale)
             else:
                 attn = layer.self_attn(x, latent, k_rope, cos[g], sin[g], mask,
                                        None if key_scale is None else key_scale.transpose(1, 2))
             h = layer.attn_residual(h, attn)
             if scored:
-                attention_seen[g] += self._prompt_attention(i, x, cos[g], sin[g], latent, k_rope, allowed[w_g], n_new,
+                attention_seen[g] += self._prompt_attention(i, x, cos[g], sin[g], latent, rope_i, allowed[w_g], n_new,
                                                             key_scale)
             h = layer.mlp_residual(h)
         lengths = torch.tensor(n_new, dtype=torch.int32, device=self.device)

@@ -9,8 +9,11 @@ Every policy here is one `TokenBudgetPolicy` with different knobs (one file per 
             similar one (count-weighted), whose attention logits get + log(count) (ZSMerge's compensated scores)
 
 The cache stays a dense run of slots [0, n) per row and group (the kernels read it unchanged); a slot's token
-position, count, score and kind live beside it here. Rope keys are cached after RoPE, so a slot carries its
-position inside its key and slots can move freely. Decisions are made per row, so padded batches are exact.
+position, count, score and kind live beside it here. Cached rope keys are rotated already, so a slot carries its
+position inside its key and slots can move freely. Rope keys reconstructed from the latent (rope_from_latent) are
+rotated when read, at the slot's `rot` position: its token's, or for a merge slot the count-weighted mean of its
+tokens' (the merged latent is their count-weighted mean too; averaging rotated keys instead would also shrink the
+fast-turning pairs, which this keeps whole). Decisions are made per row, so padded batches are exact.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from ...kernels import Stream, dequantize_stream, quantize_append
 @dataclass
 class GroupState:
     """Per layer group, (B, S) each: token position (-1: a merged slot), count of tokens the slot stands for,
-    accumulated attention, residual-slot flag."""
+    accumulated attention, residual-slot flag, and the position reconstructed rope keys rotate by (fp32: a merge
+    slot's is its tokens' count-weighted mean)."""
 
     pos: torch.Tensor
     weight: torch.Tensor
     score: torch.Tensor
     residual: torch.Tensor
+    rot: torch.Tensor
 
     def log_weights(self) -> torch.Tensor:
         return self.weight.log()
@@ -74,6 +79,7 @@ class TokenBudgetPolicy:
                 weight=torch.ones(batch, capacity, dtype=torch.float32, device=device),
                 score=torch.zeros(batch, capacity, dtype=torch.float32, device=device),
                 residual=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+                rot=torch.zeros(batch, capacity, dtype=torch.float32, device=device),
             )
             for _ in range(groups)
         ]
@@ -86,7 +92,7 @@ class TokenBudgetPolicy:
     def reset(self) -> None:
         self.held = False
         for s in self.states:
-            s.pos.zero_(), s.weight.fill_(1.0), s.score.zero_(), s.residual.zero_()
+            s.pos.zero_(), s.weight.fill_(1.0), s.score.zero_(), s.residual.zero_(), s.rot.zero_()
 
     def appended(self, g: int, start: torch.Tensor, positions: torch.Tensor) -> None:
         """New tokens at slots start[b] + t with token positions positions (B, T): a fresh slot each."""
@@ -98,6 +104,7 @@ class TokenBudgetPolicy:
         st.weight[rows, slots] = 1.0
         st.score[rows, slots] = 0.0
         st.residual[rows, slots] = False
+        st.rot[rows, slots] = positions.float()
 
     def observe(self, g: int, attention: torch.Tensor, steps: torch.Tensor) -> None:
         """attention (B, S'): the step's attention per slot (summed over heads, layers, decayed queries); steps (B,):
@@ -159,6 +166,7 @@ class TokenBudgetPolicy:
                 slot = run[0]
                 total = w[run].sum()
                 values[slot] = (values[run] * w[run, None]).sum(0) / total
+                st.rot[b, slot] = (st.rot[b, run] * w[run]).sum() / total
                 st.weight[b, slot], st.score[b, slot] = total, st.score[b, run].max()
                 st.pos[b, slot], st.residual[b, slot] = -1, True
                 keep[slot] = True
@@ -169,6 +177,7 @@ class TokenBudgetPolicy:
                 j = slots[(values[slots] @ values[t]).argmax()]  # the most similar merge slot (dot product)
                 wj, wt = st.weight[b, j].clone(), w[t].clone()
                 values[j] = (values[j] * wj + values[t] * wt) / (wj + wt)
+                st.rot[b, j] = (st.rot[b, j] * wj + st.rot[b, t] * wt) / (wj + wt)
                 st.weight[b, j] = wj + wt
                 st.score[b, j] = torch.maximum(st.score[b, j], st.score[b, t])
                 touched.append(int(j))
@@ -198,5 +207,5 @@ class TokenBudgetPolicy:
             s.data[b, :n] = s.data[b, kept]
             if s.scales is not None:
                 s.scales[b, :n] = s.scales[b, kept]
-        for t in (st.pos, st.weight, st.score, st.residual):
+        for t in (st.pos, st.weight, st.score, st.residual, st.rot):
             t[b, :n] = t[b, kept]
