@@ -6,8 +6,8 @@
 For each ratio: `kvconvert convert smollm2 --kv-ratio R` (timed, default sampled calibration), then perplexity on
 the text (first 20,480 tokens, 512-token windows, kvconvert.evaluate's protocol), top-1 agreement and KL
 against the source, passkey accuracy at 1k and 4k tokens, KV bytes per token. The ablation rebuilds the 0.05 plan
-without the RoPE pair selection, with plain weight SVD, without the rotation, and re-plans with one layer per
-group and without 2-bit tails (equal bits throughout the latent); at 0.10 it compares the planner with and without its prefix layouts (first layers in finer groups).
+with plain weight SVD and without the rotation, and re-plans with rope keys cached beside the latent (RoPE pairs
+selected, then without the selection), with one layer per group and without 2-bit tails (equal bits throughout the latent); at 0.10 it compares the planner with and without its prefix layouts (first layers in finer groups).
 Writes bench/results/frontier_smollm2.json and bench/results/frontier_smollm2.png.
 """
 
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--passkey-trials", type=int, default=5)
     ap.add_argument("--skip-ablation", action="store_true")
-    ap.add_argument("--rope-keys", default="cached", help="cached, latent or auto (kvconvert convert --rope-keys)")
+    ap.add_argument("--rope-keys", default=None, help="cached, latent or auto (kvconvert convert --rope-keys; default: its default)")
     ap.add_argument("--name", default="frontier_smollm2", help="result JSON (and PNG) name under bench/results")
     ap.add_argument("--merge", action="store_true", help="rerun only --ratios and replace their rows in the existing JSON "
                     "(the source row and the ablation are kept, with a record of what was rerun and when)")
@@ -83,7 +83,7 @@ def main() -> None:
         for ratio in [] if args.ablation_only else [float(r) for r in args.ratios.split(",")]:
             out = tmp / f"r{ratio}"
             t = time.perf_counter()
-            ov = Overrides(rope_keys=None if args.rope_keys == "auto" else args.rope_keys)
+            ov = Overrides(rope_keys=args.rope_keys)
             record = convert("smollm2", out, ConvertOptions(kv_ratio=ratio, overrides=ov,
                                                             log=lambda m: print("  " + m, flush=True)))
             wall = time.perf_counter() - t
@@ -123,9 +123,11 @@ def main() -> None:
         comp, held = calibrated(source)
         report = choose_plan(comp, 0.05, Overrides(), held)
         plan = report.plan
+        cached = choose_plan(comp, 0.05, Overrides(rope_keys="cached"), held).plan
         variants = {
             "full method": plan,
-            "no RoPE pair selection (highest frequencies kept)": replace(plan, select_rope=False),
+            "rope keys cached beside the latent, RoPE pairs selected (re-planned)": cached,
+            "rope keys cached, no RoPE pair selection (highest frequencies kept)": replace(cached, select_rope=False),
             "plain weight SVD (not activation-aware)": replace(plan, activation_aware=False),
             "no rotation before quantization": replace(plan, rotate=False),
             "no 2-bit tail (re-planned with equal bits throughout the latent)": choose_plan(

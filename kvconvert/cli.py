@@ -199,8 +199,8 @@ def convert(
     ] = None,
     rope_bits: Annotated[Optional[int], typer.Option(help="Rope-key bits: 16, 8, 4 or 2 (cached rope keys).")] = None,
     rope_keys: Annotated[
-        str, typer.Option(help="Where rope keys live: cached (beside the latent; fastest decode), latent (reconstructed from the latent before RoPE at each step: nothing else cached, far better quality at low ratios, more decode compute; cache policies do not support it yet), or auto (the planner picks by held-out error).")
-    ] = "cached",
+        Optional[str], typer.Option(help="Where rope keys live: latent (reconstructed from the latent before RoPE at each step: nothing else cached, far lower error at low ratios, more decode compute), cached (rotated keys beside the latent, RoPE pairs selected; cheapest decode), or auto (the planner builds both and picks by held-out error; slower). Default: latent, or cached where --rope-bits, --rope-dim 0 or --target deepseek-v3 need cached keys.")
+    ] = None,
     quant_group: Annotated[Optional[int], typer.Option(help="Values per quantization scale/zero-point.")] = None,
     target: Annotated[
         str, typer.Option(help="clla: any plan; deepseek-v3: only plans `kvconvert export --format deepseek-v3` can write (one latent per layer, one shared rope key, a normed 16-bit latent).")
@@ -248,9 +248,9 @@ def convert(
     overrides = Overrides(
         latent_dim=latent_dim, group_size=group_size, rope_dim=rope_dim, rope_heads=rope_heads, kv_bits=kv_bits,
         rope_bits=rope_bits, quant_group=quant_group, tail_dim=kv_tail_dim, target=target,
-        rope_keys=None if rope_keys == "auto" else rope_keys,
+        rope_keys=rope_keys,
     )
-    if rope_keys not in ROPE_KEYS:
+    if rope_keys is not None and rope_keys not in ROPE_KEYS:
         raise KvconvertError(f"--rope-keys must be one of {', '.join(ROPE_KEYS)}; got {rope_keys}")
     if target not in TARGETS:
         raise KvconvertError(f"--target must be one of {', '.join(TARGETS)}; got {target}")

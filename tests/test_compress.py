@@ -264,13 +264,17 @@ def test_every_override_lands_in_the_config(tmp_path, tiny_src):
     cfg = json.loads((tmp_path / "out3" / "config.json").read_text())
     assert cfg["kv_latent_dim"] == 48 and cfg["kv_tail_dim"] == 32 and cfg["kv_tail_bits"] == 2
     assert "latent 16 @ 4 + 32 @ 2 bit" in json.loads(r.stdout)["plan"]
-    r = convert(tiny_src, tmp_path / "out4", "--kv-ratio", "0.5", "--rope-keys", "latent")
+    # rope keys: from the latent by default (out1's --rope-bits 4 kept them cached), cached on request
+    r = convert(tiny_src, tmp_path / "out4", "--kv-ratio", "0.5")
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "out4" / "config.json").read_text())
     assert cfg["rope_from_latent"] and "from the latent" in json.loads(r.stdout)["plan"]
     from kvconvert.loading import load_clla
 
     assert load_clla(tmp_path / "out4").model.config.rope_from_latent
+    r = convert(tiny_src, tmp_path / "out5", "--kv-ratio", "0.5", "--rope-keys", "cached")
+    assert r.exit_code == 0, r.output
+    assert not json.loads((tmp_path / "out5" / "config.json").read_text())["rope_from_latent"]
 
 
 def test_a_quant_group_that_does_not_divide_128_converts(tmp_path, tiny_src):

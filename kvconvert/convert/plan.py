@@ -80,11 +80,20 @@ class Overrides:
     rope_bits: int | None = None
     quant_group: int | None = None
     tail_dim: int | None = None  # 0: no tail; None: the planner decides
-    rope_keys: str | None = "cached"  # "cached", "latent" (rope_from_latent); None: the planner decides
+    rope_keys: str | None = None  # "cached", "latent" (rope_from_latent), "auto" (both); None: see rope_keys_mode
     target: str | None = None  # "deepseek-v3": plans the DeepSeek-V3 export can express (see fit_target)
 
     def any(self) -> bool:
         return any(v is not None for k, v in vars(self).items() if k not in ("target", "rope_keys"))
+
+
+def rope_keys_mode(ov: Overrides) -> str:
+    """Where the plans' rope keys live: as given, else reconstructed from the latent (measured better at every ratio
+    on SmolLM2, README) unless the other options need cached ones (rope bits, no rope dims, the DeepSeek-V3 target)."""
+    if ov.rope_keys is not None:
+        return ov.rope_keys
+    cached = ov.target == DEEPSEEK_V3 or ov.rope_dim == 0 or ov.rope_bits not in (None, 16)
+    return "cached" if cached else "latent"
 
 
 def plan_bytes(base: CllaConfig, plan: Plan) -> int:
@@ -210,7 +219,7 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
     `max_layouts`, only the that many finest layer layouts that fit the budget: sharing across layers costs
     quality zero-shot."""
     plans, used = [], 0
-    where = {"cached": [False], "latent": [True], None: [False, True]}[ov.rope_keys]
+    where = {"cached": [False], "latent": [True], "auto": [False, True]}[rope_keys_mode(ov)]
     for groups in layouts(base, ov):
         found = False
         for from_latent, (rh, rd) in [(f, o) for f in where for o in rope_options(base, groups, ov, f)]:
