@@ -15,6 +15,8 @@
 #            .whl/*.whl && export PYTHONPATH=/tmp/site; cp -r .devmodels /tmp/dm;
 #            RANDOM_WEIGHTS=1 bash bench/gpu_session.sh /tmp/dm/clla002 /tmp/dm/smollm2-src
 #   The whole script takes about 7 minutes there.
+#   RFL_MODEL=FOLDER (stripped like CONVERTED, e.g. .devmodels/clla002-rfl: the default conversion at 0.02, rope
+#   keys from the latent) adds step rfl: its decode speed at batch 64 x 8k beside the cached-rope plan's.
 # Steps (each under its own time limit, results written as they come, copied to $OUT when set):
 # 1. the CUDA tests (kernels vs references, CUDA graphs, runtime on CUDA); 2. decode at batch 64 × 8k against
 # transformers' generate, one chat turn, the 16 GiB / 32k batch budget; 3. where a decode step's GPU time goes;
@@ -29,19 +31,23 @@ mkdir -p "$R"
 MODEL=${1:-/tmp/smollm2-2pct}
 SOURCE=${2:-smollm2}
 save() { if [ -n "${OUT:-}" ]; then cp "$R"/*gpu* "$OUT"/ 2>/dev/null; fi; }
-# STEPS="tests speed profile kernels sweep memory grid" (the default: all) picks steps by name
-STEPS=${STEPS:-tests speed profile kernels sweep memory grid}
+# STEPS="tests speed rfl profile kernels sweep memory grid" (the default: all) picks steps by name
+STEPS=${STEPS:-tests speed rfl profile kernels sweep memory grid}
 step() { local name=$1 limit=$2; shift 2; [[ " $STEPS " == *" $name "* ]] || return 0
          echo "== $(date +%T) $* (limit ${limit}s)"; timeout "$limit" "$@"; echo "== rc $?"; save; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-if [ -n "${RANDOM_WEIGHTS:-}" ]; then python3 bench/random_weights.py "$MODEL" "$SOURCE" || exit 1; fi
+if [ -n "${RANDOM_WEIGHTS:-}" ]; then python3 bench/random_weights.py "$MODEL" "$SOURCE" ${RFL_MODEL:+"$RFL_MODEL"} || exit 1; fi
 [ -d "$MODEL" ] || python3 -m kvconvert convert "$SOURCE" "$MODEL" --kv-ratio 0.02 || exit 1
 
 step tests 180 bash -c "python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --tb=short > $R/gpu_tests.txt 2>&1; tail -25 $R/gpu_tests.txt"
 step speed 120 python3 bench/speed.py --model "$MODEL" --source "$SOURCE" --batch 64 --context 8192 --no-prefill --steps 32 \
     --budget-context 32768 --name speed_gpu
+if [ -n "${RFL_MODEL:-}" ]; then
+    step rfl 120 python3 bench/speed.py --model "$RFL_MODEL" --source "$SOURCE" --batch 1,64 --context 8192 --no-prefill \
+        --steps 32 --chat-tokens 0 --name speed_rope_latent_gpu
+fi
 step profile 60 python3 bench/profile_decode.py --model "$MODEL" --batch 64 --context 8000
 step kernels 80 python3 bench/kernels.py
 step sweep 240 python3 bench/kernels.py --sweep   # launch parameters and tile loads (times from graph replays)

@@ -226,16 +226,23 @@ def test_prompt_only_scoring_differs_from_holding_the_budget():
     assert abs(prompt_only["nll"] - full["nll"]) < abs(held["nll"] - full["nll"])
 
 
+def full_and_budgeted(model, name: str, budget: int = 10):
+    """The same 33-token prompt prefilled without a policy and under `name` (the first 30 tokens' layer inputs are
+    the same in both: the budgeted run takes chunks of 30 then 3)."""
+    ids = torch.tensor([prompt(33, seed=2)])
+    full = LatentRuntime(model, 1, 64)
+    full.prefill(ids, [33])
+    rt = LatentRuntime(model, 1, 40, policy=make_policy(name, budget), context=200)
+    rt.prefill(ids, [33])
+    return full, rt
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_key_norms_move_with_their_slots(name):
     """A qk-norm model caches each layer's key norms per slot: a policy moves them with the latent (a kept token's
     norms are its own) and merges them like the rest (a merge slot's lie within its tokens')."""
     model = tiny_clla(4, qk_norm=True)
-    ids = torch.tensor([prompt(33, seed=2)])
-    full = LatentRuntime(model, 1, 64)
-    full.prefill(ids, [33])
-    rt = LatentRuntime(model, 1, 40, policy=make_policy(name, 10), context=200)
-    rt.prefill(ids, [33])  # chunks of 30 then 3: the first 30 tokens' layer inputs are those of the full run
+    full, rt = full_and_budgeted(model, name)
     cfg = model.config
     for i in range(cfg.num_hidden_layers):
         st = rt.policy.states[cfg.group_of_layer()[i]]
@@ -257,11 +264,7 @@ def test_reconstructed_rope_keys_rotate_at_their_slots_positions(name, rope):
     rotates at its tokens' count-weighted mean position, so Σ count × position over the slots is the sum of every
     position seen (each token sits in exactly one slot)."""
     model = tiny_clla(4, rope_from_latent=True, rope_bits=16, **FROM_LATENT[rope])
-    ids = torch.tensor([prompt(33, seed=2)])
-    full = LatentRuntime(model, 1, 64)
-    full.prefill(ids, [33])
-    rt = LatentRuntime(model, 1, 40, policy=make_policy(name, 10), context=200)
-    rt.prefill(ids, [33])  # chunks of 30 then 3: the first 30 tokens' layer inputs are those of the full run
+    full, rt = full_and_budgeted(model, name)
     cfg = model.config
     after = torch.tensor([33])
     checked = 0
