@@ -14,7 +14,9 @@ A qk-norm source (Qwen3, Gemma 3): every layer caches its key norms r (B, S, K),
 (kernels' key_scale); queries are normed per head then mapped by q_map, with W_uk folded into that map.
 With rope keys from the latent (config.rope_from_latent) nothing else is cached: each layer reconstructs its rope
 keys from the dequantized latent, RoPE(W_ur c_s) at slot s's position, and the kernels read them as a 16-bit rope
-stream (materialized per layer and step; a kernel that rotates them in registers is not written yet).
+stream (materialized per layer and step: one matmul with W_ur's rows in frequency-pair order, then one complex
+product with the step's rotations, shared by the groups whose slots hold the same positions; the queries' rope dims
+take the same order. A kernel that rotates them in registers is not written).
 The decode step has no host synchronisation and fixed shapes, so on CUDA it is captured once in a CUDA graph and
 replayed; on CPU the same code runs on the PyTorch references.
 """
@@ -237,20 +239,45 @@ class LatentRuntime:
                 r = h // per
                 mask[h, r * Dr : (r + 1) * Dr] = 1
             self.rope_head_mask = mask
+            if cfg.rope_from_latent:
+                self._init_rebuilt_rope_keys()
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and self.device.type != "cuda":
             raise KvconvertError("CUDA graphs need a CUDA device")
         self.use_graphs = use_graphs
         self._graph = None
 
+    def _init_rebuilt_rope_keys(self) -> None:
+        """rope_from_latent, decode: each layer's rope_up with its output dims reordered so that every frequency
+        pair is adjacent ((j, j + Dr/2) of each rope head -> (2j, 2j + 1)): its rope keys are then complex numbers
+        that one complex product per step rotates. The queries' rope dims take the same order (rope_perm); scores
+        are sums over dims, so they do not change."""
+        cfg = self.config
+        Hr, Dr = cfg.rope_heads, cfg.rope_dim
+        half = Dr // 2
+        j = torch.arange(half, device=self.device)
+        self.rope_perm = torch.stack([j, j + half], -1).view(1, Dr) + Dr * torch.arange(Hr, device=self.device)[:, None]
+        self.rope_perm = self.rope_perm.view(-1)
+        self.rope_w = []
+        for layer in self.model.model.layers:
+            up = layer.self_attn.rope_up
+            self.rope_w.append((up.weight[self.rope_perm], None if up.bias is None else up.bias[self.rope_perm]))
+        self.rope_freq = self.inv_freq.reshape(cfg.num_layer_groups, Hr * half)  # (NG, Hr · Dr/2), pair order
+        # Groups whose slots hold the same positions and whose frequencies are equal share one step's rotations
+        # (without a policy or a ring: every group, computed once per step)
+        freqs = [tuple(f.tolist()) for f in self.rope_freq]
+        self.rotation_key = [(freqs.index(freqs[g]), g if self.policy is not None else None,
+                              self.cache.slots[g] if self.cache.is_ring(g) else None) for g in range(cfg.num_layer_groups)]
+
     def extra_weight_bytes(self) -> int:
         """Bytes of the folded weights the runtime holds beside the model's own (views of the model excluded)."""
         own = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         seen: set[int] = set()
         total = 0
+        rebuilt = [t for pair in getattr(self, "rope_w", []) for t in pair]
         for lay in self.layers:
             for t in (lay.q_weight, lay.q_bias, lay.w_uk, lay.o_weight, lay.o_bias, lay.w_uv_t, lay.b_uv, lay.q_map,
-                      lay.key_bias_q):
+                      lay.key_bias_q, *rebuilt):
                 if t is not None and (ptr := t.untyped_storage().data_ptr()) not in own | seen:
                     seen.add(ptr)
                     total += t.untyped_storage().nbytes()
@@ -334,18 +361,21 @@ class LatentRuntime:
         ks = self.cache.key_scale(i)
         return None if ks is None else ks.data[:, :S]
 
-    def _slot_rotations(self, g: int, S: int, lens: torch.Tensor) -> torch.Tensor:
-        """rope_from_latent: [cos | sin] (B, Hr, S, 2 Dr) of the position each of group g's first S slots holds:
-        slot s holds position s, or in a ring of n slots (lens[b] tokens written, padding included), the last
-        position p < lens[b] with p % n == s (never-written slots get negative positions: masked anyway), or under
-        a policy the slot's rotation position (GroupState.rot)."""
+    def _slot_positions(self, g: int, S: int, lens: torch.Tensor) -> torch.Tensor:
+        """rope_from_latent: the position (B, S) each of group g's first S slots holds: slot s holds position s, or
+        in a ring of n slots (lens[b] tokens written, padding included), the last position p < lens[b] with
+        p % n == s (never-written slots get negative positions: masked anyway), or under a policy the slot's
+        rotation position (GroupState.rot)."""
         if self.policy is not None:
-            pos = self.policy.states[g].rot[:, :S]
-        else:
-            slot = torch.arange(S, device=self.device)[None, :]
-            pos = ring_positions(slot, self.cache.slots[g], lens.long()[:, None]) if self.cache.is_ring(g) else slot
-            pos = pos.expand(self.cache.batch, S)
-        cos, sin = rope_cos_sin(self.config, pos, self.dtype, self.inv_freq[g : g + 1])
+            return self.policy.states[g].rot[:, :S]
+        slot = torch.arange(S, device=self.device)[None, :]
+        pos = ring_positions(slot, self.cache.slots[g], lens.long()[:, None]) if self.cache.is_ring(g) else slot
+        return pos.expand(self.cache.batch, S)
+
+    def _slot_rotations(self, g: int, S: int, lens: torch.Tensor) -> torch.Tensor:
+        """rope_from_latent: [cos | sin] (B, Hr, S, 2 Dr) of group g's first S slots (_slot_positions), as
+        CllaAttention.rope_keys takes them."""
+        cos, sin = rope_cos_sin(self.config, self._slot_positions(g, S, lens), self.dtype, self.inv_freq[g : g + 1])
         return torch.cat([cos[0], sin[0]], -1)
 
     def _layer_rope(self, i: int, latent: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -355,26 +385,32 @@ class LatentRuntime:
             return rope
         return self.model.model.layers[i].self_attn.rope_keys(latent, rope)
 
-    def _rope_stream(self, i: int, latent: Stream, rotations: torch.Tensor) -> Stream:
-        """Decode, rope_from_latent: layer i's rope keys over the slots of `latent` (a plain stream: see
-        `_decode_latent`) as a 16-bit stream the kernels read, (B, S, Hr * Dr)."""
-        k = self._layer_rope(i, latent.data.to(self.dtype), rotations)
-        B, Hr, S, Dr = k.shape
-        dtype = self.dtype16 if uses_triton(latent.data) else torch.float32  # the reference reads plain fp32 streams
-        data = k.transpose(1, 2).reshape(B, S, Hr * Dr).to(dtype)
-        return Stream(data, None, 16, 1, Hr * Dr)
+    def _rope_stream(self, i: int, latent: torch.Tensor, rotations: torch.Tensor) -> Stream:
+        """Decode, rope_from_latent: layer i's rope keys over the slots of `latent` (B, S, R) (the plain latent of
+        `_decode_latent`), rotated by `rotations` (B, S, Hr · Dr/2) complex, as a 16-bit stream the kernels read,
+        (B, S, Hr · Dr) in pair order (`_init_rebuilt_rope_keys`)."""
+        w, b = self.rope_w[i]
+        k = F.linear(latent, w, b)
+        B, S, W = k.shape
+        k = torch.view_as_real(torch.view_as_complex(k.float().view(B, S, W // 2, 2)) * rotations).view(B, S, W)
+        dtype = self.dtype16 if uses_triton(latent) else torch.float32  # the reference reads plain fp32 streams
+        return Stream(k.to(dtype), None, 16, 1, W)
 
-    def _decode_latent(self, g: int, streams, lens: torch.Tensor):
-        """rope_from_latent: the dequantized latent of group g every layer reconstructs its rope keys from, as a plain
-        stream over the slots the kernels read (the reference's are already plain), and those slots' rotations."""
+    def _decode_latent(self, g: int, streams, lens: torch.Tensor, rotations: dict):
+        """rope_from_latent: the dequantized latent (B, S, R) of group g every layer rebuilds its rope keys from,
+        over the slots the kernels read (the reference's are already plain), and those slots' rotations
+        e^(i p θ) · attention scaling, (B, S, Hr · Dr/2) complex64 (`rotations`: this step's, by rotation_key)."""
         latent, _, tail = streams
         if not uses_triton(latent.data):  # decode_streams already made it plain (the tail joined)
-            plain = latent
+            plain = latent.data.to(self.dtype)
         else:  # Triton reads the cache itself: dequantize every slot (fixed shapes for CUDA graphs)
             S = latent.data.shape[1]
-            values = torch.cat([dequantize_stream(s, S, self.dtype) for s in (latent, tail) if s is not None], -1)
-            plain = Stream(values, None, 16, 1, values.shape[-1])
-        return plain, self._slot_rotations(g, plain.data.shape[1], lens)
+            plain = torch.cat([dequantize_stream(s, S, self.dtype) for s in (latent, tail) if s is not None], -1)
+        key = (self.rotation_key[g], plain.shape[1])
+        if key not in rotations:
+            angle = self._slot_positions(g, plain.shape[1], lens).float()[..., None] * self.rope_freq[g]
+            rotations[key] = torch.polar(torch.full_like(angle, self.config.rope_attention_scaling), angle)
+        return plain, rotations[key]
 
     def _read_group(self, g: int, S: int, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first S slots of group g as the model's attention takes them: latent (B, S, R), rope (B, Hr, S, Dr)
@@ -427,6 +463,7 @@ class LatentRuntime:
         if self.config.rope_from_latent:  # streams: (the latent's kernel streams, (plain latent, slot rotations))
             (latent, _, tail), (plain, rotations) = streams
             rope = self._rope_stream(i, plain, rotations)
+            q_rope = q_rope[..., self.rope_perm]  # the rebuilt keys' dim order
         else:
             latent, rope, tail = streams
         o_lat = latent_decode(q_lat, q_rope, latent, rope, lens, self.softmax_scale, lay.window, log_weights=log_w,
@@ -675,6 +712,7 @@ class LatentRuntime:
                                         for _ in range(cfg.num_layer_groups)]
         h = m.embed(ids[:, None])
         streams = None
+        rotations: dict = {}  # rope_from_latent: the slots' rotations, shared by groups that hold the same positions
         for i, layer in enumerate(m.layers):
             g = self.group_of[i]
             x = layer.input_layernorm(h)
@@ -682,7 +720,7 @@ class LatentRuntime:
                 self._append(g, x, cos[g], sin[g], start)
                 streams = decode_streams(self.cache.latent(g), self.cache.rope(g), lens, self.cache.tail(g))
                 if cfg.rope_from_latent:
-                    streams = (streams, self._decode_latent(g, streams, lens))
+                    streams = (streams, self._decode_latent(g, streams, lens, rotations))
             self._append_key_scale(i, x, start)
             h = layer.attn_residual(h, self._decode_attention(i, x, cos[g], sin[g], lens, streams))
             h = layer.mlp_residual(h)
