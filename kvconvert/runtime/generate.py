@@ -256,8 +256,8 @@ class LatentRuntime:
         Hr, Dr = cfg.rope_heads, cfg.rope_dim
         half = Dr // 2
         j = torch.arange(half, device=self.device)
-        self.rope_perm = torch.stack([j, j + half], -1).view(1, Dr) + Dr * torch.arange(Hr, device=self.device)[:, None]
-        self.rope_perm = self.rope_perm.view(-1)
+        heads = Dr * torch.arange(Hr, device=self.device)[:, None]
+        self.rope_perm = (torch.stack([j, j + half], -1).view(1, Dr) + heads).view(-1)
         self.rope_w = []
         for layer in self.model.model.layers:
             up = layer.self_attn.rope_up
@@ -274,13 +274,13 @@ class LatentRuntime:
         own = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         seen: set[int] = set()
         total = 0
-        rebuilt = [t for pair in getattr(self, "rope_w", []) for t in pair]
-        for lay in self.layers:
-            for t in (lay.q_weight, lay.q_bias, lay.w_uk, lay.o_weight, lay.o_bias, lay.w_uv_t, lay.b_uv, lay.q_map,
-                      lay.key_bias_q, *rebuilt):
-                if t is not None and (ptr := t.untyped_storage().data_ptr()) not in own | seen:
-                    seen.add(ptr)
-                    total += t.untyped_storage().nbytes()
+        folded = [t for lay in self.layers for t in (lay.q_weight, lay.q_bias, lay.w_uk, lay.o_weight, lay.o_bias,
+                                                      lay.w_uv_t, lay.b_uv, lay.q_map, lay.key_bias_q)]
+        rebuilt = [t for pair in getattr(self, "rope_w", []) for t in pair]  # rope_from_latent: reordered rope_up
+        for t in folded + rebuilt:
+            if t is not None and (ptr := t.untyped_storage().data_ptr()) not in own | seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
         return total
 
     # ------------------------------------------------------------------ state
