@@ -30,8 +30,10 @@ import torch
 from kvconvert.kernels.reference import (
     Stream,
     dequantize_stream,
+    dequantize_streams,
     latent_decode_ref,
     quantize_append_ref,
+    quantize_append_streams_ref,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -566,6 +568,29 @@ def check_quantize_wraps(bits: int, device) -> None:
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
 def test_quantize_append_wraps_reference(bits):
     check_quantize_wraps(bits, "cpu")
+
+
+@pytest.mark.parametrize("segments", [[(16, 4), (32, 2)], [(32, 8), (16, 4)], [(16, 4), (16, 16)], [(48, 2)]],
+                         ids=["4+2", "8+4", "4+16", "2"])
+def test_quantize_append_streams_equals_one_append_per_stream(segments):
+    """A latent's head and tail appended in one pass (the reference's decode path) store bit for bit what one
+    append per stream stores: ragged starts, a wrapping ring and mixed storage (16-bit: one append each)."""
+    gen = torch.Generator().manual_seed(len(segments) * 10 + segments[0][1])
+    B, S, T, group = 3, 11, 4, 16
+    x = torch.randn(B, T, sum(w for w, _ in segments), generator=gen)
+    start = torch.tensor([0, 5, 9], dtype=torch.int32)  # row 2 wraps around the ring
+    joint = [empty_stream(B, S, w, bits, group) for w, bits in segments]
+    apart = [empty_stream(B, S, w, bits, group) for w, bits in segments]
+    quantize_append_streams_ref(joint, x, start)
+    lo = 0
+    for stream, (w, _) in zip(apart, segments):
+        quantize_append_ref(stream, x[..., lo : lo + w], start)
+        lo += w
+    for a, b in zip(joint, apart):
+        assert _same_bits(a.data, b.data)
+        assert a.scales is None or torch.equal(a.scales, b.scales)
+    together = dequantize_streams(joint, S, torch.float32)
+    assert torch.equal(together, torch.cat([dequantize_stream(s, S, torch.float32) for s in apart], -1))
 
 
 @interpreter

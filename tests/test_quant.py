@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kvconvert.quant import fake_quantize, fake_quantize_latent, pack_codes, pack_latent, unpack_codes, unpack_latent
+from kvconvert.quant import (fake_quantize, fake_quantize_latent, pack_codes, pack_latent, quantize, quantize_segments,
+                             unpack_codes, unpack_latent)
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -74,3 +75,38 @@ def test_codes_stay_in_range_on_constant_groups():
     x = torch.full((2, 32), 3.25)
     y = fake_quantize(x, 4, 32)
     assert torch.allclose(y, x, atol=1e-3)
+
+
+def test_quantize_segments_equals_one_quantize_per_segment():
+    """One pass over a latent's head and tail gives bit for bit the codes, scales and zeros of one `quantize` per
+    segment, ties, constant groups and fp16-subnormal scales included (the decode path quantizes this way)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 96, generator=gen) * torch.logspace(-6, 2, 96)
+    x[0, 0, :32] = 0.1  # a constant group: its scale underflows to the 1e-8 floor
+    x[1, 1, 32:64] = torch.arange(32) * 0.25 + 0.125  # exact ties at the 2-bit tail's scale
+    segments = [(32, 4), (64, 2)]
+    codes, scale, zero = quantize_segments(x, segments, 16)
+    lo = 0
+    for width, bits in segments:
+        c, s, z = quantize(x[..., lo : lo + width], bits, 16)
+        assert torch.equal(codes[..., lo : lo + width], c)
+        assert torch.equal(scale[..., lo // 16 : (lo + width) // 16], s)
+        assert torch.equal(zero[..., lo // 16 : (lo + width) // 16], z)
+        lo += width
+
+
+def test_quantize_tables_made_in_inference_mode_serve_training():
+    """The shift and level tables are cached per device; one first made inside the runtime (inference mode) must
+    not turn a later training forward's tensors into inference tensors."""
+    from kvconvert import quant
+
+    quant._SHIFT_TABLES.clear()
+    quant._QMAX_TABLES.clear()
+    with torch.inference_mode():
+        pack_codes(torch.zeros(1, 8, dtype=torch.uint8), 4)
+        quantize_segments(torch.randn(1, 48), [(16, 4), (32, 2)], 16)
+    x = torch.randn(2, 48, requires_grad=True)
+    codes, scale, _ = quantize_segments(x, [(16, 4), (32, 2)], 16)  # raised before: inference tensors saved
+    assert not codes.is_inference() and not pack_codes(codes[:, :16], 4).is_inference()
+    fake_quantize_latent(x, [(16, 4), (32, 2)], 16).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))

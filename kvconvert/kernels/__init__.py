@@ -7,11 +7,12 @@ import os
 
 import torch
 
-from .reference import Stream, dequantize_stream, latent_attention_weights_ref, latent_decode_ref, quantize_append_ref
+from .reference import (Stream, dequantize_stream, dequantize_streams, latent_attention_weights_ref, latent_decode_ref,
+                        quantize_append_ref, quantize_append_streams_ref)
 
 __all__ = [
-    "Stream", "decode_streams", "dequantize_stream", "latent_attention_weights", "latent_decode", "quantize_append",
-    "uses_triton",
+    "Stream", "decode_streams", "dequantize_stream", "dequantize_streams", "latent_attention_weights", "latent_decode", "quantize_append",
+    "quantize_append_streams", "uses_triton",
 ]
 
 # The attention each slot receives (for score-based cache policies) has only the PyTorch version on every device:
@@ -56,6 +57,17 @@ def quantize_append(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> Non
     return quantize_append_ref(stream, x, start)
 
 
+def quantize_append_streams(streams: list[Stream], x: torch.Tensor, start: torch.Tensor) -> None:
+    """`quantize_append` of x's consecutive column blocks, one per stream (a latent's head, then its tail)."""
+    if uses_triton(streams[0].data):
+        lo = 0
+        for s in streams:
+            quantize_append(s, x[..., lo : lo + s.width], start)
+            lo += s.width
+        return
+    quantize_append_streams_ref(streams, x, start)
+
+
 def decode_streams(latent: Stream, rope: Stream | None, seq_lens: torch.Tensor, tail: Stream | None = None
                    ) -> tuple[Stream, Stream | None, Stream | None]:
     """A group's streams (latent, rope, tail) as its layers' decode attention reads them in one step: the cache
@@ -66,10 +78,10 @@ def decode_streams(latent: Stream, rope: Stream | None, seq_lens: torch.Tensor, 
     S = min(int(seq_lens.max()), latent.data.shape[1])  # a wrapped ring: all its slots
 
     def plain(*streams: Stream | None) -> Stream | None:
-        values = [dequantize_stream(s, S, torch.float32) for s in streams if s is not None]
-        if not values:
+        present = [s for s in streams if s is not None]
+        if not present:
             return None
-        data = torch.cat(values, -1)
+        data = dequantize_streams(present, S, torch.float32)
         return Stream(data, None, 16, 1, data.shape[-1])
 
     return plain(latent, tail), plain(rope), None

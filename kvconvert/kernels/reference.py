@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant import pack_latent, unpack_latent
+from ..quant import dequantize_codes, pack_codes, pack_latent, quantize_segments, unpack_codes, unpack_latent
 
 
 @dataclass
@@ -46,6 +46,19 @@ def dequantize_stream(stream: Stream, length: int, dtype: torch.dtype) -> torch.
     return unpack_latent(stored, stream.bits, stream.group, dtype)
 
 
+def dequantize_streams(streams: list[Stream], length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first `length` positions of streams side by side (a latent's head, then its tail): (B, length, Σ W). The
+    values of `dequantize_stream` each, in one scale-and-offset pass when all share one quantization group."""
+    group = streams[0].group
+    if len(streams) == 1:
+        return dequantize_stream(streams[0], length, dtype)
+    if not all(s.bits < 16 and s.group == group for s in streams):
+        return torch.cat([dequantize_stream(s, length, dtype) for s in streams], -1)
+    codes = torch.cat([unpack_codes(s.data[:, :length], s.bits) for s in streams], -1)
+    scales = torch.cat([s.scales[:, :length] for s in streams], -2)
+    return dequantize_codes(codes, scales, group, dtype)
+
+
 def quantize_append_ref(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:
     """Quantize x (B, T, W) as the cache stores it and write row b's tokens start[b] .. start[b] + T - 1, token p
     in slot p % S (S: the capacity; past it a sliding-window group's ring wraps around; T <= S).
@@ -54,18 +67,50 @@ def quantize_append_ref(stream: Stream, x: torch.Tensor, start: torch.Tensor) ->
     that start + T fits the cache, or that the stream is a ring.
     """
     B, T, _ = x.shape
-    S = stream.data.shape[1]
-    if T > S:
-        raise ValueError(f"{T} tokens do not fit a stream of {S} slots at once")
-    # flat row index b * S + slot into the (B * S, ·) view of each tensor: one index_copy_ per tensor
-    slots = (start[:, None].long() + torch.arange(T, device=x.device)) % S
-    flat = (torch.arange(B, device=x.device)[:, None] * S + slots).view(-1)
+    flat = _flat_slots(stream, T, start)
     if stream.bits >= 16:
-        stream.data.view(B * S, -1).index_copy_(0, flat, x.reshape(B * T, -1).to(stream.data.dtype))
+        _write(stream.data, flat, x.to(stream.data.dtype))
         return
     packed = pack_latent(x, stream.bits, stream.group)
-    stream.data.view(B * S, -1).index_copy_(0, flat, packed["latent"].reshape(B * T, -1))
-    stream.scales.view(B * S, *stream.scales.shape[2:]).index_copy_(0, flat, packed["latent_scales"].reshape(B * T, *stream.scales.shape[2:]))
+    _write(stream.data, flat, packed["latent"])
+    _write(stream.scales, flat, packed["latent_scales"])
+
+
+def quantize_append_streams_ref(streams: list[Stream], x: torch.Tensor, start: torch.Tensor) -> None:
+    """`quantize_append_ref` of x's consecutive column blocks, one per stream (a latent's head and tail): the same
+    codes, in fewer ops when every stream is quantized with one group size (one quantization of the whole row)."""
+    group = streams[0].group
+    joint = len(streams) > 1 and all(s.bits < 16 and s.group == group and s.data.shape[1] == streams[0].data.shape[1]
+                                     for s in streams)
+    if not joint:
+        lo = 0
+        for s in streams:
+            quantize_append_ref(s, x[..., lo : lo + s.width], start)
+            lo += s.width
+        return
+    flat = _flat_slots(streams[0], x.shape[1], start)
+    codes, scale, zero = quantize_segments(x, [(s.width, s.bits) for s in streams], group)
+    scales = torch.stack((scale, zero), dim=-1)
+    lo = 0
+    for s in streams:
+        _write(s.data, flat, pack_codes(codes[..., lo : lo + s.width], s.bits))
+        _write(s.scales, flat, scales[..., lo // group : (lo + s.width) // group, :])
+        lo += s.width
+
+
+def _flat_slots(stream: Stream, T: int, start: torch.Tensor) -> torch.Tensor:
+    """(B * T,) rows of the (B * S, ·) view of a stream's tensors that tokens start[b] + t go to (slot p % S)."""
+    B, S = stream.data.shape[:2]
+    if T > S:
+        raise ValueError(f"{T} tokens do not fit a stream of {S} slots at once")
+    slots = (start[:, None].long() + torch.arange(T, device=start.device)) % S
+    return (torch.arange(0, B * S, S, device=start.device)[:, None] + slots).view(-1)
+
+
+def _write(dest: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> None:
+    """dest (B, S, ...) at the flat rows `flat` <- values (B, T, ...): one index_copy_, no host sync."""
+    B, S = dest.shape[:2]
+    dest.view(B * S, *dest.shape[2:]).index_copy_(0, flat, values.reshape(flat.shape[0], *dest.shape[2:]))
 
 
 def latent_decode_ref(
@@ -101,7 +146,7 @@ def latent_decode_ref(
     scores, c = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
                                head_bias, tail)
     q = q_lat if q_lat is not None else q_rope
-    return torch.matmul(scores.softmax(-1), c).to(q.dtype)
+    return torch.bmm(scores.softmax(-1), c).to(q.dtype)
 
 
 def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale=None,
@@ -109,16 +154,15 @@ def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     """Scores (B, H, S) over the first S = min(max(seq_lens), capacity) slots (-inf where masked) and the latent
     (B, S, R)."""
     S = min(int(seq_lens.max()), latent.data.shape[1])
-    q = q_lat if q_rope is None else q_rope if q_lat is None else torch.cat((q_lat, q_rope), -1)
+    q = q_lat if q_lat is not None else q_rope
     compute = torch.promote_types(q.dtype, torch.float32)
-    c = dequantize_stream(latent, S, compute)  # (B, S, R)
-    if tail is not None:
-        c = torch.cat((c, dequantize_stream(tail, S, compute)), -1)
-    keys = c if q_lat is not None else None
+    c = dequantize_streams([latent] + ([] if tail is None else [tail]), S, compute)  # (B, S, R)
+    # (B, H, S): the latent's and the rope keys' terms, each one batched matmul (no concatenated keys)
+    scores = None if q_lat is None else torch.bmm(q_lat.to(compute), c.transpose(1, 2))
     if q_rope is not None:
-        k_rope = dequantize_stream(rope, S, compute)
-        keys = k_rope if keys is None else torch.cat((keys, k_rope), -1)
-    scores = torch.matmul(q.to(compute), keys.transpose(1, 2))  # (B, H, S)
+        k_rope = dequantize_stream(rope, S, compute).transpose(1, 2)
+        q_rope = q_rope.to(compute)
+        scores = torch.bmm(q_rope, k_rope) if scores is None else torch.baddbmm(scores, q_rope, k_rope)
     if head_bias is not None:
         scores = scores + head_bias.to(compute)[:, :, None]
     scores = scores * softmax_scale

@@ -14,9 +14,13 @@ A qk-norm source (Qwen3, Gemma 3): every layer caches its key norms r (B, S, K),
 (kernels' key_scale); queries are normed per head then mapped by q_map, with W_uk folded into that map.
 With rope keys from the latent (config.rope_from_latent) nothing else is cached: each layer reconstructs its rope
 keys from the dequantized latent, RoPE(W_ur c_s) at slot s's position, and the kernels read them as a 16-bit rope
-stream (materialized per layer and step: one matmul with W_ur's rows in frequency-pair order, then one complex
-product with the step's rotations, shared by the groups whose slots hold the same positions; the queries' rope dims
-take the same order. A kernel that rotates them in registers is not written).
+stream (materialized every step: one matmul with W_ur's rows in frequency-pair order, then one complex product
+with the step's rotations, shared by the groups whose slots hold the same positions; on the reference path one
+matmul serves all the layers of a group, on the Triton path one layer at a time bounds the transient. The queries'
+rope dims take the same order and rotate by a complex product too. A kernel that rotates them in registers is not
+written).
+On CPU the runtime re-lays out the model's wide Linear weights for matrix-vector products (layout.py), and every
+step runs under inference_mode: batch-1 CPU decode is bound by weight streaming and per-op overhead.
 The decode step has no host synchronisation and fixed shapes, so on CUDA it is captured once in a CUDA graph and
 replayed; on CPU the same code runs on the PyTorch references.
 """
@@ -33,10 +37,11 @@ from torch import nn
 
 from ..config import RING_CHUNK, group_window
 from ..errors import KvconvertError
-from ..kernels import (Stream, decode_streams, dequantize_stream, latent_attention_weights, latent_decode, quantize_append,
-                       uses_triton)
+from ..kernels import (Stream, decode_streams, dequantize_stream, dequantize_streams, latent_attention_weights,
+                       latent_decode, quantize_append, quantize_append_streams, uses_triton)
 from ..model import CllaForCausalLM, apply_rope, rope_cos_sin, rope_inv_freq
 from .cache import LatentCache
+from .layout import gemv_layout, gemv_layout_
 
 
 def ring_positions(slot: torch.Tensor, n: int, after: torch.Tensor) -> torch.Tensor:
@@ -182,15 +187,22 @@ class LatentRuntime:
         policy=None,
         context: int | None = None,
         ring_chunk: int | None = RING_CHUNK,
+        cpu_layout: bool | None = None,
     ):
         """policy: a token-budget cache policy (runtime/policies) whose budget is a share of `context` (the longest
         conversation in tokens; default: the capacity); the cache then needs budget + one prefill chunk of slots.
         ring_chunk: sliding-window layer groups keep a ring of window + ring_chunk - 1 slots, and a prefill step
-        takes at most ring_chunk tokens (None, or under a policy: every group keeps every token)."""
+        takes at most ring_chunk tokens (None, or under a policy: every group keeps every token).
+        cpu_layout: on CPU, re-lay out the model's wide Linear weights in place for matrix-vector products (the
+        same values and shapes, input-major storage: runtime/layout.py); default: for a batch of one row, where it
+        pays (bench/gemv_layout.py: about 1.7x on those weights at one row, 0.9-1.0x at four)."""
         self.model = model.eval()
         self.config = cfg = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.cpu_layout = (batch == 1 if cpu_layout is None else cpu_layout) and self.device.type == "cpu"
+        if self.cpu_layout:
+            gemv_layout_(model)
         longest = context or capacity  # with a policy, slots are reused: the context bounds the positions
         if longest > cfg.max_position_embeddings:
             raise KvconvertError(
@@ -230,6 +242,10 @@ class LatentRuntime:
         self.absorbed_prefill = absorbed < max(cfg.qk_nope_dim + Dr, cfg.head_dim)
         with torch.no_grad():
             self.layers = [absorb_layer(layer.self_attn, cfg, cfg.layer_windows[i]) for i, layer in enumerate(model.model.layers)]
+            if self.cpu_layout:  # the folded copies too (views of the model's weights follow its layout)
+                for lay in self.layers:
+                    lay.q_weight = gemv_layout(lay.q_weight)
+                    lay.o_weight = None if lay.o_weight is None else gemv_layout(lay.o_weight)
             self.inv_freq = rope_inv_freq(cfg, self.device)
             # Query head h scores against rope head h // (H / Hr): its rope query is laid over the whole rope
             # stream (Hr * Dr values) and zero outside its own head, so one MQA kernel serves every rope layout.
@@ -256,12 +272,21 @@ class LatentRuntime:
         Hr, Dr = cfg.rope_heads, cfg.rope_dim
         half = Dr // 2
         j = torch.arange(half, device=self.device)
+        self.rope_head_perm = torch.stack([j, j + half], -1).view(Dr)  # within one rope head
         heads = Dr * torch.arange(Hr, device=self.device)[:, None]
-        self.rope_perm = (torch.stack([j, j + half], -1).view(1, Dr) + heads).view(-1)
-        self.rope_w = []
-        for layer in self.model.model.layers:
-            up = layer.self_attn.rope_up
-            self.rope_w.append((up.weight[self.rope_perm], None if up.bias is None else up.bias[self.rope_perm]))
+        self.rope_perm = (self.rope_head_perm.view(1, Dr) + heads).view(-1)
+        # Per group, its layers' reordered rope_up stacked (n · Hr · Dr, R): on the reference path one matmul and one
+        # complex product rebuild every layer's rope keys of a step; each layer's own weights are views of it.
+        W = Hr * Dr
+        self.rope_w_group, self.rope_w = [], [None] * cfg.num_hidden_layers
+        for group in cfg.layer_groups:
+            ups = [self.model.model.layers[i].self_attn.rope_up for i in group]
+            w = torch.cat([up.weight[self.rope_perm] for up in ups])
+            b = None if ups[0].bias is None else torch.cat([up.bias[self.rope_perm] for up in ups])
+            self.rope_w_group.append((w, b))
+            for n, i in enumerate(group):
+                self.rope_w[i] = (w[n * W : (n + 1) * W], None if b is None else b[n * W : (n + 1) * W])
+        self.index_in_group = [group.index(i) for group in cfg.layer_groups for i in group]
         self.rope_freq = self.inv_freq.reshape(cfg.num_layer_groups, Hr * half)  # (NG, Hr · Dr/2), pair order
         # Groups whose slots hold the same positions and whose frequencies are equal share one step's rotations
         # (without a policy or a ring: every group, computed once per step)
@@ -276,7 +301,7 @@ class LatentRuntime:
         total = 0
         folded = [t for lay in self.layers for t in (lay.q_weight, lay.q_bias, lay.w_uk, lay.o_weight, lay.o_bias,
                                                       lay.w_uv_t, lay.b_uv, lay.q_map, lay.key_bias_q)]
-        rebuilt = [t for pair in getattr(self, "rope_w", []) for t in pair]  # rope_from_latent: reordered rope_up
+        rebuilt = [t for pair in getattr(self, "rope_w_group", []) for t in pair]  # rope_from_latent: reordered rope_up
         for t in folded + rebuilt:
             if t is not None and (ptr := t.untyped_storage().data_ptr()) not in own | seen:
                 seen.add(ptr)
@@ -284,6 +309,7 @@ class LatentRuntime:
         return total
 
     # ------------------------------------------------------------------ state
+    @torch.inference_mode()
     def reset(self) -> None:
         self.cache.reset()
         self.lengths = [0] * self.cache.batch
@@ -296,6 +322,7 @@ class LatentRuntime:
     def log_weights(self, g: int) -> torch.Tensor | None:
         return None if self.policy is None else self.policy.states[g].log_weights()
 
+    @torch.inference_mode()
     def truncate(self, length: int) -> None:
         """Keep only the first `length` tokens of every row (what is past them is never read again). Under a cache
         policy the slots are not a prefix of the tokens, and a ring may have overwritten the window before
@@ -341,10 +368,7 @@ class LatentRuntime:
         """Quantize group g's latent and rope keys of x (B, T, hidden) into the cache at start[b] + t."""
         proj = self.model.model.latent_proj[g]
         B, T, _ = x.shape
-        latent, lo = proj.latent(x), 0
-        for stream in self.cache.latent_streams(g):  # the head, then any low-precision tail
-            quantize_append(stream, latent[..., lo : lo + stream.width], start)
-            lo += stream.width
+        quantize_append_streams(self.cache.latent_streams(g), proj.latent(x), start)  # the head, then any tail
         if proj.rope_proj is not None:
             k_rope = proj.rope_keys(x).transpose(1, 2)
             k_rope = apply_rope(k_rope, cos, sin).transpose(1, 2).reshape(B, T, -1)
@@ -385,39 +409,62 @@ class LatentRuntime:
             return rope
         return self.model.model.layers[i].self_attn.rope_keys(latent, rope)
 
+    @staticmethod
+    def _rotate(k: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """Rope keys or queries in pair order (..., n, W) real, times `rotations` (..., W/2) complex broadcast over
+        n -> (..., n, W) fp32."""
+        *lead, n, W = k.shape
+        z = torch.view_as_complex(k.float().reshape(*lead, n, W // 2, 2)) * rotations.unsqueeze(-2)
+        return torch.view_as_real(z).view(*lead, n, W)
+
     def _rope_stream(self, i: int, latent: torch.Tensor, rotations: torch.Tensor) -> Stream:
-        """Decode, rope_from_latent: layer i's rope keys over the slots of `latent` (B, S, R) (the plain latent of
-        `_decode_latent`), rotated by `rotations` (B, S, Hr · Dr/2) complex, as a 16-bit stream the kernels read,
-        (B, S, Hr · Dr) in pair order (`_init_rebuilt_rope_keys`)."""
+        """Decode, rope_from_latent, Triton path: layer i's rope keys over the slots of `latent` (B, S, R) (the
+        plain latent of `_decode_latent`), rotated by `rotations` (B, S, Hr · Dr/2) complex, as a 16-bit stream the
+        kernels read, (B, S, Hr · Dr) in pair order (`_init_rebuilt_rope_keys`). One layer at a time: the transient
+        is one layer's keys."""
         w, b = self.rope_w[i]
-        k = F.linear(latent, w, b)
-        B, S, W = k.shape
-        k = torch.view_as_real(torch.view_as_complex(k.float().view(B, S, W // 2, 2)) * rotations).view(B, S, W)
-        dtype = self.dtype16 if uses_triton(latent) else torch.float32  # the reference reads plain fp32 streams
-        return Stream(k.to(dtype), None, 16, 1, W)
+        k = self._rotate(F.linear(latent, w, b)[..., None, :], rotations)[..., 0, :]
+        return Stream(k.to(self.dtype16), None, 16, 1, k.shape[-1])
 
     def _decode_latent(self, g: int, streams, lens: torch.Tensor, rotations: dict):
         """rope_from_latent: the dequantized latent (B, S, R) of group g every layer rebuilds its rope keys from,
-        over the slots the kernels read (the reference's are already plain), and those slots' rotations
-        e^(i p θ) · attention scaling, (B, S, Hr · Dr/2) complex64 (`rotations`: this step's, by rotation_key)."""
+        over the slots the kernels read, and those slots' rotations e^(i p θ) · attention scaling, (B, S, Hr · Dr/2)
+        complex64 (`rotations`: this step's, by rotation_key), and on the reference path every layer's rebuilt
+        rope keys at once, (B, S, n_layers, Hr · Dr) fp32 (one matmul for the group), else None (per layer, later)."""
         latent, _, tail = streams
-        if not uses_triton(latent.data):  # decode_streams already made it plain (the tail joined)
+        triton = uses_triton(latent.data)
+        if not triton:  # decode_streams already made it plain (the tail joined)
             plain = latent.data.to(self.dtype)
         else:  # Triton reads the cache itself: dequantize every slot (fixed shapes for CUDA graphs)
             S = latent.data.shape[1]
-            plain = torch.cat([dequantize_stream(s, S, self.dtype) for s in (latent, tail) if s is not None], -1)
+            plain = dequantize_streams([s for s in (latent, tail) if s is not None], S, self.dtype)
         key = (self.rotation_key[g], plain.shape[1])
         if key not in rotations:
             angle = self._slot_positions(g, plain.shape[1], lens).float()[..., None] * self.rope_freq[g]
             rotations[key] = torch.polar(torch.full_like(angle, self.config.rope_attention_scaling), angle)
-        return plain, rotations[key]
+        keys = None
+        if not triton:
+            w, b = self.rope_w_group[g]
+            B, S, _ = plain.shape
+            keys = self._rotate(F.linear(plain, w, b).view(B, S, len(self.config.layer_groups[g]), -1), rotations[key])
+        return plain, rotations[key], keys
+
+    def _query_rotations(self, g: int, rotations: dict) -> torch.Tensor:
+        """rope_from_latent, decode: e^(i p θ) · attention scaling at each row's position over group g's
+        frequencies, (B, Hr, Dr/2) complex64 (shared like the slots' rotations)."""
+        key = ("query", self.rotation_key[g][0])
+        if key not in rotations:
+            angle = self.positions.float()[:, None] * self.rope_freq[g]
+            rot = torch.polar(torch.full_like(angle, self.config.rope_attention_scaling), angle)
+            rotations[key] = rot.view(-1, self.config.rope_heads, self.config.rope_dim // 2)
+        return rotations[key]
 
     def _read_group(self, g: int, S: int, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first S slots of group g as the model's attention takes them: latent (B, S, R), rope (B, Hr, S, Dr)
         (rope_from_latent: the slots' rotations, see CllaLatentProjection.forward; `after`: per row, one past the last
         slot written, which places a ring's slots)."""
         cfg = self.config
-        latent = torch.cat([dequantize_stream(st, S, self.dtype) for st in self.cache.latent_streams(g)], -1)
+        latent = dequantize_streams(self.cache.latent_streams(g), S, self.dtype)
         if cfg.rope_from_latent:
             return latent, self._slot_rotations(g, S, after)
         rope = self.cache.rope(g)
@@ -427,10 +474,12 @@ class LatentRuntime:
         k_rope = dequantize_stream(rope, S, self.dtype).view(B, S, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
         return latent, k_rope
 
-    def _queries(self, lay: AbsorbedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _queries(self, lay: AbsorbedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 rotations: torch.Tensor | None = None):
         """Absorbed queries of N tokens: x (N, hidden), cos/sin (N, Hr, 1, Dr) -> q_lat (N, H, R) or None,
         q_rope (N, H, Hr * Dr) or None (laid over the whole rope stream, zero outside the head's rope head), and the
-        per-head score term of a key bias under key norms (N, H) fp32, or None."""
+        per-head score term of a key bias under key norms (N, H) fp32, or None. With `rotations` (N, Hr, Dr/2)
+        complex instead of cos/sin (decode of rebuilt rope keys), the rope dims come in pair order, rotated by them."""
         N = x.shape[0]
         H, K, Hr, Dr, R, _ = self.dims
         Q = lay.q_width
@@ -447,24 +496,30 @@ class LatentRuntime:
             if lay.w_uk is not None:
                 q_lat = torch.matmul(q_lat.reshape(N, K, H // K, Q), lay.w_uk).view(N, H, R)
         q_rope = None
-        if Dr:
+        if Dr and rotations is not None:
+            q_rope = self._rotate(q[..., Q:].reshape(N, Hr, H // Hr, Dr)[..., self.rope_head_perm], rotations)
+            q_rope = q_rope.view(N, H, Dr)
+        if Dr and rotations is None:
             q_rope = apply_rope(q[..., Q:].reshape(N, Hr, H // Hr, Dr), cos, sin).view(N, H, Dr)
-            if Hr > 1:
-                q_rope = q_rope.repeat(1, 1, Hr) * self.rope_head_mask
+        if Dr and Hr > 1:
+            q_rope = torch.cat([q_rope] * Hr, -1) * self.rope_head_mask  # (cat: 3x faster than repeat on CPU)
         return q_lat, q_rope, head_bias
 
     def _decode_attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, streams):
         """Absorbed attention of layer i for one token per row: x (B, 1, hidden) -> (B, 1, hidden).
         cos/sin (B, Hr, 1, Dr) at each row's position; streams: the group's (latent, rope, tail) as kernels read them."""
         lay = self.layers[i]
-        q_lat, q_rope, head_bias = self._queries(lay, x[:, 0], cos, sin)
         log_w = self.log_weights(self.group_of[i])
         ks = self._key_scale(i)
-        if self.config.rope_from_latent:  # streams: (the latent's kernel streams, (plain latent, slot rotations))
-            (latent, _, tail), (plain, rotations) = streams
-            rope = self._rope_stream(i, plain, rotations)
-            q_rope = q_rope[..., self.rope_perm]  # the rebuilt keys' dim order
+        if self.config.rope_from_latent:  # streams: (the latent's kernel streams, _decode_latent's, query rotations)
+            (latent, _, tail), (plain, rotations, keys), q_rot = streams
+            q_lat, q_rope, head_bias = self._queries(lay, x[:, 0], cos, sin, q_rot)  # rope dims in pair order
+            if keys is None:
+                rope = self._rope_stream(i, plain, rotations)
+            else:  # the reference path rebuilt every layer's keys of the group at once
+                rope = Stream(keys[:, :, self.index_in_group[i]], None, 16, 1, keys.shape[-1])
         else:
+            q_lat, q_rope, head_bias = self._queries(lay, x[:, 0], cos, sin)
             latent, rope, tail = streams
         o_lat = latent_decode(q_lat, q_rope, latent, rope, lens, self.softmax_scale, lay.window, log_weights=log_w,
                               key_scale=ks, head_bias=head_bias, tail=tail)
@@ -482,13 +537,14 @@ class LatentRuntime:
         H, K, _, _, R, Dv = self.dims
         if lay.o_weight is not None:
             return F.linear(o_lat.reshape(N, H * R), lay.o_weight, lay.o_bias)
-        v = torch.matmul(o_lat.view(N, K, H // K, R), lay.w_uv_t).reshape(N, H * Dv)
+        per_kv = o_lat.view(N, K, H // K, R).transpose(0, 1).reshape(K, -1, R)  # a view when N == 1 (decode)
+        v = torch.bmm(per_kv, lay.w_uv_t).view(K, N, H // K, Dv).transpose(0, 1).reshape(N, H * Dv)
         if lay.b_uv is not None:
             v = v + lay.b_uv
         return self.model.model.layers[i].self_attn.o_proj(v)
 
     # ------------------------------------------------------------------ steps
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, n_new: list[int], all_logits: bool = False) -> torch.Tensor:
         """Append ids (B, T) (row b: its first n_new[b] tokens, the rest padding) after each row's cached tokens;
         returns the logits (B, vocab) at each row's last new token (rows with n_new 0: at padding, ignore them),
@@ -675,7 +731,7 @@ class LatentRuntime:
             return max(64, min(by_tokens, (1 << 29) // (B * max(total, 1))))
         return max(64, (1 << 28) // (B * self.config.num_attention_heads * max(total, 1)))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill_chunked(self, ids: torch.Tensor, n_new: list[int], chunk: int | None = None) -> torch.Tensor:
         """`prefill` in chunks of positions (bounded memory for long prompts); the same logits (B, vocab)."""
         B, T = ids.shape
@@ -703,7 +759,10 @@ class LatentRuntime:
         m = self.model.model
         start = self.cache.seq_lens
         lens = start + 1
-        cos, sin = rope_cos_sin(cfg, self.positions.long()[:, None], self.dtype, self.inv_freq)  # (NG, B, Hr, 1, Dr)
+        if cfg.rope_from_latent:  # queries and keys rotate by complex products instead (_query_rotations)
+            cos = sin = [None] * cfg.num_layer_groups
+        else:
+            cos, sin = rope_cos_sin(cfg, self.positions.long()[:, None], self.dtype, self.inv_freq)  # (NG, B, Hr, 1, Dr)
         if self.policy is not None:
             for g in range(cfg.num_layer_groups):
                 self.policy.appended(g, start, self.positions.long()[:, None])
@@ -720,7 +779,8 @@ class LatentRuntime:
                 self._append(g, x, cos[g], sin[g], start)
                 streams = decode_streams(self.cache.latent(g), self.cache.rope(g), lens, self.cache.tail(g))
                 if cfg.rope_from_latent:
-                    streams = (streams, self._decode_latent(g, streams, lens, rotations))
+                    streams = (streams, self._decode_latent(g, streams, lens, rotations),
+                               self._query_rotations(g, rotations))
             self._append_key_scale(i, x, start)
             h = layer.attn_residual(h, self._decode_attention(i, x, cos[g], sin[g], lens, streams))
             h = layer.mlp_residual(h)
@@ -728,7 +788,7 @@ class LatentRuntime:
         self.positions += 1
         return self.model.lm_head(m.norm(h[:, 0]))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: ids (B,) -> logits (B, vocab)."""
         self._check_room([1] * self.cache.batch)

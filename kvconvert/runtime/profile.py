@@ -218,8 +218,10 @@ def measure_source_memory(model, context: int, batch: int) -> dict:
     return result
 
 
-def time_converted(model, batch: int, context: int, steps: int, prefill: bool, cuda_graphs: bool, seed: int = 0) -> dict:
-    """Prefill of batch × context random tokens (when `prefill`) and decode steps at that length, in the runtime."""
+def time_converted(model, batch: int, context: int, steps: int, prefill: bool, cuda_graphs: bool, seed: int = 0,
+                   cpu_layout: bool | None = None) -> dict:
+    """Prefill of batch × context random tokens (when `prefill`) and decode steps at that length, in the runtime
+    (`cpu_layout`: LatentRuntime's)."""
     import time
 
     import torch
@@ -227,7 +229,7 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
     from .generate import LatentRuntime
 
     device = next(model.parameters()).device
-    rt = LatentRuntime(model, batch, context + steps + 3, cuda_graphs=cuda_graphs)
+    rt = LatentRuntime(model, batch, context + steps + 3, cuda_graphs=cuda_graphs, cpu_layout=cpu_layout)
     result: dict = {}
     if prefill:
         gen = torch.Generator(device="cpu").manual_seed(seed)
