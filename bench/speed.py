@@ -3,7 +3,8 @@
     python bench/speed.py --model OUT --source smollm2                         # CPU: batch 1, contexts 128 and 512
     python bench/speed.py --model OUT --source smollm2 --batch 1,16,64 --context 1024,8192 --budget-context 32768
 
-OUT is a converted folder (e.g. `kvconvert convert smollm2 OUT --kv-ratio 0.02`). One chat turn (greedy,
+OUT is a converted folder (e.g. `kvconvert convert smollm2 OUT --kv-ratio 0.02`), or a source (it then runs through an
+identity conversion: the runtime itself against transformers). One chat turn (greedy,
 --chat-tokens new tokens): the runtime's generate, as `kvconvert chat` runs it, against transformers' generate on the
 source; and per batch × context point:
 prefill tokens/s, decode tokens/s and achieved GB/s (counted bytes: every weight + the cache read per step) of
@@ -30,19 +31,17 @@ def ints(spec: str) -> list[int]:
     return [int(x) for x in spec.split(",") if x]
 
 
-def chat_speed(model, source, folder: str, n: int, rounds: int = 3) -> dict:
+def chat_speed(model, source, tok, n: int, rounds: int = 3, cpu_layout: bool | None = None) -> dict:
     """One chat turn, greedy, n new tokens (no stop token): kvconvert's runtime `generate` (what `kvconvert chat`
     runs) against transformers' `generate` on the source; tokens/s of the whole turn, best of `rounds`."""
     import time
 
-    from kvconvert.loading import load_clla
     from kvconvert.runtime.chat import chat_template_ids
     from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
 
-    tok = load_clla(folder).tokenizer
     ids = chat_template_ids(tok, [{"role": "user", "content": "Tell me about the history of Paris."}])
     device = next(model.parameters()).device
-    rt = LatentRuntime(model, 1, len(ids) + n + 1)
+    rt = LatentRuntime(model, 1, len(ids) + n + 1, cpu_layout=cpu_layout)
     ours, theirs = [], []
     for _ in range(rounds):
         rt.reset()
@@ -71,6 +70,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--chat-tokens", type=int, default=64, help="new tokens of the chat-turn comparison (0: skip)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps on CUDA")
+    ap.add_argument("--row-major", action="store_true",
+                    help="CPU: keep the weights row-major (no runtime/layout.py re-layout), to measure what it brings")
     ap.add_argument("--name", default=None, help="result file name (default: speed_cpu or speed_gpu)")
     args = ap.parse_args()
     if args.threads:
@@ -83,10 +84,12 @@ def main() -> None:
     graphs = cuda and not args.no_cuda_graphs
     name = args.name or "speed_" + ("gpu" if cuda else "cpu")
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    model = load_for_runtime(args.model, dtype, device).model
+    loaded = load_for_runtime(args.model, dtype, device)  # a source runs through an identity conversion
+    model = loaded.model
     source = load_any(args.source, dtype).model.to(device)
     points: list[dict] = []
     result: dict = {"model": args.model, "source": args.source, "dtype": str(dtype).removeprefix("torch."),
+                    "cpu_layout": not cuda and not args.row_major,
                     "cuda_graphs": graphs, "steps": args.steps, "prefill": not args.no_prefill, "points": points}
     # The model's trained context bounds the cache (the runtime refuses more): a longer --context is cut to it.
     longest = model.config.max_position_embeddings - args.steps - 3
@@ -96,7 +99,8 @@ def main() -> None:
                 print(f"context {c:,} + {args.steps} steps exceeds the model's {model.config.max_position_embeddings:,} "
                       f"positions: timing {longest:,}")
                 c = longest
-            rt = time_converted(model, b, c, args.steps, not args.no_prefill, cuda_graphs=graphs)
+            rt = time_converted(model, b, c, args.steps, not args.no_prefill, cuda_graphs=graphs,
+                                cpu_layout=False if args.row_major else None)
             hf = time_source(source, b, c, args.steps)
             points.append({"batch": b, "context": c, "runtime": rt, "transformers": hf,
                            "decode_speedup": rt["decode_tokens_per_s"] / hf["decode_tokens_per_s"]})
@@ -105,7 +109,8 @@ def main() -> None:
                   f"({hf['achieved_gb_per_s']:7,.1f} GB/s)  × {points[-1]['decode_speedup']:.2f}", flush=True)
             write_result(name, result)  # after every point: a run cut short keeps what it measured
     if args.chat_tokens:
-        result["chat"] = chat_speed(model, source, args.model, args.chat_tokens)
+        result["chat"] = chat_speed(model, source, loaded.tokenizer, args.chat_tokens,
+                                    cpu_layout=False if args.row_major else None)
         c = result["chat"]
         print(f"chat (one templated turn, {c['new_tokens']} greedy tokens): runtime {c['runtime_tokens_per_s']:.1f} "
               f"tok/s, transformers generate {c['transformers_tokens_per_s']:.1f} tok/s (× {c['speedup']:.2f})")
