@@ -78,12 +78,14 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None)
     ap.add_argument("--budgets", default=None)
     ap.add_argument("--presses", default="streaming,snapkv,expected_attention")
-    ap.add_argument("--passkey", default=None)
+    ap.add_argument("--passkey", default=None, help="lengths, e.g. 2048,4096 ('none': perplexity only)")
     ap.add_argument("--passkey-trials", type=int, default=None)
+    ap.add_argument("--name", default=None, help="result file name (default kvpress_smollm2[_cpu])")
     args = ap.parse_args()
     windows_n = args.windows or (3 if args.cpu else 8)
     budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
-    lengths = [int(n) for n in (args.passkey or ("2048" if args.cpu else "2048,4096,8000")).split(",") if n]
+    spec = args.passkey or ("2048" if args.cpu else "2048,4096,8000")
+    lengths = [] if spec == "none" else [int(n) for n in spec.split(",") if n]
     trials = args.passkey_trials or (10 if args.cpu else 50)
 
     import kvpress
@@ -107,14 +109,16 @@ def main() -> None:
             t0 = time.perf_counter()
             keep = math.ceil(budget * W)
             press = None if press_name == "full" else make_press(press_name, 1 - keep / ctx)
-            nll, count = 0.0, 0
+            nll, count, per_window = 0.0, 0, []
             for n in range(windows.shape[0]):
                 ids = windows[n : n + 1].to(device)
                 cache, first = compressed_prefill(model, press, ids[:, :ctx], keep)
                 logits = torch.cat([first, extend(model, cache, ids[:, ctx:-1], ctx)], 1)
                 logp = F.log_softmax(logits.float(), -1)
-                nll -= logp.gather(-1, ids[:, ctx:, None]).sum().item()
+                window_nll = -logp.gather(-1, ids[:, ctx:, None]).sum().item()
+                nll += window_nll
                 count += W - ctx
+                per_window.append(window_nll / (W - ctx))
             passkey = {str(n): 0.0 for n in lengths}
             for length, key, ids in passkey_trials(tok, lengths, trials):  # the keys and depths of kvconvert's eval
                 if ids[-len(question):] != question:
@@ -132,6 +136,7 @@ def main() -> None:
                 passkey[str(length)] += passkey_found(tok.decode(new, skip_special_tokens=True), key)
             passkey = {n: hits / trials for n, hits in passkey.items()}
             row = {"press": press_name, "budget": budget, "perplexity": math.exp(nll / count), "predictions": count,
+                   "window_nll": per_window,
                    "passkey": passkey, "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             print(f"{press_name:18s} {budget:5.2f}: ppl {row['perplexity']:9.3f}  passkey {passkey}  ({row['seconds']} s)",
@@ -139,7 +144,7 @@ def main() -> None:
     full = rows[0]["perplexity"]
     for row in rows:
         row["ppl_vs_full"] = row["perplexity"] / full
-    path = write_result("kvpress_smollm2" + ("_cpu" if args.cpu else ""), {
+    path = write_result(args.name or "kvpress_smollm2" + ("_cpu" if args.cpu else ""), {
         "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
         "transformers_in_venv": transformers.__version__, "window": W, "score_last": args.score_last,
         "windows": windows_n, "passkey_trials": trials, "budgets": budgets, "rows": rows})

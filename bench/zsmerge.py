@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--budgets", default=None)
     ap.add_argument("--policies", default="zsmerge,h2o,streaming",
                     help="comma-separated; a policy may carry knobs, e.g. zsmerge:residual=0 (recent, residual, decay)")
-    ap.add_argument("--passkey", default=None)
+    ap.add_argument("--passkey", default=None, help="lengths, e.g. 2048,4096 ('none': perplexity only)")
     ap.add_argument("--passkey-trials", type=int, default=None)
     ap.add_argument("--prompt-chunk", type=int, default=None,
                     help="compress the prompt after every N tokens (default: once after the whole prompt, as the paper)")
@@ -47,7 +47,8 @@ def main() -> None:
     args = ap.parse_args()
     windows_n = args.windows or (3 if args.cpu else 8)
     budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
-    lengths = [int(n) for n in (args.passkey or ("2048" if args.cpu else "2048,4096,8000")).split(",") if n]
+    spec = args.passkey or ("2048" if args.cpu else "2048,4096,8000")
+    lengths = [] if spec == "none" else [int(n) for n in spec.split(",") if n]
     trials = args.passkey_trials or (10 if args.cpu else 50)
     policies = args.policies.split(",")
 
@@ -96,7 +97,7 @@ def main() -> None:
                 row = {
                     "model": model_name, "policy": policy, "budget": budget,
                     "kv_bytes_per_token": loaded.model.config.source_kv_bytes_per_token if model_name == "source" else None,
-                    "perplexity": ppl["perplexity"], "predictions": ppl["predictions"],
+                    "perplexity": ppl["perplexity"], "predictions": ppl["predictions"], "window_nll": ppl["window_nll"],
                     "passkey": {str(p["length"]): p["accuracy"] for p in keys}, "seconds": round(time.perf_counter() - t0, 1),
                 }
                 rows.append(row)

@@ -135,7 +135,7 @@ def score_windows_with_policy(
     if not 0 < score_last < W:
         raise KvconvertError(f"--score-last must be in [1, {W - 1}] for {W}-token windows, got {score_last}")
     device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
+    nll_sum, count, per_window = 0.0, 0, []
     for n in range(N):
         policy = policy_factory()
         ctx = W - score_last
@@ -151,12 +151,14 @@ def score_windows_with_policy(
             logits.append(rt.prefill(part, [part.shape[1]], all_logits=True))
         logp = F.log_softmax(torch.cat(logits, 1).float(), -1)  # predicts tokens ctx .. W-1
         target = ids[:, ctx:]
-        nll_sum += -logp.gather(-1, target[..., None]).sum().item()
+        nll = -logp.gather(-1, target[..., None]).sum().item()
+        nll_sum += nll
         count += target.numel()
+        per_window.append(nll / target.numel())
         if progress:
             progress(n + 1, N)
     return {"windows": N, "window": W, "scored_per_window": score_last, "predictions": count,
-            "nll": nll_sum / count, "perplexity": math.exp(nll_sum / count)}
+            "nll": nll_sum / count, "perplexity": math.exp(nll_sum / count), "window_nll": per_window}
 
 
 def runtime_generator(model, policy_factory, max_new_tokens: int = 8, prompt_chunk: int | None = None):
