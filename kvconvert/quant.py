@@ -18,6 +18,9 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
     return _quantize_groups(x, (1 << bits) - 1, group)
 
 
+_QMAX_TABLES: dict[tuple, torch.Tensor] = {}
+
+
 def quantize_segments(x: torch.Tensor, segments: list[tuple[int, int]], group: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`quantize` of consecutive segments [(width, bits), ...] of x's last dim (each width a multiple of the group,
@@ -28,9 +31,6 @@ def quantize_segments(x: torch.Tensor, segments: list[tuple[int, int]], group: i
         with torch.inference_mode(False):  # see _shifts
             _QMAX_TABLES[key] = torch.tensor(levels, dtype=torch.float32, device=x.device)[:, None]
     return _quantize_groups(x, _QMAX_TABLES[key], group)
-
-
-_QMAX_TABLES: dict[tuple, torch.Tensor] = {}
 
 
 def _quantize_groups(x: torch.Tensor, qmax: int | torch.Tensor, group: int):
@@ -49,10 +49,7 @@ def _quantize_groups(x: torch.Tensor, qmax: int | torch.Tensor, group: int):
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `quantize`: codes (..., R) uint8 with scale/zero (..., R/group) -> (..., R) in `dtype`."""
-    shape = codes.shape
-    cg = codes.float().reshape(*shape[:-1], shape[-1] // group, group)
-    x = cg * scale.float()[..., None] + zero.float()[..., None]
-    return x.reshape(shape).to(dtype)
+    return dequantize_codes(codes, torch.stack((scale, zero), dim=-1), group, dtype)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -113,8 +110,8 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, group: int, dtyp
     same values in fewer ops."""
     shape = codes.shape
     scales = scales.float()
-    x = codes.float().view(*shape[:-1], shape[-1] // group, group) * scales[..., :1] + scales[..., 1:]
-    return x.view(shape).to(dtype)
+    x = codes.float().reshape(*shape[:-1], shape[-1] // group, group) * scales[..., :1] + scales[..., 1:]
+    return x.reshape(shape).to(dtype)
 
 
 def fake_quantize_latent(c: torch.Tensor, segments: list[tuple[int, int]], group: int) -> torch.Tensor:

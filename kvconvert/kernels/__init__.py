@@ -7,12 +7,12 @@ import os
 
 import torch
 
-from .reference import (Stream, dequantize_stream, dequantize_streams, latent_attention_weights_ref, latent_decode_ref,
-                        quantize_append_ref, quantize_append_streams_ref)
+from .reference import (Stream, column_blocks, dequantize_stream, dequantize_streams, latent_attention_weights_ref,
+                        latent_decode_ref, quantize_append_ref, quantize_append_streams_ref)
 
 __all__ = [
-    "Stream", "decode_streams", "dequantize_stream", "dequantize_streams", "latent_attention_weights", "latent_decode", "quantize_append",
-    "quantize_append_streams", "uses_triton",
+    "Stream", "decode_streams", "dequantize_stream", "dequantize_streams", "latent_attention_weights", "latent_decode",
+    "quantize_append", "quantize_append_streams", "uses_triton",
 ]
 
 # The attention each slot receives (for score-based cache policies) has only the PyTorch version on every device:
@@ -60,10 +60,8 @@ def quantize_append(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> Non
 def quantize_append_streams(streams: list[Stream], x: torch.Tensor, start: torch.Tensor) -> None:
     """`quantize_append` of x's consecutive column blocks, one per stream (a latent's head, then its tail)."""
     if uses_triton(streams[0].data):
-        lo = 0
-        for s in streams:
-            quantize_append(s, x[..., lo : lo + s.width], start)
-            lo += s.width
+        for s, block in column_blocks(streams, x):
+            quantize_append(s, block, start)
         return
     quantize_append_streams_ref(streams, x, start)
 

@@ -83,10 +83,8 @@ def quantize_append_streams_ref(streams: list[Stream], x: torch.Tensor, start: t
     joint = len(streams) > 1 and all(s.bits < 16 and s.group == group and s.data.shape[1] == streams[0].data.shape[1]
                                      for s in streams)
     if not joint:
-        lo = 0
-        for s in streams:
-            quantize_append_ref(s, x[..., lo : lo + s.width], start)
-            lo += s.width
+        for s, block in column_blocks(streams, x):
+            quantize_append_ref(s, block, start)
         return
     flat = _flat_slots(streams[0], x.shape[1], start)
     codes, scale, zero = quantize_segments(x, [(s.width, s.bits) for s in streams], group)
@@ -95,6 +93,14 @@ def quantize_append_streams_ref(streams: list[Stream], x: torch.Tensor, start: t
     for s in streams:
         _write(s.data, flat, pack_codes(codes[..., lo : lo + s.width], s.bits))
         _write(s.scales, flat, scales[..., lo // group : (lo + s.width) // group, :])
+        lo += s.width
+
+
+def column_blocks(streams: list[Stream], x: torch.Tensor):
+    """(stream, x's columns for it) of streams whose widths split x's last dim in order."""
+    lo = 0
+    for s in streams:
+        yield s, x[..., lo : lo + s.width]
         lo += s.width
 
 

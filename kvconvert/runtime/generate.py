@@ -301,7 +301,7 @@ class LatentRuntime:
         total = 0
         folded = [t for lay in self.layers for t in (lay.q_weight, lay.q_bias, lay.w_uk, lay.o_weight, lay.o_bias,
                                                       lay.w_uv_t, lay.b_uv, lay.q_map, lay.key_bias_q)]
-        rebuilt = [t for pair in getattr(self, "rope_w_group", []) for t in pair]  # rope_from_latent: reordered rope_up
+        rebuilt = [t for pair in getattr(self, "rope_w_group", []) for t in pair]  # rope_from_latent's rope_up
         for t in folded + rebuilt:
             if t is not None and (ptr := t.untyped_storage().data_ptr()) not in own | seen:
                 seen.add(ptr)
@@ -499,7 +499,7 @@ class LatentRuntime:
         if Dr and rotations is not None:
             q_rope = self._rotate(q[..., Q:].reshape(N, Hr, H // Hr, Dr)[..., self.rope_head_perm], rotations)
             q_rope = q_rope.view(N, H, Dr)
-        if Dr and rotations is None:
+        elif Dr:
             q_rope = apply_rope(q[..., Q:].reshape(N, Hr, H // Hr, Dr), cos, sin).view(N, H, Dr)
         if Dr and Hr > 1:
             q_rope = torch.cat([q_rope] * Hr, -1) * self.rope_head_mask  # (cat: 3x faster than repeat on CPU)
@@ -762,7 +762,7 @@ class LatentRuntime:
         if cfg.rope_from_latent:  # queries and keys rotate by complex products instead (_query_rotations)
             cos = sin = [None] * cfg.num_layer_groups
         else:
-            cos, sin = rope_cos_sin(cfg, self.positions.long()[:, None], self.dtype, self.inv_freq)  # (NG, B, Hr, 1, Dr)
+            cos, sin = rope_cos_sin(cfg, self.positions.long()[:, None], self.dtype, self.inv_freq)  # (NG,B,Hr,1,Dr)
         if self.policy is not None:
             for g in range(cfg.num_layer_groups):
                 self.policy.appended(g, start, self.positions.long()[:, None])

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...kernels import Stream, dequantize_stream, quantize_append
+from ...kernels import Stream, dequantize_streams, quantize_append_streams
 
 
 @dataclass
@@ -188,16 +188,14 @@ class TokenBudgetPolicy:
     @staticmethod
     def _values(streams: list[Stream], b: int) -> torch.Tensor:
         """Row b's slots as values (S, Σ widths) in fp32: the streams' values side by side."""
-        return torch.cat([dequantize_stream(s.rows(slice(b, b + 1)), s.data.shape[1], torch.float32)[0] for s in streams], -1)
+        row = [s.rows(slice(b, b + 1)) for s in streams]
+        return dequantize_streams(row, streams[0].data.shape[1], torch.float32)[0]
 
     @staticmethod
     def _store(streams: list[Stream], b: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        row = [s.rows(slice(b, b + 1)) for s in streams]
         for j, v in zip(slots.tolist(), values):
-            start = torch.tensor([j], dtype=torch.int32, device=values.device)
-            lo = 0
-            for s in streams:
-                quantize_append(s.rows(slice(b, b + 1)), v[None, None, lo : lo + s.width], start)
-                lo += s.width
+            quantize_append_streams(row, v[None, None], torch.tensor([j], dtype=torch.int32, device=values.device))
 
     @staticmethod
     def _move(st: GroupState, streams: list[Stream], b: int, kept: torch.Tensor) -> None:
