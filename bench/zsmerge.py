@@ -2,6 +2,7 @@
 
     python bench/zsmerge.py --clla OUT                         # GPU defaults: 8 windows, 50 passkey trials at 2k/4k/8k
     python bench/zsmerge.py --clla OUT --cpu                   # CPU preset: 3 windows, budgets 5% and 25%, passkey 2k x 10
+    python bench/zsmerge.py --cpu --models source --windows 0 --passkey 2048 --passkey-trials 50  # passkey only
 
 OUT: SmolLM2 converted to 5% of its cache (`kvconvert convert smollm2 OUT --kv-ratio 0.05`). For the source
 (through the identity conversion, in kvconvert's runtime) and OUT, with the full cache and each policy × budget:
@@ -10,7 +11,8 @@ them is prefilled and compressed to the budget once, or every --prompt-chunk tok
 through in 256-token chunks, compressed back to the budget after each; with --prompt-only, kvpress's protocol,
 they extend the compressed cache instead),
 and passkey accuracy (greedy, first number = key) at --passkey lengths. Budgets are shares of the window (text) or
-of the prompt (passkey). Writes bench/results/zsmerge_smollm2[_cpu].json.
+of the prompt (passkey); each row keeps its trials' outcomes (`passkey_passed`: the same seeded trials for every
+row, so rows compare trial by trial). Writes bench/results/zsmerge_smollm2[_cpu].json.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def main() -> None:
     ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--score-last", type=int, default=1024)
-    ap.add_argument("--windows", type=int, default=None)
+    ap.add_argument("--windows", type=int, default=None, help="perplexity windows (0: passkey only)")
     ap.add_argument("--budgets", default=None)
     ap.add_argument("--policies", default="zsmerge,h2o,streaming",
                     help="comma-separated; a policy may carry knobs, e.g. zsmerge:residual=0 (recent, residual, decay)")
@@ -45,7 +47,7 @@ def main() -> None:
     ap.add_argument("--models", default="source,clla-5%", help="which of source, clla-5%% to run")
     ap.add_argument("--name", default=None, help="result file name (default zsmerge_smollm2[_cpu][_chunkN][_prompt_only])")
     args = ap.parse_args()
-    windows_n = args.windows or (3 if args.cpu else 8)
+    windows_n = args.windows if args.windows is not None else (3 if args.cpu else 8)
     budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
     spec = args.passkey or ("2048" if args.cpu else "2048,4096,8000")
     lengths = [] if spec == "none" else [int(n) for n in spec.split(",") if n]
@@ -70,7 +72,7 @@ def main() -> None:
         models["clla-5%"] = load_clla(args.clla, dtype)
         models["clla-5%"].model.to(device)
     tok = next(iter(models.values())).tokenizer
-    windows = text_windows(tok, text, args.window, args.window * windows_n)
+    windows = text_windows(tok, text, args.window, args.window * windows_n) if windows_n else []
     name = args.name or ("zsmerge_smollm2" + ("_cpu" if args.cpu else "") + (f"_chunk{args.prompt_chunk}" if args.prompt_chunk else "")
                          + ("_prompt_only" if args.prompt_only else ""))
     rows = []
@@ -78,7 +80,7 @@ def main() -> None:
     def save():  # after every row: a run stopped at a time limit keeps what it measured
         for row in rows:  # relative to the same model's full cache
             full = next((r for r in rows if r["model"] == row["model"] and r["policy"] == "full"), None)
-            row["ppl_vs_full"] = row["perplexity"] / full["perplexity"] if full else None
+            row["ppl_vs_full"] = row["perplexity"] / full["perplexity"] if full and full["perplexity"] else None
         return write_result(name, {"window": args.window, "score_last": args.score_last, "windows": windows_n,
                                    "prompt_chunk": args.prompt_chunk, "prompt_only": args.prompt_only,
                                    "passkey_trials": trials, "budgets": budgets, "rows": rows})
@@ -91,18 +93,21 @@ def main() -> None:
                 factory = (lambda p=name_, b=budget, kw=kw: make_policy(p, b, **kw)) if policy != "full" else (lambda: None)
                 t0 = time.perf_counter()
                 ppl = score_windows_with_policy(loaded.model, windows, factory, args.score_last, prompt_chunk=args.prompt_chunk,
-                                                prompt_only=args.prompt_only)
+                                                prompt_only=args.prompt_only) if windows else {}
                 gen = runtime_generator(loaded.model, factory, prompt_chunk=args.prompt_chunk)
                 keys = passkey_accuracy(loaded.model, tok, lengths, trials, generate=gen)
                 row = {
                     "model": model_name, "policy": policy, "budget": budget,
                     "kv_bytes_per_token": loaded.model.config.source_kv_bytes_per_token if model_name == "source" else None,
-                    "perplexity": ppl["perplexity"], "predictions": ppl["predictions"], "window_nll": ppl["window_nll"],
-                    "passkey": {str(p["length"]): p["accuracy"] for p in keys}, "seconds": round(time.perf_counter() - t0, 1),
+                    "perplexity": ppl.get("perplexity"), "predictions": ppl.get("predictions"),
+                    "window_nll": ppl.get("window_nll"), "passkey": {str(p["length"]): p["accuracy"] for p in keys},
+                    "passkey_passed": {str(p["length"]): p["passed"] for p in keys},
+                    "seconds": round(time.perf_counter() - t0, 1),
                 }
                 rows.append(row)
                 save()
-                print(f"{model_name:8s} {policy:9s} {budget:5.2f}: ppl {row['perplexity']:9.3f}  passkey {row['passkey']}  "
+                ppl_txt = f"{row['perplexity']:9.3f}" if row["perplexity"] is not None else "        -"
+                print(f"{model_name:8s} {policy:9s} {budget:5.2f}: ppl {ppl_txt}  passkey {row['passkey']}  "
                       f"({row['seconds']} s)", flush=True)
     print(f"wrote {save()}")
 

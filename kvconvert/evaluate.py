@@ -197,10 +197,12 @@ def passkey_accuracy(
     generate=None,
 ) -> list[dict]:
     """Greedy-decode the answer to each prompt; a trial passes when the first number generated is the key.
-    `generate(ids) -> new ids` replaces the model's own generate (e.g. `runtime_generator` with a cache policy)."""
+    `generate(ids) -> new ids` replaces the model's own generate (e.g. `runtime_generator` with a cache policy).
+    Each length's `passed` lists its trials' outcomes in order: the trials depend only on the seed, so two models or
+    policies can be compared trial by trial."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    hits, n_tokens = [0] * len(lengths), [0] * len(lengths)
+    passed, n_tokens = [[] for _ in lengths], [0] * len(lengths)
     total = len(lengths) * trials
     for done, (_, key, ids) in enumerate(passkey_trials(tokenizer, lengths, trials, seed), 1):
         row = (done - 1) // trials  # trials come length by length
@@ -211,8 +213,8 @@ def passkey_accuracy(
             inp = torch.tensor([ids], device=device)
             out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=8, do_sample=False, pad_token_id=pad)
             new = out[0, len(ids) :]
-        hits[row] += passkey_found(tokenizer.decode(new, skip_special_tokens=True), key)
+        passed[row].append(passkey_found(tokenizer.decode(new, skip_special_tokens=True), key))
         if progress:
             progress(done, total)
-    return [{"length": n, "prompt_tokens": n_tokens[r], "trials": trials, "accuracy": hits[r] / trials}
-            for r, n in enumerate(lengths)]
+    return [{"length": n, "prompt_tokens": n_tokens[r], "trials": trials, "accuracy": sum(passed[r]) / trials,
+             "passed": passed[r]} for r, n in enumerate(lengths)]

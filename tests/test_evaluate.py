@@ -79,7 +79,15 @@ def test_passkey_scoring(tokenizer):
     right = passkey_accuracy(Oracle(tokenizer, False), tokenizer, [500, 700], trials=3)
     wrong = passkey_accuracy(Oracle(tokenizer, True), tokenizer, [500], trials=3)
     assert [r["accuracy"] for r in right] == [1.0, 1.0] and [r["length"] for r in right] == [500, 700]
-    assert wrong[0]["accuracy"] == 0.0
+    assert wrong[0]["accuracy"] == 0.0 and wrong[0]["passed"] == [False] * 3
+    # the outcomes are kept trial by trial, in order (an oracle right on every other call)
+    calls = iter(range(100))
+    oracles = [Oracle(tokenizer, False), Oracle(tokenizer, True)]
+    def generate(ids):
+        return oracles[next(calls) % 2].generate(torch.tensor([ids]))[0, len(ids) :]
+
+    mixed = passkey_accuracy(oracles[0], tokenizer, [500], trials=5, generate=generate)
+    assert mixed[0]["passed"] == [True, False, True, False, True] and mixed[0]["accuracy"] == 3 / 5
 
 
 def test_eval_cli_json_on_source_and_identity_agree(tmp_path):

@@ -290,3 +290,63 @@ def test_reconstructed_rope_keys_rotate_at_their_slots_positions(name, rope):
     if name == "zsmerge":
         st = rt.policy.states[0]
         assert math.isclose(float((st.weight[0, :10] * st.rot[0, :10]).sum()), sum(range(45)), rel_tol=1e-6)
+
+
+def test_head_granularity_reference_reproduces_the_runtime():
+    """bench/head_granularity.py's group-level rows are the runtime's ZSMerge and zsmerge:residual=0 under kvpress's
+    protocol (prompt compressed once), so its head-level rows differ from the runtime by the granularity alone."""
+    import sys
+    from pathlib import Path
+
+    from kvconvert.convert.identity import build_identity
+    from kvconvert.evaluate import score_windows_with_policy
+
+    from conftest import tiny_source
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from head_granularity import METHODS, window_nll
+
+    src = tiny_source("llama", seed=1)
+    clla = build_identity(src, "llama", "tiny")
+    W, ctx, budget = 96, 64, 0.25
+    ids = torch.tensor([prompt(W, seed=5)])
+    policy = make_policy("zsmerge", budget)
+    keep = policy.slots(W)
+    recent, merge_slots = policy.split(keep)
+    ref = window_nll(src, ids, ctx, list(METHODS), keep, recent, merge_slots, policy.decay, policy.prefill_queries)
+    runtime = {
+        "full": lambda: None,
+        "zsmerge/group": lambda: make_policy("zsmerge", budget),
+        "h2o/group": lambda: make_policy("zsmerge", budget, residual=0.0),
+    }
+    for name, factory in runtime.items():
+        got = score_windows_with_policy(clla, ids, factory, W - ctx, prompt_only=True)["nll"]
+        assert abs(got - ref[name]) <= 1e-3 * ref[name], (name, got, ref[name])
+    assert len({round(v, 6) for v in ref.values()}) == len(ref)  # every method keeps a different cache
+
+
+def test_compare_policies_pairs_passkey_trials(tmp_path):
+    """bench/compare_policies.py compares per-trial passkey outcomes trial by trial (wins, losses, exact McNemar)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from compare_policies import compare_passkey, mcnemar, methods
+
+    def row(policy, budget, passed):
+        return {"model": "source", "policy": policy, "budget": budget, "window_nll": None,
+                "passkey_passed": {"2048": passed}}
+
+    T, F = True, False
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"rows": [row("full", 1.0, [T, T, T, T, T, T]), row("zsmerge", 0.25, [T, F, F, F, T, F]),
+                                         row("h2o", 0.25, [T, T, T, F, F, F]), row("h2o", 0.05, [F] * 6)]}))
+    found = methods([str(path)], 0.25, "source")
+    assert set(found) == {"full", "kvconvert zsmerge", "kvconvert h2o"}  # the 5% row is another budget
+    got = {r["method"]: r for r in compare_passkey(found, "kvconvert zsmerge")}
+    h2o = got["kvconvert h2o"]
+    assert (h2o["wins"], h2o["losses"], h2o["accuracy"]) == (2, 1, 0.5)
+    assert (got["full"]["wins"], got["full"]["losses"]) == (4, 0)
+    assert got["full"]["p"] == mcnemar(4, 0) == 2 / 16 and mcnemar(2, 1) == 1.0 and mcnemar(0, 0) == 1.0
+    assert mcnemar(0, 10) == 2 / 1024
