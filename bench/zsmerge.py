@@ -93,7 +93,7 @@ def main() -> None:
                 factory = (lambda p=name_, b=budget, kw=kw: make_policy(p, b, **kw)) if policy != "full" else (lambda: None)
                 t0 = time.perf_counter()
                 ppl = score_windows_with_policy(loaded.model, windows, factory, args.score_last, prompt_chunk=args.prompt_chunk,
-                                                prompt_only=args.prompt_only) if windows else {}
+                                                prompt_only=args.prompt_only) if windows_n else {}
                 gen = runtime_generator(loaded.model, factory, prompt_chunk=args.prompt_chunk)
                 keys = passkey_accuracy(loaded.model, tok, lengths, trials, generate=gen)
                 row = {

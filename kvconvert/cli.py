@@ -418,6 +418,7 @@ def eval_cmd(
     kv_recent: KvRecentOpt = None,
     kv_residual: KvResidualOpt = None,
     kv_decay: KvDecayOpt = None,
+    kv_queries: KvQueriesOpt = None,
     score_last: Annotated[int, typer.Option(help="With --kv-policy: tokens scored at the end of each window (the rest is the context the policy compresses).", rich_help_panel=POLICY)] = 1024,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
@@ -438,7 +439,7 @@ def eval_cmd(
     lengths = parse_lengths(passkey) if passkey else []
     raw = read_text(text) if text is not None else None
     if kv_policy is not None:
-        make_policy(kv_policy, kv_budget, kv_recent, kv_residual, kv_decay)  # refuse bad options before loading anything
+        make_policy(kv_policy, kv_budget, kv_recent, kv_residual, kv_decay, kv_queries)  # refuse bad options before loading anything
         if reference is not None:
             raise KvconvertError("--reference is not combined with --kv-policy (compare two eval runs instead)")
     set_threads(threads)
@@ -458,9 +459,10 @@ def eval_cmd(
         if ref.config.vocab_size != loaded.model.config.vocab_size:
             raise KvconvertError("--reference has a different vocabulary; it must share the model's tokenizer")
     result: dict = {"model": model_path, "reference": reference}
-    factory = (lambda: make_policy(kv_policy, kv_budget, kv_recent, kv_residual, kv_decay)) if kv_policy is not None else None
+    factory = (lambda: make_policy(kv_policy, kv_budget, kv_recent, kv_residual, kv_decay, kv_queries)) if kv_policy is not None else None
     if kv_policy is not None:
-        result["kv_policy"] = {"policy": kv_policy, "budget": kv_budget, "recent": kv_recent, "residual": kv_residual, "decay": kv_decay}
+        result["kv_policy"] = {"policy": kv_policy, "budget": kv_budget, "recent": kv_recent, "residual": kv_residual,
+                               "decay": kv_decay, "queries": kv_queries}
     if raw is not None:
         windows = text_windows(loaded.tokenizer, raw, window, max_tokens)
         with progress_bar() as bar:
@@ -512,6 +514,7 @@ KvBudgetOpt = Annotated[float, typer.Option(help="Tokens each layer group keeps 
 KvRecentOpt = Annotated[Optional[float], typer.Option(help="Share of the budget kept as the most recent tokens (default: the policy's; zsmerge/h2o 0.5).", rich_help_panel=POLICY, show_default=False)]
 KvResidualOpt = Annotated[Optional[float], typer.Option(help="zsmerge: share of the non-recent budget kept as merge slots (default 0.02, at least one slot).", rich_help_panel=POLICY, show_default=False)]
 KvDecayOpt = Annotated[Optional[float], typer.Option(help="Per-step decay of accumulated attention (default: zsmerge 0.98, h2o 1).", rich_help_panel=POLICY, show_default=False)]
+KvQueriesOpt = Annotated[Optional[int], typer.Option(help="zsmerge/h2o: the prompt's last queries whose (decayed) attention scores the prompt (default 512). Few (e.g. 8): the prompt's closing words, such as a question, choose what is kept.", rich_help_panel=POLICY, show_default=False)]
 
 
 def load_runtime_model(model_path: str, device: str, dtype: str):
@@ -573,6 +576,7 @@ def chat(
     kv_recent: KvRecentOpt = None,
     kv_residual: KvResidualOpt = None,
     kv_decay: KvDecayOpt = None,
+    kv_queries: KvQueriesOpt = None,
     threads: ThreadsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --prompt: print the reply and its statistics as JSON.")] = False,
 ):
@@ -587,7 +591,7 @@ def chat(
 
     opts = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed)
     opts.check()
-    policy = make_policy(kv_policy, kv_budget, kv_recent, kv_residual, kv_decay) if kv_policy is not None else None
+    policy = make_policy(kv_policy, kv_budget, kv_recent, kv_residual, kv_decay, kv_queries) if kv_policy is not None else None
     set_threads(threads)
     loaded, rt = open_runtime(model_path, device, dtype, 1, context, cuda_graphs, policy)
     opts.stop_token_ids = stop_tokens(loaded.generation_config, loaded.tokenizer)

@@ -159,6 +159,25 @@ def test_policy_knobs_override_the_defaults():
     assert (d.recent, d.residual, d.decay) == (0.5, 0.02, 0.98)
     with pytest.raises(KvconvertError, match="--kv-decay"):
         make_policy("h2o", 0.1, decay=1.5)
+    assert make_policy("h2o", 0.1, queries=8).prefill_queries == 8 and d.prefill_queries == 512
+    with pytest.raises(KvconvertError, match="--kv-queries"):
+        make_policy("zsmerge", 0.1, queries=0)
+
+
+@pytest.mark.parametrize("name", ["zsmerge", "h2o"])
+def test_scoring_queries_choose_what_the_prompt_keeps(name):
+    """--kv-queries: the prompt is scored by its last n queries only; n at or past the prompt's length is the default
+    (every prompt query), fewer keep another cache."""
+    model = tiny_clla(4)
+    ids = [prompt(80, seed=3)]
+
+    def kept(**kw):
+        out, rt = run(model, ids, make_policy(name, 16, **kw), n=1)
+        return out, torch.cat([s.pos.flatten() for s in rt.policy.states])
+
+    default, every, few = kept(), kept(queries=80), kept(queries=2)
+    assert default[0] == every[0] and torch.equal(default[1], every[1])
+    assert not torch.equal(default[1], few[1])
 
 
 def test_chat_turns_under_a_policy():

@@ -14,8 +14,9 @@ __all__ = ["POLICIES", "TokenBudgetPolicy", "make_policy"]
 
 
 def make_policy(name: str, budget: float, recent: float | None = None, residual: float | None = None,
-                decay: float | None = None) -> TokenBudgetPolicy | None:
-    """None for "full" (no policy). recent / residual / decay override the policy's defaults (the papers')."""
+                decay: float | None = None, queries: float | None = None) -> TokenBudgetPolicy | None:
+    """None for "full" (no policy). recent / residual / decay / queries (the prompt's last queries whose attention
+    scores the prompt) override the policy's defaults (the papers')."""
     if name == "full":
         return None
     if name not in POLICIES:
@@ -26,4 +27,8 @@ def make_policy(name: str, budget: float, recent: float | None = None, residual:
     for k, v in knobs.items():
         if not (0 < v <= 1 if k != "residual" else 0 <= v < 1):
             raise KvconvertError(f"--kv-{k} must be in {'[0, 1)' if k == 'residual' else '(0, 1]'}, got {v}")
+    if queries is not None:
+        if queries < 1 or queries != int(queries):
+            raise KvconvertError(f"--kv-queries must be a whole number of queries >= 1, got {queries:g}")
+        knobs["prefill_queries"] = int(queries)
     return POLICIES[name](budget=budget, **knobs)
