@@ -129,7 +129,8 @@ def main() -> None:
     ap.add_argument("--score-last", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--budget", type=float, default=0.05, help="kept tokens as a share of the window")
-    ap.add_argument("--queries", type=int, default=512, help="prompt queries that score the prompt (the runtime's)")
+    ap.add_argument("--queries", type=int, default=None,
+                    help="prompt queries that score the prompt (default: the runtime's, --kv-queries)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--name", default="head_granularity_smollm2_cpu")
     args = ap.parse_args()
@@ -152,18 +153,18 @@ def main() -> None:
     windows = text_windows(tok, read_text(data_file("austen_persuasion.txt", args.text)), args.window,
                            args.window * args.windows)
     W, ctx = windows.shape[1], windows.shape[1] - args.score_last
-    keep = math.ceil(args.budget * W)
-    policy = make_policy("zsmerge", args.budget)
+    policy = make_policy("zsmerge", args.budget, queries=args.queries)  # the runtime's sizes and defaults
+    keep = policy.slots(W)
     recent, merge_slots = policy.split(keep)
-    decay = policy.decay
+    decay, queries = policy.decay, policy.prefill_queries
     print(f"{windows.shape[0]} windows of {W}: {ctx} prompt tokens kept as {keep} slots ({recent} recent, "
-          f"{merge_slots} merge), decay {decay}, {args.queries} scoring queries", flush=True)
+          f"{merge_slots} merge), decay {decay}, {queries} scoring queries", flush=True)
 
     per_window: dict[str, list[float]] = {m: [] for m in ["full", *methods]}
     t0 = time.perf_counter()
     for n in range(windows.shape[0]):
         nll = window_nll(model, windows[n : n + 1].to(device), ctx, methods, keep, recent, merge_slots, decay,
-                         args.queries)
+                         queries)
         for m, v in nll.items():
             per_window[m].append(v)
         print(f"window {n + 1}/{windows.shape[0]}: " + ", ".join(f"{m} {math.exp(v):.3f}" for m, v in nll.items()),
@@ -180,7 +181,7 @@ def main() -> None:
         "tool": "reference", "harness": "transformers, kvpress's protocol (bench/head_granularity.py)", "window": W,
         "score_last": args.score_last, "windows": windows.shape[0], "kept": keep, "recent": recent,
         "merge_slots": merge_slots, "decay": decay,
-        "queries": args.queries, "seconds": round(time.perf_counter() - t0, 1), "rows": rows})
+        "queries": queries, "seconds": round(time.perf_counter() - t0, 1), "rows": rows})
     print(f"wrote {path}")
 
 

@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="perplexity windows (0: passkey only)")
     ap.add_argument("--budgets", default=None)
     ap.add_argument("--policies", default="zsmerge,h2o,streaming",
-                    help="comma-separated; a policy may carry knobs, e.g. zsmerge:residual=0 (recent, residual, decay)")
+                    help="comma-separated; a policy may carry knobs, e.g. zsmerge:residual=0 (recent, residual, decay, queries)")
     ap.add_argument("--passkey", default=None, help="lengths, e.g. 2048,4096 ('none': perplexity only)")
     ap.add_argument("--passkey-trials", type=int, default=None)
     ap.add_argument("--prompt-chunk", type=int, default=None,
