@@ -31,7 +31,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from kvconvert.loading import load_for_runtime
-    from kvconvert.runtime.generate import LatentRuntime
+    from kvconvert.runtime import LatentRuntime
     from kvconvert.runtime.profile import fill_cache_for_timing, time_decode
 
     cuda = torch.cuda.is_available()

@@ -37,7 +37,7 @@ def chat_speed(model, source, tok, n: int, rounds: int = 3, cpu_layout: bool | N
     import time
 
     from kvconvert.runtime.chat import chat_template_ids
-    from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+    from kvconvert.runtime import LatentRuntime, SamplingOptions
 
     ids = chat_template_ids(tok, [{"role": "user", "content": "Tell me about the history of Paris."}])
     device = next(model.parameters()).device

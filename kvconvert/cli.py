@@ -532,7 +532,7 @@ def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: 
                  policy=None):
     """Load MODEL and allocate its cache (with a policy: its budget of the context plus one prefill chunk);
     returns (loaded, runtime)."""
-    from .runtime.generate import LatentRuntime
+    from .runtime import LatentRuntime
 
     loaded = load_runtime_model(model_path, device, dtype)
     dev = next(loaded.model.parameters()).device.type
@@ -583,7 +583,7 @@ def chat(
     """Chat with a model through the latent-cache runtime, streaming the reply. Commands: /reset forgets the
     conversation, /stats shows tokens, KV bytes in use and speed, /exit (or Ctrl-D) quits."""
     from .runtime.chat import ChatSession, stop_tokens
-    from .runtime.generate import SamplingOptions
+    from .runtime import SamplingOptions
 
     if as_json and prompt is None:
         raise KvconvertError("--json needs --prompt (one scripted turn)")

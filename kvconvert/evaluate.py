@@ -129,7 +129,7 @@ def score_windows_with_policy(
     `prompt_chunk` tokens; the scored tokens then go through in chunks of `chunk`, compressed back to the budget
     after each, or with `prompt_only` (kvpress's protocol) added to the compressed prompt uncompressed. Budget
     shares are of the window length W."""
-    from .runtime.generate import LatentRuntime
+    from .runtime import LatentRuntime
 
     N, W = windows.shape
     if not 0 < score_last < W:
@@ -164,7 +164,7 @@ def score_windows_with_policy(
 def runtime_generator(model, policy_factory, max_new_tokens: int = 8, prompt_chunk: int | None = None):
     """A greedy `generate(ids) -> new ids` through the latent-cache runtime with a cache policy: the prompt is
     compressed to the budget once after its prefill, or after every `prompt_chunk` tokens."""
-    from .runtime.generate import LatentRuntime, SamplingOptions
+    from .runtime import LatentRuntime, SamplingOptions
 
     def generate(ids: list[int]) -> list[int]:
         policy = policy_factory()

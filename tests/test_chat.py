@@ -10,7 +10,7 @@ from kvconvert.cli import app
 from kvconvert.config import kv_bytes_per_token
 from kvconvert.loading import load_clla
 from kvconvert.runtime.chat import ChatSession, chat_template_ids, common_prefix
-from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+from kvconvert.runtime import LatentRuntime, SamplingOptions
 
 from conftest import save_source
 

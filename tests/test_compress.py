@@ -365,7 +365,7 @@ def test_qk_norm_sources_convert_and_run(tmp_path, arch):
     import kvconvert  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    from kvconvert.runtime.generate import LatentRuntime
+    from kvconvert.runtime import LatentRuntime
 
     src, source = save_source(tmp_path, arch)
     out = tmp_path / "out"

@@ -748,7 +748,7 @@ def test_quantize_append_16_bit_storage_bf16_cuda():
 @pytest.mark.parametrize("bits", [16, 4, "4+2"])
 def test_runtime_through_the_interpreted_kernels(bits):
     """The whole runtime with the Triton kernels (interpreted): the model's own greedy tokens."""
-    from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+    from kvconvert.runtime import LatentRuntime, SamplingOptions
 
     from test_runtime import FROM_LATENT, PLANS, prompt, reference_greedy, tiny_clla
 
@@ -770,7 +770,7 @@ def test_policy_runtime_through_the_interpreted_kernels(rope):
     stream rotated at each slot's position): the same tokens as the reference path."""
     import subprocess as sp
 
-    from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+    from kvconvert.runtime import LatentRuntime, SamplingOptions
     from kvconvert.runtime.policies import make_policy
 
     from test_runtime import FROM_LATENT, prompt, tiny_clla
@@ -783,7 +783,7 @@ def test_policy_runtime_through_the_interpreted_kernels(rope):
     code = (
         "import torch, json, sys; sys.path.insert(0, 'tests');"
         "from test_runtime import prompt, tiny_clla;"
-        "from kvconvert.runtime.generate import LatentRuntime, SamplingOptions;"
+        "from kvconvert.runtime import LatentRuntime, SamplingOptions;"
         "from kvconvert.runtime.policies import make_policy;"
         f"rt = LatentRuntime(tiny_clla(4, **{kw!r}), 1, 40, policy=make_policy('zsmerge', 12), context=64);"
         "print(json.dumps(rt.generate([prompt(30, seed=4)], SamplingOptions(max_new_tokens=10))[0][0]))"

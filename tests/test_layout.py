@@ -5,7 +5,7 @@ import copy
 import torch
 
 from kvconvert.convert.identity import build_identity
-from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+from kvconvert.runtime import LatentRuntime, SamplingOptions
 from kvconvert.runtime.layout import gemv_layout, gemv_layout_, is_input_major
 
 from conftest import tiny_source

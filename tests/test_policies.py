@@ -7,7 +7,7 @@ import torch
 
 from kvconvert.kernels import Stream
 from kvconvert.kernels.reference import latent_decode_ref
-from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+from kvconvert.runtime import LatentRuntime, SamplingOptions
 from kvconvert.runtime.policies import POLICIES, make_policy
 
 from test_runtime import FROM_LATENT, prompt, tiny_clla

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from kvconvert.cli import app
 from kvconvert.config import kv_bytes, kv_bytes_per_token
 from kvconvert.convert.identity import build_identity, identity_config
-from kvconvert.runtime.generate import LatentRuntime
+from kvconvert.runtime import LatentRuntime
 from kvconvert.runtime.profile import GIB, clla_param_count, memory_profile, source_param_count
 
 from conftest import save_source, tiny_source

@@ -8,7 +8,7 @@ from kvconvert.convert.identity import build_identity
 from kvconvert.errors import KvconvertError
 from kvconvert.model import CllaForCausalLM
 from kvconvert.runtime.cache import LatentCache
-from kvconvert.runtime.generate import LatentRuntime, SamplingOptions, sample
+from kvconvert.runtime import LatentRuntime, SamplingOptions, sample
 
 from conftest import VOCAB, tiny_source
 

@@ -54,7 +54,7 @@ def test_runtime_on_identity_smollm2(smollm2, converted):
     """The latent-cache runtime (fp16 cache, absorbed decode) on the real model: the source's greedy tokens and
     teacher-forced logits within the fp16-storage tolerance."""
     from kvconvert.loading import load_clla
-    from kvconvert.runtime.generate import LatentRuntime, SamplingOptions
+    from kvconvert.runtime import LatentRuntime, SamplingOptions
 
     out, _ = converted
     model = load_clla(out).model

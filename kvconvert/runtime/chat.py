@@ -13,7 +13,7 @@ import torch
 
 from ..config import kv_bytes
 from ..errors import KvconvertError
-from .generate import GenerationStats, LatentRuntime, SamplingOptions
+from . import GenerationStats, LatentRuntime, SamplingOptions
 
 
 def stop_tokens(generation_config, tokenizer) -> tuple[int, ...]:

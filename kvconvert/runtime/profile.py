@@ -169,7 +169,7 @@ def measure_converted_memory(model, context: int, batch: int) -> dict:
     """Allocate the runtime's real cache for batch × context and run one decode step at full length."""
     import torch
 
-    from .generate import LatentRuntime
+    from . import LatentRuntime
 
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
@@ -226,7 +226,7 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
 
     import torch
 
-    from .generate import LatentRuntime
+    from . import LatentRuntime
 
     device = next(model.parameters()).device
     rt = LatentRuntime(model, batch, context + steps + 3, cuda_graphs=cuda_graphs, cpu_layout=cpu_layout)
