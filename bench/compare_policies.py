@@ -1,6 +1,6 @@
 """Paired comparison of cache policies and presses over the same text windows: which differences are more than noise.
 
-    python bench/compare_policies.py bench/results/zsmerge_smollm2_cpu_prompt_only_w12.json \\
+    python -m bench.compare_policies bench/results/zsmerge_smollm2_cpu_prompt_only_w12.json \\
         bench/results/kvpress_smollm2_cpu_w12.json --budget 0.05 --against zsmerge
 
 Reads the per-window mean NLL (`window_nll`) of every row of bench/zsmerge.py and bench/kvpress_ref.py results (the
@@ -14,17 +14,13 @@ bench/results/<--name>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import write_result  # noqa: E402
+from bench.common import argument_parser, write_result
 
 
 def methods(paths: list[str], budget: float, model: str) -> dict[str, dict]:
@@ -98,7 +94,7 @@ def compare_passkey(found: dict[str, dict], against: str) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("results", nargs="+", help="JSON results with window_nll or passkey_passed per row")
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--model", default="source", help="kvconvert rows of this model (kvpress rows: the source)")

@@ -314,16 +314,12 @@ def test_reconstructed_rope_keys_rotate_at_their_slots_positions(name, rope):
 def test_head_granularity_reference_reproduces_the_runtime():
     """bench/head_granularity.py's group-level rows are the runtime's ZSMerge and zsmerge:residual=0 under kvpress's
     protocol (prompt compressed once), so its head-level rows differ from the runtime by the granularity alone."""
-    import sys
-    from pathlib import Path
-
     from kvconvert.convert.identity import build_identity
     from kvconvert.evaluate import score_windows_with_policy
 
     from conftest import tiny_source
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from head_granularity import METHODS, window_nll
+    from bench.studies.head_granularity import METHODS, window_nll
 
     src = tiny_source("llama", seed=1)
     clla = build_identity(src, "llama", "tiny")
@@ -347,11 +343,8 @@ def test_head_granularity_reference_reproduces_the_runtime():
 def test_compare_policies_pairs_passkey_trials(tmp_path):
     """bench/compare_policies.py compares per-trial passkey outcomes trial by trial (wins, losses, exact McNemar)."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from compare_policies import compare_passkey, mcnemar, methods
+    from bench.compare_policies import compare_passkey, mcnemar, methods
 
     def row(policy, budget, passed):
         return {"model": "source", "policy": policy, "budget": budget, "window_nll": None,

@@ -1,13 +1,13 @@
 """Head-level or group-level token selection: what ZSMerge's per-kv-head budget is worth on a source model.
 
-    python bench/head_granularity.py                      # SmolLM2, 12 windows of Persuasion, 5% kept
-    python bench/compare_policies.py bench/results/head_granularity_smollm2_cpu.json --against "zsmerge/group"
+    python -m bench.studies.head_granularity                      # SmolLM2, 12 windows of Persuasion, 5% kept
+    python -m bench.compare_policies bench/results/head_granularity_smollm2_cpu.json --against "zsmerge/group"
 
 The ZSMerge authors budget each kv head: every head keeps its own heavy hitters and merges its own evicted tokens.
 kvconvert's policies budget a layer group, whose one latent every head reads, so all of a group's heads keep the
 same tokens. For a source model (one layer a group, one key and value head per kv head) the two can differ, and this
 measures by how much, outside the runtime: transformers runs the source under kvpress's protocol (compress the
-prompt once, score the --score-last tokens that extend it; the windows of bench/zsmerge.py --prompt-only).
+prompt once, score the --score-last tokens that extend it; the windows of `python -m bench.zsmerge --prompt-only`).
 
 One prefill a window, then per layer the attention of the prompt's last --queries queries, decayed by --decay per
 token of age and summed over the query heads of each kv head: a score (kv heads, prompt). The rows, all at one
@@ -23,19 +23,15 @@ Writes bench/results/<--name>.json with each row's per-window NLL (for bench/com
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from bench.common import argument_parser, data_file, write_result
 
-from _common import data_file, write_result  # noqa: E402
 
 METHODS = ("h2o/group", "h2o/head", "zsmerge/group", "zsmerge/head")
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # q_proj after input_layernorm, rotary queries, no q norm
@@ -122,7 +118,7 @@ def window_nll(model, ids: torch.Tensor, ctx: int, methods: list[str], keep: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")
     ap.add_argument("--window", type=int, default=4096)
@@ -178,7 +174,7 @@ def main() -> None:
                      "perplexity": math.exp(mean), "ppl_vs_full": math.exp(mean - full_nll), "window_nll": nll})
         print(f"{method:14s} perplexity {rows[-1]['perplexity']:.3f}  x full {rows[-1]['ppl_vs_full']:.3f}")
     path = write_result(args.name, {
-        "tool": "reference", "harness": "transformers, kvpress's protocol (bench/head_granularity.py)", "window": W,
+        "tool": "reference", "harness": "transformers, kvpress's protocol (bench/studies/head_granularity.py)", "window": W,
         "score_last": args.score_last, "windows": windows.shape[0], "kept": keep, "recent": recent,
         "merge_slots": merge_slots, "decay": decay,
         "queries": queries, "seconds": round(time.perf_counter() - t0, 1), "rows": rows})
