@@ -312,14 +312,14 @@ def test_reconstructed_rope_keys_rotate_at_their_slots_positions(name, rope):
 
 
 def test_head_granularity_reference_reproduces_the_runtime():
-    """bench/head_granularity.py's group-level rows are the runtime's ZSMerge and zsmerge:residual=0 under kvpress's
-    protocol (prompt compressed once), so its head-level rows differ from the runtime by the granularity alone."""
+    """The policies' reference (runtime/policies/reference.py, bench.studies.head_granularity's rows): its group-level
+    rows are the runtime's ZSMerge and zsmerge:residual=0 under kvpress's protocol (prompt compressed once), so its
+    head-level rows differ from the runtime by the granularity alone."""
     from kvconvert.convert.identity import build_identity
     from kvconvert.evaluate import score_windows_with_policy
+    from kvconvert.runtime.policies.reference import METHODS, window_nll
 
     from conftest import tiny_source
-
-    from bench.studies.head_granularity import METHODS, window_nll
 
     src = tiny_source("llama", seed=1)
     clla = build_identity(src, "llama", "tiny")
