@@ -1,8 +1,8 @@
 """Distillation of zero-shot CLLA conversions of SmolLM2-135M-Instruct: quality vs training tokens.
 
-    python bench/distill.py                      # GPU grid: ratios 0.05,0.02 × tokens 5M,20M,50M × data sampled,austen
-    python bench/distill.py --cpu                # the CPU-sized run: 0.05, 200k tokens of the other Austen books
-    python bench/distill.py --ratios 0.05 --tokens 1M --data sampled --passkey-trials 3
+    python -m bench.distill                      # GPU grid: ratios 0.05,0.02 × tokens 5M,20M,50M × data sampled,austen
+    python -m bench.distill --cpu                # the CPU-sized run: 0.05, 200k tokens of the other Austen books
+    python -m bench.distill --ratios 0.05 --tokens 1M --data sampled --passkey-trials 3
 
 For each ratio: `kvconvert convert smollm2 --kv-ratio R` (zero-shot, evaluated as the 0-token row), then for each
 data mode and token budget `kvconvert distill` from that zero-shot model (a fresh run per budget: the cosine
@@ -14,17 +14,15 @@ Writes bench/results/distill_smollm2[_cpu].json and a plot of perplexity vs dist
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.common import RESULTS, argument_parser, data_file, write_result
+from bench.frontier import evaluate
 
-from _common import RESULTS, data_file, write_result  # noqa: E402
-from frontier import evaluate  # noqa: E402
 
 AUSTEN_TRAIN = ["austen_emma.txt", "austen_mansfieldpark.txt", "austen_northangerabbey.txt",
                 "austen_prideprejudice.txt", "austen_sensesensibility.txt"]
@@ -60,7 +58,7 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--cpu", action="store_true", help="the CPU-sized run: --ratios 0.05 --tokens 200k --data austen")
     ap.add_argument("--ratios", default="0.05,0.02")
     ap.add_argument("--tokens", default="5M,20M,50M")

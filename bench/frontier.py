@@ -1,7 +1,7 @@
 """Zero-shot CLLA conversion of SmolLM2-135M-Instruct across KV ratios, and an ablation at 0.05.
 
-    python bench/frontier.py [--ratios 0.25,0.10,0.05,0.02] [--text FILE] [--passkey-trials 5] [--skip-ablation]
-    python bench/frontier.py --ablation-only     # rerun the ablation, keep the rows of the existing JSON
+    python -m bench.frontier [--ratios 0.25,0.10,0.05,0.02] [--text FILE] [--passkey-trials 5] [--skip-ablation]
+    python -m bench.frontier --ablation-only     # rerun the ablation, keep the rows of the existing JSON
 
 For each ratio: `kvconvert convert smollm2 --kv-ratio R` (timed, default sampled calibration), then perplexity on
 the text (first 20,480 tokens, 512-token windows, kvconvert.evaluate's protocol), top-1 agreement and KL
@@ -13,7 +13,6 @@ Writes bench/results/frontier_smollm2.json and bench/results/frontier_smollm2.pn
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -21,10 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-from _common import RESULTS, calibrated, data_file, write_result  # noqa: E402
+from bench.common import RESULTS, argument_parser, calibrated, data_file, write_result
 
 
 def evaluate(model, tokenizer, windows, reference, trials: int) -> dict:
@@ -37,7 +33,7 @@ def evaluate(model, tokenizer, windows, reference, trials: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--ratios", default="0.25,0.10,0.05,0.02")
     ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")
     ap.add_argument("--max-tokens", type=int, default=20480)

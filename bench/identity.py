@@ -1,28 +1,24 @@
 """Identity conversion of SmolLM2-135M-Instruct: logit error, conversion time, perplexity source vs identity.
 
-    python bench/identity.py [--text FILE] [--max-tokens 20480] [--window 512]
+    python -m bench.identity [--text FILE] [--max-tokens 20480] [--window 512]
 
 Perplexity protocol: kvconvert.evaluate (no BOS, non-overlapping windows, window-1 predictions each), fp32, CPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from _common import data_file, write_result  # noqa: E402
+from bench.common import argument_parser, data_file, write_result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")
     ap.add_argument("--max-tokens", type=int, default=20480)
     ap.add_argument("--window", type=int, default=512)

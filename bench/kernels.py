@@ -1,8 +1,8 @@
 """Latent decode kernel: achieved bandwidth (counted bytes) against the device's measured copy bandwidth.
 
-    python bench/kernels.py                      # GPU: the grid below, B·T ≥ 1M tokens per point
-    python bench/kernels.py --quick              # smaller grid (also runs on CPU through the reference, as a smoke test)
-    python bench/kernels.py --sweep              # GPU: launch parameters (tile, warps, stages, programs per SM) and
+    python -m bench.kernels                      # GPU: the grid below, B·T ≥ 1M tokens per point
+    python -m bench.kernels --quick              # smaller grid (also runs on CPU through the reference, as a smoke test)
+    python -m bench.kernels --sweep              # GPU: launch parameters (tile, warps, stages, programs per SM) and
                                                  # the tile loads (vector or per-value `gather`) at a few points, the
                                                  # fastest first (bench/results/kernels_sweep_gpu.json)
 
@@ -14,15 +14,12 @@ replays of a captured CUDA graph (as the runtime's decode step runs it); `us_wit
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
+from bench.common import argument_parser, write_result
 
-from _common import write_result  # noqa: E402
 
 # (batch, positions) with B·T ≥ 1M; latent widths: SmolLM2 at 2% (32), a mid plan (128), DeepSeek-like (512), and
 # latents with a 2-bit tail: SmolLM2's 0.25 plan (128 @ 4 + 96 @ 2) and 0.10 plan (64 @ 4 + 128 @ 2).
@@ -166,7 +163,7 @@ def decode(args: tuple, **kw):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="small grid (CPU smoke test)")
     ap.add_argument("--heads", type=int, default=9)
     ap.add_argument("--rope-dim", type=int, default=32)

@@ -1,10 +1,11 @@
 """Outside reference for the cache policies: NVIDIA kvpress's presses on the source model, same text and budgets.
 
-kvpress pins transformers < 5.3, so it runs in a virtual environment of its own that reuses this machine's torch:
+kvpress pins transformers < 5.3, so it runs in a virtual environment of its own that reuses this machine's torch,
+from the repo root (where `-m` finds the bench package and this checkout's kvconvert before any installed one):
 
     python -m venv --system-site-packages .venv-kvpress
     .venv-kvpress/bin/pip install "kvpress==0.5.5" "transformers>=5.0,<5.3"
-    .venv-kvpress/bin/python bench/kvpress_ref.py --cpu      # 3 windows, budgets 5% and 25%, passkey 2k x 10
+    .venv-kvpress/bin/python -m bench.kvpress_ref --cpu      # 3 windows, budgets 5% and 25%, passkey 2k x 10
 
 kvpress's protocol: a press compresses the context once, during its prefill; what follows (the scored tokens, the
 question) extends the compressed cache uncompressed. So, for every press × budget and the full cache:
@@ -18,19 +19,13 @@ Writes bench/results/kvpress_smollm2[_cpu].json.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from _common import data_file, write_result  # noqa: E402
+from bench.common import argument_parser, data_file, write_result
 
 
 def make_press(name: str, ratio: float):
@@ -69,7 +64,7 @@ def extend(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__, python=".venv-kvpress/bin/python")
     ap.add_argument("--cpu", action="store_true", help="the small CPU preset")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")

@@ -1,26 +1,21 @@
 """Where a decode step's GPU time goes: the runtime's decode step (eager, so each kernel is seen) under
 torch.profiler, the kernels ranked by total device time, beside the captured step's wall time.
 
-    python bench/profile_decode.py --model OUT --batch 64 --context 8000    # bench/results/decode_profile_<dev>.json
+    python -m bench.profile_decode --model OUT --batch 64 --context 8000    # bench/results/decode_profile_<dev>.json
 
 The cache is filled with random codes (as `profile speed --no-prefill`): kernel times do not depend on the values.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from _common import write_result  # noqa: E402
+from bench.common import argument_parser, write_result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--model", required=True, help="converted CLLA folder")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=8000)

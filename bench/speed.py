@@ -1,7 +1,7 @@
 """Runtime speed: the converted model in kvconvert's latent-cache runtime vs the source in transformers' generate.
 
-    python bench/speed.py --model OUT --source smollm2                         # CPU: batch 1, contexts 128 and 512
-    python bench/speed.py --model OUT --source smollm2 --batch 1,16,64 --context 1024,8192 --budget-context 32768
+    python -m bench.speed --model OUT --source smollm2                         # CPU: batch 1, contexts 128 and 512
+    python -m bench.speed --model OUT --source smollm2 --batch 1,16,64 --context 1024,8192 --budget-context 32768
 
 OUT is a converted folder (e.g. `kvconvert convert smollm2 OUT --kv-ratio 0.02`), or a source (it then runs through an
 identity conversion: the runtime itself against transformers). One chat turn (greedy,
@@ -16,15 +16,10 @@ Writes bench/results/speed_<cpu|gpu>.json.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from _common import write_result  # noqa: E402
+from bench.common import argument_parser, write_result
 
 
 def ints(spec: str) -> list[int]:
@@ -58,7 +53,7 @@ def chat_speed(model, source, tok, n: int, rounds: int = 3, cpu_layout: bool | N
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--model", required=True, help="converted CLLA folder")
     ap.add_argument("--source", required=True, help="its source (folder, .gguf or smollm2)")
     ap.add_argument("--batch", default="1")

@@ -1,8 +1,8 @@
 """Token-budget cache policies (ZSMerge, H2O, StreamingLLM) on SmolLM2, alone and on top of CLLA.
 
-    python bench/zsmerge.py --clla OUT                         # GPU defaults: 8 windows, 50 passkey trials at 2k/4k/8k
-    python bench/zsmerge.py --clla OUT --cpu                   # CPU preset: 3 windows, budgets 5% and 25%, passkey 2k x 10
-    python bench/zsmerge.py --cpu --models source --windows 0 --passkey 2048 --passkey-trials 50  # passkey only
+    python -m bench.zsmerge --clla OUT                         # GPU defaults: 8 windows, 50 passkey trials at 2k/4k/8k
+    python -m bench.zsmerge --clla OUT --cpu                   # CPU preset: 3 windows, budgets 5% and 25%, passkey 2k x 10
+    python -m bench.zsmerge --cpu --models source --windows 0 --passkey 2048 --passkey-trials 50  # passkey only
 
 OUT: SmolLM2 converted to 5% of its cache (`kvconvert convert smollm2 OUT --kv-ratio 0.05`). For the source
 (through the identity conversion, in kvconvert's runtime) and OUT, with the full cache and each policy × budget:
@@ -17,18 +17,14 @@ row, so rows compare trial by trial). Writes bench/results/zsmerge_smollm2[_cpu]
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import data_file, write_result  # noqa: E402
+from bench.common import argument_parser, data_file, write_result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--clla", default=None, help="SmolLM2 converted to 5%% (a CLLA folder; needed for the clla-5%% rows)")
     ap.add_argument("--cpu", action="store_true", help="the small CPU preset")
     ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")

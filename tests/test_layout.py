@@ -51,8 +51,8 @@ def test_runtime_on_cpu_layout_equals_row_major():
 
 
 def test_only_one_row_runtimes_on_cpu_relayout_by_default():
-    """At several rows MKL reads input-major weights no faster (bench/gemv_layout.py): a batched runtime leaves the
-    model's layout alone unless asked."""
+    """At several rows MKL reads input-major weights no faster (bench/studies/gemv_layout.py): a batched runtime
+    leaves the model's layout alone unless asked."""
     model = tiny_clla(4)
     LatentRuntime(model, 2, 16)
     assert all(p.is_contiguous() for p in model.parameters())

@@ -312,18 +312,14 @@ def test_reconstructed_rope_keys_rotate_at_their_slots_positions(name, rope):
 
 
 def test_head_granularity_reference_reproduces_the_runtime():
-    """bench/head_granularity.py's group-level rows are the runtime's ZSMerge and zsmerge:residual=0 under kvpress's
-    protocol (prompt compressed once), so its head-level rows differ from the runtime by the granularity alone."""
-    import sys
-    from pathlib import Path
-
+    """The policies' reference (runtime/policies/reference.py, bench.studies.head_granularity's rows): its group-level
+    rows are the runtime's ZSMerge and zsmerge:residual=0 under kvpress's protocol (prompt compressed once), so its
+    head-level rows differ from the runtime by the granularity alone."""
     from kvconvert.convert.identity import build_identity
     from kvconvert.evaluate import score_windows_with_policy
+    from kvconvert.runtime.policies.reference import METHODS, window_nll
 
     from conftest import tiny_source
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from head_granularity import METHODS, window_nll
 
     src = tiny_source("llama", seed=1)
     clla = build_identity(src, "llama", "tiny")
@@ -345,13 +341,11 @@ def test_head_granularity_reference_reproduces_the_runtime():
 
 
 def test_compare_policies_pairs_passkey_trials(tmp_path):
-    """bench/compare_policies.py compares per-trial passkey outcomes trial by trial (wins, losses, exact McNemar)."""
+    """bench.compare_policies (kvconvert.paired_comparison) compares per-trial passkey outcomes trial by trial (wins,
+    losses, exact McNemar)."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from compare_policies import compare_passkey, mcnemar, methods
+    from kvconvert.paired_comparison import compare_passkey, mcnemar, methods_at_budget
 
     def row(policy, budget, passed):
         return {"model": "source", "policy": policy, "budget": budget, "window_nll": None,
@@ -361,7 +355,7 @@ def test_compare_policies_pairs_passkey_trials(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"rows": [row("full", 1.0, [T, T, T, T, T, T]), row("zsmerge", 0.25, [T, F, F, F, T, F]),
                                          row("h2o", 0.25, [T, T, T, F, F, F]), row("h2o", 0.05, [F] * 6)]}))
-    found = methods([str(path)], 0.25, "source")
+    found = methods_at_budget([str(path)], 0.25, "source")
     assert set(found) == {"full", "kvconvert zsmerge", "kvconvert h2o"}  # the 5% row is another budget
     got = {r["method"]: r for r in compare_passkey(found, "kvconvert zsmerge")}
     h2o = got["kvconvert h2o"]

@@ -1,7 +1,9 @@
-"""Shared by the benchmark scripts: the environment record every JSON result carries."""
+"""Shared by the benchmark scripts (run from the repo root as `python -m bench.<name>`): the environment record
+every JSON result carries, where results go (bench/results/), the data files, SmolLM2's default calibration."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -10,7 +12,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # beside the repo: ../shared/data
 
 
 def environment() -> dict:
@@ -26,9 +28,30 @@ def environment() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "kvconvert": kvconvert.__version__,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def main_module() -> str | None:
+    """The module `python -m` runs (e.g. "bench.speed"), or None when a file was run. Under -m, sys.argv[0] is the
+    module's file path, so the name comes from __main__'s spec."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None and spec.name else None
+
+
+def command_line() -> str:
+    """The command that ran this process, as typed: `python -m bench.speed ARGS`."""
+    module = main_module()
+    program = ["-m", module] if module else sys.argv[:1]
+    return " ".join([Path(sys.executable).name, *program, *sys.argv[1:]])
+
+
+def argument_parser(doc: str, python: str = "python") -> argparse.ArgumentParser:
+    """A script's parser: its usage line reads `python -m bench.<name>`, its description is the first line of the
+    script's docstring `doc`. `python` names the interpreter in that line (kvpress_ref runs in its own venv)."""
+    module = main_module()
+    return argparse.ArgumentParser(prog=f"{python} -m {module}" if module else None, description=doc.splitlines()[0])
 
 
 def write_result(name: str, data: dict) -> Path:

@@ -1,6 +1,6 @@
 """What ZSMerge's residual merge does to each layer's attention output, one layer at a time (no error propagation).
 
-    python bench/merge_error.py [--text FILE] [--windows 2] [--budget 0.05]
+    python -m bench.studies.merge_error [--text FILE] [--windows 2] [--budget 0.05]
 
 SmolLM2-135M-Instruct (a Llama source), 4096-token windows of a text (default: Emma, not the benchmarks'
 Persuasion): the first 3,072 tokens are the prompt, compressed once to the budget as the runtime's zsmerge policy
@@ -19,19 +19,14 @@ Writes bench/results/merge_error_smollm2.json.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import data_file, write_result  # noqa: E402
+from bench.common import argument_parser, data_file, write_result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--text", default=None, help="default: ../shared/data/austen_emma.txt")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--skip", type=int, default=2, help="windows skipped at the start (front matter)")

@@ -3,7 +3,7 @@
 The runtime stores a 4-bit head with a 2-bit tail at one quant group (CllaConfig.kv_tail_dim; the planner picks it);
 this script also simulates what it cannot store: a quant group per segment, more than two segments, other bits.
 
-    python bench/mixed_latent.py ["192@4/32;96@4/32+160@2/32;..."] [--layout 2x1+14x2 --quant-group 64 --rope-dim 64 --name N]
+    python -m bench.studies.mixed_latent ["192@4/32;96@4/32+160@2/32;..."] [--layout 2x1+14x2 --quant-group 64 --rope-dim 64 --name N]
 
 SmolLM2-135M-Instruct, zero-shot, one layer per group (or --layout), rope 1x64 @ 8 bit (the planner's choice at
 --kv-ratio 0.25 and 0.10),
@@ -18,14 +18,11 @@ Writes bench/results/mixed_latent_smollm2.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.common import argument_parser, calibrated, data_file, write_result
 
-from _common import calibrated, data_file, write_result  # noqa: E402
 
 DEFAULT = "192@4/32;32@8/32+128@4/32;128@4/32+96@2/32;96@4/32+160@2/32;320@2/32;96@4/32+192@2/64;64@4/32+256@2/64"
 
@@ -40,7 +37,7 @@ def parse(spec: str) -> list[tuple[int, int, int]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("specs", nargs="?", default=DEFAULT, help="';'-separated latent layouts, each R@bits/group[+...]")
     ap.add_argument("--calib-tokens", type=int, default=3072)
     ap.add_argument("--layout", default=None, help="layer groups as runs, e.g. 2x1+14x2 (default: one layer per group)")

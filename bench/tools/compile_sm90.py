@@ -1,7 +1,7 @@
 """Compile the latent decode kernel for sm_90a (H100/H200) without a GPU and print what the compiler made of it:
 registers and spills (ptxas -v), global loads by width (PTX) and layout conversions (TTGIR), per stream geometry.
 
-    python bench/compile_sm90.py
+    python -m bench.tools.compile_sm90
 
 A static check for the sessions without a GPU (speed itself is measured by bench/kernels.py on one): scalar
 `ld.global.b8/b16` loads of a tile instead of `v2/v4` vectors, spills, or many `convert_layout`s are what to look
@@ -22,6 +22,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench.common import argument_parser
 from kvconvert.kernels import decode_attention as kd
 
 KERNEL = kd._latent_decode_split_kernel
@@ -69,6 +70,7 @@ def compile_point(H, R, bits, group, WR, rbits, rgroup, tail=0, gather=False) ->
 
 
 def main() -> None:
+    argument_parser(__doc__).parse_args()  # no options; --help says what it does
     for point in POINTS:
         for gather in (False, True):
             print(compile_point(*point, gather=gather), flush=True)

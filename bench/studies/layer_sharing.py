@@ -1,6 +1,6 @@
 """What sharing one latent costs, pair by pair of adjacent layers (the measurement behind the planner's prefix layouts).
 
-    python bench/layer_sharing.py [--latent 128] [--calib-tokens 3072]
+    python -m bench.studies.layer_sharing [--latent 128] [--calib-tokens 3072]
 
 SmolLM2-135M-Instruct, zero-shot, default sampled calibration: a base plan of one layer per group (latent R @ 4 bit,
 rope 1x64 @ 8 bit), then for each adjacent pair (i, i+1) the same plan with only that pair sharing a latent. Reports
@@ -10,19 +10,14 @@ increase (which counts every layer's attention-output error alike). Writes bench
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import calibrated, write_result  # noqa: E402
+from bench.common import argument_parser, calibrated, write_result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--latent", type=int, default=128)
     ap.add_argument("--calib-tokens", type=int, default=3072)
     args = ap.parse_args()

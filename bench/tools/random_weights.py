@@ -1,7 +1,7 @@
 """Give a model folder that holds only its config (and tokenizer) seeded random weights, for speed and memory runs.
 
-    python bench/random_weights.py FOLDER [FOLDER ...]        # writes FOLDER/model.safetensors (bfloat16)
-    python bench/random_weights.py --strip SRC DST             # copy a model folder without its weights
+    python -m bench.tools.random_weights FOLDER [FOLDER ...]        # writes FOLDER/model.safetensors (bfloat16)
+    python -m bench.tools.random_weights --strip SRC DST             # copy a model folder without its weights
 
 Speed and memory depend on the architecture, the plan, the dtype and the shapes, not on the weight values; a
 machine that the real weights cannot reach (a lent GPU takes at most 64 MiB per call, SmolLM2's GGUF is 98 MB) can
@@ -13,14 +13,13 @@ from (the JSON of every benchmark records the model folder).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import argument_parser
 
 
 def strip(src: Path, dst: Path) -> None:
@@ -48,7 +47,7 @@ def randomize(folder: Path, seed: int, dtype: torch.dtype) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--strip", action="store_true", help="copy SRC to DST without weight files")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,8 @@
 """Matrix-vector speed of a Linear weight in its row-major (out, in) layout and input-major (its transpose stored
 contiguous), the layouts runtime/layout.py chooses between on CPU.
 
-    python bench/gemv_layout.py                       # SmolLM2-135M's shapes, batch 1 and 4
-    python bench/gemv_layout.py --shapes 4096x4096,14336x4096,4096x14336 --rows 1
+    python -m bench.studies.gemv_layout                       # SmolLM2-135M's shapes, batch 1 and 4
+    python -m bench.studies.gemv_layout --shapes 4096x4096,14336x4096,4096x14336 --rows 1
 
 Each shape is timed over enough distinct weights (--pool-mib) that they stream from memory, as in a decode step
 where every layer's weights are read once; GB/s = weight bytes / time. Writes bench/results/gemv_layout_cpu.json.
@@ -10,18 +10,14 @@ where every layer's weights are read once; GB/s = weight bytes / time. Writes be
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from bench.common import argument_parser, write_result
 
-from _common import write_result  # noqa: E402
 
 SMOLLM2 = "1536x576,576x1536,576x576,49152x576,96x576"  # gate/up, down, q/o, lm_head, a 2% plan's latent
 
@@ -41,7 +37,7 @@ def time_layout(weights: list[torch.Tensor], rows: int, repeats: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--shapes", default=SMOLLM2, help="OUTxIN,... weight shapes")
     ap.add_argument("--rows", default="1,4", help="rows of x (the decode batch)")
     ap.add_argument("--pool-mib", type=int, default=256, help="distinct weights per shape, in MiB (beyond the caches)")
