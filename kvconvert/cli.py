@@ -242,6 +242,7 @@ def convert(
     torchrun)."""
     from .convert.pipeline import ConvertOptions, convert as run_convert
     from .convert.plan import ROPE_KEYS, TARGETS, Overrides
+    from .distill.run import convert_and_distill
 
     distill = distill_options(locals(), distill_tokens, data) if distill_tokens is not None else None
     set_threads(threads)
@@ -261,11 +262,14 @@ def convert(
         opts = ConvertOptions(
             identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
             data=list(data or []), calib_tokens=calib_tokens, seed=seed, force=force, dtype=dtype, log=log,
-            progress=progress, step_progress=step_reporter(bar), distill=distill, resume=resume,
-            checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+            progress=progress,
         )
         try:
-            record = run_convert(src, out_dir, opts)
+            if distill is None and not resume:
+                record = run_convert(src, out_dir, opts)
+            else:  # the distillation chained to the conversion refuses --resume without --distill-tokens
+                record = convert_and_distill(src, out_dir, opts, distill, resume, checkpoint_dir, keep_checkpoints,
+                                             step_reporter(bar))
         except Interrupted as e:
             bar.stop()
             interrupted_exit(e)
