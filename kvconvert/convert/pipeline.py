@@ -1,8 +1,11 @@
-"""`kvconvert convert`: load the source, build the CLLA model for the plan, check it, export atomically."""
+"""`kvconvert convert`: load the source, build the CLLA model for the plan, check it, export atomically.
+
+The stages are exposed one by one (`Conversion`) so that a caller can put work between the build and the export:
+`kvconvert convert --distill-tokens` trains the built model (kvconvert.distill) before it is checked and written.
+"""
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,11 +19,8 @@ from .build import Compressor, layer_kinds, mixed_group
 from .calibrate import collect_inputs, read_data_files, sample_tokens, tokens_from_text
 from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
-from ..distill import dist
-from ..distill.run import checkpoint_dir, distill_student, load_initial, prepare_checkpoint_dir
-from ..distill.train import DistillOptions, check_distill_options
 from .identity import build_identity
-from .source import load_source, load_source_config, model_type_of, resolve
+from .source import Source, SourceRef, load_source, load_source_config, model_type_of, resolve
 
 Log = Callable[[str], None]
 
@@ -39,13 +39,8 @@ class ConvertOptions:
     force: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     check_tokens: int = 64  # tokens of the logit check against the source
-    distill: DistillOptions | None = None  # then distill the converted model from the source
-    resume: bool = False  # continue the distillation saved in the checkpoint folder
-    checkpoint_dir: Path | None = None  # default OUT.distill
-    keep_checkpoints: bool = False
     log: Log = field(default=lambda msg: None)
     progress: Callable[[str, int, int], None] = field(default=lambda what, done, total: None)
-    step_progress: Callable[[int, int, dict], None] = field(default=lambda step, steps, metrics: None)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,10 +116,6 @@ def check_options(opts: ConvertOptions) -> None:
         raise KvconvertError(f"--rope-dim must be even and non-negative, got {ov.rope_dim}")
     if opts.calib_tokens < 256:
         raise KvconvertError(f"--calib-tokens must be at least 256, got {opts.calib_tokens}")
-    if opts.distill is None and opts.resume:
-        raise KvconvertError("--resume continues a distillation: give the same --distill-tokens as the interrupted run")
-    if opts.distill is not None and opts.identity:
-        raise KvconvertError("--identity is already exact; there is nothing to distill")
 
 
 def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
@@ -172,75 +163,84 @@ def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, str]
 
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
-    """Run a conversion end to end (then distillation, when asked); returns the record also written to
-    OUT/conversion.json. Under torchrun, process 0 converts and exports; every process trains."""
-    out = Path(out)
+    """Run a conversion end to end; returns the record also written to OUT/conversion.json."""
     check_options(opts)
-    check_output(out, opts.force)
-    if opts.data:
-        read_data_files(opts.data)  # refuse empty/binary files before loading anything
-    ref = resolve(src)
-    if not opts.identity and not opts.resume:
-        check_source_for_plans(ref, opts)  # before a checkpoint folder is prepared or weights are read
-    world = dist.World()
-    if opts.distill is not None:
-        ckpt = checkpoint_dir(out, opts.checkpoint_dir)
-        world = dist.init(opts.distill.device)
-        check_distill_options(opts.distill, world)
-        if opts.distill.data:
-            read_data_files(opts.distill.data)
-        if world.is_main:
-            prepare_checkpoint_dir(ckpt, opts.resume, opts.force)
-        dist.barrier(world)
-    t0 = time.perf_counter()
-    opts.log(f"loading {ref.name}")
-    source = load_source(ref, dtype=torch.float32)
-    timings = {"load": round(time.perf_counter() - t0, 3)}
-    model, summary = None, {}
-    if opts.resume:
-        model, summary = load_initial(ckpt)
-        timings = summary.get("timings_s", {}) | timings
-        opts.log(f"resuming the distillation in {ckpt} (the conversion is not redone)")
-    elif world.is_main and opts.identity:
-        opts.log("building the identity CLLA model")
-        t1 = time.perf_counter()
-        model = build_identity(source.model, source.model_type, ref.name)
-        timings["build"] = round(time.perf_counter() - t1, 3)
-        summary = {"plan": "identity"}
-    elif world.is_main:
-        model, summary = compress(source, ref.name, opts, timings)
-    summary |= {"source_model_type": source.model_type, "timings_s": timings}
-    if opts.distill is not None:
-        t1 = time.perf_counter()
-        model, result = distill_student(
-            model, summary, source.model, source.tokenizer, ref.name, opts.distill, ckpt, world, opts.resume,
-            opts.log, opts.progress, opts.step_progress,
-        )
-        if world.is_main and (opts.distill.fsdp or world.device != "cpu"):
-            source = load_source(ref, dtype=torch.float32)  # the teacher was sharded or cast to bf16 for training
-        timings["distill"] = round(time.perf_counter() - t1, 3)
-        summary["distill"] = [result.record(opts.distill)]
-        if not world.is_main:
-            return summary
-    ids = check_tokens(source.tokenizer, model.config.vocab_size, opts.check_tokens)
-    err = max_relative_logit_error(source.model, model, ids)
-    opts.log(f"max relative logit error vs source on {ids.shape[1]} tokens: {err:.2e}")
-    dtype = resolve_dtype(opts.dtype, source.model)
-    summary |= {
-        "dtype": str(dtype).removeprefix("torch."),
-        "check": {"tokens": int(ids.shape[1]), "max_relative_logit_error_fp32": err},
-    }
-    t2 = time.perf_counter()
-    with atomic_folder(out, opts.force) as tmp:
-        opts.log(f"writing {out}")
-        write_model(tmp, model, source.tokenizer, source.model.generation_config, dtype)
-        timings["export"] = round(time.perf_counter() - t2, 3)
-        timings["total"] = round(time.perf_counter() - t0, 3)
-        record = conversion_record(model.config, summary)
-        write_conversion_json(tmp, record)
-    if opts.distill is not None and not opts.keep_checkpoints:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return record
+    job = Conversion.start(src, out, opts)
+    job.load_source()
+    model, summary = job.build()
+    return job.export(model, summary)
+
+
+@dataclass
+class Conversion:
+    """One conversion, stage by stage: `start` (refuse what can be refused before loading weights), `load_source`,
+    `build` (the identity or a compressed model), `export` (the logit check against the source, then OUT written
+    atomically). Call `check_options` before `start`."""
+
+    ref: SourceRef
+    out: Path
+    opts: ConvertOptions
+    source: Source | None = None
+    timings: dict = field(default_factory=dict)  # seconds per stage: the record's timings_s
+    started: float = 0.0  # perf_counter when loading began: timings_s["total"] counts from here
+
+    @classmethod
+    def start(cls, src: str | Path, out: str | Path, opts: ConvertOptions, plan_checks: bool = True) -> Conversion:
+        """Check OUT, the data files and the source; `plan_checks=False` skips what only matters when this
+        conversion builds the model (a resumed distillation brings its own)."""
+        out = Path(out)
+        check_output(out, opts.force)
+        if opts.data:
+            read_data_files(opts.data)  # refuse empty/binary files before loading anything
+        ref = resolve(src)
+        if plan_checks and not opts.identity:
+            check_source_for_plans(ref, opts)  # before a checkpoint folder is prepared or weights are read
+        return cls(ref, out, opts)
+
+    def load_source(self) -> Source:
+        """The source model in float32 (the reference of the logit check, and the teacher of a distillation)."""
+        self.started = time.perf_counter()
+        self.opts.log(f"loading {self.ref.name}")
+        self.source = load_source(self.ref, dtype=torch.float32)
+        self.timings["load"] = round(time.perf_counter() - self.started, 3)
+        return self.source
+
+    def build(self):
+        """(model, summary): the CLLA model for the plan and its part of the conversion record."""
+        if self.opts.identity:
+            self.opts.log("building the identity CLLA model")
+            t = time.perf_counter()
+            model = build_identity(self.source.model, self.source.model_type, self.ref.name)
+            self.timings["build"] = round(time.perf_counter() - t, 3)
+            summary = {"plan": "identity"}
+        else:
+            model, summary = compress(self.source, self.ref.name, self.opts, self.timings)
+        return model, self.stamp(summary)
+
+    def stamp(self, summary: dict) -> dict:
+        """The summary with the source's model type and the timings (the same dict: later stages add to it)."""
+        return summary | {"source_model_type": self.source.model_type, "timings_s": self.timings}
+
+    def export(self, model, summary: dict) -> dict:
+        """Check the model's logits against the source, then write OUT atomically; returns the conversion record."""
+        opts, source = self.opts, self.source
+        ids = check_tokens(source.tokenizer, model.config.vocab_size, opts.check_tokens)
+        err = max_relative_logit_error(source.model, model, ids)
+        opts.log(f"max relative logit error vs source on {ids.shape[1]} tokens: {err:.2e}")
+        dtype = resolve_dtype(opts.dtype, source.model)
+        summary |= {
+            "dtype": str(dtype).removeprefix("torch."),
+            "check": {"tokens": int(ids.shape[1]), "max_relative_logit_error_fp32": err},
+        }
+        t = time.perf_counter()
+        with atomic_folder(self.out, opts.force) as tmp:
+            opts.log(f"writing {self.out}")
+            write_model(tmp, model, source.tokenizer, source.model.generation_config, dtype)
+            self.timings["export"] = round(time.perf_counter() - t, 3)
+            self.timings["total"] = round(time.perf_counter() - self.started, 3)
+            record = conversion_record(model.config, summary)
+            write_conversion_json(tmp, record)
+        return record
 
 
 def check_source_for_plans(ref, opts: ConvertOptions) -> None:

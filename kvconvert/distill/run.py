@@ -1,4 +1,5 @@
-"""Distillation as `convert --distill-tokens` and `distill` run it: checkpoint folder, data, training, export.
+"""Distillation as `convert --distill-tokens` (`convert_and_distill`) and `distill` (`distill_folder`) run it:
+checkpoint folder, data, training, export.
 
 The checkpoint folder (default: OUT.distill beside OUT) holds everything a resumed run needs, the student before
 training included, so `--resume` skips the conversion. OUT itself is only written at the end, atomically;
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -18,6 +20,9 @@ from ..errors import KvconvertError
 from . import data as training_data
 from . import dist
 from .train import DistillOptions, DistillResult, check_distill_options, check_resumable, train
+
+if TYPE_CHECKING:
+    from ..convert.pipeline import ConvertOptions
 
 Log = Callable[[str], None]
 
@@ -176,6 +181,66 @@ def distill_folder(
         write_model(tmp, student, loaded.tokenizer, loaded.generation_config, dtype)
         record = conversion_record(student.config, record)
         write_conversion_json(tmp, record)
+    if not keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return record
+
+
+def convert_and_distill(
+    src: str | Path,
+    out: Path,
+    opts: ConvertOptions,
+    distill: DistillOptions | None,
+    resume: bool = False,
+    ckpt_given: Path | None = None,
+    keep_checkpoints: bool = False,
+    step_progress: Callable = lambda s, n, m: None,
+) -> dict:
+    """`kvconvert convert --distill-tokens`: the conversion's stages (`opts`: ConvertOptions) with a distillation
+    from the source between the build and the export; `resume` takes the student from the checkpoint folder instead
+    of converting. Under torchrun, process 0 converts and exports; every process trains (the others return the
+    summary without writing OUT). Returns the conversion record."""
+    from ..convert.calibrate import read_data_files
+    from ..convert.pipeline import Conversion, check_options
+    from ..convert.source import load_source
+
+    check_options(opts)
+    if distill is None:
+        raise KvconvertError("--resume continues a distillation: give the same --distill-tokens as the interrupted run")
+    if opts.identity:
+        raise KvconvertError("--identity is already exact; there is nothing to distill")
+    job = Conversion.start(src, out, opts, plan_checks=not resume)
+    ckpt = checkpoint_dir(job.out, ckpt_given)
+    world = dist.init(distill.device)
+    check_distill_options(distill, world)
+    if distill.data:
+        read_data_files(distill.data)
+    if world.is_main:
+        prepare_checkpoint_dir(ckpt, resume, opts.force)
+    dist.barrier(world)
+    source = job.load_source()
+    model, summary = None, {}
+    if resume:
+        model, summary = load_initial(ckpt)
+        job.timings = summary.get("timings_s", {}) | job.timings
+        summary = job.stamp(summary)
+        opts.log(f"resuming the distillation in {ckpt} (the conversion is not redone)")
+    elif world.is_main:
+        model, summary = job.build()
+    else:
+        summary = job.stamp(summary)
+    t = time.perf_counter()
+    model, result = distill_student(
+        model, summary, source.model, source.tokenizer, job.ref.name, distill, ckpt, world, resume, opts.log,
+        opts.progress, step_progress,
+    )
+    if world.is_main and (distill.fsdp or world.device != "cpu"):
+        job.source = load_source(job.ref, dtype=torch.float32)  # the teacher was sharded or cast to bf16 for training
+    job.timings["distill"] = round(time.perf_counter() - t, 3)
+    summary["distill"] = [result.record(distill)]
+    if not world.is_main:
+        return summary
+    record = job.export(model, summary)
     if not keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
     return record

@@ -1,0 +1,108 @@
+"""`kvconvert convert`: a source to a CLLA model; with --distill-tokens (or --resume), then a distillation from
+the source (kvconvert.distill) before the logit check and the atomic export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import KvconvertError
+from .common import is_main_process, log, out, print_json, set_threads, step_reporter, task_progress, training_progress_bar, user_errors
+from .options import DISTILL, DistillFlags, Threads, force_option, json_option, option_groups
+from .render import conversion_tables
+
+ForceOut = force_option("Replace OUT if it exists.")
+RecordJson = json_option("Print the conversion record as JSON.")
+
+
+def parse_group_sizes(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise KvconvertError(f"--groups wants comma-separated group sizes like 1,2,3,3; got {spec!r}") from None
+
+
+@user_errors
+@option_groups(flags=DistillFlags)
+def convert(
+    src: Annotated[str, typer.Argument(help="Source: a transformers folder (safetensors), a .gguf file, or 'smollm2'.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (written atomically).")],
+    kv_ratio: Annotated[
+        Optional[float],
+        typer.Option("--kv-ratio", help="Target KV cache size as a fraction of the source's 16-bit cache, in (0, 1]."),
+    ] = None,
+    identity: Annotated[bool, typer.Option("--identity", help="Exact conversion: full-width latent, no compression.")] = False,
+    latent_dim: Annotated[Optional[int], typer.Option(help="Latent width per layer group (overrides the plan).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Layers per group, uniform (overrides the plan).")] = None,
+    groups: Annotated[Optional[str], typer.Option(help="Group sizes in layer order, e.g. 1,2,3,3,... (uneven groups).")] = None,
+    rope_dim: Annotated[Optional[int], typer.Option(help="RoPE dims kept per rope head (even).")] = None,
+    rope_heads: Annotated[Optional[int], typer.Option(help="1: one rope key shared by all heads; K: one per kv head.")] = None,
+    kv_bits: Annotated[Optional[int], typer.Option(help="Latent bits: 16, 8, 4 or 2 (at 4 the planner may still store a 2-bit tail: --kv-tail-dim 0 rules it out).")] = None,
+    kv_tail_dim: Annotated[
+        Optional[int], typer.Option(help="Store the latent's last N (lowest-energy) dims at 2 bits, the rest at --kv-bits; 0: none (default: the planner tries 4-bit latents with tails).")
+    ] = None,
+    rope_bits: Annotated[Optional[int], typer.Option(help="Rope-key bits: 16, 8, 4 or 2 (cached rope keys).")] = None,
+    rope_keys: Annotated[
+        Optional[str], typer.Option(help="Where rope keys live: latent (reconstructed from the latent before RoPE at each step: nothing else cached, far lower error at low ratios, more decode compute), cached (rotated keys beside the latent, RoPE pairs selected; cheapest decode), or auto (the planner builds both and picks by held-out error; slower). Default: latent, or cached where --rope-bits, --rope-dim 0 or --target deepseek-v3 need cached keys.")
+    ] = None,
+    quant_group: Annotated[Optional[int], typer.Option(help="Values per quantization scale/zero-point.")] = None,
+    target: Annotated[
+        str, typer.Option(help="clla: any plan; deepseek-v3: only plans `kvconvert export --format deepseek-v3` can write (one latent per layer, one shared rope key, a normed 16-bit latent).")
+    ] = "clla",
+    data: Annotated[
+        Optional[list[Path]], typer.Option(help="Calibration text (.txt, or .jsonl with a 'text' field); repeatable. Default: text sampled from the source.")
+    ] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens (plus 512 held out to rank plans).")] = 3072,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled calibration text.")] = 0,
+    force: ForceOut = False,
+    dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",
+    threads: Threads = None,
+    as_json: RecordJson = False,
+    distill_tokens: Annotated[
+        Optional[int], typer.Option(help="Then distill from the source on N tokens (--data, or text sampled from it).", rich_help_panel=DISTILL)
+    ] = None,
+    flags: DistillFlags = DistillFlags(),
+):
+    """Convert SRC into a CLLA model at OUT whose KV cache is at most --kv-ratio of the source's (model.safetensors,
+    config, tokenizer, conversion.json with the plan, errors and timings, and a model card). With --distill-tokens,
+    then train it from the source (checkpoints in OUT.distill, resumable with --resume; runs data-parallel under
+    torchrun)."""
+    from ..convert.pipeline import ConvertOptions, convert as run_convert
+    from ..convert.plan import ROPE_KEYS, TARGETS, Overrides
+    from ..distill.run import convert_and_distill
+
+    distill = flags.options(distill_tokens, data, seed) if distill_tokens is not None else None
+    set_threads(threads)
+    overrides = Overrides(
+        latent_dim=latent_dim, group_size=group_size, rope_dim=rope_dim, rope_heads=rope_heads, kv_bits=kv_bits,
+        rope_bits=rope_bits, quant_group=quant_group, tail_dim=kv_tail_dim, target=target,
+        rope_keys=rope_keys,
+    )
+    if rope_keys is not None and rope_keys not in ROPE_KEYS:
+        raise KvconvertError(f"--rope-keys must be one of {', '.join(ROPE_KEYS)}; got {rope_keys}")
+    if target not in TARGETS:
+        raise KvconvertError(f"--target must be one of {', '.join(TARGETS)}; got {target}")
+    if identity and target != "clla":
+        raise KvconvertError("--identity is the exact conversion: it takes no --target")
+    with training_progress_bar() as bar:
+        opts = ConvertOptions(
+            identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
+            data=list(data or []), calib_tokens=calib_tokens, seed=seed, force=force, dtype=dtype, log=log,
+            progress=task_progress(bar),
+        )
+        if distill is None and not flags.resume:
+            record = run_convert(src, out_dir, opts)
+        else:  # the distillation chained to the conversion refuses --resume without --distill-tokens
+            record = convert_and_distill(src, out_dir, opts, distill, flags.resume, flags.checkpoint_dir,
+                                         flags.keep_checkpoints, step_reporter(bar))
+    if not is_main_process():
+        return
+    if as_json:
+        print_json(record)
+        return
+    for table in conversion_tables(record, out_dir):
+        out.print(table)

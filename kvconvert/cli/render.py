@@ -1,0 +1,145 @@
+"""The rich tables the commands print: each takes the result a command would print as JSON (`--json`)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:,.3f} GiB"
+
+
+def key_value_table(title: str, value_header: str = "value") -> Table:
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column(value_header, justify="right")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------- convert, distill
+def conversion_tables(record: dict, out_dir) -> list[Table]:
+    """The conversion record: plan, KV bytes, errors, timings; per-group errors; each distillation run."""
+    t = key_value_table(f"converted {record['source']} -> {out_dir}")
+    t.add_row("plan", record["plan"])
+    t.add_row("KV bytes / token", f"{record['kv_bytes_per_token']:,} (source {record['source_kv_bytes_per_token']:,})")
+    for name, b in record["kv_bytes_breakdown"].items():
+        if b:
+            t.add_row(f"  {name}", f"{b:,}")
+    t.add_row("KV ratio", f"{record['kv_ratio']:.4f}" + (f" (target {record['target_kv_ratio']:g})" if record.get("target_kv_ratio") else ""))
+    if "heldout_kl" in record:
+        t.add_row("held-out KL(source || model)", f"{record['heldout_kl']:.4f}")
+    t.add_row("max rel. logit error vs source (fp32)", f"{record['check']['max_relative_logit_error_fp32']:.2e}")
+    t.add_row("weights dtype", record["dtype"])
+    t.add_row("time (s)", " ".join(f"{k} {v:.1f}" for k, v in record["timings_s"].items()))
+    tables = [t]
+    if record.get("per_group_error"):
+        g = Table(title="per-group error (proxy)")
+        g.add_column("layers")
+        g.add_column("error", justify="right")
+        for row in record["per_group_error"]:
+            layers = row["layers"]
+            g.add_row(f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]), f"{row['proxy_error']:.4g}")
+        tables.append(g)
+    return tables + [distill_table(d) for d in record.get("distill", [])]
+
+
+def distill_table(d: dict) -> Table:
+    """One distillation run of a conversion record: its validations and the best step."""
+    t = Table(title="distillation (validation on held-out sequences)")
+    for c in ("step", "KL(teacher || student)", "top-1", "perplexity"):
+        t.add_column(c, justify="right")
+    for row in d["validation"]:
+        t.add_row(f"{row['step']:,}", f"{row['val_kl']:.4f}", f"{row['val_top1']:.1%}", f"{row['val_ppl']:.3f}")
+    b = d["best"]
+    t.caption = (f"best: step {b['step']:,} (exported). {d['tokens']:,} tokens in {d['seconds']:.0f} s on {d['device']};"
+                 f" data: {d['data']}")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------- eval, chat
+def eval_table(result: dict) -> Table:
+    t = Table(title=f"eval {result['model']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    if "text" in result:
+        r = result["text"]
+        t.add_row("perplexity", f"{r['perplexity']:.4f}")
+        t.add_row("predictions scored", f"{r['predictions']:,} ({r['windows']} × {r['window'] - 1})")
+        if result["reference"]:
+            t.add_row("top-1 agreement", f"{r['top1_agreement']:.2%}")
+            t.add_row("KL(ref || model)", f"{r['kl']:.5f}")
+    for p in result.get("passkey", []):
+        t.add_row(f"passkey {p['length']} tok", f"{p['accuracy']:.0%} of {p['trials']}")
+    return t
+
+
+def chat_stats_table(rt, last) -> Table:
+    """`/stats` in a chat: the runtime's cache now, and the last turn's GenerationStats (None before the first)."""
+    from ..config import kv_bytes
+
+    t = key_value_table("chat")
+    t.add_row("tokens in the cache", f"{rt.lengths[0]:,} of {rt.cache.capacity:,}")
+    t.add_row("conversation tokens", f"{rt.seen[0]:,} of {rt.context:,}")
+    t.add_row("KV bytes in use", f"{kv_bytes(rt.config, rt.lengths[0], rt.cache.ring_chunk):,}")
+    t.add_row("KV bytes allocated", f"{rt.cache.nbytes:,}")
+    if last is not None:
+        t.add_row("last turn: prompt tokens", f"{last.prompt_tokens:,} at {last.prefill_tokens_per_s:,.1f} tok/s")
+        t.add_row("last turn: new tokens", f"{last.new_tokens:,} at {last.decode_tokens_per_s:,.1f} tok/s")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------- profile
+def memory_tables(result: dict, context: int, batch: int, budget_gib: float, weight_bytes: int) -> list[Table]:
+    """`profile memory`: bytes per cached tensor; totals and limits at context × batch; what --measure found."""
+    t = Table(title=f"KV cache of {result['model']} ({result['kind']})")
+    t.add_column("cached tensor")
+    t.add_column("bytes / token", justify="right")
+    segments = " + ".join(f"{s['width']} @ {s['bits']}" for s in result["latent_segments"])
+    for name, b in result["kv_bytes_per_token"].items():
+        if b or name != "key_scales":  # key norms exist only for qk-norm sources (Qwen3, Gemma 3)
+            t.add_row(f"latent ({segments} bit)" if name == "latent" else name, f"{b:,}")
+    t.add_row("source (16-bit K+V)", f"{result['source_kv_bytes_per_token']:,}")
+    t.add_row("ratio", f"{result['kv_ratio']:.4f}")
+    s = key_value_table(f"context {context:,} × batch {batch}, budget {budget_gib:g} GiB (weights at {weight_bytes} B)", "converted")
+    s.add_column("source", justify="right")
+    c, o = result["converted"], result["source"]
+    s.add_row("KV cache", gib(c["kv_bytes_total"]), gib(o["kv_bytes_total"]))
+    s.add_row("weights", gib(c["weights_bytes"]), gib(o["weights_bytes"]))
+    s.add_row(f"max context at batch {batch}", f"{c['max_context_at_batch']:,}", f"{o['max_context_at_batch']:,}")
+    s.add_row(f"max batch at context {context:,}", f"{c['max_batch_at_context']:,}", f"{o['max_batch_at_context']:,}")
+    s.add_row("KV cache, converted / source", f"{result['kv_ratio_at_context']:.4f}", "")
+    if "kv_policy" in result:
+        p = result["kv_policy"]
+        s.add_row(f"KV cache with {p['policy']} ({p['slots_per_sequence']:,} tokens kept)", gib(p["kv_bytes_total"]), "")
+        s.add_row("… as a share of the source's full cache", f"{p['ratio_to_source_full_cache']:.4%}", "")
+    tables = [t, s]
+    if "measured" in result:
+        m = result["measured"]
+        mt = key_value_table(f"measured on {m['device']} ({m['dtype']}): context {context:,} × batch {batch}", "converted")
+        mt.add_column("source (transformers)", justify="right")
+        conv, srcm = m.get("converted", {}), m.get("source", {})
+        fmt = lambda d, k: gib(d[k]) if k in d else "—"  # noqa: E731
+        mt.add_row("KV cache predicted", gib(c["kv_bytes_total"]), gib(o["kv_bytes_total"]) if srcm else "—")
+        mt.add_row("KV cache allocated", fmt(conv, "kv_bytes_allocated"), fmt(srcm, "kv_bytes_allocated"))
+        mt.add_row("peak above weights, decode step", fmt(conv, "peak_bytes_during_decode"), fmt(srcm, "peak_bytes_during_decode"))
+        tables.append(mt)
+    return tables
+
+
+def speed_table(result: dict) -> Table:
+    """`profile speed`: one row per (batch, context) point, the runtime beside transformers' generate."""
+    t = Table(title=f"speed of {result['model']} on {result['device']} ({result['dtype']})")
+    t.caption = "hf = transformers' generate on the source (static cache, SDPA); × = decode tok/s over hf's"
+    for col in ("batch", "context", "prefill tok/s", "decode tok/s", "GB/s", "hf prefill", "hf decode", "hf GB/s", "×"):
+        t.add_column(col, justify="right")
+    for p in result["points"]:
+        r, h = p["runtime"], p.get("transformers")
+        t.add_row(
+            str(p["batch"]), f"{p['context']:,}",
+            f"{r['prefill_tokens_per_s']:,.0f}" if "prefill_tokens_per_s" in r else "—",
+            f"{r['decode_tokens_per_s']:,.1f}", f"{r['achieved_gb_per_s']:,.1f}",
+            f"{h['prefill_tokens_per_s']:,.0f}" if h else "—",
+            f"{h['decode_tokens_per_s']:,.1f}" if h else "—", f"{h['achieved_gb_per_s']:,.1f}" if h else "—",
+            f"{p['decode_speedup']:.2f}" if h else "—",
+        )
+    return t
