@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvconvert.kernels import Stream
+from kvconvert.cache_layout import Stream
 from kvconvert.kernels.reference import latent_decode_ref
 from kvconvert.runtime import LatentRuntime, SamplingOptions
 from kvconvert.runtime.policies import POLICIES, make_policy

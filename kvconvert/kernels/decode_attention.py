@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import Stream
+from ..cache_layout import Stream
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _LOG2E = 1.4426950408889634

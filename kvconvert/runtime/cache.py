@@ -1,6 +1,6 @@
 """LatentCache: the static, preallocated KV cache of a CLLA model.
 
-Per layer group g and per token, up to three streams (byte layout in kernels/reference.py):
+Per layer group g and per token, up to three streams (byte layout in kvconvert/cache_layout.py):
   latent  the latent's head, kv_latent_dim - kv_tail_dim values at kv_bits: data (B, S, R * bits / 8),
           scales (B, S, R/group, 2) fp16
   tail    with kv_tail_dim, the latent's last kv_tail_dim values at kv_tail_bits, likewise
@@ -20,14 +20,9 @@ import torch
 
 from ..config import CllaConfig, cache_slots, kv_bytes
 from ..errors import KvconvertError
-from ..kernels import Stream
+from ..cache_layout import Stream, stored_width
 
 GIB = 1 << 30
-
-
-def stored_width(width: int, bits: int) -> int:
-    """Elements per token of a stream's data tensor: below 8 bits, 8 // bits values per byte."""
-    return -(-width * bits // 8) if bits < 8 else width
 
 
 class LatentCache:

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...kernels import Stream, dequantize_streams, quantize_append_streams
+from ...cache_layout import Stream
+from ...kernels import dequantize_streams, quantize_append_streams
 
 
 @dataclass
