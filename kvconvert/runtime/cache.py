@@ -25,6 +25,12 @@ from ..cache_layout import Stream, stored_width
 GIB = 1 << 30
 
 
+def ring_positions(slot: torch.Tensor, n: int, after: torch.Tensor) -> torch.Tensor:
+    """The token position slot s of a ring of n slots holds: the last p < after with p % n == s (negative where
+    nothing was written yet). Broadcasts slot against after (one past the last position written, per row)."""
+    return slot + n * torch.div(after - 1 - slot, n, rounding_mode="floor")
+
+
 class LatentCache:
     def __init__(
         self,
@@ -49,7 +55,7 @@ class LatentCache:
         streams = [("latent", head, head_bits, config.kv_quant_group)]
         if tail:
             streams.append(("tail", tail[0][0], tail[0][1], config.kv_quant_group))
-        if config.rope_dim and not config.rope_from_latent:  # else each layer reconstructs them from the latent
+        if config.rope_dim and not config.rope_from_latent:  # else: rope keys from the latent (rope_keys.py)
             streams.append(("rope", config.rope_heads * config.rope_dim, config.rope_bits, config.rope_quant_group))
         # name -> one Stream per layer group
         self._streams: dict[str, list[Stream]] = {}
