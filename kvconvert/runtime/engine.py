@@ -12,6 +12,8 @@ every query head reads its group's latent stream (kernels.latent_decode). With r
 The decode step has no host synchronisation and fixed shapes, so on CUDA it is captured once in a CUDA graph and
 replayed (graphs.py); on CPU the same code runs on the PyTorch references, by default over the model's wide Linear
 weights re-laid out for matrix-vector products at one row (layout.py).
+
+Sizing: `LatentRuntime.for_context` allocates the cache for a context, a cache policy and its prefill chunk.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class LatentRuntime:
         cpu_layout: bool | None = None,
     ):
         """policy: a token-budget cache policy (runtime/policies) whose budget is a share of `context` (the longest
-        conversation in tokens; default: the capacity); the cache then needs budget + one prefill chunk of slots.
+        conversation in tokens; default: the capacity); the slots past the budget bound a prefill step
+        (`prefill_chunk`), after which the policy compresses back to the budget. `for_context` sizes all this.
         ring_chunk: sliding-window layer groups keep a ring of window + ring_chunk - 1 slots, and a prefill step
         takes at most ring_chunk tokens (None, or under a policy: every group keeps every token).
         cpu_layout: on CPU, re-lay out the model's wide Linear weights in place for matrix-vector products (the
@@ -83,11 +86,13 @@ class LatentRuntime:
         self.written = [0] * batch  # per row, one past the furthest token written (a prefill's padding included)
         self.context = context or capacity
         self.policy = policy
+        self.prefill_chunk = None  # under a policy: the most tokens a prefill step takes before it compresses
         if policy is not None:
             slots = policy.slots(self.context)
             if capacity <= slots:
                 raise KvconvertError(f"a cache of {capacity:,} slots leaves no room past the {slots:,}-slot budget")
             policy.setup(cfg.num_layer_groups, batch, capacity, slots, self.device)
+            self.prefill_chunk = capacity - slots
             cuda_graphs = False  # the policy's bookkeeping runs on the host between steps
         self.group_of = cfg.group_of_layer()
         self.first_of_group = {g[0] for g in cfg.layer_groups}
@@ -108,6 +113,21 @@ class LatentRuntime:
             raise KvconvertError("CUDA graphs need a CUDA device")
         self.use_graphs = use_graphs
         self._graph = DecodeGraph(self._decode_eager, [self.cache.seq_lens, self.positions]) if use_graphs else None
+
+    @classmethod
+    def for_context(cls, model: CllaForCausalLM, batch: int, context: int, policy=None, prefill_chunk: int = 256,
+                    **options) -> LatentRuntime:
+        """A runtime for conversations of up to `context` tokens per row: a cache of `context` slots, or under a
+        cache policy its budget of the context plus `prefill_chunk` slots (a prefill step then takes at most
+        `prefill_chunk` tokens before the policy compresses back to the budget). options: __init__'s
+        (cuda_graphs, ring_chunk, cpu_layout)."""
+        capacity = context
+        if policy is not None:
+            try:
+                capacity = policy.slots(context) + prefill_chunk
+            except ValueError as e:  # a budget too small for the policy
+                raise KvconvertError(str(e)) from None
+        return cls(model, batch, capacity, policy=policy, context=context, **options)
 
     def extra_weight_bytes(self) -> int:
         """Bytes of the folded weights the runtime holds beside the model's own (views of the model excluded)."""
@@ -342,7 +362,7 @@ class LatentRuntime:
         B, T = ids.shape
         chunk = chunk or self.prefill_chunk_tokens(max(self.lengths) + T)
         if self.policy is not None and not self.policy.held:  # compress after every chunk: budget + one chunk
-            chunk = min(chunk, self.cache.capacity - self.policy.n_slots)
+            chunk = min(chunk, self.prefill_chunk)
         if self.ring_chunk is not None:
             chunk = min(chunk, self.ring_chunk)
         if T <= chunk:

@@ -176,7 +176,7 @@ def measure_converted_memory(model, context: int, batch: int) -> dict:
     if on_cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-    rt = LatentRuntime(model, batch, context, cuda_graphs=False)
+    rt = LatentRuntime.for_context(model, batch, context, cuda_graphs=False)
     result = {"kv_bytes_allocated": rt.cache.nbytes, "kv_bytes_per_token_allocated": rt.cache.bytes_per_token}
     fill_cache_for_timing(rt, context - 1)
     if on_cuda:
@@ -229,7 +229,7 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
     from . import LatentRuntime
 
     device = next(model.parameters()).device
-    rt = LatentRuntime(model, batch, context + steps + 3, cuda_graphs=cuda_graphs, cpu_layout=cpu_layout)
+    rt = LatentRuntime.for_context(model, batch, context + steps + 3, cuda_graphs=cuda_graphs, cpu_layout=cpu_layout)
     result: dict = {}
     if prefill:
         gen = torch.Generator(device="cpu").manual_seed(seed)
