@@ -10,8 +10,7 @@ Decode (one token per row): the up-projections are absorbed into the query and o
 every query head reads its group's latent stream (kernels.latent_decode). With rope keys from the latent
 (config.rope_from_latent) nothing but the latent is cached: rope_keys.py. Every step runs under inference_mode.
 The decode step has no host synchronisation and fixed shapes, so on CUDA it is captured once in a CUDA graph and
-replayed (graphs.py); on CPU the same code runs on the PyTorch references, by default over the model's wide Linear
-weights re-laid out for matrix-vector products at one row (layout.py).
+replayed (graphs.py); on CPU the same code runs on the PyTorch references.
 
 Sizing: `LatentRuntime.for_context` allocates the cache for a context, a cache policy and its prefill chunk.
 """
@@ -49,21 +48,22 @@ class LatentRuntime:
         policy=None,
         context: int | None = None,
         ring_chunk: int | None = RING_CHUNK,
-        cpu_layout: bool | None = None,
+        cpu_layout: bool = False,
     ):
         """policy: a token-budget cache policy (runtime/policies) whose budget is a share of `context` (the longest
         conversation in tokens; default: the capacity); the slots past the budget bound a prefill step
         (`prefill_chunk`), after which the policy compresses back to the budget. `for_context` sizes all this.
         ring_chunk: sliding-window layer groups keep a ring of window + ring_chunk - 1 slots, and a prefill step
         takes at most ring_chunk tokens (None, or under a policy: every group keeps every token).
-        cpu_layout: on CPU, re-lay out the model's wide Linear weights in place for matrix-vector products (the
-        same values and shapes, input-major storage: runtime/layout.py); default: for a batch of one row, where it
-        pays (bench/gemv_layout.py: about 1.7x on those weights at one row, 0.9-1.0x at four)."""
+        cpu_layout: on CPU, re-lay out the wide Linear weights of `model` itself, in place, for matrix-vector
+        products (the same values and shapes, input-major storage: runtime/layout.py). Off by default, so that a
+        runtime never changes the caller's model; it pays at one row (bench/gemv_layout.py measures it), where
+        `kvconvert chat` and `profile speed` ask for it."""
         self.model = model.eval()
         self.config = cfg = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.cpu_layout = (batch == 1 if cpu_layout is None else cpu_layout) and self.device.type == "cpu"
+        self.cpu_layout = cpu_layout and self.device.type == "cpu"
         if self.cpu_layout:
             gemv_layout_(model)
         longest = context or capacity  # with a policy, slots are reused: the context bounds the positions
