@@ -155,7 +155,7 @@ class AbsorbedProjections:
         elif Dr:
             q_rope = apply_rope(q[..., Q:].reshape(N, Hr, H // Hr, Dr), cos, sin).view(N, H, Dr)
         if Dr and Hr > 1:
-            q_rope = torch.cat([q_rope] * Hr, -1) * self.rope_head_mask  # (cat: 3x faster than repeat on CPU)
+            q_rope = torch.cat([q_rope] * Hr, -1) * self.rope_head_mask  # (cat: faster than repeat on CPU)
         return q_lat, q_rope, head_bias
 
     def output(self, i: int, o_lat: torch.Tensor) -> torch.Tensor:
