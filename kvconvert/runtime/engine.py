@@ -112,7 +112,7 @@ class LatentRuntime:
         if use_graphs and self.device.type != "cuda":
             raise KvconvertError("CUDA graphs need a CUDA device")
         self.use_graphs = use_graphs
-        self._graph = DecodeGraph(self._decode_eager, [self.cache.seq_lens, self.positions]) if use_graphs else None
+        self._graph = DecodeGraph([self.cache.seq_lens, self.positions]) if use_graphs else None
 
     @classmethod
     def for_context(cls, model: CllaForCausalLM, batch: int, context: int, policy=None, prefill_chunk: int = 256,
@@ -419,7 +419,7 @@ class LatentRuntime:
         """One decode step for every row: ids (B,) -> logits (B, vocab)."""
         self._check_room([1] * self.cache.batch)
         self._check_slots(1)
-        logits = self._graph(ids) if self._graph is not None else self._decode_eager(ids)
+        logits = self._graph(self._decode_eager, ids) if self._graph is not None else self._decode_eager(ids)
         self.written = [max(w, n + 1) for w, n in zip(self.written, self.lengths)]
         self.lengths = [n + 1 for n in self.lengths]
         self.seen = [n + 1 for n in self.seen]
