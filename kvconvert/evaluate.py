@@ -140,8 +140,8 @@ def score_windows_with_policy(
         policy = policy_factory()
         ctx = W - score_last
         first = min(prompt_chunk or ctx, ctx)
-        capacity = W if policy is None else policy.slots(W) + max(first, W - ctx if prompt_only else chunk)
-        rt = LatentRuntime(model, 1, capacity, cuda_graphs=False, policy=policy, context=W)
+        rt = LatentRuntime.for_context(model, 1, W, policy, prefill_chunk=max(first, W - ctx if prompt_only else chunk),
+                                       cuda_graphs=False)
         ids = windows[n : n + 1].to(device)
         logits = [rt.prefill_chunked(ids[:, :ctx], [ctx], chunk=first if policy is not None else None)[:, None]]
         if prompt_only and policy is not None:
@@ -169,8 +169,8 @@ def runtime_generator(model, policy_factory, max_new_tokens: int = 8, prompt_chu
     def generate(ids: list[int]) -> list[int]:
         policy = policy_factory()
         context = len(ids) + max_new_tokens
-        capacity = context if policy is None else policy.slots(context) + min(prompt_chunk or len(ids), len(ids))
-        rt = LatentRuntime(model, 1, capacity, cuda_graphs=False, policy=policy, context=context)
+        rt = LatentRuntime.for_context(model, 1, context, policy, prefill_chunk=min(prompt_chunk or len(ids), len(ids)),
+                                       cuda_graphs=False)
         return rt.generate([ids], SamplingOptions(max_new_tokens=max_new_tokens))[0][0]
 
     return generate

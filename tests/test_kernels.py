@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvconvert.cache_layout import Stream
 from kvconvert.kernels.reference import (
-    Stream,
     dequantize_stream,
     dequantize_streams,
     latent_decode_ref,

@@ -35,12 +35,12 @@ def test_gemv_layout_keeps_values_and_shapes():
 def test_runtime_on_cpu_layout_equals_row_major():
     """Decoding over the re-laid-out weights gives the tokens and, to float rounding, the logits of the row-major
     weights, for a converted model with folded and unfolded projections, a mixed-precision latent and rope keys
-    rebuilt from the latent."""
+    from the latent."""
     for model in (tiny_clla(TAIL), tiny_clla(4, rope_from_latent=True, rope_bits=16, qk_nope_dim=0, rope_dim=16,
                                              rope_heads=2), tiny_clla(16, kv_latent_dim=16, qk_nope_dim=16)):
         plain = copy.deepcopy(model)
         ids = prompt(13, seed=3)
-        rt, ref = LatentRuntime(model, 1, 48), LatentRuntime(plain, 1, 48, cpu_layout=False)
+        rt, ref = LatentRuntime(model, 1, 48, cpu_layout=True), LatentRuntime(plain, 1, 48)
         assert any(is_input_major(p) for p in model.parameters())
         assert all(p.is_contiguous() for p in plain.parameters())
         got, _ = rt.generate([ids], SamplingOptions(max_new_tokens=12))
@@ -50,11 +50,24 @@ def test_runtime_on_cpu_layout_equals_row_major():
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
 
 
-def test_only_one_row_runtimes_on_cpu_relayout_by_default():
-    """At several rows MKL reads input-major weights no faster (bench/studies/gemv_layout.py): a batched runtime
-    leaves the model's layout alone unless asked."""
+def test_runtime_relayouts_the_model_only_when_asked():
+    """The layout pays at one row only (bench/studies/gemv_layout.py), and it changes the caller's model: a runtime leaves
+    the model's layout alone unless asked (cpu_layout=True), at any batch."""
     model = tiny_clla(4)
     LatentRuntime(model, 2, 16)
     assert all(p.is_contiguous() for p in model.parameters())
     LatentRuntime(model, 2, 16, cpu_layout=True)
     assert any(is_input_major(p) for p in model.parameters())
+
+
+def test_default_runtime_leaves_the_callers_weights_untouched():
+    """A one-row CPU runtime with the defaults decodes over the caller's weights as they are: every parameter keeps
+    its storage, strides and values (rope keys from the latent and folded projections are the runtime's own)."""
+    for model in (tiny_clla(TAIL), tiny_clla(4, rope_from_latent=True, rope_bits=16, qk_nope_dim=0, rope_dim=16,
+                                             rope_heads=2)):
+        before = {name: (p.data_ptr(), p.stride(), p.detach().clone()) for name, p in model.named_parameters()}
+        rt = LatentRuntime(model, 1, 48)
+        rt.generate([prompt(13, seed=3)], SamplingOptions(max_new_tokens=4))
+        for name, p in model.named_parameters():
+            ptr, stride, values = before[name]
+            assert p.data_ptr() == ptr and p.stride() == stride and torch.equal(p, values), name

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvconvert.kernels import Stream
+from kvconvert.cache_layout import Stream
 from kvconvert.kernels.reference import latent_decode_ref
 from kvconvert.runtime import LatentRuntime, SamplingOptions
 from kvconvert.runtime.policies import POLICIES, make_policy
@@ -363,3 +363,22 @@ def test_compare_policies_pairs_passkey_trials(tmp_path):
     assert (got["full"]["wins"], got["full"]["losses"]) == (4, 0)
     assert got["full"]["p"] == mcnemar(4, 0) == 2 / 16 and mcnemar(2, 1) == 1.0 and mcnemar(0, 0) == 1.0
     assert mcnemar(0, 10) == 2 / 1024
+
+
+def test_for_context_sizes_the_cache_for_the_budget_and_one_prefill_chunk():
+    """LatentRuntime.for_context: a cache of `context` slots without a policy; with one, its budget of the context
+    plus one prefill chunk, and prefill_chunked compresses after every chunk of that many tokens."""
+    from kvconvert.errors import KvconvertError
+
+    model = tiny_clla(4)
+    full = LatentRuntime.for_context(model, 2, 64)
+    assert full.cache.capacity == 64 and full.context == 64 and full.prefill_chunk is None
+    rt = LatentRuntime.for_context(model, 1, 200, make_policy("zsmerge", 0.1), prefill_chunk=16)
+    assert rt.cache.capacity == 20 + 16 and rt.context == 200 and rt.prefill_chunk == 16
+    steps = []
+    prefill = rt.prefill
+    rt.prefill = lambda ids, n_new, **kw: steps.append(ids.shape[1]) or prefill(ids, n_new, **kw)
+    rt.prefill_chunked(torch.tensor([prompt(50, seed=4)]), [50])
+    assert steps == [16, 16, 16, 2] and rt.lengths == [20] and rt.seen == [50]
+    with pytest.raises(KvconvertError, match="too small"):
+        LatentRuntime.for_context(model, 1, 20, make_policy("zsmerge", 0.1))

@@ -1,5 +1,6 @@
 """Kernel dispatch, and the only place that decides: Triton when the tensors are on CUDA or TRITON_INTERPRET=1 is
-set (the CPU interpreter, for tests), the PyTorch reference otherwise. Signatures and layouts: reference.py."""
+set (the CPU interpreter, for tests), the PyTorch reference otherwise. Signatures: reference.py; the cache layout
+they read and write: kvconvert/cache_layout.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 
 import torch
 
-from .reference import (Stream, column_blocks, dequantize_stream, dequantize_streams, latent_attention_weights_ref,
+from ..cache_layout import Stream
+from .reference import (column_blocks, dequantize_stream, dequantize_streams, latent_attention_weights_ref,
                         latent_decode_ref, quantize_append_ref, quantize_append_streams_ref)
 
 __all__ = [
-    "Stream", "decode_streams", "dequantize_stream", "dequantize_streams", "latent_attention_weights", "latent_decode",
+    "decode_streams", "dequantize_stream", "dequantize_streams", "latent_attention_weights", "latent_decode",
     "quantize_append", "quantize_append_streams", "uses_triton",
 ]
 

@@ -6,13 +6,10 @@
 # is both the keys (scores = q_lat · cᵀ) and the values (acc += p · c), so the one dequantized tile feeds both dots.
 # A latent with a low-precision tail is two streams: a second tile, dot pair and accumulator, its output columns
 # after the head's. Tile loads: every stored byte once, row-contiguous (int4 nibbles, 2-bit crumbs split and
-# interleaved in registers), one
-# (scale, zero) per position and quant group broadcast over the group. The widths are compile-time constants, so
-# the column masks fold and the loads vectorize for any width (a runtime width vectorizes only where the JIT sees
-# it divisible by 16). History on an H100 (bench/results/kernels_gpu.json): the first loop (even/odd half-tiles, 255
-# registers, spills) ran at 2-17% of the copy bandwidth; the natural-order tile with per-value byte/scale/zero
-# loads at 3-10% at 4 bits and 32-57% at 16 bits. The current loads (72 registers for the 2% plan, sm_90a) await
-# a GPU session; `gather=True` keeps the per-value loads for bench/kernels.py --sweep to compare.
+# interleaved in registers), one (scale, zero) per position and quant group broadcast over the group. The widths are
+# compile-time constants, so the column masks fold and the loads vectorize for any width (a runtime width vectorizes
+# only where the JIT sees it divisible by 16). Per-value byte/scale/zero loads (`gather=True`, kept to compare) read
+# a small share of the copy bandwidth: bench/kernels.py --sweep measures both on a GPU.
 """Triton decode attention over the quantized latent cache: `latent_decode_triton`, same semantics as
 `latent_decode_ref` (reference.py). CUDA-graph safe: the grid depends on shapes and the cache capacity only, the
 valid range of every row is read from `seq_lens` inside the kernel, and the launcher never syncs with the host."""
@@ -25,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import Stream
+from ..cache_layout import Stream
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _LOG2E = 1.4426950408889634
@@ -300,9 +297,9 @@ def _sm_count(device_index: int) -> int:
 
 def _tile_config(block_h: int, block_r: int, block_wr: int) -> tuple[int, int]:
     """(BLOCK_T, num_warps). The dequantized tile (BLOCK_T x (BLOCK_R + BLOCK_WR) fp32 while it is built) and the
-    accumulator (BLOCK_H x BLOCK_R fp32) live in registers: keep the tile to 32 values per thread. ptxas (sm_90a,
-    Triton 3.9; python bench/compile_sm90.py) then reports no spills: 72 registers for SmolLM2's 2% plan (R = 32,
-    64-position tiles, 4 warps), 195 at R = 512 and 4 bits (16-position tiles, 8 warps)."""
+    accumulator (BLOCK_H x BLOCK_R fp32) live in registers: keep the tile to 32 values per thread, which keeps the
+    kernel free of register spills from narrow latents to R = 512 at 4 bits (python -m bench.tools.compile_sm90 reports
+    ptxas' register counts on sm_90a)."""
     per_position = block_r + block_wr
     num_warps = 4 if per_position <= 128 and block_h * block_r <= 2048 else 8
     block_t = 128

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import Stream
+from ..cache_layout import Stream
 
 # 1.5 * 2^23: x + C - C rounds fp32 x to an integer, half to even (torch.round), exactly for |x| < 2^22. Larger
 # |x| only happens far outside [0, qmax] and is clamped anyway. Works in the interpreter, which has no libdevice.

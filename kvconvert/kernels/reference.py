@@ -1,41 +1,14 @@
 """PyTorch references of every kernel: the CPU path of the runtime and the ground truth of the kernel tests.
 
-Cache layout of one stream (the latent, its low-precision tail, or the rope keys) of one layer group, per batch row
-b and position s (a stream is W values per token; `Stream` below names the tensors):
-
-  bits 16:  data[b, s, :W]             fp16 or bf16 values
-  bits 8:   data[b, s, :W]             uint8 codes
-  bits 4:   data[b, s, :W/2]           uint8, value 2i in the low nibble of byte i, value 2i+1 in the high nibble
-  bits 2:   data[b, s, :W/4]           uint8, value 4i+j in bits [2j, 2j+2) of byte i
-  bits < 16: scales[b, s, j, 0/1]      fp16 scale and zero-point of values [j*group, (j+1)*group)
-             value = code * scale + zero
-
-Bytes per token of a stream = W * bits / 8 + (W / group) * 4 below 16 bits: the formula `profile memory` prints.
-A latent with a tail (CllaConfig.kv_tail_dim) is two streams, head then tail: the kernels read it as their
-concatenation (the tail's columns follow the head's in q_lat and the output).
+The cache layout they read and write (`Stream`, the bytes of a cached token): kvconvert/cache_layout.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..cache_layout import Stream
 from ..quant import dequantize_codes, pack_codes, pack_latent, quantize_segments, unpack_codes, unpack_latent
-
-
-@dataclass
-class Stream:
-    """One cached stream of one layer group: `data` (B, S, W or W/2) and `scales` (B, S, W/group, 2) fp16 or None."""
-
-    data: torch.Tensor
-    scales: torch.Tensor | None
-    bits: int
-    group: int
-    width: int  # W, values per token
-
-    def rows(self, b: slice | int = slice(None)) -> Stream:
-        return Stream(self.data[b], None if self.scales is None else self.scales[b], self.bits, self.group, self.width)
 
 
 def dequantize_stream(stream: Stream, length: int, dtype: torch.dtype) -> torch.Tensor:

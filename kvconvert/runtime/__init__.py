@@ -8,10 +8,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LatentRuntime": "generate",
-    "SamplingOptions": "generate",
-    "GenerationStats": "generate",
-    "sample": "generate",
+    "LatentRuntime": "engine",
+    "SamplingOptions": "sampling",
+    "GenerationStats": "sampling",
+    "sample": "sampling",
 }
 
 __all__ = list(_EXPORTS)

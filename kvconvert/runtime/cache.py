@@ -1,6 +1,6 @@
 """LatentCache: the static, preallocated KV cache of a CLLA model.
 
-Per layer group g and per token, up to three streams (byte layout in kernels/reference.py):
+Per layer group g and per token, up to three streams (byte layout in kvconvert/cache_layout.py):
   latent  the latent's head, kv_latent_dim - kv_tail_dim values at kv_bits: data (B, S, R * bits / 8),
           scales (B, S, R/group, 2) fp16
   tail    with kv_tail_dim, the latent's last kv_tail_dim values at kv_tail_bits, likewise
@@ -20,14 +20,15 @@ import torch
 
 from ..config import CllaConfig, cache_slots, kv_bytes
 from ..errors import KvconvertError
-from ..kernels import Stream
+from ..cache_layout import Stream, stored_width
 
 GIB = 1 << 30
 
 
-def stored_width(width: int, bits: int) -> int:
-    """Elements per token of a stream's data tensor: below 8 bits, 8 // bits values per byte."""
-    return -(-width * bits // 8) if bits < 8 else width
+def ring_positions(slot: torch.Tensor, n: int, after: torch.Tensor) -> torch.Tensor:
+    """The token position slot s of a ring of n slots holds: the last p < after with p % n == s (negative where
+    nothing was written yet). Broadcasts slot against after (one past the last position written, per row)."""
+    return slot + n * torch.div(after - 1 - slot, n, rounding_mode="floor")
 
 
 class LatentCache:
@@ -54,7 +55,7 @@ class LatentCache:
         streams = [("latent", head, head_bits, config.kv_quant_group)]
         if tail:
             streams.append(("tail", tail[0][0], tail[0][1], config.kv_quant_group))
-        if config.rope_dim and not config.rope_from_latent:  # else each layer reconstructs them from the latent
+        if config.rope_dim and not config.rope_from_latent:  # else: rope keys from the latent (rope_keys.py)
             streams.append(("rope", config.rope_heads * config.rope_dim, config.rope_bits, config.rope_quant_group))
         # name -> one Stream per layer group
         self._streams: dict[str, list[Stream]] = {}

@@ -1,17 +1,17 @@
 """Weight layout for decoding on a CPU: the same values, stored the way a matrix-vector product reads fastest.
 
 Decoding one token per row reads every weight once per step (a matrix-vector product), so batch-1 CPU decode is
-bound by how fast the BLAS streams weights from memory. A Linear stores its weight (out, in) row-major, and on this
-project's 2-core AMD EPYC, MKL's gemv streams that layout at about 10 GB/s, but the same values stored input-major
-(the transpose, contiguous) at 16-19 GB/s, where the machine reads 25 GB/s; for down projections (out < in) the
-row-major layout is the faster one. `python bench/gemv_layout.py` measures both layouts on the machine at hand.
+bound by how fast the BLAS streams weights from memory. A Linear stores its weight (out, in) row-major; MKL's gemv
+streams the same values stored input-major (the transpose, contiguous) faster where out >= in, while for down
+projections (out < in) the row-major layout is the faster one. The gain is a one-row effect: at a few rows MKL takes
+another path, which reads input-major weights no faster. `python -m bench.studies.gemv_layout` measures both layouts, at
+one row and at four, on the machine at hand.
 
-The gain is a one-row effect: at four rows MKL takes another path, which reads input-major weights 0-13% slower.
-So on CPU a one-row runtime (chat) re-lays out, in place, every Linear weight with out >= in (and its own folded
-copies): the parameter keeps its shape and values (exactly: a copy, no arithmetic) and becomes a strided view of
-input-major storage; matmuls give the same results up to float rounding, and a prompt's many-row matmuls run about
-as fast as before. SmolLM2-135M's 2% conversion decodes a step in about 56 ms instead of 79 here
-(bench/results/gemv_layout_cpu.json, speed_cpu_rope_latent.json).
+`gemv_layout_` re-lays out a model in place: every Linear weight with out >= in keeps its shape and values (exactly:
+a copy, no arithmetic) and becomes a strided view of input-major storage; matmuls give the same results up to float
+rounding, and a prompt's many-row matmuls run about as fast as before. Since that changes the storage of the
+caller's weights, a LatentRuntime does it only when asked (`cpu_layout=True`: `kvconvert chat` and `profile speed`
+at one row).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 
 def prefers_input_major(weight: torch.Tensor) -> bool:
-    """Whether a 2-D (out, in) weight reads faster input-major: out >= in (measured, see the module docstring)."""
+    """Whether a 2-D (out, in) weight reads faster input-major: out >= in (bench/studies/gemv_layout.py)."""
     return weight.dim() == 2 and weight.shape[0] >= weight.shape[1]
 
 

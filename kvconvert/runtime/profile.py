@@ -176,7 +176,7 @@ def measure_converted_memory(model, context: int, batch: int) -> dict:
     if on_cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-    rt = LatentRuntime(model, batch, context, cuda_graphs=False)
+    rt = LatentRuntime.for_context(model, batch, context, cuda_graphs=False)
     result = {"kv_bytes_allocated": rt.cache.nbytes, "kv_bytes_per_token_allocated": rt.cache.bytes_per_token}
     fill_cache_for_timing(rt, context - 1)
     if on_cuda:
@@ -220,8 +220,9 @@ def measure_source_memory(model, context: int, batch: int) -> dict:
 
 def time_converted(model, batch: int, context: int, steps: int, prefill: bool, cuda_graphs: bool, seed: int = 0,
                    cpu_layout: bool | None = None) -> dict:
-    """Prefill of batch × context random tokens (when `prefill`) and decode steps at that length, in the runtime
-    (`cpu_layout`: LatentRuntime's)."""
+    """Prefill of batch × context random tokens (when `prefill`) and decode steps at that length, in the runtime.
+    cpu_layout: LatentRuntime's, which on CPU re-lays out `model`'s weights in place; default: at one row, as
+    `kvconvert chat` runs, so that the figure is the one a chat user sees."""
     import time
 
     import torch
@@ -229,7 +230,8 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
     from . import LatentRuntime
 
     device = next(model.parameters()).device
-    rt = LatentRuntime(model, batch, context + steps + 3, cuda_graphs=cuda_graphs, cpu_layout=cpu_layout)
+    rt = LatentRuntime.for_context(model, batch, context + steps + 3, cuda_graphs=cuda_graphs,
+                                   cpu_layout=batch == 1 if cpu_layout is None else cpu_layout)
     result: dict = {}
     if prefill:
         gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -10,10 +10,10 @@ Every policy here is one `TokenBudgetPolicy` with different knobs (one file per 
 
 The cache stays a dense run of slots [0, n) per row and group (the kernels read it unchanged); a slot's token
 position, count, score and kind live beside it here. Cached rope keys are rotated already, so a slot carries its
-position inside its key and slots can move freely. Rope keys reconstructed from the latent (rope_from_latent) are
-rotated when read, at the slot's `rot` position: its token's, or for a merge slot the count-weighted mean of its
-tokens' (the merged latent is their count-weighted mean too; averaging rotated keys instead would also shrink the
-fast-turning pairs, which this keeps whole). Decisions are made per row, so padded batches are exact.
+position inside its key and slots can move freely. Rope keys from the latent (rope_from_latent) are rotated when
+read, at the slot's `rot` position: its token's, or for a merge slot the count-weighted mean of its tokens' (the
+merged latent is their count-weighted mean too; averaging rotated keys instead would also shrink the fast-turning
+pairs, which this keeps whole). Decisions are made per row, so padded batches are exact.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...kernels import Stream, dequantize_streams, quantize_append_streams
+from ...cache_layout import Stream
+from ...kernels import dequantize_streams, quantize_append_streams
 
 
 @dataclass
 class GroupState:
     """Per layer group, (B, S) each: token position (-1: a merged slot), count of tokens the slot stands for,
-    accumulated attention, residual-slot flag, and the position reconstructed rope keys rotate by (fp32: a merge
+    accumulated attention, residual-slot flag, and the position rope keys from the latent rotate by (fp32: a merge
     slot's is its tokens' count-weighted mean)."""
 
     pos: torch.Tensor

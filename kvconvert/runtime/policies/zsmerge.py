@@ -5,7 +5,7 @@ Defaults follow the authors' LLaMA2-7B 5%-budget ablation anchor: half the budge
 one slot) for merging, decay 0.98 per step; prompt tokens are scored by the decayed attention of the prompt's last
 queries. The authors budget each kv head; here the budget is per layer group, whose latent every head reads. On the
 source model (identity conversion, where heads could choose apart) that costs 0.2-0.4% perplexity at 5%
-(bench/head_granularity.py, a reference harness outside the runtime; README, Cache policies).
+(bench/studies/head_granularity.py over runtime/policies/reference.py; docs/results.md, cache policies).
 """
 
 from __future__ import annotations
