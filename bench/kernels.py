@@ -68,8 +68,8 @@ def copy_bandwidth(device, gib: float) -> float:
 
 
 def make_stream(B: int, S: int, width: int, bits: int, group: int, device, gen):
-    from kvconvert.kernels import Stream
-    from kvconvert.runtime.cache import stored_width
+    from kvconvert.cache_layout import Stream
+    from kvconvert.cache_layout import stored_width
 
     if bits == 16:
         data = torch.randn(B, S, width, device=device, generator=gen).to(torch.bfloat16 if device.type == "cuda" else torch.float16)

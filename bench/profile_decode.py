@@ -32,7 +32,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model = load_for_runtime(args.model, dtype, device).model
-    rt = LatentRuntime(model, args.batch, args.context + 2 * args.steps + 8, cuda_graphs=False)
+    rt = LatentRuntime(model, args.batch, args.context + 2 * args.steps + 8, cuda_graphs=False,
+                       cpu_layout=not cuda and args.batch == 1)  # as `kvconvert chat` runs one row on CPU
     fill_cache_for_timing(rt, args.context)
     eager_step = time_decode(rt, args.steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

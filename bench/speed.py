@@ -26,7 +26,7 @@ def ints(spec: str) -> list[int]:
     return [int(x) for x in spec.split(",") if x]
 
 
-def chat_speed(model, source, tok, n: int, rounds: int = 3, cpu_layout: bool | None = None) -> dict:
+def chat_speed(model, source, tok, n: int, rounds: int = 3, cpu_layout: bool = True) -> dict:
     """One chat turn, greedy, n new tokens (no stop token): kvconvert's runtime `generate` (what `kvconvert chat`
     runs) against transformers' `generate` on the source; tokens/s of the whole turn, best of `rounds`."""
     import time
@@ -105,7 +105,7 @@ def main() -> None:
             write_result(name, result)  # after every point: a run cut short keeps what it measured
     if args.chat_tokens:
         result["chat"] = chat_speed(model, source, loaded.tokenizer, args.chat_tokens,
-                                    cpu_layout=False if args.row_major else None)
+                                    cpu_layout=not cuda and not args.row_major)
         c = result["chat"]
         print(f"chat (one templated turn, {c['new_tokens']} greedy tokens): runtime {c['runtime_tokens_per_s']:.1f} "
               f"tok/s, transformers generate {c['transformers_tokens_per_s']:.1f} tok/s (× {c['speedup']:.2f})")

@@ -21,7 +21,7 @@ out = Console()  # results
 err = Console(stderr=True)  # logs, progress and errors
 
 # A policy's cache holds its budget of the context plus this many tokens: room for one prefill chunk.
-POLICY_HEADROOM_TOKENS = 256
+PREFILL_CHUNK_TOKENS = 256  # under a cache policy: the most prompt tokens cached before it compresses
 
 
 def user_errors(fn):
@@ -160,15 +160,10 @@ def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: 
     capacity = context or min(cfg.max_position_embeddings, 4096)
     if capacity < 2:
         raise KvconvertError("--context must be at least 2")
-    if policy is not None:
-        try:
-            slots = policy.slots(capacity)
-        except ValueError as e:
-            raise KvconvertError(str(e)) from None
-        rt = LatentRuntime(loaded.model, batch, slots + POLICY_HEADROOM_TOKENS, cuda_graphs=False, policy=policy,
-                           context=capacity)
-    else:
-        rt = LatentRuntime(loaded.model, batch, capacity, cuda_graphs=cuda_graphs and dev == "cuda")
+    # cpu_layout: the model was loaded here, so re-laying out its weights for one-row products changes nobody's copy
+    rt = LatentRuntime.for_context(loaded.model, batch, capacity, policy, prefill_chunk=PREFILL_CHUNK_TOKENS,
+                                   cuda_graphs=cuda_graphs and dev == "cuda" and policy is None,
+                                   cpu_layout=batch == 1)
     kind = "converted" if loaded.is_clla else "source through an identity conversion"
     what = f", {policy.name} keeping {policy.n_slots:,} of {capacity:,} tokens" if policy is not None else ""
     rings = (f" (sliding-window layers: rings of {min(rt.cache.slots):,} slots)"
