@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 
@@ -12,117 +11,15 @@ try:
 except ImportError:  # older transformers: the random init runs (slower, same result)
     no_init_weights = nullcontext
 
-from ..config import CllaConfig, latent_segments
+from ..config import CllaConfig
 from ..model import CllaForCausalLM
 from .calibrate import Calibration
+from .groups import layer_kinds
 from .identity import identity_config, identity_state_dict, norm_gain
 from .latent import Block, LatentFit, fit_latent, inverse_sqrt, rotation
+from .plan import Plan
 from .rope import RopeChoice, SharedRope, choose_rope, choose_shared_rope, complex_rows, fold_map_into_query, nope_dims, rope_dims
 from .stats import LayerStats, layer_stats
-
-
-@dataclass(frozen=True)
-class Plan:
-    groups: tuple[tuple[int, ...], ...]
-    latent_dim: int
-    rope_dim: int
-    kv_bits: int
-    rope_bits: int = 16
-    rope_heads: int = 1  # 1: one rope head shared by all heads and layers of a group; else num_key_value_heads
-    quant_group: int = 32
-    tail_dim: int = 0  # the latent's last (lowest-energy) dims stored at tail_bits (see CllaConfig.kv_tail_dim)
-    tail_bits: int = 2
-    rotate: bool = True  # orthogonal rotation of the latent before quantization
-    activation_aware: bool = True  # False: plain weight SVD (ablation)
-    select_rope: bool = True  # False: keep the highest frequencies, as plain partial RoPE would (ablation)
-    equalize_rope: bool = True  # balance rope-key pairs against their queries (see rope_scale) before quantization
-    latent_norm: bool = False  # an RMSNorm on the latent (DeepSeek's kv_a_layernorm; gain set to the latent's RMS)
-    rope_from_latent: bool = False  # rope keys reconstructed from the latent per layer, not cached (CllaConfig)
-
-    def describe(self) -> str:
-        rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
-        if self.rope_from_latent:
-            rope = f"rope {self.rope_heads}x{self.rope_dim} from the latent"
-        latent = " + ".join(f"{w} @ {b}" for w, b in self.latent_segments)
-        return f"{describe_layout(self.groups)}, latent {latent} bit, {rope}, quant group {self.quant_group}"
-
-    @property
-    def latent_segments(self) -> list[tuple[int, int]]:
-        return latent_segments(self.latent_dim, self.kv_bits, self.tail_dim, self.tail_bits)
-
-
-def size_runs(groups) -> list[list[int]]:
-    """[count, size] of each run of consecutive layer groups of one size."""
-    runs: list[list[int]] = []
-    for g in groups:
-        if runs and runs[-1][1] == len(g):
-            runs[-1][0] += 1
-        else:
-            runs.append([1, len(g)])
-    return runs
-
-
-def describe_layout(groups) -> str:
-    """E.g. "2 groups of 1 + 14 groups of 2"."""
-    return " + ".join(f"{n} group{'s' if n > 1 else ''} of {k}" for n, k in size_runs(groups))
-
-
-def layer_kinds(base: CllaConfig) -> list[tuple]:
-    """Per layer, what a layer group must share: its sliding window (None: full attention) and its RoPE frequency
-    table (Gemma 3's sliding and global layers differ in both)."""
-    return [(base.layer_windows[i], base.rope_freq_index[i][0][0]) for i in range(base.num_hidden_layers)]
-
-
-def uniform_groups(L: int, size: int, kinds: list | None = None) -> tuple[tuple[int, ...], ...]:
-    """Consecutive groups of `size` layers; with `kinds` (per layer), each run of layers of one kind is grouped on
-    its own (the last group of a run may be smaller)."""
-    return prefix_groups(L, size, size, 0, kinds)
-
-
-def prefix_groups(L: int, first: int, rest: int, m: int, kinds: list | None = None) -> tuple[tuple[int, ...], ...]:
-    """Consecutive groups: of `first` layers while a group starts below layer m, of `rest` layers after; each run
-    of layers of one kind (see `uniform_groups`) is grouped on its own."""
-    kinds = kinds or [None] * L
-    groups, start = [], 0
-    for i in range(1, L + 1):
-        if i == L or kinds[i] != kinds[start]:
-            j = start
-            while j < i:
-                size = first if j < m else rest
-                groups.append(tuple(range(j, min(j + size, i))))
-                j += size
-            start = i
-    return tuple(groups)
-
-
-def mixed_group(groups, kinds: list) -> tuple[int, ...] | None:
-    """The first group that mixes layer kinds, or None."""
-    return next((tuple(g) for g in groups if len({kinds[i] for i in g}) > 1), None)
-
-
-def plan_config(base: CllaConfig, plan: Plan, freq: list | None = None) -> CllaConfig:
-    """The CllaConfig of a plan on a source (`base`: its identity config). Without `freq` the rope frequencies
-    are placeholders: enough for shapes and byte counts."""
-    b = base.to_dict()
-    for k in ("model_type", "transformers_version", "architectures"):
-        b.pop(k, None)
-    shared = plan.rope_heads == 1
-    b.update(
-        layer_groups=[list(g) for g in plan.groups],
-        kv_latent_dim=plan.latent_dim,
-        qk_nope_dim=base.head_dim if shared else base.head_dim - plan.rope_dim,
-        rope_dim=plan.rope_dim,
-        rope_heads=plan.rope_heads,
-        rope_freq_index=freq,
-        kv_bits=plan.kv_bits,
-        rope_bits=plan.rope_bits,
-        kv_quant_group=plan.quant_group,
-        kv_tail_dim=plan.tail_dim,
-        kv_tail_bits=plan.tail_bits,
-        latent_norm=plan.latent_norm,
-        rope_from_latent=plan.rope_from_latent,
-    )
-    return CllaConfig(**b)
 
 
 class Compressor:
@@ -162,7 +59,7 @@ class Compressor:
 
     def freq_offset(self, group: tuple[int, ...]) -> int:
         """Where the group's RoPE frequencies start in the config's table (Gemma 3's sliding layers have their own
-        base: see identity.source_rope). A group mixes no layer kinds (see plan.layer_kinds)."""
+        base: see identity.source_rope). A group mixes no layer kinds (see groups.layer_kinds)."""
         offsets = {self.kinds[layer][1] for layer in group}
         if len(offsets) > 1:
             raise ValueError(f"layer group {list(group)} mixes layers of different RoPE bases")
@@ -279,7 +176,7 @@ class Compressor:
         for g in plan.groups:
             c, off = self.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads), self.freq_offset(g)
             freq.append([[i + off for i in f] for f in ([c.freq] if plan.rope_heads == 1 else c.freq)])
-        return plan_config(self.base, plan, freq)
+        return plan.to_config(self.base, freq)
 
     @torch.no_grad()
     def build(self, plan: Plan) -> CllaForCausalLM:
