@@ -181,87 +181,93 @@ class Compressor:
     @torch.no_grad()
     def build(self, plan: Plan) -> CllaForCausalLM:
         cfg = self.config(plan)
-        H, K, D, h, R = self.H, self.K, self.D, self.h, plan.latent_dim
         with no_init_weights():  # every weight is assigned below
             model = CllaForCausalLM(cfg)
-        src = self.src.model
         # Embeddings, norms, MLPs and output projections as the identity maps them; attention's own parts below
         sd = {k: v for k, v in identity_state_dict(self.src, self.base).items()
               if ".self_attn.o_proj." in k or not (".self_attn." in k or "latent_proj." in k)}
         if cfg.tie_word_embeddings:
             sd.pop("lm_head.weight")
         for g, group in enumerate(plan.groups):
-            choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
-            fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
-                                  plan.rope_from_latent)
-            shared = isinstance(choice, SharedRope)
-            A, B = fit.weights(R)
-            if plan.rotate:  # each latent segment on its own: the tail's dims stay the tail's
-                Q = torch.block_diag(*(rotation(w) for w, _ in plan.latent_segments))
-                A, B = A @ Q.T, Q @ B
-            first = self.stats[group[0]]
-            gp = f"model.latent_proj.{g}."
-            sd[gp + "kv_down.weight"] = B
-            if plan.latent_norm:
-                # A normed latent c·g/rms(c) equals c where rms(c) is its calibration mean E[|c|²/R]^½ (E[c cᵀ] = S²):
-                # zero-shot, only the per-token spread of the latent's norm is lost; distillation trains the gain.
-                sd[gp + "latent_norm.weight"] = torch.full((R,), (fit.S2[:R].sum().item() / R) ** 0.5, dtype=torch.float64)
-            # Per-pair key scales: a real scalar per rotate-half pair commutes with RoPE, so dividing the rope key
-            # and multiplying the query by it changes no score, and flattens outlier channels before quantization.
-            scales = [self.rope_scale(group, choice, k) if plan.equalize_rope and plan.rope_bits < 16
-                      else torch.ones(plan.rope_dim, 1, dtype=torch.float64) for k in range(plan.rope_heads)]
-            if plan.rope_dim and not plan.rope_from_latent:
-                if shared:
-                    rope = choice.ws / scales[0]
-                else:
-                    rope = torch.cat(
-                        [first.wk[[k * D + d for d in rope_dims(choice.freq[k], D)]] / scales[k] for k in range(K)]
-                    )
-                sd[gp + "rope_proj.weight"] = rope[:, :h]
-                if cfg.qkv_bias:
-                    sd[gp + "rope_proj.bias"] = rope[:, h]
-            offsets = [0]
-            for blk in fit.blocks:
-                offsets.append(offsets[-1] + blk.w.shape[0])
-            for j, l in enumerate(group):
-                st = self.stats[l]
-                rows: dict[str, list] = {"k": [], "v": [], "r": []}
-                biases: dict[str, list] = {"k": [], "v": [], "r": []}
-                for blk, start, end in zip(fit.blocks, offsets, offsets[1:]):
-                    if blk.layer == l or (blk.kind == "r" and shared):  # a shared rope key serves every layer
-                        rows[blk.kind].append(A[start:end])
-                        biases[blk.kind].append(blk.bias)
-                k_rows, v_rows, k_bias, v_bias = rows["k"], rows["v"], biases["k"], biases["v"]
-                ap = f"model.layers.{l}.self_attn."
-                if rows["r"]:
-                    sd[ap + "rope_up.weight"] = torch.cat(rows["r"])
-                    if cfg.qkv_bias:
-                        sd[ap + "rope_up.bias"] = torch.cat(biases["r"])
-                if k_rows:
-                    sd[ap + "k_up.weight"] = torch.cat(k_rows)
-                    if cfg.qkv_bias:
-                        sd[ap + "k_up.bias"] = torch.cat(k_bias)
-                sd[ap + "v_up.weight"] = torch.cat(v_rows)
-                if cfg.qkv_bias:
-                    sd[ap + "v_up.bias"] = torch.cat(v_bias)
-                if cfg.qk_norm:  # queries normed as the source does, then mapped per head; keys normed by k_scale
-                    a = src.layers[l].self_attn
-                    eye = torch.eye(D, dtype=torch.float64)
-                    sd[ap + "q_map"] = torch.stack([self.query_rows(eye, hq, j, choice, plan, scales) for hq in range(H)])
-                    sd[ap + "q_norm.weight"] = norm_gain(a.q_norm, cfg)
-                    for name, lin in (("q_proj", a.q_proj), ("k_scale.proj", a.k_proj)):
-                        sd[ap + name + ".weight"] = lin.weight
-                        if lin.bias is not None:
-                            sd[ap + name + ".bias"] = lin.bias
-                    sd[ap + "k_scale.gain"] = 1 / st.key_norm  # the fits saw keys scaled by the typical 1/RMS
-                    continue
-                q = torch.cat([self.query_rows(st.wq[hq * D : (hq + 1) * D], hq, j, choice, plan, scales) for hq in range(H)])
-                sd[ap + "q_proj.weight"] = q[:, :h]
-                if cfg.qkv_bias:
-                    sd[ap + "q_proj.bias"] = q[:, h]
+            sd |= self.group_weights(g, group, plan, cfg)
         dtype = next(self.src.parameters()).dtype
         missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]
         assert not missing and not unexpected, (missing, unexpected)
         model.tie_weights()
         return model.to(dtype).eval()
+
+    def group_weights(self, g: int, group: tuple[int, ...], plan: Plan, cfg: CllaConfig) -> dict[str, torch.Tensor]:
+        """Float64 weights of layer group g under the plan: its latent projection (kv_down, rope_proj, latent_norm)
+        and its layers' attention (see `layer_weights`), by parameter name."""
+        K, D, h, R = self.K, self.D, self.h, plan.latent_dim
+        choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
+        fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
+                              plan.rope_from_latent)
+        A, B = fit.weights(R)
+        if plan.rotate:  # each latent segment on its own: the tail's dims stay the tail's
+            Q = torch.block_diag(*(rotation(w) for w, _ in plan.latent_segments))
+            A, B = A @ Q.T, Q @ B
+        first = self.stats[group[0]]
+        gp = f"model.latent_proj.{g}."
+        sd = {gp + "kv_down.weight": B}
+        if plan.latent_norm:
+            # A normed latent c·g/rms(c) equals c where rms(c) is its calibration mean E[|c|²/R]^½ (E[c cᵀ] = S²):
+            # zero-shot, only the per-token spread of the latent's norm is lost; distillation trains the gain.
+            sd[gp + "latent_norm.weight"] = torch.full((R,), (fit.S2[:R].sum().item() / R) ** 0.5, dtype=torch.float64)
+        # Per-pair key scales: a real scalar per rotate-half pair commutes with RoPE, so dividing the rope key
+        # and multiplying the query by it changes no score, and flattens outlier channels before quantization.
+        scales = [self.rope_scale(group, choice, k) if plan.equalize_rope and plan.rope_bits < 16
+                  else torch.ones(plan.rope_dim, 1, dtype=torch.float64) for k in range(plan.rope_heads)]
+        if plan.rope_dim and not plan.rope_from_latent:
+            if isinstance(choice, SharedRope):
+                rope = choice.ws / scales[0]
+            else:
+                rope = torch.cat(
+                    [first.wk[[k * D + d for d in rope_dims(choice.freq[k], D)]] / scales[k] for k in range(K)]
+                )
+            sd[gp + "rope_proj.weight"] = rope[:, :h]
+            if cfg.qkv_bias:
+                sd[gp + "rope_proj.bias"] = rope[:, h]
+        offsets = [0]
+        for blk in fit.blocks:
+            offsets.append(offsets[-1] + blk.w.shape[0])
+        for j, l in enumerate(group):
+            rows: dict[str, list] = {"k": [], "v": [], "r": []}
+            biases: dict[str, list] = {"k": [], "v": [], "r": []}
+            for blk, start, end in zip(fit.blocks, offsets, offsets[1:]):
+                if blk.layer == l or (blk.kind == "r" and isinstance(choice, SharedRope)):  # serves every layer
+                    rows[blk.kind].append(A[start:end])
+                    biases[blk.kind].append(blk.bias)
+            sd |= self.layer_weights(l, j, choice, plan, scales, rows, biases, cfg)
+        return sd
+
+    def layer_weights(self, l: int, j: int, choice, plan: Plan, scales: list[torch.Tensor], rows: dict, biases: dict,
+                      cfg: CllaConfig) -> dict[str, torch.Tensor]:
+        """Attention weights of layer l, the group's j-th: up-projections from `rows` and `biases` (per target kind
+        "k", "v", "r": its blocks' rows of the fit's A and their biases), and its queries in the plan's dims."""
+        H, D, h = self.H, self.D, self.h
+        ap = f"model.layers.{l}.self_attn."
+        sd = {}
+        for kind, name in (("r", "rope_up"), ("k", "k_up"), ("v", "v_up")):
+            if rows[kind]:
+                sd[ap + name + ".weight"] = torch.cat(rows[kind])
+                if cfg.qkv_bias:
+                    sd[ap + name + ".bias"] = torch.cat(biases[kind])
+        if cfg.qk_norm:  # queries normed as the source does, then mapped per head; keys normed by k_scale
+            a = self.src.model.layers[l].self_attn
+            eye = torch.eye(D, dtype=torch.float64)
+            sd[ap + "q_map"] = torch.stack([self.query_rows(eye, hq, j, choice, plan, scales) for hq in range(H)])
+            sd[ap + "q_norm.weight"] = norm_gain(a.q_norm, cfg)
+            for name, lin in (("q_proj", a.q_proj), ("k_scale.proj", a.k_proj)):
+                sd[ap + name + ".weight"] = lin.weight
+                if lin.bias is not None:
+                    sd[ap + name + ".bias"] = lin.bias
+            sd[ap + "k_scale.gain"] = 1 / self.stats[l].key_norm  # the fits saw keys scaled by the typical 1/RMS
+            return sd
+        wq = self.stats[l].wq
+        q = torch.cat([self.query_rows(wq[hq * D : (hq + 1) * D], hq, j, choice, plan, scales) for hq in range(H)])
+        sd[ap + "q_proj.weight"] = q[:, :h]
+        if cfg.qkv_bias:
+            sd[ap + "q_proj.bias"] = q[:, h]
+        return sd
