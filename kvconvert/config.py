@@ -7,8 +7,8 @@ What is cached per token and per layer group g (see DESIGN.md):
   rope key k_r   = RoPE(W_kr[g] · x_first)     rope_heads × rope_dim values at rope_bits
                    (+ one fp16 scale and zero-point per rope head when rope_bits < 16)
 and with qk_norm, per layer l of the group, the key norm r_l = gain / RMS(W_k[l] · x_l) of each kv head (16-bit).
-With rope_from_latent nothing but the latent is cached: each layer l reconstructs its rope keys from it,
-RoPE(W_ur[l] · c), at the slot's position (keys that are low-rank before RoPE, not after).
+With rope_from_latent (rope keys from the latent) nothing but the latent is cached: layer l's rope keys are
+RoPE(W_ur[l] · c) at the slot's position (keys that are low-rank before RoPE, not after).
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ class CllaConfig(PretrainedConfig):
     - `kv_tail_dim`, `kv_tail_bits`: a mixed-precision latent. The latent's dims come in order of energy (the
       regression's order; each segment rotated on its own), and the last kv_tail_dim of them are stored at
       kv_tail_bits < kv_bits in a second stream (`latent_segments`). 0: one precision throughout.
-    - `rope_from_latent`: the rope keys are not cached; each layer reconstructs them from the latent before RoPE
-      (`rope_up`, per layer: rope_heads × rope_dim rows over the latent) and rotates them at each slot's position.
-      Pre-RoPE keys share the latent's low rank (measured on SmolLM2: every key dim through the latent beats a
-      separately cached rope key at equal bytes), at the cost of reconstructing rope keys at decode time.
-    - `rope_bits` (16, 8, 4, 2): rope-key storage (cached rope keys only); quantized in groups of `rope_quant_group` = gcd(rope_dim,
-      kv_quant_group) dims of each rope head, one fp16 scale and zero-point per group.
+    - `rope_from_latent`: rope keys from the latent. They are not cached: each layer computes its pre-RoPE rope
+      keys from the latent (`rope_up`, per layer: rope_heads × rope_dim rows over the latent) and rotates them at
+      each slot's position. Pre-RoPE keys share the latent's low rank (every key dim through the latent beats a
+      separately cached rope key at equal bytes: docs/results.md), at the cost of computing rope keys at decode.
+    - `rope_bits` (16, 8, 4, 2): rope-key storage (cached rope keys only); quantized in groups of
+      `rope_quant_group` = gcd(rope_dim, kv_quant_group) dims of each rope head, one fp16 scale and zero-point per
+      group.
     - `layer_windows`: per layer, a sliding-window length or None (full attention).
     - `embed_scale`: token embeddings are multiplied by it (in the weights' dtype), as Gemma does (sqrt(hidden)).
     - `sandwich_norms`: RMSNorms on the attention output and on the MLP output too (Gemma 2/3's four norms per
@@ -104,6 +105,8 @@ class CllaConfig(PretrainedConfig):
         use_cache: bool = True,
         **kwargs,
     ):
+        """One argument and one assignment per field, as transformers configs are written (hence its length); the
+        defaults describe the identity plan of a tiny model."""
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size

@@ -1,12 +1,13 @@
 """The plan of a conversion (`Plan`), and planning: the plan that meets --kv-ratio with the least calibration error.
 
 1. Enumerate plans: layer layouts (the two finest uniform ones that fit: groups of a and of b > a layers; then
-   "prefix" layouts, the first 2 or 3 groups' worth of layers, or 1/8, 1/4 or 1/2 of them, in groups of 1 or a and the rest in groups
-   of b, since early layers lose most when they share), rope heads (one shared head, or one per kv head for single-layer
-   groups) and rope dims, latent and rope bits, quantization group, and where the rope keys live: cached beside the
-   latent, or reconstructed from it (every key dim of every kv head, or one shared rope key); the latent width is the largest the byte
-   budget leaves. A 4-bit latent is also tried with a 2-bit tail: TAIL_SHARES of the all-4-bit width stay at 4 bits
-   and the bytes left hold the widest 2-bit tail (the latent's low-energy dims).
+   "prefix" layouts, the first 2 or 3 groups' worth of layers, or 1/8, 1/4 or 1/2 of them, in groups of 1 or a
+   and the rest in groups of b, since early layers lose most when they share), rope heads (one shared head, or one
+   per kv head for single-layer groups) and rope dims, latent and rope bits, quantization group, and where the rope
+   keys live: cached beside the latent, or rope keys from the latent (every key dim of every kv head, or one shared
+   rope key); the latent width is the largest the byte budget leaves. A 4-bit latent is also tried with a 2-bit
+   tail: TAIL_SHARES of the all-4-bit width stay at 4 bits and the bytes left hold the widest 2-bit tail (the
+   latent's low-energy dims).
 2. Score each with a proxy built from calibration moments, in one unit (expected squared change of attention
    outputs, summed over layers): rotation loss of what becomes position-free, the latent regression error, and
    quantization noise (measured relative noise of the quantizer times the signal it quantizes).
@@ -157,8 +158,8 @@ class Overrides:
 
 
 def rope_keys_mode(ov: Overrides) -> str:
-    """Where the plans' rope keys live: as given, else reconstructed from the latent (measured better at every ratio
-    on SmolLM2, README) unless the other options need cached ones (rope bits, no rope dims, the DeepSeek-V3 target)."""
+    """Where the plans' rope keys live: as given, else rope keys from the latent (better at every ratio on SmolLM2:
+    docs/results.md) unless the other options need cached ones (rope bits, no rope dims, the DeepSeek-V3 target)."""
     if ov.rope_keys is not None:
         return ov.rope_keys
     cached = ov.target == DEEPSEEK_V3 or ov.rope_dim == 0 or ov.rope_bits not in (None, 16)
@@ -221,13 +222,14 @@ def layouts(base: CllaConfig, ov: Overrides) -> list[Layout]:
     return found
 
 
-def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[tuple[tuple[int, ...], ...]]:
+def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[Layout]:
     """Layouts between the uniform ones of a- and b-layer groups: the first m layers in groups of f (f = 1 or a),
-    the rest in groups of b, for m = 2f, 3f and the shares PREFIX_SHARES of the layers. Measured on SmolLM2,
-    what a pair of adjacent layers loses by sharing a latent varies by more than an order of magnitude across the
-    model and is largest in the first layers, which a first-order proxy does not see (it counts every layer's
-    attention-output error alike): held-out KL judges these (choose_plan builds, per f, latent width, bits and rope
-    option, the one with the longest prefix, and none whose latent is under half the uniform layouts' widest)."""
+    the rest in groups of b, for m = 2f, 3f and the shares PREFIX_SHARES of the layers. What a pair of adjacent
+    layers loses by sharing a latent varies by more than an order of magnitude across the model and is largest in
+    the first layers (SmolLM2: bench/studies/layer_sharing.py), which a first-order proxy does not see (it counts
+    every layer's attention-output error alike): held-out KL judges these (choose_plan builds, per f, latent
+    width, bits and rope option, the one with the longest prefix, and none whose latent is under half the uniform
+    layouts' widest)."""
     L, kinds, out = base.num_hidden_layers, layer_kinds(base), []
     taken = [uniform_groups(L, a, kinds), uniform_groups(L, b, kinds)]
     for f in dict.fromkeys((1, a)):
