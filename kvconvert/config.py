@@ -7,8 +7,8 @@ What is cached per token and per layer group g (see DESIGN.md):
   rope key k_r   = RoPE(W_kr[g] · x_first)     rope_heads × rope_dim values at rope_bits
                    (+ one fp16 scale and zero-point per rope head when rope_bits < 16)
 and with qk_norm, per layer l of the group, the key norm r_l = gain / RMS(W_k[l] · x_l) of each kv head (16-bit).
-With rope_from_latent nothing but the latent is cached: each layer l reconstructs its rope keys from it,
-RoPE(W_ur[l] · c), at the slot's position (keys that are low-rank before RoPE, not after).
+With rope_from_latent (rope keys from the latent) nothing but the latent is cached: layer l's rope keys are
+RoPE(W_ur[l] · c) at the slot's position (keys that are low-rank before RoPE, not after).
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ class CllaConfig(PretrainedConfig):
     - `kv_tail_dim`, `kv_tail_bits`: a mixed-precision latent. The latent's dims come in order of energy (the
       regression's order; each segment rotated on its own), and the last kv_tail_dim of them are stored at
       kv_tail_bits < kv_bits in a second stream (`latent_segments`). 0: one precision throughout.
-    - `rope_from_latent`: the rope keys are not cached; each layer reconstructs them from the latent before RoPE
-      (`rope_up`, per layer: rope_heads × rope_dim rows over the latent) and rotates them at each slot's position.
-      Pre-RoPE keys share the latent's low rank (measured on SmolLM2: every key dim through the latent beats a
-      separately cached rope key at equal bytes), at the cost of reconstructing rope keys at decode time.
-    - `rope_bits` (16, 8, 4, 2): rope-key storage (cached rope keys only); quantized in groups of `rope_quant_group` = gcd(rope_dim,
-      kv_quant_group) dims of each rope head, one fp16 scale and zero-point per group.
+    - `rope_from_latent`: rope keys from the latent. They are not cached: each layer computes its pre-RoPE rope
+      keys from the latent (`rope_up`, per layer: rope_heads × rope_dim rows over the latent) and rotates them at
+      each slot's position. Pre-RoPE keys share the latent's low rank (every key dim through the latent beats a
+      separately cached rope key at equal bytes: docs/results.md), at the cost of computing rope keys at decode.
+    - `rope_bits` (16, 8, 4, 2): rope-key storage (cached rope keys only); quantized in groups of
+      `rope_quant_group` = gcd(rope_dim, kv_quant_group) dims of each rope head, one fp16 scale and zero-point per
+      group.
     - `layer_windows`: per layer, a sliding-window length or None (full attention).
     - `embed_scale`: token embeddings are multiplied by it (in the weights' dtype), as Gemma does (sqrt(hidden)).
     - `sandwich_norms`: RMSNorms on the attention output and on the MLP output too (Gemma 2/3's four norms per
@@ -104,6 +105,8 @@ class CllaConfig(PretrainedConfig):
         use_cache: bool = True,
         **kwargs,
     ):
+        """One argument and one assignment per field, as transformers configs are written (hence its length); the
+        defaults describe the identity plan of a tiny model."""
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -218,11 +221,12 @@ class CllaConfig(PretrainedConfig):
 
     @property
     def latent_segments(self) -> list[tuple[int, int]]:
+        """See the function `latent_segments`."""
         return latent_segments(self.kv_latent_dim, self.kv_bits, self.kv_tail_dim, self.kv_tail_bits)
 
     @property
     def rope_quant_group(self) -> int:
-        return math.gcd(self.rope_dim, self.kv_quant_group) if self.rope_dim else 1
+        return rope_quant_group(self.rope_dim, self.kv_quant_group)
 
     @property
     def num_layer_groups(self) -> int:
@@ -238,31 +242,49 @@ def latent_segments(width: int, bits: int, tail_dim: int, tail_bits: int) -> lis
     return [(width - tail_dim, bits), (tail_dim, tail_bits)] if tail_dim else [(width, bits)]
 
 
+def rope_quant_group(rope_dim: int, quant_group: int) -> int:
+    """Dims of a rope head that share one fp16 scale and zero-point: gcd(rope_dim, quant_group) (1 without rope)."""
+    return math.gcd(rope_dim, quant_group) if rope_dim else 1
+
+
 def source_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
     """A standard 16-bit KV cache: keys and values of every kv head of every layer."""
     return num_layers * 2 * num_kv_heads * head_dim * CACHE_ELEMENT_BYTES_16
 
 
-def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
-    """Bytes per token of each cached tensor, summed over layer groups (what the runtime allocates per token).
+def cached_bytes(
+    groups: int, segments: list[tuple[int, int]], quant_group: int, rope_heads: int, rope_dim: int, rope_bits: int,
+    key_norms: int,
+) -> dict[str, int]:
+    """Bytes per token of each cached tensor, from what they depend on: `groups` layer groups, each caching a latent
+    stored in `segments` [(width, bits), ...] quantized in groups of `quant_group` values, and `rope_heads` rope
+    keys of `rope_dim` dims at `rope_bits` (rope_dim 0: none cached); `key_norms` 16-bit key norms per token.
 
-    latent: each latent segment's values at its bits (packed 8 // bits per byte below 8 bits); latent_scales: an fp16
-    scale and an fp16 zero-point per kv_quant_group values of each quantized segment; rope_keys: rope_heads × rope_dim values at rope_bits
-    (0 with rope_from_latent: reconstructed, not cached);
-    rope_scales: an fp16 scale and zero-point per rope_quant_group values (only below 16 bits); key_scales (qk_norm
-    sources): a 16-bit key norm per layer and kv head.
+    latent: each latent segment's values at its bits (packed 8 // bits per byte below 8 bits); latent_scales: an
+    fp16 scale and an fp16 zero-point per quant_group values of each quantized segment; rope_keys: rope_heads ×
+    rope_dim values at rope_bits; rope_scales: an fp16 scale and zero-point per `rope_quant_group` values (only
+    below 16 bits); key_scales: the key norms.
     """
-    G = config.num_layer_groups
-    segments = config.latent_segments
-    latent = G * sum(math.ceil(w * bits / 8) for w, bits in segments)
-    scales = G * sum((w // config.kv_quant_group) * 2 * SCALE_BYTES for w, bits in segments if bits < 16)
-    cached_rope = config.rope_dim and not config.rope_from_latent
-    rope = G * config.rope_heads * config.rope_dim * config.rope_bits // 8 if cached_rope else 0
-    rope_groups = config.rope_heads * config.rope_dim // config.rope_quant_group
-    rope_scales = G * rope_groups * 2 * SCALE_BYTES if config.rope_bits < 16 and cached_rope else 0
-    key_scales = config.num_hidden_layers * config.num_key_value_heads * CACHE_ELEMENT_BYTES_16 if config.qk_norm else 0
+    latent = groups * sum(math.ceil(w * bits / 8) for w, bits in segments)
+    scales = groups * sum((w // quant_group) * 2 * SCALE_BYTES for w, bits in segments if bits < 16)
+    rope = groups * rope_heads * rope_dim * rope_bits // 8
+    rope_groups = rope_heads * rope_dim // rope_quant_group(rope_dim, quant_group)
+    rope_scales = groups * rope_groups * 2 * SCALE_BYTES if rope_bits < 16 else 0
     return {"latent": latent, "latent_scales": scales, "rope_keys": rope, "rope_scales": rope_scales,
-            "key_scales": key_scales}
+            "key_scales": key_norms * CACHE_ELEMENT_BYTES_16}
+
+
+def key_norm_count(config: CllaConfig) -> int:
+    """Key norms cached per token: one per layer and kv head with qk_norm (see CllaConfig), else none."""
+    return config.num_hidden_layers * config.num_key_value_heads if config.qk_norm else 0
+
+
+def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
+    """Bytes per token of each cached tensor, summed over layer groups (what the runtime allocates per token): see
+    `cached_bytes`. With rope_from_latent no rope keys are cached."""
+    cached_rope_dim = 0 if config.rope_from_latent else config.rope_dim
+    return cached_bytes(config.num_layer_groups, config.latent_segments, config.kv_quant_group, config.rope_heads,
+                        cached_rope_dim, config.rope_bits, key_norm_count(config))
 
 
 def kv_bytes_per_token(config: CllaConfig) -> int:

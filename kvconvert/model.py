@@ -101,7 +101,7 @@ class CllaLatentProjection(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, hidden) -> latent (B, T, R) quantized as cached, rope keys (B, Hr, T, Dr) after RoPE. With
         rope_from_latent, in the rope keys' place, the rotations of these positions: [cos | sin] (B, Hr, T, 2 Dr),
-        from which each layer rotates the rope keys it reconstructs (see CllaAttention.rope_keys)."""
+        with which each layer rotates its rope keys from the latent (see CllaAttention.rope_keys)."""
         cfg = self.config
         B, T, _ = x.shape
         latent = fake_quantize_latent(self.latent(x), cfg.latent_segments, cfg.kv_quant_group)
@@ -206,7 +206,7 @@ class CllaAttention(nn.Module):
         if key_scale is not None:  # the key norm scales every key dim of its kv head
             k = k * key_scale.repeat_interleave(H // K, dim=1)[..., None].to(k.dtype)
         # Fused SDPA kernels (flash on CPU and GPU) want one head dim for q, k and v: zero-pad the narrower side (zero
-        # dims change no score; padded value dims are cut off). Measured 4x faster than the unfused fallback.
+        # dims change no score; padded value dims are cut off), so that a fused kernel runs, not the unfused fallback.
         dqk, dv = q.shape[-1], v.shape[-1]
         if dv < dqk:
             v = F.pad(v, (0, dqk - dv))

@@ -8,9 +8,11 @@ from typer.testing import CliRunner
 
 from kvconvert.cli import app
 from kvconvert.config import kv_bytes_per_token
-from kvconvert.convert.build import Compressor, Plan, describe_layout, prefix_groups, uniform_groups
+from kvconvert.convert.build import Compressor
 from kvconvert.convert.calibrate import collect_inputs
+from kvconvert.convert.groups import describe_layout, prefix_groups, prefix_length, uniform_groups
 from kvconvert.convert.latent import rotation
+from kvconvert.convert.plan import Plan
 from kvconvert.quant import fake_quantize, fake_quantize_latent
 
 from conftest import VOCAB, save_source, tiny_source
@@ -210,14 +212,14 @@ def test_the_planner_tries_4_bit_latents_with_2_bit_tails():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_the_width_search_prices_plans_as_their_configs_do(arch):
-    """PlanShape (the width search's bytes, no config built) equals the built config's figure for every plan the
-    planner enumerates, tails and qk-norm key scales included."""
-    from kvconvert.convert.plan import Overrides, PlanShape, enumerate_plans, plan_bytes
+    """Plan.kv_bytes_per_token (the width search's bytes, no config built) equals the built config's figure for
+    every plan the planner enumerates, tails and qk-norm key scales included."""
+    from kvconvert.convert.plan import Overrides, enumerate_plans, plan_bytes
 
     _, comp = compressor(arch)
     plans = enumerate_plans(comp.base, int(0.5 * comp.base.source_kv_bytes_per_token), Overrides())
     assert any(p.tail_dim for p in plans) and any(not p.tail_dim for p in plans)
-    assert [kv_bytes_per_token(PlanShape(comp.base, p)) for p in plans] == [plan_bytes(comp.base, p) for p in plans]
+    assert [p.kv_bytes_per_token(comp.base) for p in plans] == [plan_bytes(comp.base, p) for p in plans]
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -398,8 +400,6 @@ def test_layouts_never_group_across_layer_kinds():
 
 
 def test_prefix_layouts_group_the_first_layers_finer_within_each_kind():
-    from kvconvert.convert.plan import prefix_length
-
     assert prefix_groups(10, 1, 3, 4) == ((0,), (1,), (2,), (3,), (4, 5, 6), (7, 8, 9))
     assert prefix_length(prefix_groups(10, 1, 3, 4)) == 4 and prefix_length(prefix_groups(10, 2, 3, 4)) == 4
     assert prefix_groups(10, 2, 3, 0) == uniform_groups(10, 3)

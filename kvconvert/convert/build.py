@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 
@@ -12,117 +11,15 @@ try:
 except ImportError:  # older transformers: the random init runs (slower, same result)
     no_init_weights = nullcontext
 
-from ..config import CllaConfig, latent_segments
+from ..config import CllaConfig
 from ..model import CllaForCausalLM
 from .calibrate import Calibration
+from .groups import layer_kinds
 from .identity import identity_config, identity_state_dict, norm_gain
 from .latent import Block, LatentFit, fit_latent, inverse_sqrt, rotation
+from .plan import Plan
 from .rope import RopeChoice, SharedRope, choose_rope, choose_shared_rope, complex_rows, fold_map_into_query, nope_dims, rope_dims
 from .stats import LayerStats, layer_stats
-
-
-@dataclass(frozen=True)
-class Plan:
-    groups: tuple[tuple[int, ...], ...]
-    latent_dim: int
-    rope_dim: int
-    kv_bits: int
-    rope_bits: int = 16
-    rope_heads: int = 1  # 1: one rope head shared by all heads and layers of a group; else num_key_value_heads
-    quant_group: int = 32
-    tail_dim: int = 0  # the latent's last (lowest-energy) dims stored at tail_bits (see CllaConfig.kv_tail_dim)
-    tail_bits: int = 2
-    rotate: bool = True  # orthogonal rotation of the latent before quantization
-    activation_aware: bool = True  # False: plain weight SVD (ablation)
-    select_rope: bool = True  # False: keep the highest frequencies, as plain partial RoPE would (ablation)
-    equalize_rope: bool = True  # balance rope-key pairs against their queries (see rope_scale) before quantization
-    latent_norm: bool = False  # an RMSNorm on the latent (DeepSeek's kv_a_layernorm; gain set to the latent's RMS)
-    rope_from_latent: bool = False  # rope keys reconstructed from the latent per layer, not cached (CllaConfig)
-
-    def describe(self) -> str:
-        rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
-        if self.rope_from_latent:
-            rope = f"rope {self.rope_heads}x{self.rope_dim} from the latent"
-        latent = " + ".join(f"{w} @ {b}" for w, b in self.latent_segments)
-        return f"{describe_layout(self.groups)}, latent {latent} bit, {rope}, quant group {self.quant_group}"
-
-    @property
-    def latent_segments(self) -> list[tuple[int, int]]:
-        return latent_segments(self.latent_dim, self.kv_bits, self.tail_dim, self.tail_bits)
-
-
-def size_runs(groups) -> list[list[int]]:
-    """[count, size] of each run of consecutive layer groups of one size."""
-    runs: list[list[int]] = []
-    for g in groups:
-        if runs and runs[-1][1] == len(g):
-            runs[-1][0] += 1
-        else:
-            runs.append([1, len(g)])
-    return runs
-
-
-def describe_layout(groups) -> str:
-    """E.g. "2 groups of 1 + 14 groups of 2"."""
-    return " + ".join(f"{n} group{'s' if n > 1 else ''} of {k}" for n, k in size_runs(groups))
-
-
-def layer_kinds(base: CllaConfig) -> list[tuple]:
-    """Per layer, what a layer group must share: its sliding window (None: full attention) and its RoPE frequency
-    table (Gemma 3's sliding and global layers differ in both)."""
-    return [(base.layer_windows[i], base.rope_freq_index[i][0][0]) for i in range(base.num_hidden_layers)]
-
-
-def uniform_groups(L: int, size: int, kinds: list | None = None) -> tuple[tuple[int, ...], ...]:
-    """Consecutive groups of `size` layers; with `kinds` (per layer), each run of layers of one kind is grouped on
-    its own (the last group of a run may be smaller)."""
-    return prefix_groups(L, size, size, 0, kinds)
-
-
-def prefix_groups(L: int, first: int, rest: int, m: int, kinds: list | None = None) -> tuple[tuple[int, ...], ...]:
-    """Consecutive groups: of `first` layers while a group starts below layer m, of `rest` layers after; each run
-    of layers of one kind (see `uniform_groups`) is grouped on its own."""
-    kinds = kinds or [None] * L
-    groups, start = [], 0
-    for i in range(1, L + 1):
-        if i == L or kinds[i] != kinds[start]:
-            j = start
-            while j < i:
-                size = first if j < m else rest
-                groups.append(tuple(range(j, min(j + size, i))))
-                j += size
-            start = i
-    return tuple(groups)
-
-
-def mixed_group(groups, kinds: list) -> tuple[int, ...] | None:
-    """The first group that mixes layer kinds, or None."""
-    return next((tuple(g) for g in groups if len({kinds[i] for i in g}) > 1), None)
-
-
-def plan_config(base: CllaConfig, plan: Plan, freq: list | None = None) -> CllaConfig:
-    """The CllaConfig of a plan on a source (`base`: its identity config). Without `freq` the rope frequencies
-    are placeholders: enough for shapes and byte counts."""
-    b = base.to_dict()
-    for k in ("model_type", "transformers_version", "architectures"):
-        b.pop(k, None)
-    shared = plan.rope_heads == 1
-    b.update(
-        layer_groups=[list(g) for g in plan.groups],
-        kv_latent_dim=plan.latent_dim,
-        qk_nope_dim=base.head_dim if shared else base.head_dim - plan.rope_dim,
-        rope_dim=plan.rope_dim,
-        rope_heads=plan.rope_heads,
-        rope_freq_index=freq,
-        kv_bits=plan.kv_bits,
-        rope_bits=plan.rope_bits,
-        kv_quant_group=plan.quant_group,
-        kv_tail_dim=plan.tail_dim,
-        kv_tail_bits=plan.tail_bits,
-        latent_norm=plan.latent_norm,
-        rope_from_latent=plan.rope_from_latent,
-    )
-    return CllaConfig(**b)
 
 
 class Compressor:
@@ -162,7 +59,7 @@ class Compressor:
 
     def freq_offset(self, group: tuple[int, ...]) -> int:
         """Where the group's RoPE frequencies start in the config's table (Gemma 3's sliding layers have their own
-        base: see identity.source_rope). A group mixes no layer kinds (see plan.layer_kinds)."""
+        base: see identity.source_rope). A group mixes no layer kinds (see groups.layer_kinds)."""
         offsets = {self.kinds[layer][1] for layer in group}
         if len(offsets) > 1:
             raise ValueError(f"layer group {list(group)} mixes layers of different RoPE bases")
@@ -279,92 +176,98 @@ class Compressor:
         for g in plan.groups:
             c, off = self.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads), self.freq_offset(g)
             freq.append([[i + off for i in f] for f in ([c.freq] if plan.rope_heads == 1 else c.freq)])
-        return plan_config(self.base, plan, freq)
+        return plan.to_config(self.base, freq)
 
     @torch.no_grad()
     def build(self, plan: Plan) -> CllaForCausalLM:
         cfg = self.config(plan)
-        H, K, D, h, R = self.H, self.K, self.D, self.h, plan.latent_dim
         with no_init_weights():  # every weight is assigned below
             model = CllaForCausalLM(cfg)
-        src = self.src.model
         # Embeddings, norms, MLPs and output projections as the identity maps them; attention's own parts below
         sd = {k: v for k, v in identity_state_dict(self.src, self.base).items()
               if ".self_attn.o_proj." in k or not (".self_attn." in k or "latent_proj." in k)}
         if cfg.tie_word_embeddings:
             sd.pop("lm_head.weight")
         for g, group in enumerate(plan.groups):
-            choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
-            fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
-                                  plan.rope_from_latent)
-            shared = isinstance(choice, SharedRope)
-            A, B = fit.weights(R)
-            if plan.rotate:  # each latent segment on its own: the tail's dims stay the tail's
-                Q = torch.block_diag(*(rotation(w) for w, _ in plan.latent_segments))
-                A, B = A @ Q.T, Q @ B
-            first = self.stats[group[0]]
-            gp = f"model.latent_proj.{g}."
-            sd[gp + "kv_down.weight"] = B
-            if plan.latent_norm:
-                # A normed latent c·g/rms(c) equals c where rms(c) is its calibration mean E[|c|²/R]^½ (E[c cᵀ] = S²):
-                # zero-shot, only the per-token spread of the latent's norm is lost; distillation trains the gain.
-                sd[gp + "latent_norm.weight"] = torch.full((R,), (fit.S2[:R].sum().item() / R) ** 0.5, dtype=torch.float64)
-            # Per-pair key scales: a real scalar per rotate-half pair commutes with RoPE, so dividing the rope key
-            # and multiplying the query by it changes no score, and flattens outlier channels before quantization.
-            scales = [self.rope_scale(group, choice, k) if plan.equalize_rope and plan.rope_bits < 16
-                      else torch.ones(plan.rope_dim, 1, dtype=torch.float64) for k in range(plan.rope_heads)]
-            if plan.rope_dim and not plan.rope_from_latent:
-                if shared:
-                    rope = choice.ws / scales[0]
-                else:
-                    rope = torch.cat(
-                        [first.wk[[k * D + d for d in rope_dims(choice.freq[k], D)]] / scales[k] for k in range(K)]
-                    )
-                sd[gp + "rope_proj.weight"] = rope[:, :h]
-                if cfg.qkv_bias:
-                    sd[gp + "rope_proj.bias"] = rope[:, h]
-            offsets = [0]
-            for blk in fit.blocks:
-                offsets.append(offsets[-1] + blk.w.shape[0])
-            for j, l in enumerate(group):
-                st = self.stats[l]
-                rows: dict[str, list] = {"k": [], "v": [], "r": []}
-                biases: dict[str, list] = {"k": [], "v": [], "r": []}
-                for blk, start, end in zip(fit.blocks, offsets, offsets[1:]):
-                    if blk.layer == l or (blk.kind == "r" and shared):  # a shared rope key serves every layer
-                        rows[blk.kind].append(A[start:end])
-                        biases[blk.kind].append(blk.bias)
-                k_rows, v_rows, k_bias, v_bias = rows["k"], rows["v"], biases["k"], biases["v"]
-                ap = f"model.layers.{l}.self_attn."
-                if rows["r"]:
-                    sd[ap + "rope_up.weight"] = torch.cat(rows["r"])
-                    if cfg.qkv_bias:
-                        sd[ap + "rope_up.bias"] = torch.cat(biases["r"])
-                if k_rows:
-                    sd[ap + "k_up.weight"] = torch.cat(k_rows)
-                    if cfg.qkv_bias:
-                        sd[ap + "k_up.bias"] = torch.cat(k_bias)
-                sd[ap + "v_up.weight"] = torch.cat(v_rows)
-                if cfg.qkv_bias:
-                    sd[ap + "v_up.bias"] = torch.cat(v_bias)
-                if cfg.qk_norm:  # queries normed as the source does, then mapped per head; keys normed by k_scale
-                    a = src.layers[l].self_attn
-                    eye = torch.eye(D, dtype=torch.float64)
-                    sd[ap + "q_map"] = torch.stack([self.query_rows(eye, hq, j, choice, plan, scales) for hq in range(H)])
-                    sd[ap + "q_norm.weight"] = norm_gain(a.q_norm, cfg)
-                    for name, lin in (("q_proj", a.q_proj), ("k_scale.proj", a.k_proj)):
-                        sd[ap + name + ".weight"] = lin.weight
-                        if lin.bias is not None:
-                            sd[ap + name + ".bias"] = lin.bias
-                    sd[ap + "k_scale.gain"] = 1 / st.key_norm  # the fits saw keys scaled by the typical 1/RMS
-                    continue
-                q = torch.cat([self.query_rows(st.wq[hq * D : (hq + 1) * D], hq, j, choice, plan, scales) for hq in range(H)])
-                sd[ap + "q_proj.weight"] = q[:, :h]
-                if cfg.qkv_bias:
-                    sd[ap + "q_proj.bias"] = q[:, h]
+            sd |= self.group_weights(g, group, plan, cfg)
         dtype = next(self.src.parameters()).dtype
         missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]
         assert not missing and not unexpected, (missing, unexpected)
         model.tie_weights()
         return model.to(dtype).eval()
+
+    def group_weights(self, g: int, group: tuple[int, ...], plan: Plan, cfg: CllaConfig) -> dict[str, torch.Tensor]:
+        """Float64 weights of layer group g under the plan: its latent projection (kv_down, rope_proj, latent_norm)
+        and its layers' attention (see `layer_weights`), by parameter name."""
+        K, D, h, R = self.K, self.D, self.h, plan.latent_dim
+        choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
+        fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
+                              plan.rope_from_latent)
+        A, B = fit.weights(R)
+        if plan.rotate:  # each latent segment on its own: the tail's dims stay the tail's
+            Q = torch.block_diag(*(rotation(w) for w, _ in plan.latent_segments))
+            A, B = A @ Q.T, Q @ B
+        first = self.stats[group[0]]
+        gp = f"model.latent_proj.{g}."
+        sd = {gp + "kv_down.weight": B}
+        if plan.latent_norm:
+            # A normed latent c·g/rms(c) equals c where rms(c) is its calibration mean E[|c|²/R]^½ (E[c cᵀ] = S²):
+            # zero-shot, only the per-token spread of the latent's norm is lost; distillation trains the gain.
+            sd[gp + "latent_norm.weight"] = torch.full((R,), (fit.S2[:R].sum().item() / R) ** 0.5, dtype=torch.float64)
+        # Per-pair key scales: a real scalar per rotate-half pair commutes with RoPE, so dividing the rope key
+        # and multiplying the query by it changes no score, and flattens outlier channels before quantization.
+        scales = [self.rope_scale(group, choice, k) if plan.equalize_rope and plan.rope_bits < 16
+                  else torch.ones(plan.rope_dim, 1, dtype=torch.float64) for k in range(plan.rope_heads)]
+        if plan.rope_dim and not plan.rope_from_latent:
+            if isinstance(choice, SharedRope):
+                rope = choice.ws / scales[0]
+            else:
+                rope = torch.cat(
+                    [first.wk[[k * D + d for d in rope_dims(choice.freq[k], D)]] / scales[k] for k in range(K)]
+                )
+            sd[gp + "rope_proj.weight"] = rope[:, :h]
+            if cfg.qkv_bias:
+                sd[gp + "rope_proj.bias"] = rope[:, h]
+        offsets = [0]
+        for blk in fit.blocks:
+            offsets.append(offsets[-1] + blk.w.shape[0])
+        for j, l in enumerate(group):
+            rows: dict[str, list] = {"k": [], "v": [], "r": []}
+            biases: dict[str, list] = {"k": [], "v": [], "r": []}
+            for blk, start, end in zip(fit.blocks, offsets, offsets[1:]):
+                if blk.layer == l or (blk.kind == "r" and isinstance(choice, SharedRope)):  # serves every layer
+                    rows[blk.kind].append(A[start:end])
+                    biases[blk.kind].append(blk.bias)
+            sd |= self.layer_weights(l, j, choice, plan, scales, rows, biases, cfg)
+        return sd
+
+    def layer_weights(self, l: int, j: int, choice, plan: Plan, scales: list[torch.Tensor], rows: dict, biases: dict,
+                      cfg: CllaConfig) -> dict[str, torch.Tensor]:
+        """Attention weights of layer l, the group's j-th: up-projections from `rows` and `biases` (per target kind
+        "k", "v", "r": its blocks' rows of the fit's A and their biases), and its queries in the plan's dims."""
+        H, D, h = self.H, self.D, self.h
+        ap = f"model.layers.{l}.self_attn."
+        sd = {}
+        for kind, name in (("r", "rope_up"), ("k", "k_up"), ("v", "v_up")):
+            if rows[kind]:
+                sd[ap + name + ".weight"] = torch.cat(rows[kind])
+                if cfg.qkv_bias:
+                    sd[ap + name + ".bias"] = torch.cat(biases[kind])
+        if cfg.qk_norm:  # queries normed as the source does, then mapped per head; keys normed by k_scale
+            a = self.src.model.layers[l].self_attn
+            eye = torch.eye(D, dtype=torch.float64)
+            sd[ap + "q_map"] = torch.stack([self.query_rows(eye, hq, j, choice, plan, scales) for hq in range(H)])
+            sd[ap + "q_norm.weight"] = norm_gain(a.q_norm, cfg)
+            for name, lin in (("q_proj", a.q_proj), ("k_scale.proj", a.k_proj)):
+                sd[ap + name + ".weight"] = lin.weight
+                if lin.bias is not None:
+                    sd[ap + name + ".bias"] = lin.bias
+            sd[ap + "k_scale.gain"] = 1 / self.stats[l].key_norm  # the fits saw keys scaled by the typical 1/RMS
+            return sd
+        wq = self.stats[l].wq
+        q = torch.cat([self.query_rows(wq[hq * D : (hq + 1) * D], hq, j, choice, plan, scales) for hq in range(H)])
+        sd[ap + "q_proj.weight"] = q[:, :h]
+        if cfg.qkv_bias:
+            sd[ap + "q_proj.bias"] = q[:, h]
+        return sd

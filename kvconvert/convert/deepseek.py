@@ -81,7 +81,7 @@ def deepseek_v3_reasons(cfg: CllaConfig) -> list[str]:
     if not cfg.latent_norm:
         reasons.append("it needs an RMSNorm on the latent (kv_a_layernorm)")
     if cfg.rope_from_latent:
-        reasons.append("its rope keys are reconstructed from the latent (DeepSeek-V3 caches its rope key)")
+        reasons.append("its rope keys come from the latent (DeepSeek-V3 caches its rope key)")
     if cfg.kv_bits != 16 or cfg.rope_bits != 16 or cfg.kv_tail_dim:
         reasons.append("its cache is quantized (DeepSeek-V3 caches 16-bit values)")
     return reasons + feature_reasons(cfg)

@@ -15,7 +15,8 @@ import torch
 
 from ..config import SUPPORTED_KV_BITS
 from ..errors import KvconvertError
-from .build import Compressor, layer_kinds, mixed_group
+from .build import Compressor
+from .groups import layer_kinds, mixed_group
 from .calibrate import collect_inputs, read_data_files, sample_tokens, tokens_from_text
 from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model

@@ -1,12 +1,13 @@
-"""Planning: the plan that meets --kv-ratio with the least calibration error.
+"""The plan of a conversion (`Plan`), and planning: the plan that meets --kv-ratio with the least calibration error.
 
 1. Enumerate plans: layer layouts (the two finest uniform ones that fit: groups of a and of b > a layers; then
-   "prefix" layouts, the first 2 or 3 groups' worth of layers, or 1/8, 1/4 or 1/2 of them, in groups of 1 or a and the rest in groups
-   of b, since early layers lose most when they share), rope heads (one shared head, or one per kv head for single-layer
-   groups) and rope dims, latent and rope bits, quantization group, and where the rope keys live: cached beside the
-   latent, or reconstructed from it (every key dim of every kv head, or one shared rope key); the latent width is the largest the byte
-   budget leaves. A 4-bit latent is also tried with a 2-bit tail: TAIL_SHARES of the all-4-bit width stay at 4 bits
-   and the bytes left hold the widest 2-bit tail (the latent's low-energy dims).
+   "prefix" layouts, the first 2 or 3 groups' worth of layers, or 1/8, 1/4 or 1/2 of them, in groups of 1 or a
+   and the rest in groups of b, since early layers lose most when they share), rope heads (one shared head, or one
+   per kv head for single-layer groups) and rope dims, latent and rope bits, quantization group, and where the rope
+   keys live: cached beside the latent, or rope keys from the latent (every key dim of every kv head, or one shared
+   rope key); the latent width is the largest the byte budget leaves. A 4-bit latent is also tried with a 2-bit
+   tail: TAIL_SHARES of the all-4-bit width stay at 4 bits and the bytes left hold the widest 2-bit tail (the
+   latent's low-energy dims).
 2. Score each with a proxy built from calibration moments, in one unit (expected squared change of attention
    outputs, summed over layers): rotation loss of what becomes position-free, the latent regression error, and
    quantization noise (measured relative noise of the quantizer times the signal it quantizes).
@@ -19,16 +20,19 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..config import CllaConfig, kv_bytes_per_token
+from ..config import CllaConfig, cached_bytes, key_norm_count, kv_bytes_per_token, latent_segments, rope_quant_group
 from ..errors import KvconvertError
 from ..quant import fake_quantize
-from .build import Compressor, Plan, layer_kinds, plan_config, prefix_groups, size_runs, uniform_groups
+from .groups import Layout, describe_layout, layer_kinds, prefix_groups, prefix_length, uniform_groups
 from .rope import SharedRope
+
+if TYPE_CHECKING:  # build.py imports Plan from here
+    from .build import Compressor
 
 Log = Callable[[str], None]
 GROUP_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
@@ -42,6 +46,72 @@ PREFIX_SHARES = (1 / 8, 1 / 4, 1 / 2)  # of the layers, kept in the finer groups
 DEEPSEEK_V3 = "deepseek-v3"
 TARGETS = ("clla", DEEPSEEK_V3)
 ROPE_KEYS = ("cached", "latent", "auto")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a compressed model caches and how it is fitted; `to_config` gives its CllaConfig (field by field:
+    latent_dim is kv_latent_dim, quant_group kv_quant_group, tail_dim and tail_bits kv_tail_dim and kv_tail_bits)."""
+
+    groups: Layout
+    latent_dim: int
+    rope_dim: int
+    kv_bits: int
+    rope_bits: int = 16
+    rope_heads: int = 1  # 1: one rope head shared by all heads and layers of a group; else num_key_value_heads
+    quant_group: int = 32
+    tail_dim: int = 0  # the latent's last (lowest-energy) dims stored at tail_bits (see CllaConfig.kv_tail_dim)
+    tail_bits: int = 2
+    rotate: bool = True  # orthogonal rotation of the latent before quantization
+    activation_aware: bool = True  # False: plain weight SVD (ablation)
+    select_rope: bool = True  # False: keep the highest frequencies, as plain partial RoPE would (ablation)
+    equalize_rope: bool = True  # balance rope-key pairs against their queries (see rope_scale) before quantization
+    latent_norm: bool = False  # an RMSNorm on the latent (DeepSeek's kv_a_layernorm; gain set to the latent's RMS)
+    rope_from_latent: bool = False  # rope keys from the latent: each layer's, not cached (CllaConfig)
+
+    def describe(self) -> str:
+        rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
+        if self.rope_from_latent:
+            rope = f"rope {self.rope_heads}x{self.rope_dim} from the latent"
+        latent = " + ".join(f"{w} @ {b}" for w, b in self.latent_segments)
+        return f"{describe_layout(self.groups)}, latent {latent} bit, {rope}, quant group {self.quant_group}"
+
+    @property
+    def latent_segments(self) -> list[tuple[int, int]]:
+        """See config.latent_segments."""
+        return latent_segments(self.latent_dim, self.kv_bits, self.tail_dim, self.tail_bits)
+
+    def kv_bytes_per_token(self, base: CllaConfig) -> int:
+        """`kv_bytes_per_token(self.to_config(base))` without building (or validating) the config: the width search
+        prices hundreds of plans, and building a CllaConfig for each costs about a sixth of the planning time."""
+        cached_rope_dim = 0 if self.rope_from_latent else self.rope_dim
+        return sum(cached_bytes(len(self.groups), self.latent_segments, self.quant_group, self.rope_heads,
+                                cached_rope_dim, self.rope_bits, key_norm_count(base)).values())
+
+    def to_config(self, base: CllaConfig, freq: list | None = None) -> CllaConfig:
+        """The CllaConfig of this plan on a source (`base`: its identity config); raises ValueError if the plan does
+        not fit the source. Without `freq` (per group and rope head, the kept RoPE frequency indices) the rope
+        frequencies are placeholders: enough for shapes and byte counts."""
+        b = base.to_dict()
+        for k in ("model_type", "transformers_version", "architectures"):
+            b.pop(k, None)
+        shared = self.rope_heads == 1
+        b.update(
+            layer_groups=[list(g) for g in self.groups],
+            kv_latent_dim=self.latent_dim,
+            qk_nope_dim=base.head_dim if shared else base.head_dim - self.rope_dim,
+            rope_dim=self.rope_dim,
+            rope_heads=self.rope_heads,
+            rope_freq_index=freq,
+            kv_bits=self.kv_bits,
+            rope_bits=self.rope_bits,
+            kv_quant_group=self.quant_group,
+            kv_tail_dim=self.tail_dim,
+            kv_tail_bits=self.tail_bits,
+            latent_norm=self.latent_norm,
+            rope_from_latent=self.rope_from_latent,
+        )
+        return CllaConfig(**b)
 
 
 def fit_target(base: CllaConfig, ov: Overrides) -> Overrides:
@@ -73,7 +143,7 @@ def fit_target(base: CllaConfig, ov: Overrides) -> Overrides:
 class Overrides:
     latent_dim: int | None = None
     group_size: int | None = None
-    groups: tuple[tuple[int, ...], ...] | None = None
+    groups: Layout | None = None
     rope_dim: int | None = None
     rope_heads: int | None = None
     kv_bits: int | None = None
@@ -88,8 +158,8 @@ class Overrides:
 
 
 def rope_keys_mode(ov: Overrides) -> str:
-    """Where the plans' rope keys live: as given, else reconstructed from the latent (measured better at every ratio
-    on SmolLM2, README) unless the other options need cached ones (rope bits, no rope dims, the DeepSeek-V3 target)."""
+    """Where the plans' rope keys live: as given, else rope keys from the latent (better at every ratio on SmolLM2:
+    docs/results.md) unless the other options need cached ones (rope bits, no rope dims, the DeepSeek-V3 target)."""
     if ov.rope_keys is not None:
         return ov.rope_keys
     cached = ov.target == DEEPSEEK_V3 or ov.rope_dim == 0 or ov.rope_bits not in (None, 16)
@@ -98,34 +168,13 @@ def rope_keys_mode(ov: Overrides) -> str:
 
 def plan_bytes(base: CllaConfig, plan: Plan) -> int:
     """KV bytes per token of the plan's config (built, so an invalid plan raises ValueError)."""
-    return kv_bytes_per_token(plan_config(base, plan))
-
-
-@dataclass(frozen=True)
-class PlanShape:
-    """What a plan's KV bytes depend on, as `kv_bytes_breakdown` reads them from a config: the width search prices
-    hundreds of plans, and building (and validating) a CllaConfig for each cost a sixth of the planning time."""
-
-    base: CllaConfig
-    plan: Plan
-
-    num_hidden_layers = property(lambda self: self.base.num_hidden_layers)
-    num_key_value_heads = property(lambda self: self.base.num_key_value_heads)
-    qk_norm = property(lambda self: self.base.qk_norm)
-    num_layer_groups = property(lambda self: len(self.plan.groups))
-    latent_segments = property(lambda self: self.plan.latent_segments)
-    kv_quant_group = property(lambda self: self.plan.quant_group)
-    rope_heads = property(lambda self: self.plan.rope_heads)
-    rope_dim = property(lambda self: self.plan.rope_dim)
-    rope_bits = property(lambda self: self.plan.rope_bits)
-    rope_from_latent = property(lambda self: self.plan.rope_from_latent)
-    rope_quant_group = property(lambda self: math.gcd(self.plan.rope_dim, self.plan.quant_group) if self.plan.rope_dim else 1)
+    return kv_bytes_per_token(plan.to_config(base))
 
 
 def _widest(base: CllaConfig, budget: int, at: Callable[[int], Plan], step: int, cap: int) -> int:
     """The largest n (a multiple of step, at most cap) with plan bytes(at(n)) <= budget; bytes are linear in n."""
-    one = kv_bytes_per_token(PlanShape(base, at(step)))
-    per_step = kv_bytes_per_token(PlanShape(base, at(2 * step))) - one
+    one = at(step).kv_bytes_per_token(base)
+    per_step = at(2 * step).kv_bytes_per_token(base) - one
     n = (budget - (one - per_step)) // per_step
     return int(max(0, min(n * step, cap - cap % step)))
 
@@ -159,7 +208,7 @@ def tail_plans(base: CllaConfig, plan: Plan, budget: int) -> list[Plan]:
     return list(dict.fromkeys(out))
 
 
-def layouts(base: CllaConfig, ov: Overrides) -> list[tuple[tuple[int, ...], ...]]:
+def layouts(base: CllaConfig, ov: Overrides) -> list[Layout]:
     """Layer layouts to try: groups of each size, never across layer kinds (sliding vs global, see layer_kinds)."""
     if ov.groups is not None:
         return [ov.groups]
@@ -173,13 +222,14 @@ def layouts(base: CllaConfig, ov: Overrides) -> list[tuple[tuple[int, ...], ...]
     return found
 
 
-def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[tuple[tuple[int, ...], ...]]:
+def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[Layout]:
     """Layouts between the uniform ones of a- and b-layer groups: the first m layers in groups of f (f = 1 or a),
-    the rest in groups of b, for m = 2f, 3f and the shares PREFIX_SHARES of the layers. Measured on SmolLM2,
-    what a pair of adjacent layers loses by sharing a latent varies by more than an order of magnitude across the
-    model and is largest in the first layers, which a first-order proxy does not see (it counts every layer's
-    attention-output error alike): held-out KL judges these (choose_plan builds, per f, latent width, bits and rope
-    option, the one with the longest prefix, and none whose latent is under half the uniform layouts' widest)."""
+    the rest in groups of b, for m = 2f, 3f and the shares PREFIX_SHARES of the layers. What a pair of adjacent
+    layers loses by sharing a latent varies by more than an order of magnitude across the model and is largest in
+    the first layers (SmolLM2: bench/studies/layer_sharing.py), which a first-order proxy does not see (it counts
+    every layer's attention-output error alike): held-out KL judges these (choose_plan builds, per f, latent
+    width, bits and rope option, the one with the longest prefix, and none whose latent is under half the uniform
+    layouts' widest)."""
     L, kinds, out = base.num_hidden_layers, layer_kinds(base), []
     taken = [uniform_groups(L, a, kinds), uniform_groups(L, b, kinds)]
     for f in dict.fromkeys((1, a)):
@@ -188,12 +238,6 @@ def prefix_layouts(base: CllaConfig, a: int, b: int) -> list[tuple[tuple[int, ..
             if m < L and layout not in out + taken:
                 out.append(layout)
     return out
-
-
-def prefix_length(groups) -> int:
-    """Layers in the leading run of groups as large as the first."""
-    count, size = size_runs(groups)[0]
-    return count * size
 
 
 def rope_options(base: CllaConfig, groups, ov: Overrides, from_latent: bool = False) -> list[tuple[int, int]]:
@@ -279,7 +323,7 @@ def quantizer_noise(bits: int, group: int) -> float:
 def proxy_error(comp: Compressor, plan: Plan) -> float:
     """Expected squared attention-output change summed over layers (see the module docstring)."""
     err = 0.0
-    rope_noise = quantizer_noise(plan.rope_bits, math.gcd(plan.rope_dim, plan.quant_group) if plan.rope_dim else 1)
+    rope_noise = quantizer_noise(plan.rope_bits, rope_quant_group(plan.rope_dim, plan.quant_group))
     for g in plan.groups:
         choice = comp.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads)
         fit = comp.latent_fit(g, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
