@@ -24,7 +24,7 @@ def main() -> None:
 
     import torch.nn.functional as F
 
-    from kvconvert.convert.build import Plan
+    from kvconvert.convert.plan import Plan
     from kvconvert.convert.plan import kl_to_source, proxy_error
     from kvconvert.loading import load_any
 

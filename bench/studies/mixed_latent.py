@@ -50,7 +50,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from kvconvert import model as clla
-    from kvconvert.convert.build import Plan
+    from kvconvert.convert.plan import Plan
     from kvconvert.convert.latent import rotation
     from kvconvert.convert.plan import kl_to_source
     from kvconvert.evaluate import read_text, score_windows, text_windows
