@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -11,30 +12,55 @@ from typer.testing import CliRunner
 from kvconvert.cli import app
 from kvconvert.errors import KvconvertError
 
-from conftest import VOCAB, save_source
+from conftest import ARCHS, VOCAB, save_source
 
 runner = CliRunner()
 
+# Reloads every folder named on its command line in one fresh process (no state of this one: the clla model type
+# registered by `import kvconvert` alone) and saves each folder's logits as a tensor named by its position.
 RELOAD_SCRIPT = """
 import sys, torch, kvconvert
 from transformers import AutoModelForCausalLM
 from safetensors.torch import save_file
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 ids = torch.arange(40).view(2, 20) % {vocab}
-with torch.no_grad():
-    save_file({{"logits": model(ids).logits.contiguous()}}, sys.argv[2])
+logits = {{}}
+for i, folder in enumerate(sys.argv[2:]):
+    with torch.no_grad():
+        logits[str(i)] = AutoModelForCausalLM.from_pretrained(folder)(ids).logits.contiguous()
+save_file(logits, sys.argv[1])
 """
+
+
+def reload_in_a_fresh_process(folders, dump) -> list[torch.Tensor]:
+    """Each folder's logits on a fixed batch, computed by a new Python process."""
+    from safetensors.torch import load_file
+
+    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT.format(vocab=VOCAB), str(dump), *map(str, folders)], check=True)
+    logits = load_file(dump)
+    return [logits[str(i)] for i in range(len(folders))]
 
 
 def convert(src, out, *extra):
     return runner.invoke(app, ["convert", str(src), str(out), "--identity", *extra])
 
 
-def test_export_files_and_fresh_process_reload_is_bit_identical(tmp_path, arch):
-    src, src_model = save_source(tmp_path, arch)
-    out = tmp_path / "out"
-    result = convert(src, out)
-    assert result.exit_code == 0, result.output
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every family's identity conversion, and the logits a fresh process computes from each exported folder (one
+    process for all: starting one costs seconds). arch -> (source model, OUT, its tmp folder, reloaded logits)."""
+    found = {}
+    for arch in ARCHS:
+        tmp = tmp_path_factory.mktemp(f"export-{arch}")
+        src, src_model = save_source(tmp, arch)
+        result = convert(src, tmp / "out")
+        assert result.exit_code == 0, result.output
+        found[arch] = (src_model, tmp / "out", tmp)
+    reloaded = reload_in_a_fresh_process([found[a][1] for a in ARCHS], tmp_path_factory.mktemp("dump") / "l.safetensors")
+    return {arch: (*found[arch], logits) for arch, logits in zip(ARCHS, reloaded)}
+
+
+def test_export_files_and_fresh_process_reload_is_bit_identical(exported, arch):
+    src_model, out, tmp_path, reloaded = exported[arch]
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "conversion.json", "README.md"} <= names
     assert "tokenizer.json" in names and "tokenizer_config.json" in names
@@ -55,12 +81,7 @@ def test_export_files_and_fresh_process_reload_is_bit_identical(tmp_path, arch):
         here = model(ids).logits
         source_logits = src_model(ids).logits
     assert ((here - source_logits).abs().max() / source_logits.abs().max()).item() <= 1e-5
-
-    dump = tmp_path / "logits.safetensors"
-    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT.format(vocab=VOCAB), str(out), str(dump)], check=True)
-    from safetensors.torch import load_file
-
-    assert torch.equal(load_file(dump)["logits"], here)
+    assert torch.equal(reloaded, here)
 
 
 def test_tokenizer_keeps_chat_template(tmp_path):

@@ -10,6 +10,7 @@ from kvconvert.kernels.reference import latent_decode_ref
 from kvconvert.runtime import LatentRuntime, SamplingOptions
 from kvconvert.runtime.policies import POLICIES, make_policy
 
+from grids import grid
 from test_runtime import FROM_LATENT, prompt, tiny_clla
 
 NAMES = list(POLICIES)
@@ -34,9 +35,7 @@ def test_budget_above_the_context_changes_nothing(name, rope):
     assert rt.lengths == [31]
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("bits", [16, 4])
-@pytest.mark.parametrize("rope", list(ROPE))
+@pytest.mark.parametrize("name,bits,rope", grid(dict(name=NAMES, bits=[16, 4], rope=list(ROPE))))
 def test_budget_is_never_exceeded(name, bits, rope):
     model = tiny_clla(bits, **ROPE[rope])
     budget = 10

@@ -11,6 +11,7 @@ from kvconvert.runtime.cache import LatentCache
 from kvconvert.runtime import LatentRuntime, SamplingOptions, sample
 
 from conftest import VOCAB, tiny_source
+from grids import grid
 
 
 TAIL = "4+2"  # `bits` of a mixed-precision latent: a 4-bit head, a 2-bit tail of half the latent, 4-bit rope keys
@@ -105,14 +106,17 @@ PLANS = {"wide": dict(kv_latent_dim=48, qk_nope_dim=8), "folded": dict(kv_latent
          "narrow": dict(kv_latent_dim=8, qk_nope_dim=16, kv_quant_group=8)}
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4, TAIL])
-@pytest.mark.parametrize("rope_heads", [1, 2])
-@pytest.mark.parametrize("plan", list(PLANS))
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
+QK_NORM_ID = {"qk_norm": lambda v: "qk_norm" if v else "plain"}
+
+
+@pytest.mark.parametrize(
+    "bits,rope_heads,plan,qk_norm",
+    grid(dict(bits=[16, 8, 4, TAIL], rope_heads=[1, 2], plan=list(PLANS), qk_norm=[False, True]),
+         valid=lambda bits, rope_heads, plan, qk_norm: not (qk_norm and bits in (8, TAIL)), ids=QK_NORM_ID),
+)
 def test_greedy_and_logits_equal_the_model(bits, rope_heads, plan, qk_norm):
-    """Every plan shape; with qk_norm (Qwen3, Gemma 3) the per-layer key norms are cached and scale the scores."""
-    if qk_norm and bits in (8, TAIL):
-        pytest.skip("qk_norm: 16 and 4 bits cover both storage paths")
+    """Every plan shape; with qk_norm (Qwen3, Gemma 3) the per-layer key norms are cached and scale the scores
+    (16 and 4 bits cover both storage paths there)."""
     model = tiny_clla(bits, rope_heads=rope_heads, qk_norm=qk_norm, **PLANS[plan])
     rt = LatentRuntime(model, batch=1, capacity=64)
     assert all((lay.w_uk is None and lay.w_uv_t is None) == (plan != "wide") for lay in rt.layers)
@@ -136,9 +140,8 @@ def test_latent_norm_is_applied_before_the_cache(bits):
     assert reference_greedy(plain, ids, 16) != ref
 
 
-@pytest.mark.parametrize("bits", [16, 4, TAIL])
-@pytest.mark.parametrize("policy", [None, "zsmerge"])
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
+@pytest.mark.parametrize("bits,policy,qk_norm", grid(dict(bits=[16, 4, TAIL], policy=[None, "zsmerge"],
+                                                         qk_norm=[False, True]), ids=QK_NORM_ID))
 def test_absorbed_prefill_equals_the_models_attention(bits, policy, qk_norm):
     """The prompt attended over the latent (absorbed, MQA) gives the logits of the model's own attention over
     reconstructed keys and values: a fresh causal prompt, a second chunk with an explicit mask, a sliding-window
@@ -168,14 +171,13 @@ FROM_LATENT = {"per kv head": dict(qk_nope_dim=0, rope_dim=16, rope_heads=2),
                "shared": dict(qk_nope_dim=16, rope_dim=16, rope_heads=1)}
 
 
-@pytest.mark.parametrize("bits", [16, 4, TAIL])
-@pytest.mark.parametrize("rope", list(FROM_LATENT))
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
+@pytest.mark.parametrize("bits,rope,qk_norm", grid(dict(bits=[16, 4, TAIL], rope=list(FROM_LATENT), qk_norm=[False, True]),
+                                                   valid=lambda bits, rope, qk_norm: not (qk_norm and bits == TAIL),
+                                                   ids=QK_NORM_ID))
 def test_rope_from_latent_equals_the_model(bits, rope, qk_norm):
     """Greedy tokens and teacher-forced logits equal the model's own (which rotates reconstructed rope keys at
-    each key's position, through HF generate's cache too); the cache holds the latent alone, as the formula says."""
-    if qk_norm and bits == TAIL:
-        pytest.skip("qk_norm: 16 and 4 bits cover both storage paths")
+    each key's position, through HF generate's cache too); the cache holds the latent alone, as the formula says
+    (with qk_norm, 16 and 4 bits cover both storage paths)."""
     model = tiny_clla(bits, rope_from_latent=True, rope_bits=16, qk_norm=qk_norm, **FROM_LATENT[rope])
     rt = LatentRuntime(model, batch=1, capacity=64)
     assert all(rt.cache.rope(g) is None for g in range(model.config.num_layer_groups))
