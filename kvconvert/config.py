@@ -1,6 +1,6 @@
 """CllaConfig: the transformers config of a Cross-Layer Latent Attention model, holding the whole plan.
 
-What is cached per token and per layer group g (see DESIGN.md):
+What is cached per token and per layer group g (docs/design.md, "The model: what is cached"):
   latent  c      = quant(W_dkv[g] · x_first)   kv_latent_dim values: the first kv_latent_dim - kv_tail_dim at kv_bits,
                    the last kv_tail_dim (the latent's low-energy tail) at kv_tail_bits
                    (+ one fp16 scale and one fp16 zero-point per kv_quant_group values when quantized)

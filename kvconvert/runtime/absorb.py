@@ -1,5 +1,5 @@
 """Weight absorption: the decode-time query and output projections of every layer, with the up-projections folded
-in where that saves bytes (docs/design.md, "The model"):
+in where that saves bytes (docs/design.md, "The plan (zero-shot)", absorption):
   q_lat[h] = W_uk[kv(h)]ᵀ q_nope[h]              (B, H, R)
   o_lat[h] = Σ_s softmax_s(q_lat·c_s + q_rope·k_rope_s) c_s   kernels.latent_decode: MQA over one latent stream
   v[h]     = W_uv[kv(h)] o_lat[h] + b_v          (a value bias passes through: the weights sum to 1)
