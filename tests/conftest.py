@@ -116,7 +116,7 @@ def arch(request):
 
 def pytest_collection_modifyitems(config, items):
     """Kernel tests marked `interpreter` need TRITON_INTERPRET=1 from the start of the process: without it they are
-    deselected here and run in the child process that tests/test_kernels.py::test_interpreter_suite starts."""
+    deselected here and run in the child process that tests/test_kernels_interpreter.py starts."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return
     keep = [item for item in items if item.get_closest_marker("interpreter") is None]
