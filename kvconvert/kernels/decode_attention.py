@@ -126,16 +126,14 @@ def _latent_decode_split_kernel(
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, GATHER: tl.constexpr,
 ):
-    """Grid (B, NUM_SPLITS, cdiv(H, BLOCK_H)): one split of one batch row for BLOCK_H query heads (the file's first
-    comment gives the algorithm). Writes out (B, H, R + RT) directly when DIRECT_OUT (one split), else the split's
-    fp32 partial output (B, NUM_SPLITS, H, R + RT) and log2-sum-exp (B, NUM_SPLITS, H) for _merge_splits_kernel.
+    """Grid (B, NUM_SPLITS, cdiv(H, BLOCK_H)), algorithm in the file's first comment. Writes out (B, H, R + RT) when
+    DIRECT_OUT (one split), else fp32 partials (B, NUM_SPLITS, H, R + RT) and log2-sum-exps (B, NUM_SPLITS, H).
 
-    Long on purpose: it is one Triton program in three parts read top to bottom, the row's valid range and the
-    query tiles, the loop over position tiles (dequantize, scores, online softmax), and the store. What repeats is
-    already a @triton.jit helper (_load_tile, _tile_columns). The rest is not split further because the online
-    softmax state (m_i, l_i, acc and the tail's acc_t) is carried through the loop, and the tail and rope tensors
-    (q_tail, acc_t, ct, q_rope, k) exist only under their HAS_* constexpr flags: a helper would take and return
-    a dozen tensors, some of them undefined when their flag is off, to be called once."""
+    Long on purpose: one Triton program read top to bottom (the row's valid range and query tiles; the loop over
+    position tiles: dequantize, scores, online softmax; the store). What repeats is already a @triton.jit helper
+    (_load_tile, _tile_columns). The rest stays inline: the softmax state (m_i, l_i, acc, acc_t) is carried through
+    the loop, and q_tail, acc_t, ct, q_rope, k exist only under their HAS_* flags, so a helper would take and return
+    a dozen tensors, some undefined when their flag is off, to be called once."""
     pid_b = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_h = tl.program_id(2)
@@ -357,8 +355,7 @@ class _StreamArgs:
     geometry: tuple[int, int, int]  # (GROUP, GW, NG) of its tile: _tile_geometry
 
     @property
-    def columns(self) -> int:
-        """The tile's width, NG * GW."""
+    def columns(self) -> int:  # the tile's width, NG * GW
         return self.geometry[1] * self.geometry[2]
 
     def meta(self, prefix: str) -> dict[str, int]:
