@@ -76,3 +76,14 @@ def calibrated(source, calib_tokens: int = 3072):
 
     tokens = sample_tokens(source.model, source.tokenizer, calib_tokens + 512, 256)
     return Compressor(source.model, "llama", "smollm2", collect_inputs(source.model, tokens[:-2])), tokens[-2:]
+
+
+def policy_presets(args) -> tuple[list[float], list[int], int]:
+    """(budgets, passkey lengths, passkey trials) of the cache-policy benchmarks (zsmerge, kvpress_ref) from their
+    --budgets, --passkey ('none': no passkey) and --passkey-trials, else from the --cpu preset (5% and 25%; 2k x 10)
+    or the GPU one (5%, 10% and 25%; 2k, 4k and 8k x 50)."""
+    budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
+    spec = args.passkey or ("2048" if args.cpu else "2048,4096,8000")
+    lengths = [] if spec == "none" else [int(n) for n in spec.split(",") if n]
+    trials = args.passkey_trials or (10 if args.cpu else 50)
+    return budgets, lengths, trials

@@ -14,6 +14,7 @@ Writes bench/results/distill_smollm2[_cpu].json and a plot of perplexity vs dist
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -57,7 +58,7 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argument_parser(__doc__)
     ap.add_argument("--cpu", action="store_true", help="the CPU-sized run: --ratios 0.05 --tokens 200k --data austen")
     ap.add_argument("--ratios", default="0.05,0.02")
@@ -81,17 +82,83 @@ def main() -> None:
         args.eval_every = min(args.eval_every, 25)
     if args.passkey_trials < 1:
         sys.exit("error: --passkey-trials must be at least 1")
+    return args
+
+
+def measure_ratio(ratio: float, args, work: Path, austen: list[Path], device: str, source_model, score, rows: list[dict],
+                  save) -> None:
+    """The zero-shot conversion at `ratio` (the 0-token row), then one distilled row per point of the grid (data mode
+    × tokens × parameter set × hidden weight × lr), each distilled afresh from the zero-shot model. Appends to `rows`
+    and calls `save()` after every row: a run stopped at a time limit keeps what it measured."""
+    from kvconvert.convert.pipeline import ConvertOptions, convert
+    from kvconvert.distill.run import distill_folder
+    from kvconvert.distill.train import DistillOptions
+    from kvconvert.loading import load_clla
+
+    zs = work / f"r{ratio}-zero-shot"
+    t = time.perf_counter()
+    record = convert("smollm2", zs, ConvertOptions(kv_ratio=ratio))
+    convert_s = time.perf_counter() - t
+    base = {"kv_ratio_target": ratio, "kv_ratio": record["kv_ratio"], "plan": record["plan"]}
+    model = load_clla(zs).model.to(device)
+    row = base | {"data": "none", "tokens": 0, "train_s": 0.0, "convert_s": round(convert_s, 1)}
+    rows.append(row | score(model, source_model))
+    save()
+    print(f"{ratio} zero-shot: ppl {rows[-1].get('perplexity')}", flush=True)
+    grid = [(m, t, ts, float(hw), float(lr)) for m in args.data.split(",") for t in parse_tokens(args.tokens)
+            for ts in args.train.split(",") for hw in args.hidden_weight.split(",") for lr in args.lr.split(",")]
+    for mode, tokens, train_set, hidden_weight, lr in grid:
+        out = work / f"r{ratio}-{mode}-{tokens}-{train_set}-{hidden_weight}-{lr}"
+        opts = DistillOptions(
+            tokens=tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            lr=lr, train=train_set, hidden_weight=hidden_weight, eval_every=args.eval_every,
+            save_every=10**9, data=austen if mode == "austen" else [], val_tokens=8192,
+        )
+        t = time.perf_counter()
+        rec = distill_folder(zs, "smollm2", opts, out=out,
+                             log=lambda m: print("  " + m, flush=True))
+        train_s = time.perf_counter() - t
+        d = rec["distill"][-1]
+        model = load_clla(out).model.to(device)
+        row = base | {"data": mode, "tokens": d["tokens"], "train": train_set, "hidden_weight": hidden_weight, "lr": lr,
+                      "train_s": round(train_s, 1), "tokens_per_s": d["tokens_per_s"],
+                      "train_loop_s": d["seconds"], "best_step": d["best"]["step"], "steps": d["steps"],
+                      "validation": d["validation"]}
+        rows.append(row | score(model, source_model))
+        save()
+        best = d["best"]
+        print(f"{ratio} {mode} {tokens:,} {train_set} hw={hidden_weight} lr={lr:g}: ppl {rows[-1].get('perplexity')}, "
+              f"best validation KL {best['kl']:.4f} top-1 {best['top1']:.1%} ({train_s:.0f} s)", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def print_validation(rows: list[dict]) -> None:
+    """--val-only: each distilled run's best and zero-shot validation KL."""
+    for r in (r for r in rows if r["tokens"] > 0):
+        b = r["validation"][-1] if r["validation"] else {}
+        print(f"{r['train']:>9} hw={r['hidden_weight']:g} lr={r['lr']:g}: best validation KL {min(v['val_kl'] for v in r['validation']):.4f}"
+              f" (zero-shot {r['validation'][0]['val_kl']:.4f}), {r['tokens_per_s']:.0f} tok/s, last {b}")
+
+
+def print_table(rows: list[dict], base_ppl: float) -> None:
+    print(f"\n{'ratio':>6} {'data':>8} {'tokens':>10} {'train':>9} {'hw':>4} {'ppl':>9} {'x src':>6} {'top1':>6} {'KL':>6} {'pk1k':>5} {'pk4k':>5} {'train s':>8}")
+    for r in rows:
+        print(f"{r['kv_ratio_target']:>6} {r['data']:>8} {r['tokens']:>10,} {r.get('train', '-'):>9} "
+              f"{r.get('hidden_weight', 0):>4g} {r['perplexity']:>9.3f} "
+              f"{r['perplexity'] / base_ppl:>6.3f} {r['top1_agreement']:>6.1%} {r['kl']:>6.3f} "
+              f"{r['passkey'][1024]:>5.0%} {r['passkey'][4096]:>5.0%} {r['train_s']:>8.0f}")
+
+
+def main() -> None:
+    args = parse_args()
     name = args.name or ("distill_smollm2_cpu" if args.cpu else "distill_smollm2")
     text_path = data_file("austen_persuasion.txt", args.text)
     austen = [data_file(f, None) for f in AUSTEN_TRAIN] if "austen" in args.data else []
 
     import torch
 
-    from kvconvert.convert.pipeline import ConvertOptions, convert
-    from kvconvert.distill.run import distill_folder
-    from kvconvert.distill.train import DistillOptions
     from kvconvert.evaluate import read_text, text_windows
-    from kvconvert.loading import load_any, load_clla
+    from kvconvert.loading import load_any
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = load_any("smollm2")
@@ -108,58 +175,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kvconvert-distill-"))
     try:
         for ratio in [float(r) for r in args.ratios.split(",")]:
-            zs = work / f"r{ratio}-zero-shot"
-            t = time.perf_counter()
-            record = convert("smollm2", zs, ConvertOptions(kv_ratio=ratio))
-            convert_s = time.perf_counter() - t
-            base = {"kv_ratio_target": ratio, "kv_ratio": record["kv_ratio"], "plan": record["plan"]}
-            model = load_clla(zs).model.to(device)
-            row = base | {"data": "none", "tokens": 0, "train_s": 0.0, "convert_s": round(convert_s, 1)}
-            rows.append(row | score(model, source.model))
-            save()  # after every row: a run stopped at a time limit keeps what it measured
-            print(f"{ratio} zero-shot: ppl {rows[-1].get('perplexity')}", flush=True)
-            grid = [(m, t, ts, float(hw), float(lr)) for m in args.data.split(",") for t in parse_tokens(args.tokens)
-                    for ts in args.train.split(",") for hw in args.hidden_weight.split(",") for lr in args.lr.split(",")]
-            for mode, tokens, train_set, hidden_weight, lr in grid:
-                out = work / f"r{ratio}-{mode}-{tokens}-{train_set}-{hidden_weight}-{lr}"
-                opts = DistillOptions(
-                    tokens=tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                    lr=lr, train=train_set, hidden_weight=hidden_weight, eval_every=args.eval_every,
-                    save_every=10**9, data=austen if mode == "austen" else [], val_tokens=8192,
-                )
-                t = time.perf_counter()
-                rec = distill_folder(zs, "smollm2", opts, out=out,
-                                     log=lambda m: print("  " + m, flush=True))
-                train_s = time.perf_counter() - t
-                d = rec["distill"][-1]
-                model = load_clla(out).model.to(device)
-                row = base | {"data": mode, "tokens": d["tokens"], "train": train_set, "hidden_weight": hidden_weight, "lr": lr,
-                              "train_s": round(train_s, 1), "tokens_per_s": d["tokens_per_s"],
-                              "train_loop_s": d["seconds"], "best_step": d["best"]["step"], "steps": d["steps"],
-                              "validation": d["validation"]}
-                rows.append(row | score(model, source.model))
-                save()
-                best = d["best"]
-                print(f"{ratio} {mode} {tokens:,} {train_set} hw={hidden_weight} lr={lr:g}: ppl {rows[-1].get('perplexity')}, "
-                      f"best validation KL {best['kl']:.4f} top-1 {best['top1']:.1%} ({train_s:.0f} s)", flush=True)
-                shutil.rmtree(out, ignore_errors=True)
+            measure_ratio(ratio, args, work, austen, device, source.model, score, rows, save)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     path = save()
     if args.val_only:
-        for r in (r for r in rows if r["tokens"] > 0):
-            b = r["validation"][-1] if r["validation"] else {}
-            print(f"{r['train']:>9} hw={r['hidden_weight']:g} lr={r['lr']:g}: best validation KL {min(v['val_kl'] for v in r['validation']):.4f}"
-                  f" (zero-shot {r['validation'][0]['val_kl']:.4f}), {r['tokens_per_s']:.0f} tok/s, last {b}")
+        print_validation(rows)
         print(f"wrote {path}")
         return
     plot(rows, base_ppl, RESULTS / f"{name}.png")
-    print(f"\n{'ratio':>6} {'data':>8} {'tokens':>10} {'train':>9} {'hw':>4} {'ppl':>9} {'x src':>6} {'top1':>6} {'KL':>6} {'pk1k':>5} {'pk4k':>5} {'train s':>8}")
-    for r in rows:
-        print(f"{r['kv_ratio_target']:>6} {r['data']:>8} {r['tokens']:>10,} {r.get('train', '-'):>9} "
-              f"{r.get('hidden_weight', 0):>4g} {r['perplexity']:>9.3f} "
-              f"{r['perplexity'] / base_ppl:>6.3f} {r['top1_agreement']:>6.1%} {r['kl']:>6.3f} "
-              f"{r['passkey'][1024]:>5.0%} {r['passkey'][4096]:>5.0%} {r['train_s']:>8.0f}")
+    print_table(rows, base_ppl)
     print(f"source perplexity {base_ppl:.3f}; wrote {path}")
 
 

@@ -13,7 +13,10 @@ Writes bench/results/frontier_smollm2.json and bench/results/frontier_smollm2.pn
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +35,7 @@ def evaluate(model, tokenizer, windows, reference, trials: int) -> dict:
     return text | {"passkey": {p["length"]: p["accuracy"] for p in passkey}, "eval_s": round(time.perf_counter() - t, 1)}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argument_parser(__doc__)
     ap.add_argument("--ratios", default="0.25,0.10,0.05,0.02")
     ap.add_argument("--text", default=None, help="default: ../shared/data/austen_persuasion.txt")
@@ -49,19 +52,110 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge and args.ablation_only:
         sys.exit("error: --merge reruns rows, --ablation-only the ablation: give one")
-    if args.merge or args.ablation_only:
-        import json
-        import subprocess
+    return args
 
+
+def measure_ratios(source, windows, ratios: list[float], rope_keys: str | None, trials: int, base_ppl: float) -> list[dict]:
+    """One row per ratio: `kvconvert convert smollm2 --kv-ratio R` (timed), then the model evaluated against the source."""
+    from kvconvert.convert.pipeline import ConvertOptions, convert
+    from kvconvert.convert.plan import Overrides
+    from kvconvert.loading import load_clla
+
+    rows = []
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        for ratio in ratios:
+            out = tmp / f"r{ratio}"
+            t = time.perf_counter()
+            ov = Overrides(rope_keys=rope_keys)
+            record = convert("smollm2", out, ConvertOptions(kv_ratio=ratio, overrides=ov,
+                                                            log=lambda m: print("  " + m, flush=True)))
+            wall = time.perf_counter() - t
+            model = load_clla(out).model
+            row = {"name": f"CLLA {ratio:g}", "target": ratio, "kv_ratio": record["kv_ratio"], "kv_bytes_per_token": record["kv_bytes_per_token"],
+                   "plan": record["plan"], "conversion_s": round(wall, 1), "conversion_timings_s": record["timings_s"]}
+            row |= evaluate(model, source.tokenizer, windows, source.model, trials)
+            rows.append(row)
+            print(f"{row['name']}: ratio {row['kv_ratio']:.4f} ppl {row['perplexity']:.2f} ({row['perplexity'] / base_ppl:.2f}x) "
+                  f"top1 {row['top1_agreement']:.3f} kl {row['kl']:.3f} passkey {row['passkey']} convert {wall:.0f}s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def ablation_plans(comp, held) -> tuple[dict, list[dict]]:
+    """({variant: plan}, rows of variants that cannot be planned): the 0.05 plan and its ablations, and the 0.10 plan
+    with and without prefix layouts."""
+    from kvconvert.convert.plan import Overrides, choose_plan, smallest_ratio
+    from kvconvert.errors import KvconvertError
+
+    unreachable = []
+    plan = choose_plan(comp, 0.05, Overrides(), held).plan
+    cached = choose_plan(comp, 0.05, Overrides(rope_keys="cached"), held).plan
+    variants = {
+        "full method": plan,
+        "rope keys cached beside the latent, RoPE pairs selected (re-planned)": cached,
+        "rope keys cached, no RoPE pair selection (highest frequencies kept)": replace(cached, select_rope=False),
+        "plain weight SVD (not activation-aware)": replace(plan, activation_aware=False),
+        "no rotation before quantization": replace(plan, rotate=False),
+        "no 2-bit tail (re-planned with equal bits throughout the latent)": choose_plan(
+            comp, 0.05, Overrides(tail_dim=0), held).plan,
+    }
+    try:
+        variants["one layer per group (re-planned)"] = choose_plan(comp, 0.05, Overrides(group_size=1), held).plan
+    except KvconvertError as e:  # one layer per group may not fit 5% at all: say so, and show its nearest plan
+        reach = smallest_ratio(comp.base, Overrides(group_size=1))
+        unreachable.append({"variant": "one layer per group at 0.05", "unreachable": str(e)})
+        nearest = choose_plan(comp, reach * 1.001, Overrides(group_size=1), held).plan
+        variants[f"one layer per group (smallest plan, ratio {reach:.4f})"] = nearest
+    # The prefix layouts earn their place below 0.25, where groups must share: the 0.10 plan with and without them.
+    variants["0.10, planned"] = choose_plan(comp, 0.10, Overrides(), held).plan
+    variants["0.10, planned from uniform layouts only (no prefix layouts)"] = choose_plan(comp, 0.10, Overrides(), held, prefix=False).plan
+    return variants, unreachable
+
+
+def measure_ablation(source, windows) -> list[dict]:
+    """Each ablation variant built from the calibrated source and scored against it (no passkey)."""
+    from kvconvert.convert.plan import plan_bytes
+    from kvconvert.evaluate import score_windows
+
+    comp, held = calibrated(source)
+    variants, ablation = ablation_plans(comp, held)
+    for name, p in variants.items():
+        model = comp.build(p)
+        r = score_windows(model, windows, reference=source.model)
+        ablation.append({"variant": name, "plan": p.describe(), "kv_ratio": plan_bytes(comp.base, p) / 23040} | r)
+        print(f"ablation {name}: ppl {r['perplexity']:.2f} top1 {r['top1_agreement']:.3f} kl {r['kl']:.3f}", flush=True)
+    return ablation
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def write_merged(name: str, previous: dict, rows: list[dict], meta: dict) -> None:
+    """--merge: the rerun rows replace theirs in the previous JSON, the rest is kept with a record of the rerun."""
+    fresh = {r["name"]: r for r in rows[1:]}
+    kept = [r for r in previous["rows"][1:] if r["name"] not in fresh]
+    rows = rows[:1] + sorted(kept + list(fresh.values()), key=lambda r: -r["kv_ratio"])
+    merged = previous.get("merged", []) + [{"rows": sorted(fresh), "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}]
+    kept_fields = {k: v for k, v in previous.items() if k != "environment"}
+    path = write_result(name, kept_fields | meta | {"rows": rows, "merged": merged,
+                        "previous_environment": previous["environment"]})
+    plot(rows, RESULTS / f"{name}.png")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    args = parse_args()
+    previous = None
+    if args.merge or args.ablation_only:
         previous = json.loads((RESULTS / f"{args.name}.json").read_text())
         args.skip_ablation = args.merge
     text_path = data_file("austen_persuasion.txt", args.text)
 
-    from kvconvert.convert.pipeline import ConvertOptions, convert
-    from kvconvert.convert.plan import Overrides, choose_plan, plan_bytes, smallest_ratio
-    from kvconvert.errors import KvconvertError
     from kvconvert.evaluate import read_text, text_windows
-    from kvconvert.loading import load_any, load_clla
+    from kvconvert.loading import load_any
 
     source = load_any("smollm2")
     windows = text_windows(source.tokenizer, read_text(text_path), args.window, args.max_tokens)
@@ -74,79 +168,21 @@ def main() -> None:
         rows = [{"name": "source", "kv_ratio": 1.0, "kv_bytes_per_token": 23040} | evaluate(source.model, source.tokenizer, windows, None, args.passkey_trials)]
     base_ppl = rows[0]["perplexity"]
     print(f"source: ppl {base_ppl:.2f} passkey {rows[0]['passkey']}", flush=True)
-    tmp = Path(tempfile.mkdtemp())
-    try:
-        for ratio in [] if args.ablation_only else [float(r) for r in args.ratios.split(",")]:
-            out = tmp / f"r{ratio}"
-            t = time.perf_counter()
-            ov = Overrides(rope_keys=args.rope_keys)
-            record = convert("smollm2", out, ConvertOptions(kv_ratio=ratio, overrides=ov,
-                                                            log=lambda m: print("  " + m, flush=True)))
-            wall = time.perf_counter() - t
-            model = load_clla(out).model
-            row = {"name": f"CLLA {ratio:g}", "target": ratio, "kv_ratio": record["kv_ratio"], "kv_bytes_per_token": record["kv_bytes_per_token"],
-                   "plan": record["plan"], "conversion_s": round(wall, 1), "conversion_timings_s": record["timings_s"]}
-            row |= evaluate(model, source.tokenizer, windows, source.model, args.passkey_trials)
-            rows.append(row)
-            print(f"{row['name']}: ratio {row['kv_ratio']:.4f} ppl {row['perplexity']:.2f} ({row['perplexity'] / base_ppl:.2f}x) "
-                  f"top1 {row['top1_agreement']:.3f} kl {row['kl']:.3f} passkey {row['passkey']} convert {wall:.0f}s", flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    ratios = [] if args.ablation_only else [float(r) for r in args.ratios.split(",")]
+    rows = rows + measure_ratios(source, windows, ratios, args.rope_keys, args.passkey_trials, base_ppl)
 
     meta = {"text": text_path.name, "max_tokens": args.max_tokens, "window": args.window, "passkey_trials": args.passkey_trials}
     if args.merge:
-        fresh = {r["name"]: r for r in rows[1:]}
-        kept = [r for r in previous["rows"][1:] if r["name"] not in fresh]
-        rows = rows[:1] + sorted(kept + list(fresh.values()), key=lambda r: -r["kv_ratio"])
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        merged = previous.get("merged", []) + [{"rows": sorted(fresh), "commit": commit, "date": time.strftime("%Y-%m-%d")}]
-        kept_fields = {k: v for k, v in previous.items() if k != "environment"}
-        path = write_result(args.name, kept_fields | meta | {"rows": rows, "merged": merged,
-                            "previous_environment": previous["environment"]})
-        plot(rows, RESULTS / f"{args.name}.png")
-        print(f"wrote {path}")
+        write_merged(args.name, previous, rows, meta)
         return
     if args.ablation_only:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = {k: v for k, v in previous.items() if k not in ("environment", "ablation_at_0.05")} | {
             "rows_environment": previous.get("rows_environment", previous["environment"]),
-            "ablation_rerun": {"commit": commit, "date": time.strftime("%Y-%m-%d")}}
+            "ablation_rerun": {"commit": git_commit(), "date": time.strftime("%Y-%m-%d")}}
     else:
         write_result(args.name, meta | {"rows": rows, "ablation_at_0.05": []})  # kept if the ablation fails
         plot(rows, RESULTS / f"{args.name}.png")
-    ablation = []
-    if not args.skip_ablation:
-        comp, held = calibrated(source)
-        report = choose_plan(comp, 0.05, Overrides(), held)
-        plan = report.plan
-        cached = choose_plan(comp, 0.05, Overrides(rope_keys="cached"), held).plan
-        variants = {
-            "full method": plan,
-            "rope keys cached beside the latent, RoPE pairs selected (re-planned)": cached,
-            "rope keys cached, no RoPE pair selection (highest frequencies kept)": replace(cached, select_rope=False),
-            "plain weight SVD (not activation-aware)": replace(plan, activation_aware=False),
-            "no rotation before quantization": replace(plan, rotate=False),
-            "no 2-bit tail (re-planned with equal bits throughout the latent)": choose_plan(
-                comp, 0.05, Overrides(tail_dim=0), held).plan,
-        }
-        try:
-            variants["one layer per group (re-planned)"] = choose_plan(comp, 0.05, Overrides(group_size=1), held).plan
-        except KvconvertError as e:  # one layer per group may not fit 5% at all: say so, and show its nearest plan
-            reach = smallest_ratio(comp.base, Overrides(group_size=1))
-            ablation.append({"variant": "one layer per group at 0.05", "unreachable": str(e)})
-            nearest = choose_plan(comp, reach * 1.001, Overrides(group_size=1), held).plan
-            variants[f"one layer per group (smallest plan, ratio {reach:.4f})"] = nearest
-        from kvconvert.evaluate import score_windows
-
-        # The prefix layouts earn their place below 0.25, where groups must share: the 0.10 plan with and without them.
-        variants["0.10, planned"] = choose_plan(comp, 0.10, Overrides(), held).plan
-        variants["0.10, planned from uniform layouts only (no prefix layouts)"] = choose_plan(comp, 0.10, Overrides(), held, prefix=False).plan
-        for name, p in variants.items():
-            model = comp.build(p)
-            r = score_windows(model, windows, reference=source.model)
-            ablation.append({"variant": name, "plan": p.describe(), "kv_ratio": plan_bytes(comp.base, p) / 23040} | r)
-            print(f"ablation {name}: ppl {r['perplexity']:.2f} top1 {r['top1_agreement']:.3f} kl {r['kl']:.3f}", flush=True)
-
+    ablation = [] if args.skip_ablation else measure_ablation(source, windows)
     path = write_result(args.name, meta | {"rows": rows, "ablation_at_0.05": ablation})
     print(f"wrote {path}")
 
@@ -180,8 +216,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--plot-only"]:  # redraw the PNG from the JSON
-        import json
-
         plot(json.loads((RESULTS / "frontier_smollm2.json").read_text())["rows"], RESULTS / "frontier_smollm2.png")
     else:
         main()

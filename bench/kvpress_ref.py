@@ -19,13 +19,14 @@ Writes bench/results/kvpress_smollm2[_cpu].json.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import argument_parser, data_file, write_result
+from bench.common import argument_parser, data_file, policy_presets, write_result
 
 
 def make_press(name: str, ratio: float):
@@ -63,7 +64,7 @@ def extend(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
     return model(input_ids=ids, past_key_values=cache, position_ids=positions).logits
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argument_parser(__doc__, python=".venv-kvpress/bin/python")
     ap.add_argument("--cpu", action="store_true", help="the small CPU preset")
     ap.add_argument("--model", default="smollm2")
@@ -76,18 +77,60 @@ def main() -> None:
     ap.add_argument("--passkey", default=None, help="lengths, e.g. 2048,4096 ('none': perplexity only)")
     ap.add_argument("--passkey-trials", type=int, default=None)
     ap.add_argument("--name", default=None, help="result file name (default kvpress_smollm2[_cpu])")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def text_nll(model, press, windows: torch.Tensor, ctx: int, keep: int, device: str) -> tuple[float, int, list[float]]:
+    """(summed NLL, scored tokens, mean NLL per window): each window (N, W) prefilled to `ctx` under `press`, its
+    last W - ctx tokens scored over the compressed cache."""
+    W = windows.shape[1]
+    nll, count, per_window = 0.0, 0, []
+    for n in range(windows.shape[0]):
+        ids = windows[n : n + 1].to(device)
+        cache, first = compressed_prefill(model, press, ids[:, :ctx], keep)
+        logits = torch.cat([first, extend(model, cache, ids[:, ctx:-1], ctx)], 1)
+        logp = F.log_softmax(logits.float(), -1)
+        window_nll = -logp.gather(-1, ids[:, ctx:, None]).sum().item()
+        nll += window_nll
+        count += W - ctx
+        per_window.append(window_nll / (W - ctx))
+    return nll, count, per_window
+
+
+def passkey_hits(model, tok, press_name: str, budget: float, lengths: list[int], trials: int, device: str
+                 ) -> dict[str, float]:
+    """{length: accuracy}: kvconvert's passkey trials, the filler and key compressed by the press, the question not."""
+    from kvconvert.evaluate import PASSKEY_QUESTION, passkey_found, passkey_trials
+
+    question = tok(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
+    passkey = {str(n): 0.0 for n in lengths}
+    for length, key, ids in passkey_trials(tok, lengths, trials):  # the keys and depths of kvconvert's eval
+        if ids[-len(question):] != question:
+            raise RuntimeError("the passkey prompt does not end with the question")
+        context, asked = ids[: -len(question)], ids[-len(question):]
+        keep_p = math.ceil(budget * len(ids))
+        p = None if press_name == "full" else make_press(press_name, 1 - keep_p / len(context))
+        cache, _ = compressed_prefill(model, p, torch.tensor([context], device=device), keep_p)
+        logits = extend(model, cache, torch.tensor([asked], device=device), len(context))[:, -1]
+        new, pos = [], len(ids)
+        for _ in range(8):  # greedy, over the same cache
+            new.append(int(logits.argmax(-1)))
+            logits = extend(model, cache, torch.tensor([[new[-1]]], device=device), pos)[:, -1]
+            pos += 1
+        passkey[str(length)] += passkey_found(tok.decode(new, skip_special_tokens=True), key)
+    return {n: hits / trials for n, hits in passkey.items()}
+
+
+def main() -> None:
+    args = parse_args()
     windows_n = args.windows or (3 if args.cpu else 8)
-    budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
-    spec = args.passkey or ("2048" if args.cpu else "2048,4096,8000")
-    lengths = [] if spec == "none" else [int(n) for n in spec.split(",") if n]
-    trials = args.passkey_trials or (10 if args.cpu else 50)
+    budgets, lengths, trials = policy_presets(args)
 
     import kvpress
     import transformers
 
     from kvconvert.convert.source import load_source, resolve
-    from kvconvert.evaluate import PASSKEY_QUESTION, passkey_found, passkey_trials, read_text, text_windows
+    from kvconvert.evaluate import read_text, text_windows
 
     transformers.utils.logging.disable_progress_bar()
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
@@ -96,7 +139,6 @@ def main() -> None:
     text = read_text(data_file("austen_persuasion.txt", args.text))
     windows = text_windows(tok, text, args.window, args.window * windows_n)
     W, ctx = windows.shape[1], windows.shape[1] - args.score_last
-    question = tok(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
 
     rows = []
     for press_name in ["full", *args.presses.split(",")]:
@@ -104,32 +146,8 @@ def main() -> None:
             t0 = time.perf_counter()
             keep = math.ceil(budget * W)
             press = None if press_name == "full" else make_press(press_name, 1 - keep / ctx)
-            nll, count, per_window = 0.0, 0, []
-            for n in range(windows.shape[0]):
-                ids = windows[n : n + 1].to(device)
-                cache, first = compressed_prefill(model, press, ids[:, :ctx], keep)
-                logits = torch.cat([first, extend(model, cache, ids[:, ctx:-1], ctx)], 1)
-                logp = F.log_softmax(logits.float(), -1)
-                window_nll = -logp.gather(-1, ids[:, ctx:, None]).sum().item()
-                nll += window_nll
-                count += W - ctx
-                per_window.append(window_nll / (W - ctx))
-            passkey = {str(n): 0.0 for n in lengths}
-            for length, key, ids in passkey_trials(tok, lengths, trials):  # the keys and depths of kvconvert's eval
-                if ids[-len(question):] != question:
-                    raise RuntimeError("the passkey prompt does not end with the question")
-                context, asked = ids[: -len(question)], ids[-len(question):]
-                keep_p = math.ceil(budget * len(ids))
-                p = None if press is None else make_press(press_name, 1 - keep_p / len(context))
-                cache, _ = compressed_prefill(model, p, torch.tensor([context], device=device), keep_p)
-                logits = extend(model, cache, torch.tensor([asked], device=device), len(context))[:, -1]
-                new, pos = [], len(ids)
-                for _ in range(8):  # greedy, over the same cache
-                    new.append(int(logits.argmax(-1)))
-                    logits = extend(model, cache, torch.tensor([[new[-1]]], device=device), pos)[:, -1]
-                    pos += 1
-                passkey[str(length)] += passkey_found(tok.decode(new, skip_special_tokens=True), key)
-            passkey = {n: hits / trials for n, hits in passkey.items()}
+            nll, count, per_window = text_nll(model, press, windows, ctx, keep, device)
+            passkey = passkey_hits(model, tok, press_name, budget, lengths, trials, device)
             row = {"press": press_name, "budget": budget, "perplexity": math.exp(nll / count), "predictions": count,
                    "window_nll": per_window,
                    "passkey": passkey, "seconds": round(time.perf_counter() - t0, 1)}

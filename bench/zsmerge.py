@@ -17,13 +17,14 @@ row, so rows compare trial by trial). Writes bench/results/zsmerge_smollm2[_cpu]
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
-from bench.common import argument_parser, data_file, write_result
+from bench.common import argument_parser, data_file, policy_presets, write_result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argument_parser(__doc__)
     ap.add_argument("--clla", default=None, help="SmolLM2 converted to 5%% (a CLLA folder; needed for the clla-5%% rows)")
     ap.add_argument("--cpu", action="store_true", help="the small CPU preset")
@@ -42,33 +43,64 @@ def main() -> None:
                     help="kvpress's protocol: compress the prompt only; the scored tokens extend the compressed cache")
     ap.add_argument("--models", default="source,clla-5%", help="which of source, clla-5%% to run")
     ap.add_argument("--name", default=None, help="result file name (default zsmerge_smollm2[_cpu][_chunkN][_prompt_only])")
-    args = ap.parse_args()
-    windows_n = args.windows if args.windows is not None else (3 if args.cpu else 8)
-    budgets = [float(b) for b in (args.budgets or ("0.05,0.25" if args.cpu else "0.05,0.10,0.25")).split(",")]
-    spec = args.passkey or ("2048" if args.cpu else "2048,4096,8000")
-    lengths = [] if spec == "none" else [int(n) for n in spec.split(",") if n]
-    trials = args.passkey_trials or (10 if args.cpu else 50)
-    policies = args.policies.split(",")
+    return ap.parse_args()
 
-    import torch
 
-    from kvconvert.evaluate import passkey_accuracy, read_text, runtime_generator, score_windows_with_policy, text_windows
+def load_models(wanted: list[str], clla: str | None, dtype, device: str) -> dict:
+    """{"source": SmolLM2 through the identity conversion, "clla-5%": the --clla folder}, those wanted, in the runtime."""
     from kvconvert.loading import load_clla, load_for_runtime
-    from kvconvert.runtime.policies import make_policy
 
-    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
-    text = read_text(data_file("austen_persuasion.txt", args.text))
-    wanted = args.models.split(",")
-    if "clla-5%" in wanted and not args.clla:
+    if "clla-5%" in wanted and not clla:
         sys.exit("error: the clla-5% rows need --clla OUT (or --models source)")
     models = {}
     if "source" in wanted:
         models["source"] = load_for_runtime("smollm2", dtype, device)
     if "clla-5%" in wanted:
-        models["clla-5%"] = load_clla(args.clla, dtype)
+        models["clla-5%"] = load_clla(clla, dtype)
         models["clla-5%"].model.to(device)
+    return models
+
+
+def measure_row(model_name: str, loaded, tok, policy: str, budget: float, windows, lengths: list[int], trials: int,
+                args: argparse.Namespace) -> dict:
+    """One row: perplexity of `windows` (None: passkey only) and passkey accuracy of a model under `policy` (a name
+    with optional :knob=value parts, or "full") at `budget`."""
+    from kvconvert.evaluate import passkey_accuracy, runtime_generator, score_windows_with_policy
+    from kvconvert.runtime.policies import make_policy
+
+    name_, *knobs = policy.split(":")
+    kw = {k: float(v) for k, v in (x.split("=", 1) for x in knobs)}
+    factory = (lambda p=name_, b=budget, kw=kw: make_policy(p, b, **kw)) if policy != "full" else (lambda: None)
+    t0 = time.perf_counter()
+    ppl = score_windows_with_policy(loaded.model, windows, factory, args.score_last, prompt_chunk=args.prompt_chunk,
+                                    prompt_only=args.prompt_only) if windows is not None else {}
+    gen = runtime_generator(loaded.model, factory, prompt_chunk=args.prompt_chunk)
+    keys = passkey_accuracy(loaded.model, tok, lengths, trials, generate=gen)
+    return {
+        "model": model_name, "policy": policy, "budget": budget,
+        "kv_bytes_per_token": loaded.model.config.source_kv_bytes_per_token if model_name == "source" else None,
+        "perplexity": ppl.get("perplexity"), "predictions": ppl.get("predictions"),
+        "window_nll": ppl.get("window_nll"), "passkey": {str(p["length"]): p["accuracy"] for p in keys},
+        "passkey_passed": {str(p["length"]): p["passed"] for p in keys},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    windows_n = args.windows if args.windows is not None else (3 if args.cpu else 8)
+    budgets, lengths, trials = policy_presets(args)
+    policies = args.policies.split(",")
+
+    import torch
+
+    from kvconvert.evaluate import read_text, text_windows
+
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    text = read_text(data_file("austen_persuasion.txt", args.text))
+    models = load_models(args.models.split(","), args.clla, dtype, device)
     tok = next(iter(models.values())).tokenizer
-    windows = text_windows(tok, text, args.window, args.window * windows_n) if windows_n else []
+    windows = text_windows(tok, text, args.window, args.window * windows_n) if windows_n else None
     name = args.name or ("zsmerge_smollm2" + ("_cpu" if args.cpu else "") + (f"_chunk{args.prompt_chunk}" if args.prompt_chunk else "")
                          + ("_prompt_only" if args.prompt_only else ""))
     rows = []
@@ -84,22 +116,7 @@ def main() -> None:
     for model_name, loaded in models.items():
         for policy in ["full", *policies]:
             for budget in [1.0] if policy == "full" else budgets:
-                name_, *knobs = policy.split(":")
-                kw = {k: float(v) for k, v in (x.split("=", 1) for x in knobs)}
-                factory = (lambda p=name_, b=budget, kw=kw: make_policy(p, b, **kw)) if policy != "full" else (lambda: None)
-                t0 = time.perf_counter()
-                ppl = score_windows_with_policy(loaded.model, windows, factory, args.score_last, prompt_chunk=args.prompt_chunk,
-                                                prompt_only=args.prompt_only) if windows_n else {}
-                gen = runtime_generator(loaded.model, factory, prompt_chunk=args.prompt_chunk)
-                keys = passkey_accuracy(loaded.model, tok, lengths, trials, generate=gen)
-                row = {
-                    "model": model_name, "policy": policy, "budget": budget,
-                    "kv_bytes_per_token": loaded.model.config.source_kv_bytes_per_token if model_name == "source" else None,
-                    "perplexity": ppl.get("perplexity"), "predictions": ppl.get("predictions"),
-                    "window_nll": ppl.get("window_nll"), "passkey": {str(p["length"]): p["accuracy"] for p in keys},
-                    "passkey_passed": {str(p["length"]): p["passed"] for p in keys},
-                    "seconds": round(time.perf_counter() - t0, 1),
-                }
+                row = measure_row(model_name, loaded, tok, policy, budget, windows, lengths, trials, args)
                 rows.append(row)
                 save()
                 ppl_txt = f"{row['perplexity']:9.3f}" if row["perplexity"] is not None else "        -"

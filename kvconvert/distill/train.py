@@ -316,6 +316,132 @@ def check_resumable(ckpt: Path, fingerprint: dict) -> dict | None:
     return prog
 
 
+def _place_models(student, teacher, opts: DistillOptions, world: dist.World, device: torch.device):
+    """Move both models to the device (the teacher frozen, bf16 on GPU), turn on gradient checkpointing, and shard
+    them (FSDP) or wrap the student (DDP). Returns the module a training forward goes through."""
+    student.to(device).train()
+    teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    if opts.grad_checkpointing if opts.grad_checkpointing is not None else device.type == "cuda":
+        student.model.gradient_checkpointing = True
+    if opts.fsdp:
+        shard(student, student.model.layers)
+        shard(teacher, teacher.model.layers)
+    elif world.distributed:
+        return torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return student
+
+
+class _TrainingRun:
+    """One run's models, optimizer, scheduler and progress, and its stages: a training step, a validation, a
+    checkpoint. `train` drives them step by step and owns the timing and the signals."""
+
+    def __init__(self, student, teacher, data: TrainingData, opts: DistillOptions, ckpt: Path, world: dist.World,
+                 teacher_name: str, resume: bool, log: Callable[[str], None]):
+        self.student, self.teacher, self.data, self.opts, self.ckpt, self.world, self.log = (
+            student, teacher, data, opts, ckpt, world, log)
+        self.device = torch.device(world.device)
+        self.autocast = _autocast(self.device)
+        self.steps = opts.steps(world)
+        self.fingerprint = opts.fingerprint(world, teacher_name)
+        names = trainable_names(student, opts.train)
+        self.names = set(names)
+        for n, p in student.named_parameters():
+            p.requires_grad_(n in self.names)
+        self.start, self.history, self.best = 0, [], {"step": None, "kl": math.inf}
+        self.best_state = full_params(student, self.names, fsdp=False)
+        rms = {n: t.pow(2).mean().sqrt().item() for n, t in self.best_state.items()}  # of the initial weights
+        opt_state = self._restore() if resume else None
+        self.model = _place_models(student, teacher, opts, world, self.device)
+        self.params = [p for n, p in student.named_parameters() if n in self.names]  # after sharding: the DTensors
+        self.optimizer = make_optimizer(student, names, rms, opts)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.steps, opts.warmup, opts.min_lr_ratio)
+        )
+        if opt_state is not None:
+            load_optimizer_state(student, self.optimizer, opt_state["optimizer"], opts.fsdp)
+            self.scheduler.load_state_dict(opt_state["scheduler"])
+
+    def _restore(self) -> dict | None:
+        """Load the saved trainable weights, best weights and progress; return the optimizer + scheduler state
+        (None when the interrupted run saved nothing yet)."""
+        prog = check_resumable(self.ckpt, self.fingerprint)
+        if prog is None:
+            self.log("the interrupted run saved no training state yet: starting at step 0")
+            return None
+        state = self.ckpt / "state"
+        current = load_file(str(state / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in self.student.named_parameters():
+                if n in self.names:
+                    p.copy_(current[n])
+        self.best_state = load_file(str(state / "best.safetensors"))
+        opt_state = torch.load(state / "optim.pt", weights_only=True, map_location="cpu")
+        self.start, self.history, self.best = prog["step"], prog["history"], prog["best"]
+        self.log(f"resuming at step {self.start:,} of {self.steps:,}")
+        return opt_state
+
+    def _micro_batch(self, step: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of micro-batch `m` of optimizer step `step`; gradients are synchronized across
+        processes only on the last micro-batch. Returns (loss, kl) of this micro-batch."""
+        A, W, opts = self.opts.grad_accum, self.world.size, self.opts
+        use_hidden = opts.hidden_weight > 0
+        ids = self.data.micro_batch(step * A * W + m * W + self.world.rank, opts.batch_size).to(self.device)
+        with torch.no_grad(), self.autocast():
+            t_out = self.teacher(ids, use_cache=False, output_hidden_states=use_hidden)
+        last = m == A - 1
+        if opts.fsdp:
+            self.student.set_requires_gradient_sync(last)  # reduce-scatter gradients once per step
+        ddp = self.model is not self.student
+        with self.model.no_sync() if ddp and not last else contextlib.nullcontext():
+            with self.autocast():
+                s_out = self.model(ids, use_cache=False, output_hidden_states=use_hidden)
+            loss, kl = distill_loss(s_out.logits, t_out.logits, opts.temperature, s_out.hidden_states,
+                                    t_out.hidden_states, opts.hidden_weight)
+            (loss / A).backward()
+        return loss, kl
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step (0-based `step`) over `grad_accum` micro-batches; returns its history row."""
+        A = self.opts.grad_accum
+        loss_sum = kl_sum = 0.0
+        for m in range(A):
+            loss, kl = self._micro_batch(step, m)
+            loss_sum += loss.item() / A
+            kl_sum += kl.item() / A
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.opts.clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        row = {"step": step + 1, "loss": dist.mean(self.world, loss_sum), "kl": dist.mean(self.world, kl_sum),
+               "grad_norm": grad_norm, "lr": self.opts.lr * self.scheduler.lr_lambdas[0](step)}
+        self.history.append(row)
+        return row
+
+    def run_validation(self, step: int) -> None:
+        """Validate after `step` steps; keep the trainable weights when they are the best so far."""
+        v = validate(self.student, self.teacher, self.data.val, self.opts.batch_size, self.device, self.autocast,
+                     self.world)
+        self.history.append({"step": step, "val_kl": v["kl"], "val_top1": v["top1"], "val_ppl": v["ppl"]})
+        if v["kl"] < self.best["kl"]:  # the same decision on every process: the figures are reduced
+            self.best = {"step": step} | v
+            self.best_state = full_params(self.student, self.names, self.opts.fsdp)
+        self.log(f"step {step:,}: validation KL {v['kl']:.4f}, top-1 {v['top1']:.1%}, ppl {v['ppl']:.3f}")
+
+    def save_checkpoint(self, step: int) -> None:
+        """Save `state/` after `step` steps (gathered by every process, written by process 0)."""
+        fsdp = self.opts.fsdp
+        current = full_params(self.student, self.names, fsdp)
+        optim = {"optimizer": optimizer_state(self.student, self.optimizer, fsdp),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.world.is_main:
+            save_state(self.ckpt, current, self.best_state, optim,
+                       {"step": step, "history": self.history, "best": self.best, "fingerprint": self.fingerprint})
+        dist.barrier(self.world)
+
+
 def train(
     student,
     teacher,
@@ -330,117 +456,23 @@ def train(
 ) -> DistillResult:
     """Distill `teacher` into `student` (trained in place; under FSDP sharded in place). The best validated
     trainable weights are in the result's `best_state` (fp32, CPU; on process 0)."""
-    device = torch.device(world.device)
-    autocast = _autocast(device)
-    steps = opts.steps(world)
-    fingerprint = opts.fingerprint(world, teacher_name)
-    names = trainable_names(student, opts.train)
-    names_set = set(names)
-    for n, p in student.named_parameters():
-        p.requires_grad_(n in names_set)
-    start, history, best = 0, [], {"step": None, "kl": math.inf}
-    best_state = full_params(student, names_set, fsdp=False)
-    rms = {n: t.pow(2).mean().sqrt().item() for n, t in best_state.items()}  # of the initial weights
-    opt_state = None
-    state = ckpt / "state"
-    if resume and not (state / "progress.json").is_file():
-        log("the interrupted run saved no training state yet: starting at step 0")
-    elif resume:
-        prog = json.loads((state / "progress.json").read_text())
-        if prog["fingerprint"] != fingerprint:
-            diff = sorted(k for k in fingerprint if prog["fingerprint"].get(k) != fingerprint[k])
-            raise KvconvertError(
-                f"{ckpt}: the checkpoint was made with other options ({', '.join(diff)}); resume with the same ones"
-            )
-        current = load_file(str(state / "trainable.safetensors"))
-        with torch.no_grad():
-            for n, p in student.named_parameters():
-                if n in names_set:
-                    p.copy_(current[n])
-        best_state = load_file(str(state / "best.safetensors"))
-        opt_state = torch.load(state / "optim.pt", weights_only=True, map_location="cpu")
-        start, history, best = prog["step"], prog["history"], prog["best"]
-        log(f"resuming at step {start:,} of {steps:,}")
-    student.to(device).train()
-    teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
-    if opts.grad_checkpointing if opts.grad_checkpointing is not None else device.type == "cuda":
-        student.model.gradient_checkpointing = True
-    model = student
-    if opts.fsdp:
-        shard(student, student.model.layers)
-        shard(teacher, teacher.model.layers)
-    elif world.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    params = [p for n, p in student.named_parameters() if n in names_set]
-    optimizer = make_optimizer(student, names, rms, opts)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, opts.warmup, opts.min_lr_ratio)
-    )
-    if opt_state is not None:
-        load_optimizer_state(student, optimizer, opt_state["optimizer"], opts.fsdp)
-        scheduler.load_state_dict(opt_state["scheduler"])
-    use_hidden = opts.hidden_weight > 0
-    A, W, b = opts.grad_accum, world.size, opts.batch_size
-    tokens_per_step = opts.global_batch(world) * opts.seq_len
-
-    def run_validation(step: int) -> None:
-        nonlocal best, best_state
-        v = validate(student, teacher, data.val, b, device, autocast, world)
-        history.append({"step": step, "val_kl": v["kl"], "val_top1": v["top1"], "val_ppl": v["ppl"]})
-        if v["kl"] < best["kl"]:  # the same decision on every process: the figures are reduced
-            best = {"step": step} | v
-            best_state = full_params(student, names_set, opts.fsdp)
-        log(f"step {step:,}: validation KL {v['kl']:.4f}, top-1 {v['top1']:.1%}, ppl {v['ppl']:.3f}")
-
-    def checkpoint(step: int) -> None:
-        current = full_params(student, names_set, opts.fsdp)
-        optim = {"optimizer": optimizer_state(student, optimizer, opts.fsdp), "scheduler": scheduler.state_dict()}
-        if world.is_main:
-            save_state(ckpt, current, best_state, optim,
-                       {"step": step, "history": history, "best": best, "fingerprint": fingerprint})
-        dist.barrier(world)
-
+    run = _TrainingRun(student, teacher, data, opts, ckpt, world, teacher_name, resume, log)
+    steps, tokens_per_step = run.steps, opts.global_batch(world) * opts.seq_len
     t0, timed_tokens, train_time = time.perf_counter(), 0, 0.0
     with StopRequested() as stop:
-        if start == 0 and not any("val_kl" in h for h in history):
-            run_validation(0)  # the zero-shot figure, and the best so far
-        for step in range(start, steps):
+        if run.start == 0 and not any("val_kl" in h for h in run.history):
+            run.run_validation(0)  # the zero-shot figure, and the best so far
+        for step in range(run.start, steps):
             step_t0 = time.perf_counter()
-            loss_sum = kl_sum = 0.0
-            for m in range(A):
-                ids = data.micro_batch(step * A * W + m * W + world.rank, b).to(device)
-                with torch.no_grad(), autocast():
-                    t_out = teacher(ids, use_cache=False, output_hidden_states=use_hidden)
-                last = m == A - 1
-                if opts.fsdp:
-                    student.set_requires_gradient_sync(last)  # reduce-scatter gradients once per step
-                sync = model.no_sync() if model is not student and not last else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        s_out = model(ids, use_cache=False, output_hidden_states=use_hidden)
-                    loss, kl = distill_loss(s_out.logits, t_out.logits, opts.temperature, s_out.hidden_states,
-                                            t_out.hidden_states, opts.hidden_weight)
-                    (loss / A).backward()
-                loss_sum += loss.item() / A
-                kl_sum += kl.item() / A
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.clip)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            row = {"step": step + 1, "loss": dist.mean(world, loss_sum), "kl": dist.mean(world, kl_sum),
-                   "grad_norm": grad_norm, "lr": opts.lr * scheduler.lr_lambdas[0](step)}
-            history.append(row)
+            row = run.train_step(step)
             timed_tokens += tokens_per_step
             train_time += time.perf_counter() - step_t0
-            progress(step + 1, steps, row | {"tokens_per_s": timed_tokens / train_time, "best_kl": best["kl"]})
+            progress(step + 1, steps, row | {"tokens_per_s": timed_tokens / train_time, "best_kl": run.best["kl"]})
             if (step + 1) % opts.eval_every == 0 or step + 1 == steps:
-                run_validation(step + 1)
-            stopping = dist.any_rank(world, stop.signal is not None)
+                run.run_validation(step + 1)
+            stopping = dist.any_rank(world, stop.signal is not None)  # every process stops at the same step
             if (step + 1) % opts.save_every == 0 or stopping or step + 1 == steps:
-                checkpoint(step + 1)
+                run.save_checkpoint(step + 1)
             if stopping and step + 1 < steps:
                 signum = stop.signal or signal.SIGTERM
                 raise Interrupted(
@@ -448,5 +480,5 @@ def train(
                     f" {ckpt}; continue with the same command and --resume",
                     signum,
                 )
-    return DistillResult(steps, steps * tokens_per_step, time.perf_counter() - t0, best, history, data.origin, str(device),
-                         timed_tokens / train_time if train_time else 0.0, best_state)
+    return DistillResult(steps, steps * tokens_per_step, time.perf_counter() - t0, run.best, run.history, data.origin,
+                         str(run.device), timed_tokens / train_time if train_time else 0.0, run.best_state)

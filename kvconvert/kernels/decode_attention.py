@@ -17,6 +17,7 @@ valid range of every row is read from `seq_lens` inside the kernel, and the laun
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -125,6 +126,14 @@ def _latent_decode_split_kernel(
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, GATHER: tl.constexpr,
 ):
+    """Grid (B, NUM_SPLITS, cdiv(H, BLOCK_H)), algorithm in the file's first comment. Writes out (B, H, R + RT) when
+    DIRECT_OUT (one split), else fp32 partials (B, NUM_SPLITS, H, R + RT) and log2-sum-exps (B, NUM_SPLITS, H).
+
+    Long on purpose: one Triton program read top to bottom (the row's valid range and query tiles; the loop over
+    position tiles: dequantize, scores, online softmax; the store). What repeats is already a @triton.jit helper
+    (_load_tile, _tile_columns). The rest stays inline: the softmax state (m_i, l_i, acc, acc_t) is carried through
+    the loop, and q_tail, acc_t, ct, q_rope, k exist only under their HAS_* flags, so a helper would take and return
+    a dozen tensors, some undefined when their flag is off, to be called once."""
     pid_b = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_h = tl.program_id(2)
@@ -333,10 +342,86 @@ def default_num_splits(batch: int, capacity: int, block_t: int, device: torch.de
     return max(1, min(want, tiles))
 
 
-def _scales_and_strides(stream: Stream) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+@dataclass(frozen=True)
+class _StreamArgs:
+    """One stream as the split kernel takes it. An absent stream passes a placeholder tensor as both pointers, zero
+    strides and 16 bits (its HAS_* flag keeps the kernel from reading it)."""
+
+    data: torch.Tensor  # (B, S, bytes per position)
+    scales: torch.Tensor  # (B, S, groups, 2) (scale, zero); `data` itself for 16-bit streams (unread)
+    stride_data: tuple[int, int, int]
+    stride_scales: tuple[int, int, int, int]
+    bits: int
+    geometry: tuple[int, int, int]  # (GROUP, GW, NG) of its tile: _tile_geometry
+
+    @property
+    def columns(self) -> int:  # the tile's width, NG * GW
+        return self.geometry[1] * self.geometry[2]
+
+    def meta(self, prefix: str) -> dict[str, int]:
+        """The kernel's compile-time constants of this stream: {PREFIX}_BITS, _GROUP, _GW, _NG."""
+        group, gw, ng = self.geometry
+        return {f"{prefix}_BITS": self.bits, f"{prefix}_GROUP": group, f"{prefix}_GW": gw, f"{prefix}_NG": ng}
+
+
+def _stream_args(stream: Stream | None, placeholder: torch.Tensor) -> _StreamArgs:
+    if stream is None:
+        return _StreamArgs(placeholder, placeholder, (0, 0, 0), (0, 0, 0, 0), 16, (16, 16, 1))
     if stream.bits >= 16:
-        return stream.data, (0, 0, 0, 0)
-    return stream.scales, tuple(stream.scales.stride())
+        scales, stride_scales = stream.data, (0, 0, 0, 0)
+    else:
+        scales, stride_scales = stream.scales, tuple(stream.scales.stride())
+    return _StreamArgs(stream.data, scales, tuple(stream.data.stride()), stride_scales, stream.bits,
+                       _tile_geometry(stream.bits, stream.group, stream.width))
+
+
+def _check_decode_inputs(q_lat, q_rope, latent, rope, tail) -> None:
+    if q_lat is None and q_rope is None:
+        raise ValueError("latent_decode needs q_lat or q_rope")
+    if q_rope is not None and rope is None:
+        raise ValueError("q_rope needs the rope stream")
+    if any(s is not None and s.bits not in (2, 4, 8, 16) for s in (latent, tail, rope)):
+        raise ValueError("streams are stored at 16, 8, 4 or 2 bits")
+
+
+def _launch_config(B: int, H: int, S: int, block_r: int, block_wr: int, device: torch.device, num_splits: int | None,
+                   block_t: int | None, num_warps: int | None, programs_per_sm: int | None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_H, BLOCK_T, num_warps, num_splits, chunk): the given launch parameters, the defaults for those left
+    None; chunk is the positions per split, a whole number of BLOCK_T tiles."""
+    block_h = min(max(16, triton.next_power_of_2(H)), _MAX_BLOCK_H)
+    tile_t, tile_warps = _tile_config(block_h, block_r, block_wr)
+    block_t = block_t or tile_t
+    num_warps = num_warps or tile_warps
+    if num_splits is None:
+        num_splits = default_num_splits(B, S, block_t, device, programs_per_sm or 2)
+    num_splits = max(1, int(num_splits))
+    chunk = triton.cdiv(triton.cdiv(S, num_splits), block_t) * block_t
+    return block_h, block_t, num_warps, num_splits, chunk
+
+
+def _split_partials(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
+    """(part_out (B, NUM_SPLITS, H, R) fp32, part_lse (B, NUM_SPLITS, H) fp32 in log2 units, their strides) for
+    `out` (B, H, R). One split writes `out` directly: `out` stands in for both, with zero strides."""
+    if num_splits == 1:
+        return out, out, (0, 0, 0, 0), (0, 0, 0)
+    B, H, R = out.shape
+    part_out = torch.empty(B, num_splits, H, R, dtype=torch.float32, device=out.device)
+    part_lse = torch.empty(B, num_splits, H, dtype=torch.float32, device=out.device)
+    return part_out, part_lse, part_out.stride(), part_lse.stride()
+
+
+def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """out (B, H, R) = the splits' partial outputs weighted by their log-sum-exps (_merge_splits_kernel)."""
+    B, num_splits, H, R = part_out.shape
+    _merge_splits_kernel[(B, H)](
+        part_out, part_lse, out,
+        R, num_splits,
+        *part_out.stride(), *part_lse.stride(), *out.stride(),
+        # a (BLOCK_S, BLOCK_R) fp32 tile of partial outputs per step: at most 4096 values (32 per thread)
+        BLOCK_S=max(2, min(32, triton.next_power_of_2(num_splits), 4096 // triton.next_power_of_2(R))),
+        BLOCK_R=triton.next_power_of_2(R),
+        num_warps=4, enable_fp_fusion=True,
+    )
 
 
 def latent_decode_triton(
@@ -366,108 +451,55 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
                    log_weights=None, num_warps=None, num_stages=None, programs_per_sm=None, key_scale=None,
                    head_bias=None, gather=False, tail=None):
     """latent_decode_triton with the launch parameters open (tests and bench/kernels.py --sweep): block_t,
-    num_warps, num_stages (None: the defaults below), programs_per_sm (sizes num_splits when that is None), gather
-    (the earlier per-value loads, _load_tile)."""
-    q = q_lat if q_lat is not None else q_rope
-    if q is None:
-        raise ValueError("latent_decode needs q_lat or q_rope")
-    if q_rope is not None and rope is None:
-        raise ValueError("q_rope needs the rope stream")
+    num_warps, num_stages (None: the defaults of _launch_config), programs_per_sm (sizes num_splits when that is
+    None), gather (the earlier per-value loads, _load_tile). Checks the inputs, sizes the launch (_launch_config),
+    allocates the split partials, launches the split kernel and merges the splits."""
     if q_rope is None:
         rope = None  # like the reference: without rope queries the rope stream does not enter the scores
-    if any(s is not None and s.bits not in (2, 4, 8, 16) for s in (latent, tail, rope)):
-        raise ValueError("streams are stored at 16, 8, 4 or 2 bits")
+    _check_decode_inputs(q_lat, q_rope, latent, rope, tail)
+    q = q_lat if q_lat is not None else q_rope
     B, H = q.shape[:2]
     R = latent.width
     RT = tail.width if tail is not None else 0
-    WR = rope.width if rope is not None else 0
     S = latent.data.shape[1]
-    device = latent.data.device
-
-    lat_geom = _tile_geometry(latent.bits, latent.group, R)
-    tail_geom = _tile_geometry(tail.bits, tail.group, RT) if tail is not None else (16, 16, 1)
-    rope_geom = _tile_geometry(rope.bits, rope.group, WR) if rope is not None else (16, 16, 1)
-    block_r = lat_geom[1] * lat_geom[2] + (tail_geom[1] * tail_geom[2] if tail is not None else 0)
-    block_wr = rope_geom[1] * rope_geom[2]
-    block_h = min(max(16, triton.next_power_of_2(H)), _MAX_BLOCK_H)
-    tile_t, tile_warps = _tile_config(block_h, block_r, block_wr if rope is not None else 0)
-    block_t = block_t or tile_t
-    num_warps = num_warps or tile_warps
-    if num_splits is None:
-        num_splits = default_num_splits(B, S, block_t, device, programs_per_sm or 2)
-    num_splits = max(1, int(num_splits))
-    chunk = triton.cdiv(triton.cdiv(S, num_splits), block_t) * block_t
-
-    out = torch.empty(B, H, R + RT, dtype=q.dtype, device=device)
-    direct = num_splits == 1
-    if direct:
-        part_out = out  # unused
-        part_lse = out
-        stride_po = (0, 0, 0, 0)
-        stride_pl = (0, 0, 0)
-    else:
-        part_out = torch.empty(B, num_splits, H, R + RT, dtype=torch.float32, device=device)
-        part_lse = torch.empty(B, num_splits, H, dtype=torch.float32, device=device)
-        stride_po = part_out.stride()
-        stride_pl = part_lse.stride()
-
-    lat_scales, stride_lsc = _scales_and_strides(latent)
-    if tail is not None:
-        tail_data, stride_tail = tail.data, tail.data.stride()
-        tail_scales, stride_tsc = _scales_and_strides(tail)
-    else:
-        tail_data, tail_scales, stride_tail, stride_tsc = latent.data, latent.data, (0, 0, 0), (0, 0, 0, 0)
-    if rope is not None:
-        rope_data = rope.data
-        rope_scales, stride_rsc = _scales_and_strides(rope)
-        stride_rope = rope.data.stride()
-        rope_bits = rope.bits
-    else:
-        rope_data, rope_scales, stride_rsc, stride_rope = latent.data, latent.data, (0, 0, 0, 0), (0, 0, 0)
-        rope_bits = 16
-    stride_ql = q_lat.stride() if q_lat is not None else (0, 0, 0)
-    stride_qr = q_rope.stride() if q_rope is not None else (0, 0, 0)
+    lat_args, tail_args, rope_args = (_stream_args(s, latent.data) for s in (latent, tail, rope))
+    block_r = lat_args.columns + (tail_args.columns if tail is not None else 0)
+    block_h, block_t, num_warps, num_splits, chunk = _launch_config(
+        B, H, S, block_r, rope_args.columns if rope is not None else 0, latent.data.device, num_splits, block_t,
+        num_warps, programs_per_sm,
+    )
+    out = torch.empty(B, H, R + RT, dtype=q.dtype, device=latent.data.device)
+    part_out, part_lse, stride_po, stride_pl = _split_partials(out, num_splits)
     dot_dtype = _DOT_DTYPES[q.dtype]
 
-    grid = (B, num_splits, triton.cdiv(H, block_h))
-    _latent_decode_split_kernel[grid](
+    _latent_decode_split_kernel[(B, num_splits, triton.cdiv(H, block_h))](
         q_lat if q_lat is not None else q, q_rope if q_rope is not None else q,
-        latent.data, lat_scales, tail_data, tail_scales, rope_data, rope_scales, seq_lens,
+        lat_args.data, lat_args.scales, tail_args.data, tail_args.scales, rope_args.data, rope_args.scales, seq_lens,
         log_weights if log_weights is not None else out, key_scale if key_scale is not None else out,
         head_bias if head_bias is not None else out,
         part_out, part_lse, out,
         H, S, chunk, int(window) if window is not None else 0, float(softmax_scale) * _LOG2E,
         H // key_scale.shape[-1] if key_scale is not None else 1,
-        *stride_ql, *stride_qr,
-        *latent.data.stride(), *stride_lsc,
-        *stride_tail, *stride_tsc,
-        *stride_rope, *stride_rsc,
+        *(q_lat.stride() if q_lat is not None else (0, 0, 0)), *(q_rope.stride() if q_rope is not None else (0, 0, 0)),
+        *lat_args.stride_data, *lat_args.stride_scales,
+        *tail_args.stride_data, *tail_args.stride_scales,
+        *rope_args.stride_data, *rope_args.stride_scales,
         *(log_weights.stride() if log_weights is not None else (0, 0)),
         *(key_scale.stride() if key_scale is not None else (0, 0, 0)),
         *(head_bias.stride() if head_bias is not None else (0, 0)),
         *stride_po, *stride_pl,
         *out.stride(),
-        R=R, RT=RT, WR=WR, LAT_BITS=latent.bits, LAT_GROUP=lat_geom[0], LAT_GW=lat_geom[1], LAT_NG=lat_geom[2],
-        TAIL_BITS=tail.bits if tail is not None else 16, TAIL_GROUP=tail_geom[0], TAIL_GW=tail_geom[1],
-        TAIL_NG=tail_geom[2],
-        ROPE_BITS=rope_bits, ROPE_GROUP=rope_geom[0], ROPE_GW=rope_geom[1], ROPE_NG=rope_geom[2],
+        R=R, RT=RT, WR=rope.width if rope is not None else 0,
+        **lat_args.meta("LAT"), **tail_args.meta("TAIL"), **rope_args.meta("ROPE"),
         HAS_Q_LAT=q_lat is not None, HAS_TAIL=tail is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None,
         HAS_LOG_W=log_weights is not None, HAS_KEY_SCALE=key_scale is not None,
-        HAS_HEAD_BIAS=head_bias is not None, DIRECT_OUT=direct,
+        HAS_HEAD_BIAS=head_bias is not None, DIRECT_OUT=num_splits == 1,
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
         BLOCK_H=block_h, BLOCK_T=block_t, GATHER=bool(gather),
         num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}),
         enable_fp_fusion=True,  # code * scale + zero as one FMA
     )
-    if not direct:
-        _merge_splits_kernel[(B, H)](
-            part_out, part_lse, out,
-            R + RT, num_splits,
-            *stride_po, *stride_pl, *out.stride(),
-            # a (BLOCK_S, BLOCK_R) fp32 tile of partial outputs per step: at most 4096 values (32 per thread)
-            BLOCK_S=max(2, min(32, triton.next_power_of_2(num_splits), 4096 // triton.next_power_of_2(R + RT))),
-            BLOCK_R=triton.next_power_of_2(R + RT),
-            num_warps=4, enable_fp_fusion=True,
-        )
+    if num_splits > 1:
+        _merge_splits(part_out, part_lse, out)
     return out
