@@ -1,0 +1,160 @@
+"""Synthetic long-context tasks, generated locally and seeded (the task families of RULER, arXiv 2404.06654).
+
+A trial is a haystack of `length` tokens or a little fewer, with facts ("needles") at seeded depths, then a question
+about them. Its answers are strings that the model's greedy continuation must all contain (scored by `passed`).
+
+Tasks:
+- `single`: one needle, a 5-digit code for a key; asked for that key.
+- `multikey`: needles for several keys (the others are distractors); asked for one key.
+- `multivalue`: several codes for one key; asked for all of them.
+- `variables`: a chain of assignments (X = 12345, Y = X, Z = Y, ...) among distractor chains; asked which variables
+  hold the value.
+
+The haystack is real prose when a text is given (a contiguous run of its sentences from a seeded start; refused if the
+text is too short), else sentences made from a seeded word list, so that no data is needed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from .errors import KvconvertError
+
+TASKS = ("single", "multikey", "multivalue", "variables")
+
+_SUBJECTS = ["the river", "an old farmer", "the north road", "a grey cat", "the market", "the small boat", "my aunt",
+             "the village choir", "a tall pine", "the morning train", "the baker", "a quiet student", "the harbour",
+             "the orchard", "a stray dog", "the lighthouse", "the mill", "our neighbour", "the bell tower", "a sailor"]
+_VERBS = ["passed", "watched", "crossed", "followed", "remembered", "painted", "visited", "ignored", "described",
+          "circled", "carried", "found", "left", "welcomed", "measured", "warmed", "reached", "lit", "shaded", "kept"]
+_OBJECTS = ["the long meadow", "a wooden bridge", "the evening light", "three letters", "the empty square",
+            "a basket of apples", "the stone wall", "an open window", "the winter coats", "a narrow lane",
+            "the garden gate", "two silver spoons", "the last lantern", "a folded map", "the church steps",
+            "a pair of boots", "the wet fields", "the kitchen table", "a blue kettle", "the high hills"]
+_TAILS = ["before noon", "in silence", "after the rain", "as usual", "without a word", "for an hour", "at dusk",
+          "once again", "with some care", "in the cold", "near the end of the week", "by the fire"]
+_KEYS = ["amber", "basalt", "cedar", "dahlia", "ember", "falcon", "garnet", "heron", "indigo", "juniper", "kestrel",
+         "lilac", "marble", "nettle", "onyx", "pepper", "quartz", "raven", "saffron", "thistle", "umber", "violet",
+         "willow", "yarrow", "zephyr", "acorn", "bramble", "cobalt", "driftwood", "elder"]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One prompt: `context` (haystack with needles) then `question`; `answers` must all appear in the reply.
+    `depths`: where each needle sits, as a share of the haystack's sentences (0: start, 1: end)."""
+
+    task: str
+    length: int
+    seed: int
+    context: str
+    question: str
+    answers: tuple[str, ...]
+    depths: tuple[float, ...]
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.context}\n\n{self.question}"
+
+
+def passed(reply: str, answers: tuple[str, ...]) -> bool:
+    """Whether every answer occurs in the reply as a whole word (a code inside a longer number does not count)."""
+    return all(re.search(rf"(?<![\w]){re.escape(a)}(?![\w])", reply) for a in answers)
+
+
+def text_sentences(text: str) -> list[str]:
+    """The sentences of a text, whitespace collapsed (a sentence ends at . ! or ? followed by a space)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
+
+
+def _generated_sentence(rng: random.Random) -> str:
+    s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}."
+    return s[0].upper() + s[1:]
+
+
+def _code(rng: random.Random, used: set[str]) -> str:
+    while (code := str(rng.randint(10000, 99999))) in used:
+        pass
+    used.add(code)
+    return code
+
+
+def _variable(rng: random.Random, used: set[str]) -> str:
+    while (name := "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5))) in used:
+        pass
+    used.add(name)
+    return name
+
+
+def _needles(task: str, rng: random.Random, n_keys: int, n_values: int, chain: int) -> tuple[list[str], str, tuple]:
+    """(needle sentences, question, answers) of one trial."""
+    used: set[str] = set()
+    if task == "variables":
+        chains = []
+        for _ in range(n_keys):  # the first chain is asked about; the others are distractors
+            names = [_variable(rng, used) for _ in range(chain)]
+            value = _code(rng, used)
+            chains.append((names, value))
+        needles = [f"VAR {names[0]} = {value}." for names, value in chains]
+        needles += [f"VAR {b} = VAR {a}." for names, _ in chains for a, b in zip(names, names[1:])]
+        names, value = chains[0]
+        question = (f"Which variables hold the value {value} after the assignments above? "
+                    f"Answer with their names.\nAnswer: the variables holding {value} are")
+        return needles, question, tuple(names)
+    keys = rng.sample(_KEYS, n_keys)
+    values = {k: [_code(rng, used) for _ in range(n_values if task == "multivalue" else 1)] for k in keys}
+    needles = [f"Remember this: the secret code of {k} is {v}." for k in keys for v in values[k]]
+    key = keys[0]
+    if task == "multivalue":
+        question = f"What are all the secret codes of {key} in the text above?\nAnswer: the secret codes of {key} are"
+    else:
+        question = f"What is the secret code of {key} in the text above?\nAnswer: the secret code of {key} is"
+    return needles, question, tuple(values[key])
+
+
+def make_trial(task: str, tokenizer, length: int, seed: int, sentences: list[str] | None = None,
+               n_keys: int | None = None, n_values: int = 4, chain: int = 4) -> Trial:
+    """A trial of `task` whose prompt (`Trial.prompt`) is at most `length` tokens of `tokenizer` and within about
+    a sentence of it. sentences: the haystack's source (`text_sentences` of a text; a contiguous run is taken from a
+    seeded start); None: generated sentences. n_keys: needles' keys (single: 1; multikey: 4; multivalue: 1;
+    variables: chains, the first asked about)."""
+    if task not in TASKS:
+        raise KvconvertError(f"unknown long-context task {task!r}: choose from {', '.join(TASKS)}")
+    rng = random.Random(f"{task}/{length}/{seed}")
+    n_keys = n_keys or {"single": 1, "multikey": 4, "multivalue": 1, "variables": 2}[task]
+    needles, question, answers = _needles(task, rng, n_keys, n_values, chain)
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    budget = length - n_tokens("\n\n" + question) - sum(n_tokens(" " + s) for s in needles)
+    if budget < 16:
+        raise KvconvertError(f"{length} tokens leave no room for a haystack around the {task} task's needles")
+    hay, used = [], 0
+    start = rng.randrange(len(sentences)) if sentences else 0
+    while used < budget:
+        if sentences is None:
+            s = _generated_sentence(rng)
+        elif len(hay) < len(sentences):
+            s = sentences[(start + len(hay)) % len(sentences)]
+        else:
+            raise KvconvertError(f"the haystack text is too short for {length} tokens ({used:,} tokens in all)")
+        used += n_tokens(" " + s)
+        hay.append(s)
+    depths = sorted(rng.random() for _ in needles)
+    order = list(range(len(needles)))
+    if task != "variables":  # a chain's assignments stay in order; other needles fall anywhere
+        rng.shuffle(order)
+    while True:
+        trial = _assemble(task, length, seed, hay, [needles[i] for i in order], depths, question, answers)
+        if n_tokens(trial.prompt) <= length or len(hay) <= 1:
+            return trial
+        hay.pop()  # tokenizing sentences apart and together can differ by a token at each join
+
+
+def _assemble(task, length, seed, hay, needles, depths, question, answers) -> Trial:
+    parts = list(hay)
+    for needle, depth in sorted(zip(needles, depths), key=lambda p: -p[1]):  # from the end, so indices hold
+        parts.insert(round(depth * len(hay)), needle)
+    return Trial(task, length, seed, " ".join(parts), question, answers, tuple(depths))
