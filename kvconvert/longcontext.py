@@ -20,6 +20,8 @@ import random
 import re
 from dataclasses import dataclass
 
+import torch
+
 from .errors import KvconvertError
 
 TASKS = ("single", "multikey", "multivalue", "variables")
@@ -158,3 +160,67 @@ def _assemble(task, length, seed, hay, needles, depths, question, answers) -> Tr
     for needle, depth in sorted(zip(needles, depths), key=lambda p: -p[1]):  # from the end, so indices hold
         parts.insert(round(depth * len(hay)), needle)
     return Trial(task, length, seed, " ".join(parts), question, answers, tuple(depths))
+
+
+def prompt_ids(tokenizer, trial: Trial) -> list[int]:
+    """The trial's prompt as token ids, without special tokens (its length was counted so)."""
+    return tokenizer(trial.prompt, add_special_tokens=False).input_ids
+
+
+def answer_tokens(tokenizer, trial: Trial) -> int:
+    """New tokens a reply gets: the answers written out, and a few more for the words around them."""
+    return len(tokenizer(", ".join(trial.answers), add_special_tokens=False).input_ids) + 8
+
+
+@torch.no_grad()
+def run_suite(model, tokenizer, tasks: list[str], lengths: list[int], trials: int, seed: int = 0,
+              sentences: list[str] | None = None, generate=None, progress=None) -> list[dict]:
+    """Greedy replies to `trials` trials per task and length; one row per (task, length) with `accuracy` and
+    `passed`, the trials' outcomes in order. A trial depends only on (task, length, seed + i) and the tokenizer, so
+    two models with one tokenizer answer the same prompts and compare trial by trial (`compare_suites`).
+    generate(ids, max_new_tokens) -> new ids replaces the model's own greedy generate (e.g. the runtime under a
+    cache policy)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows, done, total = [], 0, len(tasks) * len(lengths) * trials
+    for task in tasks:
+        for length in lengths:
+            outcomes, used = [], 0
+            for i in range(trials):
+                trial = make_trial(task, tokenizer, length, seed + i, sentences)
+                ids, n_new = prompt_ids(tokenizer, trial), answer_tokens(tokenizer, trial)
+                used = max(used, len(ids))
+                if generate is not None:
+                    new = generate(ids, n_new)
+                else:
+                    inp = torch.tensor([ids], device=device)
+                    out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n_new,
+                                         do_sample=False, pad_token_id=pad)
+                    new = out[0, len(ids):]
+                outcomes.append(passed(tokenizer.decode(new, skip_special_tokens=True), trial.answers))
+                done += 1
+                if progress:
+                    progress(done, total)
+            rows.append({"task": task, "length": length, "prompt_tokens": used, "trials": trials,
+                         "accuracy": sum(outcomes) / trials, "passed": outcomes})
+    return rows
+
+
+def compare_suites(rows: list[dict], reference: list[dict]) -> list[dict]:
+    """Pair a model's suite with its reference's on the same trials: per (task, length), the reference's accuracy,
+    the model's as a share of it (None where the reference found nothing), trials won and lost, and the exact
+    McNemar p-value of that difference."""
+    from .paired_comparison import mcnemar
+
+    ref = {(r["task"], r["length"]): r for r in reference}
+    out = []
+    for row in rows:
+        theirs = ref.get((row["task"], row["length"]))
+        if theirs is None or len(theirs["passed"]) != len(row["passed"]):
+            raise KvconvertError(f"the reference has no matching trials for {row['task']} at {row['length']} tokens")
+        wins = sum(a and not b for a, b in zip(row["passed"], theirs["passed"]))
+        losses = sum(b and not a for a, b in zip(row["passed"], theirs["passed"]))
+        share = row["accuracy"] / theirs["accuracy"] if theirs["accuracy"] else None
+        out.append(row | {"reference_accuracy": theirs["accuracy"], "of_reference": share, "wins": wins,
+                          "losses": losses, "p": mcnemar(wins, losses)})
+    return out

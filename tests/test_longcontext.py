@@ -5,7 +5,7 @@ import re
 import pytest
 
 from kvconvert.errors import KvconvertError
-from kvconvert.longcontext import TASKS, make_trial, passed, text_sentences
+from kvconvert.longcontext import TASKS, compare_suites, make_trial, passed, run_suite, text_sentences
 
 from conftest import byte_tokenizer
 
@@ -87,3 +87,27 @@ def test_bad_requests_are_refused_in_one_line():
         make_trial("single", TOK, 4000, seed=0, sentences=text_sentences("One short text. Two sentences."))
     with pytest.raises(KvconvertError, match="no room"):
         make_trial("variables", TOK, 100, seed=0)
+
+
+def oracle(ids, max_new_tokens):
+    """A reader that always finds the asked code in the prompt: the suite's plumbing without a model."""
+    text = TOK.decode(ids)
+    key = re.findall(r"secret codes? of (\w+) in the text above", text)[-1]
+    codes = re.findall(rf"the secret code of {key} is (\d{{5}})\.", text)
+    return TOK(" " + ", ".join(codes), add_special_tokens=False).input_ids[:max_new_tokens]
+
+
+def test_the_suite_pairs_a_model_with_its_reference_trial_by_trial():
+    from conftest import tiny_source
+
+    model = tiny_source("llama")
+    perfect = run_suite(model, TOK, ["single", "multivalue"], [700], trials=4, generate=oracle)
+    assert [r["accuracy"] for r in perfect] == [1.0, 1.0] and all(r["prompt_tokens"] <= 700 for r in perfect)
+    itself = compare_suites(perfect, perfect)
+    assert all(r["of_reference"] == 1.0 and r["p"] == 1.0 and r["wins"] == r["losses"] == 0 for r in itself)
+    tiny = run_suite(model, TOK, ["single", "multivalue"], [700], trials=4)  # a random model finds nothing
+    assert tiny == run_suite(model, TOK, ["single", "multivalue"], [700], trials=4)  # greedy: the same replies
+    against = compare_suites(tiny, perfect)
+    assert all(r["of_reference"] == 0.0 and r["losses"] == 4 and r["p"] == 0.125 for r in against)
+    with pytest.raises(KvconvertError, match="no matching trials"):
+        compare_suites(tiny, perfect[:1])
