@@ -162,7 +162,7 @@ def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: 
         raise KvconvertError("--context must be at least 2")
     # cpu_layout: the model was loaded here, so re-laying out its weights for one-row products changes nobody's copy
     rt = LatentRuntime.for_context(loaded.model, batch, capacity, policy, prefill_chunk=PREFILL_CHUNK_TOKENS,
-                                   cuda_graphs=cuda_graphs and dev == "cuda" and policy is None,
+                                   cuda_graphs=cuda_graphs and dev == "cuda",
                                    cpu_layout=batch == 1)
     kind = "converted" if loaded.is_clla else "source through an identity conversion"
     what = f", {policy.name} keeping {policy.n_slots:,} of {capacity:,} tokens" if policy is not None else ""
