@@ -63,28 +63,35 @@ def score_windows(
     reference=None,
     batch_size: int = 4,
     progress: Progress | None = None,
+    score_last: int | None = None,
 ) -> dict:
-    """Perplexity of `model` on (N, W) windows; with `reference`, top-1 agreement and KL(reference || model)."""
+    """Perplexity of `model` on (N, W) windows; with `reference`, top-1 agreement and KL(reference || model).
+    score_last: score only each window's last `score_last` tokens (long-window perplexity: the tokens with the
+    most context behind them); None: tokens 2..W."""
     device = next(model.parameters()).device
     nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
-    N = windows.shape[0]
+    N, W = windows.shape
+    first = 1 if score_last is None else W - score_last  # the first scored token
+    if not 1 <= first < W:
+        raise KvconvertError(f"can score the last 1..{W - 1} tokens of {W}-token windows, not {score_last}")
     for start in range(0, N, batch_size):
         ids = windows[start : start + batch_size].to(device)
-        logp = F.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
-        target = ids[:, 1:]
+        logp = F.log_softmax(model(ids, use_cache=False).logits[:, first - 1 : -1].float(), dim=-1)
+        target = ids[:, first:]
         nll_sum += -logp.gather(-1, target[..., None]).sum().item()
         count += target.numel()
         if reference is not None:
             ref_device = next(reference.parameters()).device
-            ref_logp = F.log_softmax(reference(ids.to(ref_device), use_cache=False).logits[:, :-1].float(), -1)
-            ref_logp = ref_logp.to(device)
+            ref_logits = reference(ids.to(ref_device), use_cache=False).logits[:, first - 1 : -1]
+            ref_logp = F.log_softmax(ref_logits.float(), -1).to(device)
             kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
         if progress:
             progress(min(start + batch_size, N), N)
     out = {
         "windows": N,
-        "window": windows.shape[1],
+        "window": W,
+        "scored_per_window": W - first,
         "predictions": count,
         "nll": nll_sum / count,
         "perplexity": math.exp(nll_sum / count),
@@ -162,16 +169,16 @@ def score_windows_with_policy(
 
 
 def runtime_generator(model, policy_factory, max_new_tokens: int = 8, prompt_chunk: int | None = None):
-    """A greedy `generate(ids) -> new ids` through the latent-cache runtime with a cache policy: the prompt is
-    compressed to the budget once after its prefill, or after every `prompt_chunk` tokens."""
+    """A greedy `generate(ids, max_new=max_new_tokens) -> new ids` through the latent-cache runtime with a cache
+    policy: the prompt is compressed to the budget once after its prefill, or after every `prompt_chunk` tokens."""
     from .runtime import LatentRuntime, SamplingOptions
 
-    def generate(ids: list[int]) -> list[int]:
+    def generate(ids: list[int], max_new: int = max_new_tokens) -> list[int]:
         policy = policy_factory()
-        context = len(ids) + max_new_tokens
+        context = len(ids) + max_new
         rt = LatentRuntime.for_context(model, 1, context, policy, prefill_chunk=min(prompt_chunk or len(ids), len(ids)),
                                        cuda_graphs=False)
-        return rt.generate([ids], SamplingOptions(max_new_tokens=max_new_tokens))[0][0]
+        return rt.generate([ids], SamplingOptions(max_new_tokens=max_new))[0][0]
 
     return generate
 

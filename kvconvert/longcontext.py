@@ -60,9 +60,14 @@ class Trial:
         return f"{self.context}\n\n{self.question}"
 
 
+def found(reply: str, answers: tuple[str, ...]) -> int:
+    """How many of the answers occur in the reply as whole words (a code inside a longer number does not count)."""
+    return sum(bool(re.search(rf"(?<![\w]){re.escape(a)}(?![\w])", reply)) for a in answers)
+
+
 def passed(reply: str, answers: tuple[str, ...]) -> bool:
-    """Whether every answer occurs in the reply as a whole word (a code inside a longer number does not count)."""
-    return all(re.search(rf"(?<![\w]){re.escape(a)}(?![\w])", reply) for a in answers)
+    """Whether every answer occurs in the reply as a whole word."""
+    return found(reply, answers) == len(answers)
 
 
 def text_sentences(text: str) -> list[str]:
@@ -176,7 +181,8 @@ def answer_tokens(tokenizer, trial: Trial) -> int:
 def run_suite(model, tokenizer, tasks: list[str], lengths: list[int], trials: int, seed: int = 0,
               sentences: list[str] | None = None, generate=None, progress=None) -> list[dict]:
     """Greedy replies to `trials` trials per task and length; one row per (task, length) with `accuracy` and
-    `passed`, the trials' outcomes in order. A trial depends only on (task, length, seed + i) and the tokenizer, so
+    `passed`, the trials' outcomes in order, and `recall`, the mean share of a trial's answers found (partial
+    credit, as RULER scores its multi-answer tasks). A trial depends only on (task, length, seed + i) and the tokenizer, so
     two models with one tokenizer answer the same prompts and compare trial by trial (`compare_suites`).
     generate(ids, max_new_tokens) -> new ids replaces the model's own greedy generate (e.g. the runtime under a
     cache policy)."""
@@ -185,7 +191,7 @@ def run_suite(model, tokenizer, tasks: list[str], lengths: list[int], trials: in
     rows, done, total = [], 0, len(tasks) * len(lengths) * trials
     for task in tasks:
         for length in lengths:
-            outcomes, used = [], 0
+            outcomes, shares, used = [], [], 0
             for i in range(trials):
                 trial = make_trial(task, tokenizer, length, seed + i, sentences)
                 ids, n_new = prompt_ids(tokenizer, trial), answer_tokens(tokenizer, trial)
@@ -197,19 +203,21 @@ def run_suite(model, tokenizer, tasks: list[str], lengths: list[int], trials: in
                     out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n_new,
                                          do_sample=False, pad_token_id=pad)
                     new = out[0, len(ids):]
-                outcomes.append(passed(tokenizer.decode(new, skip_special_tokens=True), trial.answers))
+                hits = found(tokenizer.decode(new, skip_special_tokens=True), trial.answers)
+                outcomes.append(hits == len(trial.answers))
+                shares.append(hits / len(trial.answers))
                 done += 1
                 if progress:
                     progress(done, total)
             rows.append({"task": task, "length": length, "prompt_tokens": used, "trials": trials,
-                         "accuracy": sum(outcomes) / trials, "passed": outcomes})
+                         "accuracy": sum(outcomes) / trials, "recall": sum(shares) / trials, "passed": outcomes})
     return rows
 
 
 def compare_suites(rows: list[dict], reference: list[dict]) -> list[dict]:
     """Pair a model's suite with its reference's on the same trials: per (task, length), the reference's accuracy,
-    the model's as a share of it (None where the reference found nothing), trials won and lost, and the exact
-    McNemar p-value of that difference."""
+    the model's as a share of it (None where the reference found nothing; the same for recall), trials won and
+    lost, and the exact McNemar p-value of that difference."""
     from .paired_comparison import mcnemar
 
     ref = {(r["task"], r["length"]): r for r in reference}
@@ -221,6 +229,50 @@ def compare_suites(rows: list[dict], reference: list[dict]) -> list[dict]:
         wins = sum(a and not b for a, b in zip(row["passed"], theirs["passed"]))
         losses = sum(b and not a for a, b in zip(row["passed"], theirs["passed"]))
         share = row["accuracy"] / theirs["accuracy"] if theirs["accuracy"] else None
-        out.append(row | {"reference_accuracy": theirs["accuracy"], "of_reference": share, "wins": wins,
+        recall = row["recall"] / theirs["recall"] if theirs.get("recall") else None
+        out.append(row | {"reference_accuracy": theirs["accuracy"], "of_reference": share,
+                          "reference_recall": theirs.get("recall"), "recall_of_reference": recall, "wins": wins,
                           "losses": losses, "p": mcnemar(wins, losses)})
+    return out
+
+
+ANSWER_ROOM = 32  # tokens kept free after a prompt for the reply, within the model's positions
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
+
+
+def suite_lengths(asked: list[int] | None, positions: int) -> list[int]:
+    """The suite's prompt lengths: those asked for (each at most the model's positions), or the default lengths the
+    positions allow (the positions themselves where none does)."""
+    if asked:
+        over = [n for n in asked if n > positions]
+        if over:
+            raise KvconvertError(f"length {over[0]:,} is above the model's {positions:,} positions")
+        return asked
+    return [n for n in DEFAULT_LENGTHS if n <= positions] or [positions]
+
+
+def prompt_length(length: int, positions: int) -> int:
+    """Tokens a trial of `length` may take so that its reply still fits the positions."""
+    return min(length, positions - ANSWER_ROOM)
+
+
+@torch.no_grad()
+def long_perplexity(model, tokenizer, text: str, length: int, max_tokens: int, reference=None, policy_factory=None,
+                    progress=None) -> dict:
+    """Long-window perplexity: the text's first max(max_tokens, length) tokens in windows of `length`, each scored
+    on its last quarter (the tokens with the most context behind them); with `reference`, its perplexity on the
+    same tokens, the ratio, top-1 agreement and KL(reference || model) there. policy_factory: run the model in the
+    runtime under that cache policy (the first three quarters are the prompt it compresses)."""
+    from .evaluate import score_windows, score_windows_with_policy, text_windows
+
+    windows = text_windows(tokenizer, text, length, max(max_tokens, length))
+    last = length // 4
+    if policy_factory is not None:
+        out = score_windows_with_policy(model, windows, policy_factory, last, progress=progress)
+        out.pop("window_nll")
+    else:
+        out = score_windows(model, windows, reference, 1, progress, score_last=last)
+    if reference is not None:
+        out["reference_perplexity"] = score_windows(reference, windows, batch_size=1, score_last=last)["perplexity"]
+        out["perplexity_ratio"] = out["perplexity"] / out["reference_perplexity"]
     return out

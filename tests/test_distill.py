@@ -23,7 +23,7 @@ from kvconvert.cli import app
 from kvconvert.convert.pipeline import ConvertOptions, convert
 from kvconvert.distill.data import TrainingData
 from kvconvert.distill.run import distill_folder
-from kvconvert.distill.train import DistillOptions, Interrupted, distill_loss, lr_factor, trainable_names
+from kvconvert.distill.train import DistillOptions, Interrupted, chunked_kl, distill_loss, lr_factor, trainable_names
 from kvconvert.loading import load_clla
 
 runner = CliRunner()
@@ -97,6 +97,43 @@ def test_data_order_is_a_permutation_per_epoch_and_split_like_a_straight_run():
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     again = TrainingData(train, train[:1], "test", seed=3)
     assert torch.equal(again.micro_batch(4, 3), data.micro_batch(4, 3))
+
+
+def test_chunked_kl_equals_the_full_kl_and_its_gradients():
+    """The KL made from hidden states a few tokens at a time (logits made again in backward) is the KL of the full
+    logits, and so are its gradients, with respect to the student's hidden states and its LM head."""
+    from conftest import tiny_source
+
+    student, teacher = tiny_source("llama", seed=0), tiny_source("llama", seed=1)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    s_out = student(ids, output_hidden_states=True)
+    with torch.no_grad():
+        t_out = teacher(ids, output_hidden_states=True)
+    full = distill_loss(s_out.logits, t_out.logits, 1.5)[0]
+    grads_full = torch.autograd.grad(full, [s_out.hidden_states[-1], student.lm_head.weight], retain_graph=True)
+    for chunk in (1, 5, 18, 1000):
+        part = chunked_kl(s_out.hidden_states[-1], t_out.hidden_states[-1], student, teacher, 1.5, chunk)
+        assert torch.allclose(part, full, rtol=1e-5, atol=1e-7), chunk
+        grads = torch.autograd.grad(part, [s_out.hidden_states[-1], student.lm_head.weight], retain_graph=True)
+        for a, b in zip(grads, grads_full):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), chunk
+
+
+def test_a_chunked_training_run_is_the_unchunked_one(student, tmp_path):
+    src, zs, data = student
+    runs = {}
+    for chunk in (0, 7):  # 7 tokens: chunks cross sequence boundaries
+        distill_folder(zs, str(src), small_opts(data, tokens=4 * 8 * 32, eval_every=2, logit_chunk=chunk),
+                       out=tmp_path / f"c{chunk}", keep_checkpoints=True)
+        progress = json.loads((tmp_path / f"c{chunk}.distill" / "state" / "progress.json").read_text())
+        runs[chunk] = (progress["history"], load_file(tmp_path / f"c{chunk}" / "model.safetensors"))
+    (h0, w0), (h7, w7) = runs[0], runs[7]
+    assert [sorted(r) for r in h0] == [sorted(r) for r in h7]
+    for a, b in zip(h0, h7):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
+    for name in w0:
+        assert torch.allclose(w0[name], w7[name], rtol=1e-4, atol=1e-5), name
 
 
 # ------------------------------------------------------------------------------------------------ training

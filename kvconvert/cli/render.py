@@ -57,20 +57,66 @@ def distill_table(d: dict) -> Table:
 
 
 # ----------------------------------------------------------------------------------------------- eval, chat
-def eval_table(result: dict) -> Table:
+def eval_tables(result: dict) -> list[Table]:
     t = Table(title=f"eval {result['model']}")
     t.add_column("metric")
     t.add_column("value", justify="right")
     if "text" in result:
         r = result["text"]
         t.add_row("perplexity", f"{r['perplexity']:.4f}")
-        t.add_row("predictions scored", f"{r['predictions']:,} ({r['windows']} × {r['window'] - 1})")
-        if result["reference"]:
+        t.add_row("predictions scored", f"{r['predictions']:,} ({r['windows']} × {r['scored_per_window']})")
+        if "top1_agreement" in r:
             t.add_row("top-1 agreement", f"{r['top1_agreement']:.2%}")
             t.add_row("KL(ref || model)", f"{r['kl']:.5f}")
     for p in result.get("passkey", []):
         t.add_row(f"passkey {p['length']} tok", f"{p['accuracy']:.0%} of {p['trials']}")
-    return t
+    tables = [t] if t.row_count else []
+    if "long" in result:
+        tables += long_tables(result["long"], result["reference"])
+    return tables
+
+
+def _share(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def long_tables(r: dict, reference: str | None) -> list[Table]:
+    """The suite (paired with the reference when there is one), long-window perplexity, chat agreement."""
+    t = Table(title=f"long-context suite ({r['trials']} trials per row, {r['haystack']} haystack)")
+    if reference:
+        t.caption = "of ref.: accuracy as a share of the reference's; W/L: trials only this model / only the reference passed; p: exact McNemar"
+    heads = ["task", "length", "acc.", "recall"]
+    if reference:
+        heads += ["ref. acc.", "of ref.", "recall of ref.", "W/L", "p"]
+    for h in heads:
+        t.add_column(h, justify="left" if h == "task" else "right")
+    for row in r["suite"]:
+        cells = [row["task"], f"{row['length']:,}", f"{row['accuracy']:.0%}", f"{row['recall']:.0%}"]
+        if reference:
+            cells += [f"{row['reference_accuracy']:.0%}", _share(row["of_reference"]), _share(row["recall_of_reference"]),
+                      f"{row['wins']}/{row['losses']}", f"{row['p']:.3g}"]
+        t.add_row(*cells)
+    tables = [t]
+    if r.get("perplexity"):
+        p = Table(title="long-window perplexity (each window scored on its last quarter)")
+        heads = ["length", "windows", "perplexity"] + (["reference", "ratio", "top-1", "KL(ref‖model)"] if reference else [])
+        for h in heads:
+            p.add_column(h, justify="right")
+        for row in r["perplexity"]:
+            cells = [f"{row['length']:,}", str(row["windows"]), f"{row['perplexity']:.3f}"]
+            if reference:
+                cells += [f"{row['reference_perplexity']:.3f}", f"{row['perplexity_ratio']:.3f}×",
+                          f"{row['top1_agreement']:.2%}" if "top1_agreement" in row else "-",
+                          f"{row['kl']:.4f}" if "kl" in row else "-"]
+            p.add_row(*cells)
+        tables.append(p)
+    if "chat" in r:
+        c = r["chat"]
+        k = key_value_table(f"chat agreement with the reference ({c['prompts']} prompts, greedy)")
+        k.add_row("top-1 along the reference's answers", f"{_share(c['top1_agreement'])} of {c['answer_tokens']:,} tokens")
+        k.add_row("same first sentence", f"{c['first_sentence_match']:.0%}")
+        tables.append(k)
+    return tables
 
 
 def chat_stats_table(rt, last) -> Table:

@@ -66,6 +66,7 @@ class DistillOptions:
     device: str = "auto"
     grad_checkpointing: bool | None = None  # None: on for GPU, off on CPU
     fsdp: bool = False  # shard student and teacher over the torchrun processes (FSDP2) instead of replicating (DDP)
+    logit_chunk: int = 1024  # tokens whose full-vocabulary logits exist at once in the loss (0: the whole batch)
 
     def fingerprint(self, world: dist.World, teacher: str) -> dict:
         """What a resumed run must share with the interrupted one to continue it exactly."""
@@ -148,20 +149,53 @@ def lr_factor(step: int, steps: int, warmup: float, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+LOGIT_CHUNK = 1024  # validation: tokens whose full-vocabulary logits exist at once
+
+
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """The model's logits from its final (normed) hidden states: the LM head, then any logit soft-capping."""
+    logits = model.lm_head(h)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _chunk_kl(s_h, t_h, student, teacher, temperature: float) -> torch.Tensor:
+    """Σ over a chunk's tokens of KL(teacher_T ‖ student_T), both models' logits made from their hidden states."""
+    s = F.log_softmax(head_logits(student, s_h).float() / temperature, dim=-1)
+    with torch.no_grad():
+        t = F.log_softmax(head_logits(teacher, t_h).float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum()
+
+
+def chunked_kl(s_h, t_h, student, teacher, temperature: float, chunk: int) -> torch.Tensor:
+    """T² · mean KL(teacher_T ‖ student_T) over tokens, from final hidden states (B, T, h), `chunk` tokens at a time:
+    each chunk's logits are made, reduced and dropped, and made again in backward (activation checkpointing), so
+    no more than one chunk of either model's full-vocabulary logits exists at once."""
+    from torch.utils.checkpoint import checkpoint
+
+    s_h, t_h = s_h.reshape(-1, s_h.shape[-1]), t_h.reshape(-1, t_h.shape[-1])
+    n = s_h.shape[0]
+    total = sum(checkpoint(_chunk_kl, s_h[i : i + chunk], t_h[i : i + chunk], student, teacher, temperature,
+                           use_reentrant=False) for i in range(0, n, chunk))
+    return total / n * temperature**2
+
+
+def hidden_loss(s_hidden, t_hidden) -> torch.Tensor | None:
+    """Mean over layer outputs 1..L-1 of ‖h_s − h_t‖² / ‖h_t‖² (hidden states as transformers orders them:
+    embeddings, then each layer; the last is the final norm's output, which the logits already cover)."""
+    terms = [((a.float() - b.float()).pow(2).sum(-1) / b.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
+             for a, b in zip(s_hidden[1:-1], t_hidden[1:-1])]
+    return torch.stack(terms).mean() if terms else None
+
+
 def distill_loss(s_logits, t_logits, temperature: float, s_hidden=None, t_hidden=None, hidden_weight: float = 0.0):
-    """(loss, kl): logits (B, T, V); hidden states as transformers orders them (embeddings, then each layer)."""
+    """(loss, kl): logits (B, T, V), all at once (`chunked_kl` is the same KL in bounded memory)."""
     s = F.log_softmax(s_logits.float() / temperature, dim=-1)
     t = F.log_softmax(t_logits.float() / temperature, dim=-1)
     kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
     loss = kl
-    if hidden_weight > 0:
-        # Layer outputs 1..L-1 (the last is the final norm's output, which the logits already cover).
-        terms = [
-            ((a.float() - b.float()).pow(2).sum(-1) / b.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
-            for a, b in zip(s_hidden[1:-1], t_hidden[1:-1])
-        ]
-        if terms:
-            loss = loss + hidden_weight * torch.stack(terms).mean()
+    if hidden_weight > 0 and (h := hidden_loss(s_hidden, t_hidden)) is not None:
+        loss = loss + hidden_weight * h
     return loss, kl.detach()
 
 
@@ -178,13 +212,17 @@ def validate(student, teacher, val: torch.Tensor, batch: int, device, autocast, 
     kl_sum = nll_sum = agree = n = 0.0
     for i in range(0, per, batch):
         ids = mine[i : i + batch].to(device)
-        with autocast():
-            s = F.log_softmax(student(ids, use_cache=False).logits[:, :-1].float(), -1)
-            t = F.log_softmax(teacher(ids, use_cache=False).logits[:, :-1].float(), -1)
-        kl_sum += (t.exp() * (t - s)).sum().item()
-        nll_sum += -s.gather(-1, ids[:, 1:, None]).sum().item()
-        agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
-        n += ids[:, 1:].numel()
+        with autocast():  # the logits from the final hidden states, LOGIT_CHUNK tokens at a time
+            s_h = student(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            t_h = teacher(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            s_h, t_h, target = s_h[:, :-1].flatten(0, 1), t_h[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+            for c in range(0, target.numel(), LOGIT_CHUNK):
+                s = F.log_softmax(head_logits(student, s_h[c : c + LOGIT_CHUNK]).float(), -1)
+                t = F.log_softmax(head_logits(teacher, t_h[c : c + LOGIT_CHUNK]).float(), -1)
+                kl_sum += (t.exp() * (t - s)).sum().item()
+                nll_sum += -s.gather(-1, target[c : c + LOGIT_CHUNK, None]).sum().item()
+                agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+        n += target.numel()
     student.train()
     kl_sum, nll_sum, agree, n = dist.sum_all(world, [kl_sum, nll_sum, agree, n])
     return {"kl": kl_sum / n, "top1": agree / n, "ppl": math.exp(nll_sum / n)}
@@ -386,19 +424,28 @@ class _TrainingRun:
         """Forward and backward of micro-batch `m` of optimizer step `step`; gradients are synchronized across
         processes only on the last micro-batch. Returns (loss, kl) of this micro-batch."""
         A, W, opts = self.opts.grad_accum, self.world.size, self.opts
-        use_hidden = opts.hidden_weight > 0
+        chunked = opts.logit_chunk > 0
+        hidden = opts.hidden_weight > 0 or chunked
+        keep = 1 if chunked else 0  # chunked: the logits come from the final hidden states, a chunk at a time
         ids = self.data.micro_batch(step * A * W + m * W + self.world.rank, opts.batch_size).to(self.device)
         with torch.no_grad(), self.autocast():
-            t_out = self.teacher(ids, use_cache=False, output_hidden_states=use_hidden)
+            t_out = self.teacher(ids, use_cache=False, output_hidden_states=hidden, logits_to_keep=keep)
         last = m == A - 1
         if opts.fsdp:
             self.student.set_requires_gradient_sync(last)  # reduce-scatter gradients once per step
         ddp = self.model is not self.student
         with self.model.no_sync() if ddp and not last else contextlib.nullcontext():
             with self.autocast():
-                s_out = self.model(ids, use_cache=False, output_hidden_states=use_hidden)
-            loss, kl = distill_loss(s_out.logits, t_out.logits, opts.temperature, s_out.hidden_states,
-                                    t_out.hidden_states, opts.hidden_weight)
+                s_out = self.model(ids, use_cache=False, output_hidden_states=hidden, logits_to_keep=keep)
+                if chunked:
+                    kl = chunked_kl(s_out.hidden_states[-1], t_out.hidden_states[-1], self.student, self.teacher,
+                                    opts.temperature, opts.logit_chunk)
+            if chunked:
+                h = hidden_loss(s_out.hidden_states, t_out.hidden_states) if opts.hidden_weight > 0 else None
+                loss, kl = (kl if h is None else kl + opts.hidden_weight * h), kl.detach()
+            else:
+                loss, kl = distill_loss(s_out.logits, t_out.logits, opts.temperature, s_out.hidden_states,
+                                        t_out.hidden_states, opts.hidden_weight)
             (loss / A).backward()
         return loss, kl
 

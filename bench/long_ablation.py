@@ -1,0 +1,124 @@
+"""Where long-context retrieval dies in a conversion: one change to the planner's plan per row, judged on the suite.
+
+    python -m bench.long_ablation [--ratio 0.25] [--length 4096] [--trials 8] [--rows plan,bits16,...] [--name N]
+
+SmolLM2-135M-Instruct, zero-shot. The planner picks its plan at --ratio from the default calibration (sampled text,
+256-token sequences); each row then changes one thing and rebuilds from the same calibration (the calibration rows
+recalibrate on text instead). Every row is judged on the same prompts as the source: the long-context suite at
+--length tokens (haystack: Northanger Abbey; accuracy, recall and paired McNemar p against the source), long-window
+perplexity on Persuasion (--length windows scoring their last quarter, as a ratio to the source's) and held-out KL
+on sampled text. Results are written after every row to bench/results/<name>.json (default
+long_ablation_smollm2_<ratio>), so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from bench.common import argument_parser, calibrated, data_file, write_result
+
+TASKS = "single,multikey,multivalue,variables"
+
+
+def rows(plan, full_width: int, layers: int):
+    """(name, what changes, plan) of each row: changes of the planner's plan."""
+    one = tuple((i,) for i in range(layers))
+    wide = min(2 * plan.latent_dim, full_width)
+    return {
+        "plan": ("the planner's plan", plan),
+        "bits16": ("16-bit latent (same width)", replace(plan, kv_bits=16, tail_dim=0)),
+        "bits8": ("8-bit latent (same width)", replace(plan, kv_bits=8, tail_dim=0)),
+        "no_tail": ("4-bit latent, no 2-bit tail", replace(plan, tail_dim=0)),
+        "no_rotation": ("no rotation before quantization", replace(plan, rotate=False)),
+        "wide16": (f"16-bit latent {wide} wide", replace(plan, latent_dim=wide, kv_bits=16, tail_dim=0)),
+        "full16": (f"16-bit latent, full width {full_width}", replace(plan, latent_dim=full_width, kv_bits=16, tail_dim=0)),
+        "no_sharing": ("one layer per group (same width, bits)", replace(plan, groups=one)),
+        "no_sharing16": ("one layer per group, 16-bit", replace(plan, groups=one, kv_bits=16, tail_dim=0)),
+    }
+
+
+def main() -> None:
+    ap = argument_parser(__doc__)
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--tasks", default=TASKS)
+    ap.add_argument("--rows", default=None, help="comma-separated rows (default: all, plus cached, calib256, calib2048)")
+    ap.add_argument("--windows", type=int, default=4, help="long-window perplexity windows")
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from kvconvert.convert.build import Compressor
+    from kvconvert.convert.calibrate import collect_inputs, tokens_from_text
+    from kvconvert.convert.plan import Overrides, choose_plan, full_width, kl_to_source, plan_bytes
+    from kvconvert.evaluate import read_text, score_windows, text_windows
+    from kvconvert.loading import load_any
+    from kvconvert.longcontext import compare_suites, run_suite, text_sentences
+
+    torch.manual_seed(0)
+    name = args.name or f"long_ablation_smollm2_{args.ratio:g}"
+    tasks = args.tasks.split(",")
+    source = load_any("smollm2")
+    tok = source.tokenizer
+    haystack = text_sentences(read_text(data_file("austen_northangerabbey.txt", None)))
+    windows = text_windows(tok, read_text(data_file("austen_persuasion.txt", None)), args.length,
+                           args.length * args.windows)
+    score_last = args.length // 4
+    result: dict = {"ratio": args.ratio, "length": args.length, "trials": args.trials, "tasks": tasks,
+                    "haystack": "austen_northangerabbey.txt", "perplexity_text": "austen_persuasion.txt",
+                    "score_last": score_last, "rows": []}
+
+    def suite(model):
+        return run_suite(model, tok, tasks, [args.length], args.trials, sentences=haystack)
+
+    t0 = time.perf_counter()
+    ref = suite(source.model)
+    ref_ppl = score_windows(source.model, windows, batch_size=1, score_last=score_last)["perplexity"]
+    result["source"] = {"suite": ref, "long_perplexity": ref_ppl, "seconds": round(time.perf_counter() - t0, 1)}
+    print("source", [(r["task"], r["accuracy"], round(r["recall"], 3)) for r in ref], f"ppl {ref_ppl:.3f}", flush=True)
+    write_result(name, result)
+
+    comp, held = calibrated(source)
+    report = choose_plan(comp, args.ratio, Overrides(), held)
+    plan, base = report.plan, comp.base
+    result["plan"] = plan.describe()
+    table = rows(plan, full_width(base, plan), base.num_hidden_layers)
+    wanted = args.rows.split(",") if args.rows else [*table, "cached", "calib256", "calib2048"]
+    source_logp = F.log_softmax(source.model(held, use_cache=False).logits.float(), -1)
+    text_comps = {}
+    for row in wanted:
+        t0 = time.perf_counter()
+        c, p = comp, None
+        if row in table:
+            what, p = table[row]
+        elif row == "cached":
+            what = "the planner's plan with cached rope keys"
+            p = choose_plan(comp, args.ratio, Overrides(rope_keys="cached"), held).plan
+        elif row.startswith("calib"):
+            seq = int(row[5:])
+            what = f"the plan refitted on 3,072 text tokens (Emma) in {seq}-token sequences"
+            if seq not in text_comps:
+                text = read_text(data_file("austen_emma.txt", None))
+                cal = collect_inputs(source.model, tokens_from_text(tok, text, 3072, seq), batch=1)
+                text_comps[seq] = Compressor(source.model, "llama", "smollm2", cal)
+            c, p = text_comps[seq], plan
+        else:
+            raise SystemExit(f"unknown row {row!r}: choose from {', '.join([*table, 'cached', 'calib256', 'calib2048'])}")
+        model = c.build(p).eval()
+        suite_rows = compare_suites(suite(model), ref)
+        ppl = score_windows(model, windows, batch_size=1, score_last=score_last)["perplexity"]
+        entry = {"row": row, "change": what, "plan": p.describe(), "kv_ratio": plan_bytes(base, p) / base.source_kv_bytes_per_token,
+                 "heldout_kl": kl_to_source(model, held, source_logp), "long_perplexity": ppl,
+                 "long_perplexity_ratio": ppl / ref_ppl, "suite": suite_rows, "seconds": round(time.perf_counter() - t0, 1)}
+        result["rows"].append(entry)
+        write_result(name, result)
+        print(row, f"ratio {entry['kv_ratio']:.4f} kl {entry['heldout_kl']:.4f} ppl× {entry['long_perplexity_ratio']:.3f}",
+              [(r["task"], r["accuracy"], round(r["recall"], 3)) for r in suite_rows], flush=True)
+
+
+if __name__ == "__main__":
+    main()
