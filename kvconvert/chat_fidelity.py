@@ -59,9 +59,9 @@ def has_chat_template(tokenizer) -> bool:
 
 def chat_ids(tokenizer, message: str) -> list[int]:
     """The user message in the tokenizer's chat template, ending where the assistant's answer begins."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    from .runtime.chat import chat_template_ids
+
+    return chat_template_ids(tokenizer, [{"role": "user", "content": message}])
 
 
 def first_sentence(text: str) -> str:

@@ -126,6 +126,7 @@ DECODE_CASES = [
     ("h9-t129-tail2-g12-w5", 3, 9, 24, 4, 12, ("1", 12, 4, 6), True, 5, 3, 129, (36, 2, 12)),
     ("h3-t17-b16-tail4", 3, 3, 32, 16, 1, None, True, None, 2, 17, (48, 4, 16)),
     ("h3-t129-nolat-tail", 3, 3, 32, 8, 32, ("H", 8, 4, 8), False, None, 5, 129, (64, 2, 32)),
+    ("h3-t65-b8-tail4", 3, 3, 32, 8, 32, ("1", 32, 16, 1), True, None, 3, 65, (96, 4, 32)),  # 8-bit head, 4-bit tail
 ]
 
 CASE = {c[0]: c for c in DECODE_CASES}

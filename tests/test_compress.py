@@ -1,6 +1,7 @@
 """Compression: latent regression, RoPE split, quantization in the forward, planning and its overrides."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -427,3 +428,51 @@ def test_the_planner_weighs_prefix_layouts_and_keeps_layout_overrides():
         report = choose_plan(comp, 0.3, ov, tokens[-2:])
         assert {c["plan"].split(", latent")[0] for c in report.candidates} == {describe_layout(report.plan.groups)}
 
+
+
+def test_the_recall_judge_refines_the_winner_within_its_bytes():
+    """With a recall probe, the winner of the families is refined (lighter keys in the fit, an 8-bit head before a
+    4-bit tail) at no more bytes; the plan kept has the lowest held-out KL plus recall KL of all that were judged
+    on both; overrides of the bits or the tail rule out the 8-bit head."""
+    from kvconvert.convert.plan import KEY_WEIGHTS, Overrides, RecallProbe, choose_plan, head8_mix, plan_bytes
+
+    src = tiny_source("llama", num_hidden_layers=4)
+    tokens = torch.randint(0, VOCAB, (18, 48), generator=torch.Generator().manual_seed(0))
+    comp = Compressor(src, "llama", "tiny", collect_inputs(src, tokens[:-2]))
+    probe = RecallProbe.build(tokens[-2], tokens[:-2], 400)
+    report = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe)
+    judged = [c for c in report.candidates if c["recall_kl"] is not None]
+    assert len(judged) >= 1 + len(KEY_WEIGHTS)
+    weights = {c["plan"].split("keys weighted ")[-1] for c in judged if "keys weighted" in c["plan"]}
+    assert weights == {f"{w:g}x" for w in KEY_WEIGHTS}
+    scores = [c["heldout_kl"] + c["recall_kl"] for c in judged]
+    assert report.heldout_kl + report.recall_kl == pytest.approx(min(scores))
+    assert all(c["kv_ratio"] <= 0.2 for c in report.candidates)
+    plain = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe, refine=False)
+    assert plain.plan.key_weight == 1.0 and plain.recall_kl is None
+    base = comp.base
+    p4 = Plan(((0,), (1,), (2,), (3,)), 64, 16, 4, quant_group=16, rope_from_latent=True)
+    mixed = head8_mix(base, p4, plan_bytes(base, p4), Overrides())
+    assert (mixed.kv_bits, mixed.tail_bits, mixed.latent_dim - mixed.tail_dim) == (8, 4, 16) and mixed.tail_dim >= 16
+    assert plan_bytes(base, mixed) <= plan_bytes(base, p4)
+    assert head8_mix(base, p4, plan_bytes(base, p4), Overrides(kv_bits=4)) is None
+    assert head8_mix(base, p4, plan_bytes(base, p4), Overrides(tail_dim=0)) is None
+
+
+def test_the_key_weight_moves_the_latent_toward_the_values():
+    """Weighting the keys less in the fit spends more of the latent on the values: the values' share of the
+    captured energy grows, and a weight of 1 is the plain fit."""
+    _, comp = compressor()
+    plan = Plan(((0,), (1,), (2,)), 16, 8, 16, rope_from_latent=True)
+    fits = {w: comp.latent_fit((0,), 8, rope_from_latent=True, key_weight=w) for w in (1.0, 0.25)}
+    assert fits[1.0] is comp.latent_fit((0,), 8, rope_from_latent=True)
+
+    def value_share(fit) -> float:
+        A, B = fit.weights(16)
+        rows = [b.kind for b in fit.blocks for _ in range(b.w.shape[0])]
+        v = torch.tensor([k == "v" for k in rows])
+        recon = A @ B
+        return (recon[v].pow(2).sum() / recon.pow(2).sum()).item()
+
+    assert value_share(fits[0.25]) > value_share(fits[1.0])
+    assert comp.build(replace(plan, key_weight=0.25)) is not None

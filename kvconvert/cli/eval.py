@@ -116,6 +116,8 @@ def eval_cmd(
         if trials is None and not dev.startswith("cuda"):
             log(f"{n_trials} trials per task and length (the CPU default: a 95% interval of up to ±44 points; "
                 f"--trials {GPU_TRIALS} gives ±10)")
+        if gen is None and loaded.is_clla:  # a converted model answers as it is served: through the runtime
+            gen = runtime_generator(loaded.model, lambda: None)
         result["long"] = long_context(loaded.model, tok, ref, raw, suite_tasks, asked_lengths, n_trials, seed,
                                       max_tokens, chat, factory, gen)
     if as_json:

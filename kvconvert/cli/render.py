@@ -28,6 +28,8 @@ def conversion_tables(record: dict, out_dir) -> list[Table]:
     t.add_row("KV ratio", f"{record['kv_ratio']:.4f}" + (f" (target {record['target_kv_ratio']:g})" if record.get("target_kv_ratio") else ""))
     if "heldout_kl" in record:
         t.add_row("held-out KL(source || model)", f"{record['heldout_kl']:.4f}")
+    if record.get("recall_kl") is not None:
+        t.add_row(f"recall KL ({record['recall_probe_tokens']:,}-token probe)", f"{record['recall_kl']:.4f}")
     t.add_row("max rel. logit error vs source (fp32)", f"{record['check']['max_relative_logit_error_fp32']:.2e}")
     t.add_row("weights dtype", record["dtype"])
     t.add_row("time (s)", " ".join(f"{k} {v:.1f}" for k, v in record["timings_s"].items()))

@@ -89,8 +89,10 @@ class Compressor:
                 out.append(Block(l, "r", k, rows, torch.diag(s**2 * w.repeat(2) / 2)))
         return out
 
-    def blocks(self, group: tuple[int, ...], choice, activation_aware: bool = True, rope_from_latent: bool = False
-               ) -> list[Block]:
+    def blocks(self, group: tuple[int, ...], choice, activation_aware: bool = True, rope_from_latent: bool = False,
+               key_weight: float = 1.0) -> list[Block]:
+        """The regression targets of a group's latent: keys (k; with rope_from_latent also the rope keys, r) weighted
+        by the squared score change a key error makes (times `key_weight`), values (v) by the squared output change."""
         H, K, D, s = self.H, self.K, self.D, self.base.softmax_scale
         per = H // K
         shared = isinstance(choice, SharedRope)
@@ -116,15 +118,19 @@ class Compressor:
                 out.append(Block(l, "v", k, st.wv[k * D : (k + 1) * D], omega))
         if not activation_aware:  # ablation: plain weight SVD, as if inputs were white and outputs unweighted
             out = [Block(b.layer, b.kind, b.kv_head, b.w, torch.eye(b.w.shape[0], dtype=torch.float64), b.w_f) for b in out]
+        if key_weight != 1:
+            out = [Block(b.layer, b.kind, b.kv_head, b.w, b.omega * key_weight, b.w_f) if b.kind in "kr" else b
+                   for b in out]
         return out
 
     def latent_fit(
         self, group: tuple[int, ...], rope_dim: int, select: bool = True, activation_aware: bool = True, heads: int = 1,
-        rope_from_latent: bool = False,
+        rope_from_latent: bool = False, key_weight: float = 1.0,
     ) -> LatentFit:
-        key = ("latent", group, rope_dim, select, activation_aware, heads, rope_from_latent)
+        key = ("latent", group, rope_dim, select, activation_aware, heads, rope_from_latent, key_weight)
         if key not in self._fits:
-            blocks = self.blocks(group, self.rope_choice(group, rope_dim, select, heads), activation_aware, rope_from_latent)
+            blocks = self.blocks(group, self.rope_choice(group, rope_dim, select, heads), activation_aware, rope_from_latent,
+                                 key_weight)
             if activation_aware:
                 ci_key = ("Ci", group[0])
                 if ci_key not in self._fits:
@@ -203,7 +209,7 @@ class Compressor:
         K, D, h, R = self.K, self.D, self.h, plan.latent_dim
         choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
         fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
-                              plan.rope_from_latent)
+                              plan.rope_from_latent, plan.key_weight)
         A, B = fit.weights(R)
         if plan.rotate:  # each latent segment on its own: the tail's dims stay the tail's
             Q = torch.block_diag(*(rotation(w) for w, _ in plan.latent_segments))

@@ -54,6 +54,56 @@ def sample_tokens(
     return torch.cat(out)[:n_seq]
 
 
+def chat_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The chat template around one user message: (ids before the message, ids after it up to where the
+    assistant's answer begins)."""
+    marker = "\x00MESSAGE\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                         tokenize=False)
+    head, tail = text.split(marker)
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(head), encode(tail)
+
+
+def _sample(model, rows: list[list[int]], max_new: int, eos: int, pad: int) -> list[list[int]]:
+    """Sampled continuations (temperature 1, top-p 0.95) of left-padded rows, each cut after its first EOS."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True, top_p=0.95,
+                             temperature=1.0, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=pad)
+    new = []
+    for row in out[:, width:].tolist():
+        new.append(row[: row.index(eos) + 1] if eos in row else row)
+    return new
+
+
+def sample_chats(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, progress: Progress | None = None,
+                 batch: int = 16, user_tokens: int = 32, answer_tokens: int = 96) -> torch.Tensor:
+    """(S, seq_len) conversations in the tokenizer's chat template, both turns sampled from the model itself (no
+    data): after the template's user header and a random first token, the model writes a user message; after the
+    assistant header, its answer. The conversations are packed end to end into rows of seq_len tokens."""
+    head, tail = chat_frame(tokenizer)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed + 1)
+    n_seq = max(1, -(-n_tokens // seq_len))
+    stream: list[int] = []
+    while len(stream) < n_seq * seq_len:
+        first = torch.randint(0, model.config.vocab_size, (batch,), generator=gen).tolist()
+        users = _sample(model, [head + [f] for f in first], user_tokens, eos, pad)
+        users = [[f] + [t for t in u if t != eos] for f, u in zip(first, users)]
+        prompts = [head + u + tail for u in users]
+        for p, answer in zip(prompts, _sample(model, prompts, answer_tokens, eos, pad)):
+            stream += p + answer
+        if progress:
+            progress(min(len(stream), n_seq * seq_len), n_seq * seq_len)
+    return torch.tensor(stream[: n_seq * seq_len]).view(n_seq, seq_len)
+
+
 def read_data_files(paths: list[Path]) -> str:
     """Text of .txt files and of .jsonl files (the "text" field of each line), refusing empty or binary files."""
     from ..evaluate import read_text

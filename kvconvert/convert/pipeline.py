@@ -17,8 +17,8 @@ from ..config import SUPPORTED_KV_BITS
 from ..errors import KvconvertError
 from .build import Compressor
 from .groups import layer_kinds, mixed_group
-from .calibrate import collect_inputs, read_data_files, sample_tokens, tokens_from_text
-from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, choose_plan, fit_target, proxy_error
+from .calibrate import collect_inputs, read_data_files, sample_chats, sample_tokens, tokens_from_text
+from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, RecallProbe, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
 from .identity import build_identity
 from .source import Source, SourceRef, load_source, load_source_config, model_type_of, resolve
@@ -149,18 +149,36 @@ def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
     return ov
 
 
-def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, str]:
-    """(S, seq_len) calibration + held-out tokens: from --data, or sampled from the source itself."""
+RECALL_PROBE_TOKENS = 2048  # the planner's long-range judge: a held-out row repeated this far back (plan.RecallProbe)
+CHAT_SHARE = 0.25  # of the sampled calibration and held-out rows: conversations, when the source has a chat template
+
+
+def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(calibration, held-out, origin): (S, seq_len) token rows from --data, or sampled from the source itself; an
+    instruct source (one with a chat template) also gets CHAT_SHARE of both as conversations in its template."""
+    from ..chat_fidelity import has_chat_template
+
     n = opts.calib_tokens + opts.heldout_tokens
+    n_held = max(1, opts.heldout_tokens // opts.seq_len)
     if opts.data:
         if source.tokenizer is None:
             raise KvconvertError("--data needs the source's tokenizer, and this source has none")
         text = read_data_files(opts.data)
-        return tokens_from_text(source.tokenizer, text, n, opts.seq_len), f"{len(opts.data)} file(s)"
-    return (
-        sample_tokens(source.model, source.tokenizer, n, opts.seq_len, opts.seed, lambda d, t: opts.progress("sampling calibration text", d, t)),
-        "sampled from the source",
-    )
+        tokens = tokens_from_text(source.tokenizer, text, n, opts.seq_len)
+        return tokens[:-n_held], tokens[-n_held:], f"{len(opts.data)} file(s)"
+    progress = lambda d, t: opts.progress("sampling calibration text", d, t)  # noqa: E731
+    if not has_chat_template(source.tokenizer) or n_held < 2:
+        tokens = sample_tokens(source.model, source.tokenizer, n, opts.seq_len, opts.seed, progress)
+        return tokens[:-n_held], tokens[-n_held:], "sampled from the source"
+    n_chat = max(1, round(CHAT_SHARE * n / opts.seq_len))
+    held_chat = max(1, round(CHAT_SHARE * n_held))
+    free = sample_tokens(source.model, source.tokenizer, n - n_chat * opts.seq_len, opts.seq_len, opts.seed, progress)
+    chats = sample_chats(source.model, source.tokenizer, n_chat * opts.seq_len, opts.seq_len, opts.seed,
+                         lambda d, t: opts.progress("sampling calibration chats", d, t), batch=8)
+    held_free = n_held - held_chat
+    calib = torch.cat([free[:-held_free], chats[:-held_chat]])
+    heldout = torch.cat([free[-held_free:], chats[-held_chat:]])
+    return calib, heldout, "sampled from the source (free text and chats in its template)"
 
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
@@ -260,14 +278,14 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     base = identity_config(source.model.config, source.model_type, name)
     ov = fit_target(base, check_overrides_against(base, opts))
     t = time.perf_counter()
-    tokens, origin = calibration_tokens(source, opts)
-    n_held = max(1, opts.heldout_tokens // opts.seq_len)
-    calib, heldout = tokens[:-n_held], tokens[-n_held:]
+    calib, heldout, origin = calibration_tokens(source, opts)
     cal = collect_inputs(source.model, calib, progress=lambda d, n: opts.progress("calibrating", d, n))
     timings["calibrate"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     comp = Compressor(source.model, source.model_type, name, cal)
-    report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log)
+    positions = getattr(source.model.config, "max_position_embeddings", None) or RECALL_PROBE_TOKENS
+    probe = RecallProbe.build(heldout[0], calib, min(RECALL_PROBE_TOKENS, positions))
+    report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log, probe=probe)
     timings["plan_and_build"] = round(time.perf_counter() - t, 3)
     model, plan = report.model, report.plan
     if ov.target == "deepseek-v3":
@@ -284,6 +302,8 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
         "target_kv_ratio": opts.kv_ratio,
         "calibration": {"tokens": int(calib.numel()), "heldout_tokens": int(heldout.numel()), "origin": origin},
         "heldout_kl": report.heldout_kl,
+        "recall_kl": report.recall_kl,
+        "recall_probe_tokens": probe.tokens.shape[1] if probe is not None else None,
         "per_group_error": per_group,
         "candidates": report.candidates,
     }
