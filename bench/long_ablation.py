@@ -38,7 +38,9 @@ def rows(plan, full_width: int, layers: int, base=None):
     extra = {f"bytes{b}": (f"{b}-bit latent {p.latent_dim} wide (the plan's bytes)", p) for b, p in same_bytes.items()}
     return extra | {
         "keys4": ("keys weighted 4x in the latent fit", replace(plan, key_weight=4.0)),
+        "keys0.5": ("keys weighted 0.5x in the latent fit", replace(plan, key_weight=0.5)),
         "keys0.25": ("keys weighted 0.25x in the latent fit", replace(plan, key_weight=0.25)),
+        "keys0.125": ("keys weighted 0.125x in the latent fit", replace(plan, key_weight=0.125)),
         "keys16": ("keys weighted 16x in the latent fit", replace(plan, key_weight=16.0)),
     } | {
         "plan": ("the planner's plan", plan),
@@ -63,7 +65,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4, help="long-window perplexity windows")
     ap.add_argument("--name", default=None)
     ap.add_argument("--reuse-source", action="store_true", help="keep the source's figures of an earlier run with the same settings")
+    ap.add_argument("--recall-only", action="store_true", help="no suite: each row's held-out KL and recall KL (the "
+                    "planner's 2,048-token recall probe), in seconds a row; writes long_ablation_recall_smollm2_<ratio>")
     args = ap.parse_args()
+    if args.recall_only:
+        return recall_only(args)
 
     import torch
     import torch.nn.functional as F
@@ -163,6 +169,34 @@ def main() -> None:
         print(row, f"ratio {entry['kv_ratio']:.4f} kl {entry['heldout_kl']:.4f} ppl× {entry['long_perplexity_ratio']:.3f}"
               f" ppl512× {entry['perplexity_512_ratio']:.3f}",
               [(r["task"], r["accuracy"], round(r["recall"], 3)) for r in suite_rows], flush=True)
+
+
+def recall_only(args) -> None:
+    """Held-out KL and recall KL of every row (what the planner's judge sees), without the suite."""
+    import torch.nn.functional as F
+
+    from kvconvert.convert.plan import Overrides, RecallProbe, choose_plan, full_width, head8_mix, kl_to_source, plan_bytes
+    from kvconvert.loading import load_any
+
+    source = load_any("smollm2")
+    comp, held = calibrated(source)
+    plan = choose_plan(comp, args.ratio, Overrides(), held, refine=False).plan
+    base = comp.base
+    table = rows(plan, full_width(base, plan), base.num_hidden_layers, base)
+    table["mix8"] = ("an 8-bit head of one quant group before a 4-bit tail", head8_mix(base, plan, plan_bytes(base, plan), Overrides()))
+    table["mix8_keys0.25"] = ("the 8-bit head, keys weighted 0.25x", replace(table["mix8"][1], key_weight=0.25))
+    probe = RecallProbe.build(held[0], comp.cal.tokens, 2048)
+    probe_logp = probe.logp(source.model)
+    source_logp = F.log_softmax(source.model(held, use_cache=False).logits.float(), -1)
+    result = {"ratio": args.ratio, "plan": plan.describe(), "probe_tokens": probe.tokens.shape[1], "rows": []}
+    for row in args.rows.split(",") if args.rows else table:
+        what, p = table[row]
+        model = comp.build(p).eval()
+        entry = {"row": row, "change": what, "plan": p.describe(), "kv_ratio": plan_bytes(base, p) / base.source_kv_bytes_per_token,
+                 "heldout_kl": kl_to_source(model, held, source_logp), "recall_kl": probe.kl(model, probe_logp)}
+        result["rows"].append(entry)
+        write_result(args.name or f"long_ablation_recall_smollm2_{args.ratio:g}", result)
+        print(row, f"ratio {entry['kv_ratio']:.4f} held-out KL {entry['heldout_kl']:.4f} recall KL {entry['recall_kl']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def test_smollm2_zero_shot_quarter_cache(smollm2_folder, tmp_path):
     assert record["recall_kl"] < 0.5  # the long-range judge ran (plans that lose recall score 1.5 and more)
 
 
+@pytest.mark.slow  # 43 s; the default tier exports every family's tiny model (test_deepseek_export.py)
 @torch.no_grad()
 def test_smollm2_deepseek_v3_export(smollm2, smollm2_folder, tmp_path):
     """--target deepseek-v3 on the real model, then the export: transformers' DeepseekV3ForCausalLM reproduces the
