@@ -65,11 +65,12 @@ def score_windows(
     progress: Progress | None = None,
     score_last: int | None = None,
 ) -> dict:
-    """Perplexity of `model` on (N, W) windows; with `reference`, top-1 agreement and KL(reference || model).
+    """Perplexity of `model` on (N, W) windows; with `reference`, top-1 agreement, KL(reference || model) and the
+    reference's own perplexity on the same predictions.
     score_last: score only each window's last `score_last` tokens (long-window perplexity: the tokens with the
     most context behind them); None: tokens 2..W."""
     device = next(model.parameters()).device
-    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    nll_sum, ref_nll_sum, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
     N, W = windows.shape
     first = 1 if score_last is None else W - score_last  # the first scored token
     if not 1 <= first < W:
@@ -84,6 +85,7 @@ def score_windows(
             ref_device = next(reference.parameters()).device
             ref_logits = reference(ids.to(ref_device), use_cache=False).logits[:, first - 1 : -1]
             ref_logp = F.log_softmax(ref_logits.float(), -1).to(device)
+            ref_nll_sum += -ref_logp.gather(-1, target[..., None]).sum().item()
             kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
         if progress:
@@ -99,6 +101,7 @@ def score_windows(
     if reference is not None:
         out["top1_agreement"] = agree / count
         out["kl"] = kl_sum / count
+        out["reference_perplexity"] = math.exp(ref_nll_sum / count)
     return out
 
 

@@ -270,9 +270,10 @@ def long_perplexity(model, tokenizer, text: str, length: int, max_tokens: int, r
     if policy_factory is not None:
         out = score_windows_with_policy(model, windows, policy_factory, last, progress=progress)
         out.pop("window_nll")
-    else:
+        if reference is not None:
+            out["reference_perplexity"] = score_windows(reference, windows, batch_size=1, score_last=last)["perplexity"]
+    else:  # the reference's perplexity comes with its KL, from the same forward passes
         out = score_windows(model, windows, reference, 1, progress, score_last=last)
     if reference is not None:
-        out["reference_perplexity"] = score_windows(reference, windows, batch_size=1, score_last=last)["perplexity"]
         out["perplexity_ratio"] = out["perplexity"] / out["reference_perplexity"]
     return out

@@ -87,6 +87,11 @@ def test_long_window_perplexity_scores_the_last_quarter():
     nll = -logp.gather(-1, ids[:, 192:, None]).mean().item()
     assert r["windows"] == 4 and r["predictions"] == 4 * 64
     assert r["nll"] == pytest.approx(nll, rel=1e-5)
+    other = tiny_source("llama", seed=1)
+    paired = long_perplexity(model, tok, TEXT, 256, 1024, reference=other)
+    assert paired["nll"] == r["nll"]
+    assert paired["reference_perplexity"] == pytest.approx(long_perplexity(other, tok, TEXT, 256, 1024)["perplexity"], rel=1e-6)
+    assert paired["perplexity_ratio"] == pytest.approx(paired["perplexity"] / paired["reference_perplexity"], rel=1e-12)
     with pytest.raises(KvconvertError, match="last 1..255"):
         score_windows(model, ids, score_last=256)
 
