@@ -87,3 +87,21 @@ def policy_presets(args) -> tuple[list[float], list[int], int]:
     lengths = [] if spec == "none" else [int(n) for n in spec.split(",") if n]
     trials = args.passkey_trials or (10 if args.cpu else 50)
     return budgets, lengths, trials
+
+
+LONG_TASKS = ["single", "multikey", "multivalue", "variables"]
+
+
+def long_suite(model, tokenizer, length: int, trials: int, reference: list[dict] | None = None,
+               haystack: str = "austen_northangerabbey.txt", tasks: list[str] | None = None) -> list[dict]:
+    """The long-context suite at `length` tokens (kvconvert eval --long's): every task, `trials` trials, on
+    Northanger Abbey's prose; a CLLA model answers through the runtime, as it is served. With `reference` (the
+    source's rows) each row is paired against it (share of its accuracy, wins, losses, McNemar p)."""
+    from kvconvert.evaluate import read_text, runtime_generator
+    from kvconvert.longcontext import compare_suites, run_suite, text_sentences
+
+    sentences = text_sentences(read_text(data_file(haystack, None)))
+    clla = getattr(model.config, "model_type", "") == "clla"
+    generate = runtime_generator(model, lambda: None) if clla else None
+    rows = run_suite(model, tokenizer, tasks or LONG_TASKS, [length], trials, sentences=sentences, generate=generate)
+    return compare_suites(rows, reference) if reference is not None else rows

@@ -1,14 +1,16 @@
 """Distillation of zero-shot CLLA conversions of SmolLM2-135M-Instruct: quality vs training tokens.
 
     python -m bench.distill                      # GPU grid: ratios 0.05,0.02 × tokens 5M,20M,50M × data sampled,austen
-    python -m bench.distill --cpu                # the CPU-sized run: 0.05, 200k tokens of the other Austen books
-    python -m bench.distill --ratios 0.05 --tokens 1M --data sampled --passkey-trials 3
+    python -m bench.distill --cpu                # the CPU-sized run: 0.05, data-free, 4,096-token sequences
+    python -m bench.distill --ratios 0.05 --tokens 1M --data sampled --long-trials 4
 
 For each ratio: `kvconvert convert smollm2 --kv-ratio R` (zero-shot, evaluated as the 0-token row), then for each
 data mode and token budget `kvconvert distill` from that zero-shot model (a fresh run per budget: the cosine
-schedule depends on it). Data modes: `sampled` (data-free: text sampled from the teacher) and `austen` (the five
-Austen novels other than Persuasion). Each model: perplexity on Persuasion (first 20,480 tokens, 512-token
-windows), top-1 agreement and KL against the source, passkey accuracy at 1k and 4k, training time.
+schedule depends on it). Data modes: `sampled` (data-free: the teacher's samples, packed into --seq-len sequences
+with recall and long-context task rows beside them) and `austen` (the five Austen novels other than Persuasion).
+Each model: perplexity on Persuasion (first 20,480 tokens, 512-token windows), top-1 agreement and KL against the
+source, passkey accuracy at 1k and 4k, the long-context suite at --long-length (every task, --long-trials trials,
+Northanger Abbey as haystack, paired against the source), training time.
 Writes bench/results/distill_smollm2[_cpu].json and a plot of perplexity vs distillation tokens (PNG).
 """
 
@@ -60,26 +62,28 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     ap = argument_parser(__doc__)
-    ap.add_argument("--cpu", action="store_true", help="the CPU-sized run: --ratios 0.05 --tokens 200k --data austen")
+    ap.add_argument("--cpu", action="store_true", help="the CPU-sized run: --ratios 0.05 --tokens 64k --data sampled")
     ap.add_argument("--ratios", default="0.05,0.02")
     ap.add_argument("--tokens", default="5M,20M,50M")
     ap.add_argument("--data", default="sampled,austen", help="comma-separated: sampled, austen")
     ap.add_argument("--text", default=None, help="evaluation text; default ../shared/data/austen_persuasion.txt")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=0, help="0: kvconvert distill's default (the positions, at most 4,096)")
+    ap.add_argument("--batch-size", type=int, default=0, help="0: kvconvert distill's default")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--lr", default="2e-3", help="comma-separated relative steps to compare (see kvconvert distill --help)")
     ap.add_argument("--train", default="all", help="comma-separated parameter sets to compare: latent, attention, all")
     ap.add_argument("--hidden-weight", default="0", help="comma-separated hidden-state loss weights to compare")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--passkey-trials", type=int, default=5)
+    ap.add_argument("--long-trials", type=int, default=8, help="trials per task of the long-context suite (0: none)")
+    ap.add_argument("--long-length", type=int, default=4096)
     ap.add_argument("--val-only", action="store_true",
                     help="compare runs by their held-out validation only (no perplexity/passkey evaluation; faster)")
     ap.add_argument("--name", default=None, help="result file name (default distill_smollm2 or distill_smollm2_cpu)")
     args = ap.parse_args()
     if args.cpu:
-        args.ratios, args.tokens, args.data, args.batch_size = "0.05", "200k", "austen", 4
-        args.eval_every = min(args.eval_every, 25)
+        args.ratios, args.tokens, args.data = "0.05", "64k", "sampled"
+        args.eval_every = min(args.eval_every, 8)
     if args.passkey_trials < 1:
         sys.exit("error: --passkey-trials must be at least 1")
     return args
@@ -112,7 +116,8 @@ def measure_ratio(ratio: float, args, work: Path, austen: list[Path], device: st
         opts = DistillOptions(
             tokens=tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
             lr=lr, train=train_set, hidden_weight=hidden_weight, eval_every=args.eval_every,
-            save_every=10**9, data=austen if mode == "austen" else [], val_tokens=8192,
+            save_every=10**9, data=austen if mode == "austen" else [],
+            sample_tokens=min(1_000_000, tokens),
         )
         t = time.perf_counter()
         rec = distill_folder(zs, "smollm2", opts, out=out,
@@ -147,6 +152,9 @@ def print_table(rows: list[dict], base_ppl: float) -> None:
               f"{r.get('hidden_weight', 0):>4g} {r['perplexity']:>9.3f} "
               f"{r['perplexity'] / base_ppl:>6.3f} {r['top1_agreement']:>6.1%} {r['kl']:>6.3f} "
               f"{r['passkey'][1024]:>5.0%} {r['passkey'][4096]:>5.0%} {r['train_s']:>8.0f}")
+        for t in r.get("long_suite", []):
+            share = f"{t['of_reference']:.0%} of the source" if t.get("of_reference") is not None else "-"
+            print(f"{'':>8} {t['task']:>10} at {t['length']}: {t['accuracy']:.0%} (recall {t['recall']:.2f}; {share})")
 
 
 def main() -> None:
@@ -165,9 +173,22 @@ def main() -> None:
     source.model.to(device)
     windows = text_windows(source.tokenizer, read_text(text_path), 512, 20480)
     print("source ...", flush=True)
-    score = (lambda m, ref: {}) if args.val_only else (  # noqa: E731
-        lambda m, ref: evaluate(m, source.tokenizer, windows, ref, args.passkey_trials))
+    from bench.common import long_suite
+
+    ref_suite = None
+
+    def score(model, ref) -> dict:
+        if args.val_only:
+            return {}
+        row = evaluate(model, source.tokenizer, windows, ref, args.passkey_trials)
+        if args.long_trials:
+            t = time.perf_counter()
+            row["long_suite"] = long_suite(model, source.tokenizer, args.long_length, args.long_trials, ref_suite)
+            row["long_suite_s"] = round(time.perf_counter() - t, 1)
+        return row
+
     src_row = score(source.model, None)
+    ref_suite = src_row.get("long_suite")
     base_ppl = src_row.get("perplexity")
     rows = []
     settings = {k: v for k, v in vars(args).items()} | {"eval_text": str(text_path), "train_files": AUSTEN_TRAIN}

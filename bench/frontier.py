@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import RESULTS, argument_parser, calibrated, data_file, write_result
+from bench.common import RESULTS, argument_parser, calibrated, data_file, long_suite, write_result
 
 
 def evaluate(model, tokenizer, windows, reference, trials: int) -> dict:
@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=20480)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--passkey-trials", type=int, default=5)
+    ap.add_argument("--long-trials", type=int, default=0, help="trials per task of the long-context suite at 4k, "
+                    "paired against the source (0: none; each converted model answers through the runtime: slow on CPU)")
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--rope-keys", default=None, help="cached, latent or auto (kvconvert convert --rope-keys; default: its default)")
     ap.add_argument("--name", default="frontier_smollm2", help="result JSON (and PNG) name under bench/results")
@@ -55,7 +57,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def measure_ratios(source, windows, ratios: list[float], rope_keys: str | None, trials: int, base_ppl: float) -> list[dict]:
+def measure_ratios(source, windows, ratios: list[float], rope_keys: str | None, trials: int, base_ppl: float,
+                   long_trials: int = 0, reference_suite: list[dict] | None = None) -> list[dict]:
     """One row per ratio: `kvconvert convert smollm2 --kv-ratio R` (timed), then the model evaluated against the source."""
     from kvconvert.convert.pipeline import ConvertOptions, convert
     from kvconvert.convert.plan import Overrides
@@ -75,6 +78,8 @@ def measure_ratios(source, windows, ratios: list[float], rope_keys: str | None, 
             row = {"name": f"CLLA {ratio:g}", "target": ratio, "kv_ratio": record["kv_ratio"], "kv_bytes_per_token": record["kv_bytes_per_token"],
                    "plan": record["plan"], "conversion_s": round(wall, 1), "conversion_timings_s": record["timings_s"]}
             row |= evaluate(model, source.tokenizer, windows, source.model, trials)
+            if long_trials:
+                row["long_suite"] = long_suite(model, source.tokenizer, 4096, long_trials, reference_suite)
             rows.append(row)
             print(f"{row['name']}: ratio {row['kv_ratio']:.4f} ppl {row['perplexity']:.2f} ({row['perplexity'] / base_ppl:.2f}x) "
                   f"top1 {row['top1_agreement']:.3f} kl {row['kl']:.3f} passkey {row['passkey']} convert {wall:.0f}s", flush=True)
@@ -166,10 +171,13 @@ def main() -> None:
     else:
         print("source ...", flush=True)
         rows = [{"name": "source", "kv_ratio": 1.0, "kv_bytes_per_token": 23040} | evaluate(source.model, source.tokenizer, windows, None, args.passkey_trials)]
+    if args.long_trials and len(rows[0].get("long_suite", [{}])[0].get("passed", [])) != args.long_trials:
+        rows[0]["long_suite"] = long_suite(source.model, source.tokenizer, 4096, args.long_trials)
     base_ppl = rows[0]["perplexity"]
     print(f"source: ppl {base_ppl:.2f} passkey {rows[0]['passkey']}", flush=True)
     ratios = [] if args.ablation_only else [float(r) for r in args.ratios.split(",")]
-    rows = rows + measure_ratios(source, windows, ratios, args.rope_keys, args.passkey_trials, base_ppl)
+    rows = rows + measure_ratios(source, windows, ratios, args.rope_keys, args.passkey_trials, base_ppl,
+                                 args.long_trials, rows[0].get("long_suite"))
 
     meta = {"text": text_path.name, "max_tokens": args.max_tokens, "window": args.window, "passkey_trials": args.passkey_trials}
     if args.merge:
@@ -187,7 +195,16 @@ def main() -> None:
     print(f"wrote {path}")
 
 
+def long_share(row: dict) -> float | None:
+    """The row's long-context suite accuracy as a share of the source's, over the tasks where the source found any."""
+    shares = [t["of_reference"] for t in row.get("long_suite", []) if t.get("of_reference") is not None]
+    return sum(shares) / len(shares) if shares else None
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """Two panels against the KV ratio: perplexity (512-token windows) over the source's; long context: the suite's
+    accuracy at 4k as a share of the source's where it was measured (--long-trials), and passkey accuracy at 1k and
+    4k."""
     try:
         import matplotlib
 
@@ -198,18 +215,30 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     base = rows[0]["perplexity"]
     pts = sorted((r["kv_ratio"], r["perplexity"] / base) for r in rows[1:])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ticks = [p[0] for p in pts]
+    fig, (ax, lx) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="kvconvert zero-shot")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--", label="source")
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ticks = [p[0] for p in pts]
-    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("KV cache / source KV cache")
     ax.set_ylabel("perplexity / source perplexity")
     ax.set_title("SmolLM2-135M, Persuasion, zero-shot")
-    ax.legend()
+    for length, style in (("4096", "o-"), ("1024", "s:")):
+        acc = sorted((r["kv_ratio"], r["passkey"].get(length, r["passkey"].get(int(length))))
+                     for r in rows[1:] if "passkey" in r)
+        lx.plot([a[0] for a in acc], [a[1] for a in acc], style, label=f"passkey at {int(length):,} tokens")
+    suite = sorted((r["kv_ratio"], long_share(r)) for r in rows[1:] if long_share(r) is not None)
+    if suite:
+        lx.plot([a[0] for a in suite], [a[1] for a in suite], "D-", label="suite at 4k, share of the source's accuracy")
+    lx.axhline(1.0, color="gray", lw=0.8, ls="--")
+    lx.set_ylim(-0.05, 1.1)
+    lx.set_ylabel("accuracy")
+    lx.set_title("long context (zero-shot)")
+    for a in (ax, lx):
+        a.set_xscale("log")
+        a.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+        a.minorticks_off()
+        a.set_xlabel("KV cache / source KV cache")
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -183,13 +183,17 @@ def recall_only(args) -> None:
     plan = choose_plan(comp, args.ratio, Overrides(), held, refine=False).plan
     base = comp.base
     table = rows(plan, full_width(base, plan), base.num_hidden_layers, base)
-    table["mix8"] = ("an 8-bit head of one quant group before a 4-bit tail", head8_mix(base, plan, plan_bytes(base, plan), Overrides()))
-    table["mix8_keys0.25"] = ("the 8-bit head, keys weighted 0.25x", replace(table["mix8"][1], key_weight=0.25))
+    mix = head8_mix(base, plan, plan_bytes(base, plan), Overrides())  # None unless the plan is all 4-bit
+    if mix is not None:
+        table["mix8"] = ("an 8-bit head of one quant group before a 4-bit tail", mix)
+        table["mix8_keys0.25"] = ("the 8-bit head, keys weighted 0.25x", replace(mix, key_weight=0.25))
     probe = RecallProbe.build(held[0], comp.cal.tokens, 2048)
     probe_logp = probe.logp(source.model)
     source_logp = F.log_softmax(source.model(held, use_cache=False).logits.float(), -1)
     result = {"ratio": args.ratio, "plan": plan.describe(), "probe_tokens": probe.tokens.shape[1], "rows": []}
     for row in args.rows.split(",") if args.rows else table:
+        if row not in table:
+            raise SystemExit(f"unknown row {row!r} for this plan: choose from {', '.join(table)}")
         what, p = table[row]
         model = comp.build(p).eval()
         entry = {"row": row, "change": what, "plan": p.describe(), "kv_ratio": plan_bytes(base, p) / base.source_kv_bytes_per_token,

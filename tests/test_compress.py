@@ -335,7 +335,10 @@ def test_bad_plans_are_refused(tmp_path, tiny_src, args, needle):
 
 @pytest.mark.parametrize(
     "content, needle",
-    [(b"", "empty"), (b"\x00\x01" * 50, "binary"), (b"too short", "fewer than"), (b'{"txt": 1}\n', "'text'")],
+    [(b"", "empty"), (b"\x00\x01" * 50, "binary"), (b"too short", "fewer than"), (b'{"txt": 1}\n', "'text'"),
+     (b'{"txt": 0, "messages": [{"role": "user"}]}\n', "'messages'"),
+     (b'{"txt": 0, "messages": [{"role": "assistant", "content": "hi"}]}\n', "no user message"),
+     (b'{"txt": 0, "prompt": ""}\n', "'prompt'")],
 )
 def test_bad_data_files_are_refused(tmp_path, tiny_src, content, needle):
     f = tmp_path / ("d.jsonl" if b"txt" in content else "d.txt")
@@ -434,7 +437,8 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     """With a recall probe, the winner of the families is refined (lighter keys in the fit, an 8-bit head before a
     4-bit tail) at no more bytes; the plan kept has the lowest held-out KL plus recall KL of all that were judged
     on both; overrides of the bits or the tail rule out the 8-bit head."""
-    from kvconvert.convert.plan import KEY_WEIGHTS, Overrides, RecallProbe, choose_plan, head8_mix, plan_bytes
+    from kvconvert.convert.plan import (KEY_WEIGHTS, RECALL_FINALISTS, Overrides, RecallProbe, choose_plan, head8_mix,
+                                        plan_bytes)
 
     src = tiny_source("llama", num_hidden_layers=4)
     tokens = torch.randint(0, VOCAB, (18, 48), generator=torch.Generator().manual_seed(0))
@@ -443,6 +447,10 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     report = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe)
     judged = [c for c in report.candidates if c["recall_kl"] is not None]
     assert len(judged) >= 1 + len(KEY_WEIGHTS)
+    # the families' best by held-out KL, RECALL_FINALISTS of them, are judged on recall too; the others are not
+    families = sorted((c for c in report.candidates if c["proxy"] is not None), key=lambda c: c["heldout_kl"])
+    assert len(families) > RECALL_FINALISTS
+    assert [c["recall_kl"] is not None for c in families] == [i < RECALL_FINALISTS for i in range(len(families))]
     weights = {c["plan"].split("keys weighted ")[-1] for c in judged if "keys weighted" in c["plan"]}
     assert weights == {f"{w:g}x" for w in KEY_WEIGHTS}
     scores = [c["heldout_kl"] + c["recall_kl"] for c in judged]

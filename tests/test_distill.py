@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import save_source
+from conftest import byte_tokenizer, save_source
 from kvconvert.cli import app
 from kvconvert.convert.pipeline import ConvertOptions, convert
-from kvconvert.distill.data import TrainingData
+from kvconvert.distill.data import TrainingData, long_rows
 from kvconvert.distill.run import distill_folder
-from kvconvert.distill.train import DistillOptions, Interrupted, chunked_kl, distill_loss, lr_factor, trainable_names
+from kvconvert.distill import dist
+from kvconvert.distill.loss import chunked_kl, distill_loss, validate
+from kvconvert.distill.train import DistillOptions, Interrupted, lr_factor, trainable_names
 from kvconvert.loading import load_clla
 
 runner = CliRunner()
@@ -99,6 +103,122 @@ def test_data_order_is_a_permutation_per_epoch_and_split_like_a_straight_run():
     assert torch.equal(again.micro_batch(4, 3), data.micro_batch(4, 3))
 
 
+def _text_pool(tok, rows: int, width: int) -> torch.Tensor:
+    """(rows, width) byte-token rows of sentence-like text, as a pool of teacher samples would be."""
+    words = ["the", "river", "passed", "a", "quiet", "road", "and", "an", "old", "mill", "stood", "by", "it"]
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(rows):
+        text = ""
+        while len(text) < width:
+            idx = torch.randint(0, len(words), (8,), generator=g).tolist()
+            text += " ".join(words[i] for i in idx).capitalize() + ". "
+        out.append(tok(text, add_special_tokens=False).input_ids[:width])
+    return torch.tensor(out)
+
+
+def test_long_rows_repeat_far_back_pose_tasks_and_are_seeded():
+    tok = byte_tokenizer()
+    pool = _text_pool(tok, 24, 64)
+    rows, long = long_rows(pool, 16, 1024, seed=5, tokenizer=tok)
+    again, long_again = long_rows(pool, 16, 1024, seed=5, tokenizer=tok)
+    assert torch.equal(rows, again) and torch.equal(long, long_again)
+    assert not torch.equal(rows, long_rows(pool, 16, 1024, seed=6, tokenizer=tok)[0])
+    kinds = {"recall": 0, "task": 0, "packed": 0}
+    pool_rows = {tuple(r) for r in pool.tolist()}
+    for row, far in zip(rows, long):
+        if not far.any():  # packed: whole pool rows end to end
+            assert all(tuple(row[i : i + 64].tolist()) in pool_rows for i in range(0, 1024, 64))
+            kinds["packed"] += 1
+        elif far[-1]:  # recall: the first block again at the very end, and only its predictable tokens marked
+            assert torch.equal(row[:64], row[-64:]) and int(far.sum()) == 63 and far[-63:].all()
+            kinds["recall"] += 1
+        else:  # task: the marked tokens are the answers, found earlier in the haystack
+            text = tok.decode(row)
+            answer = tok.decode(row[far])
+            codes = [c for c in answer.replace(",", " ").replace(".", " ").split()]
+            assert codes and all(text.count(c) >= 2 for c in codes)
+            assert far.nonzero().min() > 512  # after the haystack
+            kinds["task"] += 1
+    assert kinds == {"recall": 4, "task": 2, "packed": 10}
+
+
+def test_data_free_long_sequences_are_packed_from_short_samples(student, tmp_path):
+    src, _, _ = student
+    from kvconvert.distill.data import sampled
+    from kvconvert.loading import load_any
+
+    teacher = load_any(str(src))
+    data = sampled(teacher.model, teacher.tokenizer, 8, 4, 256, 0, tmp_path / "samples", dist.World(), chunk_seqs=16,
+                   sample_len=32)
+    assert data.train.shape == (8, 256) and data.val.shape == (4, 256) and data.val_long.shape == (4, 256)
+    pool = torch.cat([torch.load(p, weights_only=True) for p in sorted((tmp_path / "samples").glob("train-*.pt"))])
+    assert pool.shape[1] == 32  # drawn short...
+    samples = {tuple(r) for r in pool.tolist()}
+    packed = [r for r in data.train if all(tuple(r[i : i + 32].tolist()) in samples for i in range(0, 256, 32))]
+    assert 0 < len(packed) < 8  # ...and packed, beside rows with a far dependency
+    assert data.val_long.any(1).sum() == 2  # one recall and one task row among four
+    head = teacher.tokenizer("<|im_start|>user\n", add_special_tokens=False).input_ids
+    chats = sum(any(r[i : i + len(head)] == head for i in range(32 - len(head))) for r in pool.tolist())
+    assert chats >= 2  # an instruct teacher: conversations among the samples (a quarter of each chunk)
+    again = sampled(teacher.model, teacher.tokenizer, 8, 4, 256, 0, tmp_path / "samples", dist.World(), chunk_seqs=16,
+                    sample_len=32)  # from the saved chunks
+    assert torch.equal(again.train, data.train) and torch.equal(again.val_long, data.val_long)
+
+
+def test_data_conversations_are_answered_by_the_teacher(student, tmp_path):
+    src, _, _ = student
+    from kvconvert.distill.data import from_files
+    from kvconvert.loading import load_any
+
+    teacher = load_any(str(src))
+    f = tmp_path / "chats.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f"Tell me about layer {i}."}) for i in range(5)))
+    alone = from_files(teacher.tokenizer, [f], 64, 2, 4, 0, teacher.model, chat_seqs=6)
+    assert alone.train.shape == (6, 64) and alone.val.shape == (2, 64) and "5 conversations" in alone.origin
+    decoded = teacher.tokenizer.decode(torch.cat([alone.train, alone.val]).flatten())
+    assert decoded.count("<|im_start|>user\nTell me about layer") >= 3  # about 140 tokens a conversation
+    small = text_file(tmp_path / "small.txt", n_bytes=2_000)
+    mixed = from_files(teacher.tokenizer, [small, f], 64, 4, 4, 0, teacher.model)
+    text_rows = len(small.read_text().encode()) // 64  # the byte tokenizer: a token a byte
+    assert mixed.train.shape[0] + mixed.val.shape[0] == text_rows + round(text_rows / 3)  # a quarter are chats
+    assert any("<|im_start|>" in teacher.tokenizer.decode(r) for r in mixed.val)
+
+
+def test_long_range_validation_kl_counts_only_the_marked_tokens(student):
+    src, out, _ = student
+    from kvconvert.loading import load_any
+
+    teacher, clla = load_any(str(src)).model.eval(), load_clla(out).model.eval()
+    val = torch.randint(0, teacher.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    far = torch.zeros_like(val, dtype=torch.bool)
+    far[:, 40:] = True
+    none = contextlib.nullcontext
+    same = validate(teacher, teacher, val, 2, "cpu", none, dist.World(), far)
+    assert same["long_kl"] == 0 and same["kl"] == 0
+    v = validate(clla, teacher, val, 2, "cpu", none, dist.World(), far)
+    assert "long_kl" not in validate(clla, teacher, val, 2, "cpu", none, dist.World())
+    # by hand: the mean over the marked targets (tokens 40..63, predicted from positions 39..62)
+    s = F.log_softmax(clla(val).logits.float(), -1)[:, 39:63]
+    t = F.log_softmax(teacher(val).logits.float(), -1)[:, 39:63]
+    assert abs(v["long_kl"] - (t.exp() * (t - s)).sum(-1).mean().item()) < 1e-4
+
+
+def test_default_sequences_are_as_long_as_the_model_takes():
+    from kvconvert.distill.train import resolve_lengths, uses_grad_checkpointing
+
+    o = DistillOptions(tokens=1)
+    assert (o.seq_len, o.batch_size) == (0, 0)  # resolved once the model and the device are known
+    assert (resolve_lengths(o, 8192, "cuda:0").seq_len, resolve_lengths(o, 8192, "cuda:0").batch_size) == (4096, 4)
+    short = resolve_lengths(o, 2048, "cpu")
+    assert (short.seq_len, short.batch_size) == (2048, 2)
+    given = resolve_lengths(DistillOptions(tokens=1, seq_len=100, batch_size=3), 8192, "cpu")
+    assert (given.seq_len, given.batch_size) == (100, 3)
+    cpu = torch.device("cpu")
+    assert uses_grad_checkpointing(short, cpu) and not uses_grad_checkpointing(given, cpu)
+    assert not uses_grad_checkpointing(replace(short, grad_checkpointing=False), cpu)
+
+
 def test_chunked_kl_equals_the_full_kl_and_its_gradients():
     """The KL made from hidden states a few tokens at a time (logits made again in backward) is the KL of the full
     logits, and so are its gradients, with respect to the student's hidden states and its LM head."""
@@ -137,9 +257,11 @@ def test_a_chunked_training_run_is_the_unchunked_one(student, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def test_distillation_cuts_the_kl_to_the_teacher(student, tmp_path):
+def test_distillation_cuts_the_kl_to_the_teacher(student, tmp_path, monkeypatch):
     src, zs, _ = student
-    # Data-free (sampled from the teacher), the default: 200 steps.
+    # Data-free (sampled from the teacher), the default: 200 steps. The tiny teacher's chats, sampled in 128-token
+    # turns, would be most of the sampling time at 32-token rows: free text only here (chats: test_data_free_long_...).
+    monkeypatch.setattr("kvconvert.distill.data.CHAT_SHARE", 0.0)
     opts = DistillOptions(tokens=200 * 8 * 32, seq_len=32, batch_size=8, lr=1e-2, eval_every=50, save_every=10**6,
                           val_tokens=512, sample_tokens=256 * 32, device="cpu")
     rec = distill_folder(zs, str(src), opts, out=tmp_path / "d")

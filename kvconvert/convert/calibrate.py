@@ -16,6 +16,8 @@ import torch
 
 from ..errors import KvconvertError
 
+CHAT_SHARE = 0.25  # of calibration and distillation rows: conversations, for a source with a chat template
+
 Progress = Callable[[int, int], None]
 
 
@@ -104,30 +106,99 @@ def sample_chats(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, p
     return torch.tensor(stream[: n_seq * seq_len]).view(n_seq, seq_len)
 
 
-def read_data_files(paths: list[Path]) -> str:
-    """Text of .txt files and of .jsonl files (the "text" field of each line), refusing empty or binary files."""
+@dataclass
+class DataFiles:
+    """What --data files hold: plain text, and conversations (lists of {"role", "content"} messages)."""
+
+    text: str
+    chats: list[list[dict]]
+
+
+def _conversation(obj: dict, where: str) -> list[dict] | None:
+    """The messages of a JSONL line with "messages" (a conversation) or "prompt" (one user message), else None."""
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+            raise KvconvertError(f"{where}: 'prompt' must be a non-empty string")
+        return [{"role": "user", "content": obj["prompt"]}]
+    if "messages" not in obj:
+        return None
+    msgs = obj["messages"]
+    ok = isinstance(msgs, list) and msgs and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+    if not ok:
+        raise KvconvertError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}}")
+    if not any(m["role"] == "user" for m in msgs):
+        raise KvconvertError(f"{where}: the conversation has no user message")
+    return msgs
+
+
+def read_data(paths: list[Path]) -> DataFiles:
+    """Text of .txt files and of .jsonl lines with a "text" field; conversations of .jsonl lines with "messages"
+    (chat messages, role and content) or "prompt" (one user message). Refuses empty, binary or malformed files."""
     from ..evaluate import read_text
 
-    parts = []
+    parts, chats = [], []
     for p in paths:
         text = read_text(p)
-        if Path(p).suffix.lower() == ".jsonl":
-            lines = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise KvconvertError(f"{p}:{n}: not a JSON line") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise KvconvertError(f"{p}:{n}: a JSONL line needs a string field 'text'")
+        if Path(p).suffix.lower() != ".jsonl":
+            parts.append(text)
+            continue
+        lines, n_chats = [], len(chats)
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise KvconvertError(f"{p}:{n}: not a JSON line") from None
+            if not isinstance(obj, dict):
+                raise KvconvertError(f"{p}:{n}: a JSONL line must be an object")
+            chat = _conversation(obj, f"{p}:{n}")
+            if chat is not None:
+                chats.append(chat)
+            elif isinstance(obj.get("text"), str):
                 lines.append(obj["text"])
-            text = "\n\n".join(lines)
-            if not text.strip():
-                raise KvconvertError(f"{p}: no text in its 'text' fields")
-        parts.append(text)
-    return "\n\n".join(parts)
+            else:
+                raise KvconvertError(f"{p}:{n}: a JSONL line needs a string field 'text', or 'prompt' or 'messages'")
+        if not "\n\n".join(lines).strip() and len(chats) == n_chats:
+            raise KvconvertError(f"{p}: no text in its 'text' fields and no conversations")
+        if lines:
+            parts.append("\n\n".join(lines))
+    return DataFiles("\n\n".join(parts), chats)
+
+
+def read_data_files(paths: list[Path]) -> str:
+    """The plain text of --data files (read_data; conversations left out)."""
+    return read_data(paths).text
+
+
+def chat_rows(model, tokenizer, chats: list[list[dict]], n_tokens: int, seq_len: int, seed: int = 0,
+              progress: Progress | None = None, batch: int = 8, answer_tokens: int = 96) -> torch.Tensor:
+    """(S, seq_len) rows of the given conversations in the tokenizer's chat template, each answered by the model
+    itself (sampled, as sample_chats does): the conversation up to its last user message, then the model's answer.
+    The conversations are taken in a seeded order, again with new answers until n_tokens are packed."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen = torch.Generator().manual_seed(seed + 2)
+    torch.manual_seed(seed + 2)
+    prompts = []
+    for msgs in chats:
+        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        prompts.append(tokenizer.apply_chat_template(msgs[: last_user + 1], add_generation_prompt=True, tokenize=True))
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+    n_seq = max(1, -(-n_tokens // seq_len))
+    stream: list[int] = []
+    while len(stream) < n_seq * seq_len:
+        order = torch.randperm(len(prompts), generator=gen).tolist()
+        for i in range(0, len(order), batch):
+            rows = [prompts[j][-(seq_len - 1):] for j in order[i : i + batch]]  # a prompt longer than a row: its end
+            for p, answer in zip(rows, _sample(model, rows, answer_tokens, eos, pad)):
+                stream += p + answer
+            if progress:
+                progress(min(len(stream), n_seq * seq_len), n_seq * seq_len)
+            if len(stream) >= n_seq * seq_len:
+                break
+    return torch.tensor(stream[: n_seq * seq_len]).view(n_seq, seq_len)
 
 
 def tokens_from_text(tokenizer, text: str, n_tokens: int, seq_len: int, what: str = "--data") -> torch.Tensor:

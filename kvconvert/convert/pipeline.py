@@ -17,7 +17,8 @@ from ..config import SUPPORTED_KV_BITS
 from ..errors import KvconvertError
 from .build import Compressor
 from .groups import layer_kinds, mixed_group
-from .calibrate import collect_inputs, read_data_files, sample_chats, sample_tokens, tokens_from_text
+from .calibrate import (CHAT_SHARE, chat_rows, collect_inputs, read_data, read_data_files, sample_chats, sample_tokens,
+                        tokens_from_text)
 from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, RecallProbe, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
 from .identity import build_identity
@@ -150,7 +151,6 @@ def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
 
 
 RECALL_PROBE_TOKENS = 2048  # the planner's long-range judge: a held-out row repeated this far back (plan.RecallProbe)
-CHAT_SHARE = 0.25  # of the sampled calibration and held-out rows: conversations, when the source has a chat template
 
 
 def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -163,9 +163,24 @@ def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, torc
     if opts.data:
         if source.tokenizer is None:
             raise KvconvertError("--data needs the source's tokenizer, and this source has none")
-        text = read_data_files(opts.data)
-        tokens = tokens_from_text(source.tokenizer, text, n, opts.seq_len)
-        return tokens[:-n_held], tokens[-n_held:], f"{len(opts.data)} file(s)"
+        data = read_data(opts.data)
+        if data.chats and not has_chat_template(source.tokenizer):
+            raise KvconvertError("--data: conversations need a chat template, and this source's tokenizer has none")
+        if not data.chats:
+            tokens = tokens_from_text(source.tokenizer, data.text, n, opts.seq_len)
+            return tokens[:-n_held], tokens[-n_held:], f"{len(opts.data)} file(s)"
+        # conversations, answered by the source; beside text they take CHAT_SHARE of the rows
+        n_chat = n // opts.seq_len if not data.text.strip() else max(1, round(CHAT_SHARE * n / opts.seq_len))
+        held_chat = n_held if not data.text.strip() else max(1, round(CHAT_SHARE * n_held))
+        chats = chat_rows(source.model, source.tokenizer, data.chats, n_chat * opts.seq_len, opts.seq_len, opts.seed,
+                          lambda d, t: opts.progress("answering the --data conversations", d, t))
+        what = f"{len(opts.data)} file(s): {len(data.chats):,} conversations answered by the source"
+        if n_chat * opts.seq_len >= n:
+            return chats[:-n_held], chats[-n_held:], what
+        text = tokens_from_text(source.tokenizer, data.text, n - n_chat * opts.seq_len, opts.seq_len)
+        cut_text, cut_chat = len(text) - (n_held - held_chat), len(chats) - held_chat
+        return (torch.cat([text[:cut_text], chats[:cut_chat]]), torch.cat([text[cut_text:], chats[cut_chat:]]),
+                what + " and text")
     progress = lambda d, t: opts.progress("sampling calibration text", d, t)  # noqa: E731
     if not has_chat_template(source.tokenizer) or n_held < 2:
         tokens = sample_tokens(source.model, source.tokenizer, n, opts.seq_len, opts.seed, progress)

@@ -392,6 +392,9 @@ class RecallProbe:
         return (source_logp.exp() * (source_logp - self.logp(model))).sum(-1).mean().item()
 
 
+RECALL_FINALISTS = 3  # stage 1's best families by held-out KL that are also judged on the recall probe
+
+
 @dataclass
 class PlanReport:
     plan: Plan
@@ -408,7 +411,8 @@ def choose_plan(
     log: Log = lambda m: None, prefix: bool = True, probe: RecallProbe | None = None, refine: bool = True,
 ) -> PlanReport:
     """Proxy-rank the plans of each (layout, rope heads, rope dim) family, then measure held-out KL on the best
-    `per_family` of each (plus the KL on `probe`, long-range recall, when given) and keep the lowest sum.
+    `per_family` of each; with a `probe` (long-range recall) the RECALL_FINALISTS best are also measured on it and the
+    lowest sum wins, then is refined under the same sum.
     `prefix=False` leaves out the prefix layouts, `refine=False` the refinements of the winner (ablations)."""
     base = comp.base
     src = base.source_kv_bytes_per_token
@@ -465,18 +469,22 @@ def choose_plan(
         results.append({"plan": p.describe(), "kv_ratio": ratio, "proxy": proxy, "heldout_kl": kl, "recall_kl": rkl})
         return kl + (rkl or 0.0), p, model, kl, rkl
 
-    # 1. the families' best plans, by held-out KL
+    # 1. the families' best plans, by held-out KL; the RECALL_FINALISTS best of them also by recall KL, and the
+    #    lowest sum wins (a family can be close on short text and far apart at 2k tokens: layer sharing at 0.10)
+    judged: list[tuple] = []  # the best RECALL_FINALISTS so far, models kept (one model is the source's size)
     for proxy, p in chosen:
-        r = judge(p, proxy, recall=False)
-        if best is None or r[0] < best[0]:
-            best = r
+        judged = sorted([*judged, judge(p, proxy, recall=False)], key=lambda r: r[0])[: max(1, RECALL_FINALISTS)]
+    best = judged[0]
+    if probe is not None and refine:
+        finalists = []
+        for _, p, model, kl, _ in judged[:RECALL_FINALISTS]:
+            rkl = probe.kl(model, probe_logp)
+            next(r for r in results if r["plan"] == p.describe())["recall_kl"] = rkl
+            log(f"  {p.describe()}: recall KL {rkl:.4f}")
+            finalists.append((kl + rkl, p, model, kl, rkl))
+        best = min(finalists, key=lambda r: r[0])
     # 2. refine the winner, by held-out KL plus recall KL: lighter keys in the fit (the weights come from a
     #    short-context model of the error; on SmolLM2 lighter keys cut both KLs: docs/results.md), then an 8-bit head
-    if probe is not None and refine:
-        _, p, model, kl, _ = best
-        rkl = probe.kl(model, probe_logp)
-        best = (kl + rkl, p, model, kl, rkl)
-        next(r for r in results if r["plan"] == p.describe())["recall_kl"] = rkl
     for w in KEY_WEIGHTS if refine else ():
         r = judge(replace(best[1], key_weight=w), None, recall=True)
         if r[0] < best[0]:

@@ -19,7 +19,7 @@ import torch
 from ..errors import KvconvertError
 from . import data as training_data
 from . import dist
-from .train import DistillOptions, DistillResult, check_distill_options, check_resumable, train
+from .train import DistillOptions, DistillResult, check_distill_options, check_resumable, resolve_lengths, train
 
 if TYPE_CHECKING:
     from ..convert.pipeline import ConvertOptions
@@ -66,10 +66,12 @@ def load_initial(ckpt: Path):
 
 def make_data(teacher, tokenizer, opts: DistillOptions, ckpt: Path, world: dist.World, progress) -> training_data.TrainingData:
     val_seqs = -(-opts.val_tokens // opts.seq_len)
-    if opts.data:
-        return training_data.from_files(tokenizer, opts.data, opts.seq_len, val_seqs, opts.global_batch(world), opts.seed)
     needed = opts.steps(world) * opts.global_batch(world)
     pool = max(opts.global_batch(world), min(needed, -(-opts.sample_tokens // opts.seq_len)))
+    if opts.data:
+        return training_data.from_files(
+            tokenizer, opts.data, opts.seq_len, val_seqs, opts.global_batch(world), opts.seed, teacher, chat_seqs=pool,
+            progress=lambda d, n: progress("answering the --data conversations", d, n))
     return training_data.sampled(
         teacher, tokenizer, pool, val_seqs, opts.seq_len, opts.seed, ckpt / "samples", world,
         chunk_seqs=256 if world.device.startswith("cuda") else 32,
@@ -92,6 +94,8 @@ def distill_student(
     step_progress: Callable,
 ) -> tuple[object, DistillResult]:
     """Save the initial student (unless resuming), train from the checkpoint folder, return the best student."""
+    opts = resolve_lengths(opts, getattr(teacher.config, "max_position_embeddings", None), world.device)
+    check_distill_options(opts, world)
     if resume:
         check_resumable(ckpt, opts.fingerprint(world, teacher_name))  # before any sampling or loading
     else:

@@ -1,8 +1,8 @@
 """The distillation loop: the CLLA student learns the teacher's next-token distributions.
 
-loss = T² · KL(teacher_T ‖ student_T) per token (T: temperature), plus, with `hidden_weight` > 0, the mean over
-layers of ‖h_student − h_teacher‖² / ‖h_teacher‖² (each layer's output; the model's forward already applies
-the cache's quantize/dequantize with a straight-through gradient, so training is quantization-aware).
+The loss (distill/loss.py): T² · KL(teacher_T ‖ student_T) per token, plus an optional hidden-state term; the
+model's forward already applies the cache's quantize/dequantize with a straight-through gradient, so training is
+quantization-aware.
 AdamW, linear warm-up then cosine decay, gradient clipping and accumulation; bf16 autocast and gradient
 checkpointing on GPU, fp32 on CPU; data-parallel under torchrun (DDP). Validation KL every `eval_every`
 steps; the best student is what gets exported. Checkpoints every `save_every` steps and on SIGINT/SIGTERM
@@ -21,17 +21,17 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..errors import KvconvertError
 from . import dist
 from .data import TrainingData
+from .loss import chunked_kl, distill_loss, hidden_loss, validate
 
 # Parameter sets a user can train (names are matched as substrings of CllaForCausalLM parameter names).
 # qk-norm sources add the query map (the rope maps folded after the query norm) and the key norms' gains.
@@ -46,8 +46,8 @@ TRAIN_SETS = {
 @dataclass
 class DistillOptions:
     tokens: int  # training tokens seen by the student, all processes together
-    seq_len: int = 512
-    batch_size: int = 4  # sequences per micro-batch per process
+    seq_len: int = 0  # 0: the model's positions, at most LONG_SEQ_LEN (resolve_lengths)
+    batch_size: int = 0  # sequences per micro-batch per process; 0: MICRO_BATCH_TOKENS of the device's worth
     grad_accum: int = 1
     lr: float = 2e-3  # relative: each step moves a weight tensor by about lr × its RMS (see make_optimizer)
     warmup: float = 0.05  # share of the steps with a linear warm-up
@@ -64,7 +64,7 @@ class DistillOptions:
     data: list[Path] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"
-    grad_checkpointing: bool | None = None  # None: on for GPU, off on CPU
+    grad_checkpointing: bool | None = None  # None: on for GPU, and on CPU past CPU_CHECKPOINT_TOKENS a micro-batch
     fsdp: bool = False  # shard student and teacher over the torchrun processes (FSDP2) instead of replicating (DDP)
     logit_chunk: int = 1024  # tokens whose full-vocabulary logits exist at once in the loss (0: the whole batch)
 
@@ -82,9 +82,21 @@ class DistillOptions:
         return self.tokens // (self.global_batch(world) * self.seq_len)
 
 
+LONG_SEQ_LEN = 4096  # default training sequence: as long as the model takes, up to this
+MICRO_BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}  # default tokens of a micro-batch (--batch-size 0)
+
+
+def resolve_lengths(o: DistillOptions, positions: int | None, device: str) -> DistillOptions:
+    """The options with --seq-len 0 and --batch-size 0 made concrete for a model of `positions` on `device`."""
+    seq = o.seq_len or min(positions or LONG_SEQ_LEN, LONG_SEQ_LEN)
+    batch = o.batch_size or max(1, MICRO_BATCH_TOKENS["cuda" if device.startswith("cuda") else "cpu"] // seq)
+    return replace(o, seq_len=seq, batch_size=batch)
+
+
 def check_distill_options(o: DistillOptions, world: dist.World | None = None) -> None:
-    """Refuse out-of-range options before any work starts."""
+    """Refuse out-of-range options before any work starts (--seq-len and --batch-size 0: their defaults)."""
     world = world or dist.World()
+    o = resolve_lengths(o, None, world.device)
     if o.train not in TRAIN_SETS:
         raise KvconvertError(f"--train must be one of {', '.join(TRAIN_SETS)}; got {o.train}")
     for name, value in (("--seq-len", o.seq_len), ("--batch-size", o.batch_size), ("--grad-accum", o.grad_accum),
@@ -147,85 +159,6 @@ def lr_factor(step: int, steps: int, warmup: float, min_ratio: float) -> float:
         return (step + 1) / warm
     progress = (step - warm) / max(1, steps - warm)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-LOGIT_CHUNK = 1024  # validation: tokens whose full-vocabulary logits exist at once
-
-
-def head_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """The model's logits from its final (normed) hidden states: the LM head, then any logit soft-capping."""
-    logits = model.lm_head(h)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def _chunk_kl(s_h, t_h, student, teacher, temperature: float) -> torch.Tensor:
-    """Σ over a chunk's tokens of KL(teacher_T ‖ student_T), both models' logits made from their hidden states."""
-    s = F.log_softmax(head_logits(student, s_h).float() / temperature, dim=-1)
-    with torch.no_grad():
-        t = F.log_softmax(head_logits(teacher, t_h).float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum()
-
-
-def chunked_kl(s_h, t_h, student, teacher, temperature: float, chunk: int) -> torch.Tensor:
-    """T² · mean KL(teacher_T ‖ student_T) over tokens, from final hidden states (B, T, h), `chunk` tokens at a time:
-    each chunk's logits are made, reduced and dropped, and made again in backward (activation checkpointing), so
-    no more than one chunk of either model's full-vocabulary logits exists at once."""
-    from torch.utils.checkpoint import checkpoint
-
-    s_h, t_h = s_h.reshape(-1, s_h.shape[-1]), t_h.reshape(-1, t_h.shape[-1])
-    n = s_h.shape[0]
-    total = sum(checkpoint(_chunk_kl, s_h[i : i + chunk], t_h[i : i + chunk], student, teacher, temperature,
-                           use_reentrant=False) for i in range(0, n, chunk))
-    return total / n * temperature**2
-
-
-def hidden_loss(s_hidden, t_hidden) -> torch.Tensor | None:
-    """Mean over layer outputs 1..L-1 of ‖h_s − h_t‖² / ‖h_t‖² (hidden states as transformers orders them:
-    embeddings, then each layer; the last is the final norm's output, which the logits already cover)."""
-    terms = [((a.float() - b.float()).pow(2).sum(-1) / b.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
-             for a, b in zip(s_hidden[1:-1], t_hidden[1:-1])]
-    return torch.stack(terms).mean() if terms else None
-
-
-def distill_loss(s_logits, t_logits, temperature: float, s_hidden=None, t_hidden=None, hidden_weight: float = 0.0):
-    """(loss, kl): logits (B, T, V), all at once (`chunked_kl` is the same KL in bounded memory)."""
-    s = F.log_softmax(s_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(t_logits.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
-    loss = kl
-    if hidden_weight > 0 and (h := hidden_loss(s_hidden, t_hidden)) is not None:
-        loss = loss + hidden_weight * h
-    return loss, kl.detach()
-
-
-@torch.no_grad()
-def validate(student, teacher, val: torch.Tensor, batch: int, device, autocast, world: dist.World) -> dict:
-    """Mean KL(teacher ‖ student), top-1 agreement and student perplexity on held-out sequences (T = 1).
-
-    Each process scores an equal share of `val` (a remainder of fewer than one sequence per process is left out:
-    under FSDP every forward is collective, so all processes must run the same number) and the sums are reduced.
-    """
-    student.eval()
-    per = val.shape[0] // world.size
-    mine = val[world.rank * per : (world.rank + 1) * per]
-    kl_sum = nll_sum = agree = n = 0.0
-    for i in range(0, per, batch):
-        ids = mine[i : i + batch].to(device)
-        with autocast():  # the logits from the final hidden states, LOGIT_CHUNK tokens at a time
-            s_h = student(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-            t_h = teacher(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-            s_h, t_h, target = s_h[:, :-1].flatten(0, 1), t_h[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
-            for c in range(0, target.numel(), LOGIT_CHUNK):
-                s = F.log_softmax(head_logits(student, s_h[c : c + LOGIT_CHUNK]).float(), -1)
-                t = F.log_softmax(head_logits(teacher, t_h[c : c + LOGIT_CHUNK]).float(), -1)
-                kl_sum += (t.exp() * (t - s)).sum().item()
-                nll_sum += -s.gather(-1, target[c : c + LOGIT_CHUNK, None]).sum().item()
-                agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
-        n += target.numel()
-    student.train()
-    kl_sum, nll_sum, agree, n = dist.sum_all(world, [kl_sum, nll_sum, agree, n])
-    return {"kl": kl_sum / n, "top1": agree / n, "ppl": math.exp(nll_sum / n)}
 
 
 def shard(model, layers) -> None:
@@ -309,9 +242,10 @@ class DistillResult:
     device: str
     tokens_per_s: float = 0.0  # this session's training throughput (validation excluded)
     best_state: dict = field(default_factory=dict, repr=False)  # best trainable weights, fp32 CPU (process 0)
+    options: DistillOptions | None = None  # as trained: sequence length and batch size resolved
 
     def record(self, opts: DistillOptions) -> dict:
-        o = {k: (list(map(str, v)) if k == "data" else v) for k, v in asdict(opts).items()}
+        o = {k: (list(map(str, v)) if k == "data" else v) for k, v in asdict(self.options or opts).items()}
         return {"options": o, "steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 1),
                 "device": self.device, "data": self.data_origin, "best": self.best,
                 "tokens_per_s": round(self.tokens_per_s, 1),
@@ -354,12 +288,23 @@ def check_resumable(ckpt: Path, fingerprint: dict) -> dict | None:
     return prog
 
 
+CPU_CHECKPOINT_TOKENS = 2048  # tokens per micro-batch above which a CPU run recomputes activations by default
+
+
+def uses_grad_checkpointing(opts: DistillOptions, device: torch.device) -> bool:
+    """--grad-checkpointing as given, else on for GPU, and on CPU once a micro-batch's activations (about 1.4 MB a
+    token for SmolLM2-135M in fp32) would outgrow the weights and the optimizer state."""
+    if opts.grad_checkpointing is not None:
+        return opts.grad_checkpointing
+    return device.type == "cuda" or opts.batch_size * opts.seq_len > CPU_CHECKPOINT_TOKENS
+
+
 def _place_models(student, teacher, opts: DistillOptions, world: dist.World, device: torch.device):
     """Move both models to the device (the teacher frozen, bf16 on GPU), turn on gradient checkpointing, and shard
     them (FSDP) or wrap the student (DDP). Returns the module a training forward goes through."""
     student.to(device).train()
     teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
-    if opts.grad_checkpointing if opts.grad_checkpointing is not None else device.type == "cuda":
+    if uses_grad_checkpointing(opts, device):
         student.model.gradient_checkpointing = True
     if opts.fsdp:
         shard(student, student.model.layers)
@@ -470,12 +415,14 @@ class _TrainingRun:
     def run_validation(self, step: int) -> None:
         """Validate after `step` steps; keep the trainable weights when they are the best so far."""
         v = validate(self.student, self.teacher, self.data.val, self.opts.batch_size, self.device, self.autocast,
-                     self.world)
-        self.history.append({"step": step, "val_kl": v["kl"], "val_top1": v["top1"], "val_ppl": v["ppl"]})
+                     self.world, self.data.val_long)
+        self.history.append({"step": step, "val_kl": v["kl"], "val_top1": v["top1"], "val_ppl": v["ppl"]}
+                            | ({"val_long_kl": v["long_kl"]} if "long_kl" in v else {}))
         if v["kl"] < self.best["kl"]:  # the same decision on every process: the figures are reduced
             self.best = {"step": step} | v
             self.best_state = full_params(self.student, self.names, self.opts.fsdp)
-        self.log(f"step {step:,}: validation KL {v['kl']:.4f}, top-1 {v['top1']:.1%}, ppl {v['ppl']:.3f}")
+        far = f", long-range KL {v['long_kl']:.4f}" if "long_kl" in v else ""
+        self.log(f"step {step:,}: validation KL {v['kl']:.4f}{far}, top-1 {v['top1']:.1%}, ppl {v['ppl']:.3f}")
 
     def save_checkpoint(self, step: int) -> None:
         """Save `state/` after `step` steps (gathered by every process, written by process 0)."""
@@ -528,4 +475,4 @@ def train(
                     signum,
                 )
     return DistillResult(steps, steps * tokens_per_step, time.perf_counter() - t0, run.best, run.history, data.origin,
-                         str(run.device), timed_tokens / train_time if train_time else 0.0, run.best_state)
+                         str(run.device), timed_tokens / train_time if train_time else 0.0, run.best_state, opts)

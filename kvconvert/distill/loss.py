@@ -1,0 +1,103 @@
+"""The distillation loss and validation: KL(teacher ‖ student) per token from the models' final hidden states, a
+chunk of tokens at a time (never a sequence's whole vocabulary-wide logits), plus an optional hidden-state term.
+
+loss = T² · KL(teacher_T ‖ student_T) per token (T: temperature), plus, with `hidden_weight` > 0, the mean over
+layers of ‖h_student − h_teacher‖² / ‖h_teacher‖².
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import dist
+
+LOGIT_CHUNK = 1024  # validation: tokens whose full-vocabulary logits exist at once
+
+
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """The model's logits from its final (normed) hidden states: the LM head, then any logit soft-capping."""
+    logits = model.lm_head(h)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _chunk_kl(s_h, t_h, student, teacher, temperature: float) -> torch.Tensor:
+    """Σ over a chunk's tokens of KL(teacher_T ‖ student_T), both models' logits made from their hidden states."""
+    s = F.log_softmax(head_logits(student, s_h).float() / temperature, dim=-1)
+    with torch.no_grad():
+        t = F.log_softmax(head_logits(teacher, t_h).float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum()
+
+
+def chunked_kl(s_h, t_h, student, teacher, temperature: float, chunk: int) -> torch.Tensor:
+    """T² · mean KL(teacher_T ‖ student_T) over tokens, from final hidden states (B, T, h), `chunk` tokens at a time:
+    each chunk's logits are made, reduced and dropped, and made again in backward (activation checkpointing), so
+    no more than one chunk of either model's full-vocabulary logits exists at once."""
+    from torch.utils.checkpoint import checkpoint
+
+    s_h, t_h = s_h.reshape(-1, s_h.shape[-1]), t_h.reshape(-1, t_h.shape[-1])
+    n = s_h.shape[0]
+    total = sum(checkpoint(_chunk_kl, s_h[i : i + chunk], t_h[i : i + chunk], student, teacher, temperature,
+                           use_reentrant=False) for i in range(0, n, chunk))
+    return total / n * temperature**2
+
+
+def hidden_loss(s_hidden, t_hidden) -> torch.Tensor | None:
+    """Mean over layer outputs 1..L-1 of ‖h_s − h_t‖² / ‖h_t‖² (hidden states as transformers orders them:
+    embeddings, then each layer; the last is the final norm's output, which the logits already cover)."""
+    terms = [((a.float() - b.float()).pow(2).sum(-1) / b.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
+             for a, b in zip(s_hidden[1:-1], t_hidden[1:-1])]
+    return torch.stack(terms).mean() if terms else None
+
+
+def distill_loss(s_logits, t_logits, temperature: float, s_hidden=None, t_hidden=None, hidden_weight: float = 0.0):
+    """(loss, kl): logits (B, T, V), all at once (`chunked_kl` is the same KL in bounded memory)."""
+    s = F.log_softmax(s_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(t_logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    loss = kl
+    if hidden_weight > 0 and (h := hidden_loss(s_hidden, t_hidden)) is not None:
+        loss = loss + hidden_weight * h
+    return loss, kl.detach()
+
+
+@torch.no_grad()
+def validate(student, teacher, val: torch.Tensor, batch: int, device, autocast, world: dist.World,
+             val_long: torch.Tensor | None = None) -> dict:
+    """Mean KL(teacher ‖ student), top-1 agreement and student perplexity on held-out sequences (T = 1); with
+    `val_long` (a mask of `val`'s tokens only far context predicts, data.long_rows) also `long_kl`, the mean KL on
+    those tokens.
+
+    Each process scores an equal share of `val` (a remainder of fewer than one sequence per process is left out:
+    under FSDP every forward is collective, so all processes must run the same number) and the sums are reduced.
+    """
+    student.eval()
+    per = val.shape[0] // world.size
+    mine = slice(world.rank * per, (world.rank + 1) * per)
+    val = val[mine]
+    long = val_long[mine] if val_long is not None else torch.zeros_like(val, dtype=torch.bool)
+    kl_sum = nll_sum = agree = n = long_sum = n_long = 0.0
+    for i in range(0, per, batch):
+        ids = val[i : i + batch].to(device)
+        with autocast():  # the logits from the final hidden states, LOGIT_CHUNK tokens at a time
+            s_h = student(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            t_h = teacher(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            s_h, t_h, target = s_h[:, :-1].flatten(0, 1), t_h[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+            far = long[i : i + batch, 1:].flatten().to(device)
+            for c in range(0, target.numel(), LOGIT_CHUNK):
+                s = F.log_softmax(head_logits(student, s_h[c : c + LOGIT_CHUNK]).float(), -1)
+                t = F.log_softmax(head_logits(teacher, t_h[c : c + LOGIT_CHUNK]).float(), -1)
+                kl = (t.exp() * (t - s)).sum(-1)
+                kl_sum += kl.sum().item()
+                long_sum += kl[far[c : c + LOGIT_CHUNK]].sum().item()
+                nll_sum += -s.gather(-1, target[c : c + LOGIT_CHUNK, None]).sum().item()
+                agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+        n += target.numel()
+        n_long += far.sum().item()
+    student.train()
+    kl_sum, nll_sum, agree, n, long_sum, n_long = dist.sum_all(world, [kl_sum, nll_sum, agree, n, long_sum, n_long])
+    out = {"kl": kl_sum / n, "top1": agree / n, "ppl": math.exp(nll_sum / n)}
+    return out | ({"long_kl": long_sum / n_long} if n_long else {})
