@@ -149,7 +149,7 @@ def test_data_free_long_sequences_are_packed_from_short_samples(student, tmp_pat
     from kvconvert.loading import load_any
 
     teacher = load_any(str(src))
-    data = sampled(teacher.model, teacher.tokenizer, 8, 4, 256, 0, tmp_path / "samples", dist.World(), chunk_seqs=16,
+    data = sampled(teacher.model, teacher.tokenizer, 8, 4, 256, 0, tmp_path / "samples", dist.World(), chunk_seqs=64,
                    sample_len=32)
     assert data.train.shape == (8, 256) and data.val.shape == (4, 256) and data.val_long.shape == (4, 256)
     pool = torch.cat([torch.load(p, weights_only=True) for p in sorted((tmp_path / "samples").glob("train-*.pt"))])
@@ -161,7 +161,7 @@ def test_data_free_long_sequences_are_packed_from_short_samples(student, tmp_pat
     head = teacher.tokenizer("<|im_start|>user\n", add_special_tokens=False).input_ids
     chats = sum(any(r[i : i + len(head)] == head for i in range(32 - len(head))) for r in pool.tolist())
     assert chats >= 2  # an instruct teacher: conversations among the samples (a quarter of each chunk)
-    again = sampled(teacher.model, teacher.tokenizer, 8, 4, 256, 0, tmp_path / "samples", dist.World(), chunk_seqs=16,
+    again = sampled(teacher.model, teacher.tokenizer, 8, 4, 256, 0, tmp_path / "samples", dist.World(), chunk_seqs=64,
                     sample_len=32)  # from the saved chunks
     assert torch.equal(again.train, data.train) and torch.equal(again.val_long, data.val_long)
 
