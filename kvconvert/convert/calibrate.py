@@ -181,11 +181,10 @@ def chat_rows(model, tokenizer, chats: list[list[dict]], n_tokens: int, seq_len:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     gen = torch.Generator().manual_seed(seed + 2)
     torch.manual_seed(seed + 2)
-    prompts = []
-    for msgs in chats:
-        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-        prompts.append(tokenizer.apply_chat_template(msgs[: last_user + 1], add_generation_prompt=True, tokenize=True))
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+    from ..runtime.chat import chat_template_ids
+
+    last_user = lambda msgs: max(i for i, m in enumerate(msgs) if m["role"] == "user")  # noqa: E731
+    prompts = [chat_template_ids(tokenizer, msgs[: last_user(msgs) + 1]) for msgs in chats]
     n_seq = max(1, -(-n_tokens // seq_len))
     stream: list[int] = []
     while len(stream) < n_seq * seq_len:

@@ -178,9 +178,7 @@ def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, torc
         if n_chat * opts.seq_len >= n:
             return chats[:-n_held], chats[-n_held:], what
         text = tokens_from_text(source.tokenizer, data.text, n - n_chat * opts.seq_len, opts.seq_len)
-        cut_text, cut_chat = len(text) - (n_held - held_chat), len(chats) - held_chat
-        return (torch.cat([text[:cut_text], chats[:cut_chat]]), torch.cat([text[cut_text:], chats[cut_chat:]]),
-                what + " and text")
+        return (*_mix(text, chats, n_held - held_chat, held_chat), what + " and text")
     progress = lambda d, t: opts.progress("sampling calibration text", d, t)  # noqa: E731
     if not has_chat_template(source.tokenizer) or n_held < 2:
         tokens = sample_tokens(source.model, source.tokenizer, n, opts.seq_len, opts.seed, progress)
@@ -190,10 +188,14 @@ def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, torc
     free = sample_tokens(source.model, source.tokenizer, n - n_chat * opts.seq_len, opts.seq_len, opts.seed, progress)
     chats = sample_chats(source.model, source.tokenizer, n_chat * opts.seq_len, opts.seq_len, opts.seed,
                          lambda d, t: opts.progress("sampling calibration chats", d, t), batch=8)
-    held_free = n_held - held_chat
-    calib = torch.cat([free[:-held_free], chats[:-held_chat]])
-    heldout = torch.cat([free[-held_free:], chats[-held_chat:]])
-    return calib, heldout, "sampled from the source (free text and chats in its template)"
+    return (*_mix(free, chats, n_held - held_chat, held_chat),
+            "sampled from the source (free text and chats in its template)")
+
+
+def _mix(text: torch.Tensor, chats: torch.Tensor, held_text: int, held_chat: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration, held-out) rows: each kind's last rows held out (held_text of the text, held_chat of the chats)."""
+    cut_text, cut_chat = len(text) - held_text, len(chats) - held_chat
+    return torch.cat([text[:cut_text], chats[:cut_chat]]), torch.cat([text[cut_text:], chats[cut_chat:]])
 
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:

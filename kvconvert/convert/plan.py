@@ -456,7 +456,7 @@ def choose_plan(
     log(f"planning: {len(plans) + len(mixed)} plans, {len(chosen)} built")
     source_logp = F.log_softmax(comp.src(heldout, use_cache=False).logits.float(), -1)
     probe_logp = probe.logp(comp.src) if probe is not None else None
-    results, best = [], None
+    results: list[dict] = []
 
     def judge(p: Plan, proxy: float | None, recall: bool) -> tuple:
         """Build p and measure it: (score, plan, model, held-out KL, recall KL or None); score = the sum."""
