@@ -69,8 +69,9 @@ def data_file(name: str, override: str | None) -> Path:
 
 
 def calibrated(source, calib_tokens: int = 3072):
-    """`kvconvert convert`'s default calibration of SmolLM2 (`source`: load_any("smollm2")): sampled from the model,
-    calib_tokens in 256-token sequences plus 512 held out. Returns (Compressor, held-out tokens)."""
+    """A sampled calibration of SmolLM2 (`source`: load_any("smollm2")): calib_tokens in 256-token sequences plus 512
+    held out, free text only (`kvconvert convert` also samples chats and adds long rows: pipeline.calibration_tokens,
+    bench.studies.long_calibration). Returns (Compressor, held-out tokens)."""
     from kvconvert.convert.build import Compressor
     from kvconvert.convert.calibrate import collect_inputs, sample_tokens
 

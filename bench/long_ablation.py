@@ -65,8 +65,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4, help="long-window perplexity windows")
     ap.add_argument("--name", default=None)
     ap.add_argument("--reuse-source", action="store_true", help="keep the source's figures of an earlier run with the same settings")
-    ap.add_argument("--recall-only", action="store_true", help="no suite: each row's held-out KL and recall KL (the "
-                    "planner's 2,048-token recall probe), in seconds a row; writes long_ablation_recall_smollm2_<ratio>")
+    ap.add_argument("--recall-only", action="store_true", help="no suite: each row's held-out KL and recall KL (one "
+                    "2,048-token recall row), in seconds a row; writes long_ablation_recall_smollm2_<ratio>")
     args = ap.parse_args()
     if args.recall_only:
         return recall_only(args)

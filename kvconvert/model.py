@@ -397,7 +397,9 @@ class CllaForCausalLM(CllaPreTrainedModel, GenerationMixin):
         hidden, cache, hidden_states = self.model(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states
         )
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions to keep, as transformers takes them
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None

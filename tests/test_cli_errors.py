@@ -122,6 +122,13 @@ def test_kv_ratio_out_of_range(tmp_path, tiny_src, ratio):
     assert_nothing_written(tmp_path, before)
 
 
+def test_negative_long_calibration_rows(tmp_path, tiny_src):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run("convert", tiny_src, tmp_path / "out", "--kv-ratio", "0.5", "--calib-long-rows", "-1")
+    assert_one_line_error(result, "--calib-long-rows")
+    assert_nothing_written(tmp_path, before)
+
+
 def test_bad_dtype(tmp_path, tiny_src):
     assert_one_line_error(run("convert", tiny_src, tmp_path / "out", "--identity", "--dtype", "int3"), "--dtype")
 

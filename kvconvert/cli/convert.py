@@ -57,6 +57,9 @@ def convert(
         Optional[list[Path]], typer.Option(help="Calibration text (.txt, or .jsonl with a 'text' field); repeatable. Default: text sampled from the source.")
     ] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens (plus 512 held out to rank plans).")] = 3072,
+    calib_long_rows: Annotated[
+        int, typer.Option(help="Calibration rows of 4,096 tokens (or the model's positions) beside the short ones, packed from the calibration text with far repeats and retrieval prompts, so that long-range attention is in the statistics; 0: short rows only.")
+    ] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the sampled calibration text.")] = 0,
     force: ForceOut = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",
@@ -91,8 +94,8 @@ def convert(
     with training_progress_bar() as bar:
         opts = ConvertOptions(
             identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
-            data=list(data or []), calib_tokens=calib_tokens, seed=seed, force=force, dtype=dtype, log=log,
-            progress=task_progress(bar),
+            data=list(data or []), calib_tokens=calib_tokens, long_rows=calib_long_rows, seed=seed, force=force,
+            dtype=dtype, log=log, progress=task_progress(bar),
         )
         if distill is None and not flags.resume:
             record = run_convert(src, out_dir, opts)

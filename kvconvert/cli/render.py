@@ -29,7 +29,9 @@ def conversion_tables(record: dict, out_dir) -> list[Table]:
     if "heldout_kl" in record:
         t.add_row("held-out KL(source || model)", f"{record['heldout_kl']:.4f}")
     if record.get("recall_kl") is not None:
-        t.add_row(f"recall KL ({record['recall_probe_tokens']:,}-token probe)", f"{record['recall_kl']:.4f}")
+        rows = record.get("recall_probe_rows") or 1
+        t.add_row(f"recall KL ({rows} probe row{'s' * (rows > 1)} of {record['recall_probe_tokens']:,} tokens)",
+                  f"{record['recall_kl']:.4f}")
     t.add_row("max rel. logit error vs source (fp32)", f"{record['check']['max_relative_logit_error_fp32']:.2e}")
     t.add_row("weights dtype", record["dtype"])
     t.add_row("time (s)", " ".join(f"{k} {v:.1f}" for k, v in record["timings_s"].items()))

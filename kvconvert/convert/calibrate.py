@@ -21,15 +21,25 @@ CHAT_SHARE = 0.25  # of calibration and distillation rows: conversations, for a 
 Progress = Callable[[int, int], None]
 
 
-def sample_tokens(
-    model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, progress: Progress | None = None, batch: int = 32
-) -> torch.Tensor:
-    """(S, seq_len) token ids sampled from the model itself (temperature 1, top-p 0.95): no data needed.
-    Decode steps dominate: one batch of up to `batch` sequences costs about as much as one."""
-    n_seq = max(1, -(-n_tokens // seq_len))
+SAMPLE_PREFIX = 2  # a sampled row's first tokens: the start token and a random one (sample_tokens)
+
+
+def start_token(model, tokenizer) -> int:
+    """The token a sampled sequence starts with: the model's BOS, else the tokenizer's, else 0."""
     start = model.config.bos_token_id
     if start is None:
         start = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else 0
+    return start
+
+
+def sample_tokens(
+    model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, progress: Progress | None = None, batch: int = 32
+) -> torch.Tensor:
+    """(S, seq_len) token ids sampled from the model itself (temperature 1, top-p 0.95): no data needed. Each row
+    starts with SAMPLE_PREFIX tokens: the start token and a random one.
+    Decode steps dominate: one batch of up to `batch` sequences costs about as much as one."""
+    n_seq = max(1, -(-n_tokens // seq_len))
+    start = start_token(model, tokenizer)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # generate() samples with the global generator
     device = next(model.parameters()).device
@@ -209,6 +219,28 @@ def tokens_from_text(tokenizer, text: str, n_tokens: int, seq_len: int, what: st
     return torch.tensor(ids[: n_seq * seq_len]).view(n_seq, seq_len)
 
 
+def long_calibration_rows(stream: torch.Tensor, n: int, length: int, row: int, seed: int, tokenizer=None,
+                          lead: list[int] = (), recall_share: float | None = None,
+                          task_share: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (n, length), long (n, length) bool): rows with long-range dependencies packed from `stream` (1-D running
+    text, cut into pieces of `row` tokens) as distillation packs its sequences (kvconvert.distill.data.long_rows: a
+    recall row repeats its start at its end, a task row is a long-context trial and its answers; `long` marks the
+    tokens only far context predicts; shares default to long_rows'), each beginning with the `lead` tokens (the start
+    token a sampled row begins with, in place of the row's first ones). Short rows alone put few queries far from
+    their keys in the statistics, and the fits then serve long-range attention poorly (docs/results.md, "Long
+    calibration rows")."""
+    from ..distill.data import RECALL_SHARE, TASK_SHARE, long_rows
+
+    usable = stream.numel() // row * row
+    if usable < 2 * row:
+        raise KvconvertError(f"internal: {stream.numel()} calibration tokens cannot make long rows of {row}-token pieces")
+    shares = dict(recall_share=RECALL_SHARE if recall_share is None else recall_share,
+                  task_share=TASK_SHARE if task_share is None else task_share)
+    rows, long = long_rows(stream[:usable].view(-1, row), n, length, seed, tokenizer, **shares)
+    rows[:, : len(lead)] = torch.tensor(list(lead), dtype=rows.dtype)
+    return rows, long
+
+
 @dataclass
 class Calibration:
     tokens: torch.Tensor  # (S, T) used for statistics
@@ -241,8 +273,10 @@ class Calibration:
 
 
 @torch.no_grad()
-def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progress | None = None) -> Calibration:
-    """Run the source on `tokens` and keep every layer's attention input (after its input norm)."""
+def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progress | None = None,
+                   long: torch.Tensor | None = None) -> Calibration:
+    """Run the source on `tokens` (and on `long` rows, one at a time, when given) and keep every layer's attention
+    input (after its input norm); `Calibration.tokens` are the `tokens`."""
     layers = model.model.layers
     store: list[list[torch.Tensor]] = [[] for _ in layers]
 
@@ -254,11 +288,13 @@ def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progre
         return fn
 
     handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    chunks = [tokens[s : s + batch] for s in range(0, tokens.shape[0], batch)]
+    chunks += [r[None] for r in long] if long is not None else []
     try:
-        for s in range(0, tokens.shape[0], batch):
-            model(tokens[s : s + batch], use_cache=False)
+        for i, chunk in enumerate(chunks):
+            model(chunk, use_cache=False)
             if progress:
-                progress(min(s + batch, tokens.shape[0]), tokens.shape[0])
+                progress(i + 1, len(chunks))
     finally:
         for h in handles:
             h.remove()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -17,8 +17,8 @@ from ..config import SUPPORTED_KV_BITS
 from ..errors import KvconvertError
 from .build import Compressor
 from .groups import layer_kinds, mixed_group
-from .calibrate import (CHAT_SHARE, chat_rows, collect_inputs, read_data, read_data_files, sample_chats, sample_tokens,
-                        tokens_from_text)
+from .calibrate import (CHAT_SHARE, SAMPLE_PREFIX, chat_rows, collect_inputs, long_calibration_rows, read_data,
+                        read_data_files, sample_chats, sample_tokens, start_token, tokens_from_text)
 from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, RecallProbe, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
 from .identity import build_identity
@@ -37,6 +37,8 @@ class ConvertOptions:
     calib_tokens: int = 3072
     heldout_tokens: int = 512
     seq_len: int = 256
+    long_rows: int = 2  # calibration rows of long_len tokens beside the short ones (0: none; see long_calibration)
+    long_len: int = 4096  # at most the model's positions
     seed: int = 0
     force: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -118,6 +120,8 @@ def check_options(opts: ConvertOptions) -> None:
         raise KvconvertError(f"--rope-dim must be even and non-negative, got {ov.rope_dim}")
     if opts.calib_tokens < 256:
         raise KvconvertError(f"--calib-tokens must be at least 256, got {opts.calib_tokens}")
+    if opts.long_rows < 0:
+        raise KvconvertError(f"--calib-long-rows must be 0 or more, got {opts.long_rows}")
 
 
 def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
@@ -150,12 +154,35 @@ def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
     return ov
 
 
-RECALL_PROBE_TOKENS = 2048  # the planner's long-range judge: a held-out row repeated this far back (plan.RecallProbe)
+RECALL_PROBE_TOKENS = 2048  # the planner's long-range judge (plan.RecallProbe): rows this long (or the positions)
+RECALL_PROBE_ROWS = 4  # half recall rows, half long-context trials (one probe row alone ranked layouts by chance)
+PROBE_SEED = 7_919  # the probe rows' packing seed, apart from the long calibration rows'
 
 
-def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(calibration, held-out, origin): (S, seq_len) token rows from --data, or sampled from the source itself; an
-    instruct source (one with a chat template) also gets CHAT_SHARE of both as conversations in its template."""
+def recall_probe(source, stream: torch.Tensor, lead: list[int], opts: ConvertOptions) -> RecallProbe | None:
+    """The planner's long-range judge: RECALL_PROBE_ROWS rows packed from the calibration text (half recall rows, half
+    long-context trials when the source has a tokenizer), each scored on the tokens only far context predicts."""
+    positions = getattr(source.model.config, "max_position_embeddings", None) or RECALL_PROBE_TOKENS
+    length = min(RECALL_PROBE_TOKENS, positions)
+    if length < 4 * opts.seq_len or stream.numel() < 2 * opts.seq_len:
+        return None
+    task = 0.5 if source.tokenizer is not None else 0.0
+    rows, long = long_calibration_rows(stream, RECALL_PROBE_ROWS, length, opts.seq_len, opts.seed + PROBE_SEED,
+                                       source.tokenizer, lead, recall_share=1 - task, task_share=task)
+    return RecallProbe.from_rows(rows, long)
+
+
+class CalibrationRows(NamedTuple):
+    calib: torch.Tensor  # (S, seq_len)
+    heldout: torch.Tensor  # (M, seq_len): the planner's held-out rows
+    origin: str
+    stream: torch.Tensor  # 1-D: the calibration rows as running text (sampled rows without their first tokens)
+    lead: list[int]  # the tokens a row of this origin starts with (sampled: the start token)
+
+
+def calibration_tokens(source, opts: ConvertOptions) -> CalibrationRows:
+    """(S, seq_len) calibration and held-out token rows from --data, or sampled from the source itself; an instruct
+    source (one with a chat template) also gets CHAT_SHARE of both as conversations in its template."""
     from ..chat_fidelity import has_chat_template
 
     n = opts.calib_tokens + opts.heldout_tokens
@@ -168,7 +195,7 @@ def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, torc
             raise KvconvertError("--data: conversations need a chat template, and this source's tokenizer has none")
         if not data.chats:
             tokens = tokens_from_text(source.tokenizer, data.text, n, opts.seq_len)
-            return tokens[:-n_held], tokens[-n_held:], f"{len(opts.data)} file(s)"
+            return _data_rows(tokens[:-n_held], tokens[-n_held:], f"{len(opts.data)} file(s)")
         # conversations, answered by the source; beside text they take CHAT_SHARE of the rows
         n_chat = n // opts.seq_len if not data.text.strip() else max(1, round(CHAT_SHARE * n / opts.seq_len))
         held_chat = n_held if not data.text.strip() else max(1, round(CHAT_SHARE * n_held))
@@ -176,20 +203,30 @@ def calibration_tokens(source, opts: ConvertOptions) -> tuple[torch.Tensor, torc
                           lambda d, t: opts.progress("answering the --data conversations", d, t))
         what = f"{len(opts.data)} file(s): {len(data.chats):,} conversations answered by the source"
         if n_chat * opts.seq_len >= n:
-            return chats[:-n_held], chats[-n_held:], what
+            return _data_rows(chats[:-n_held], chats[-n_held:], what)
         text = tokens_from_text(source.tokenizer, data.text, n - n_chat * opts.seq_len, opts.seq_len)
-        return (*_mix(text, chats, n_held - held_chat, held_chat), what + " and text")
+        return _data_rows(*_mix(text, chats, n_held - held_chat, held_chat), what + " and text")
     progress = lambda d, t: opts.progress("sampling calibration text", d, t)  # noqa: E731
+    lead = [start_token(source.model, source.tokenizer)]
     if not has_chat_template(source.tokenizer) or n_held < 2:
         tokens = sample_tokens(source.model, source.tokenizer, n, opts.seq_len, opts.seed, progress)
-        return tokens[:-n_held], tokens[-n_held:], "sampled from the source"
+        calib = tokens[:-n_held]
+        return CalibrationRows(calib, tokens[-n_held:], "sampled from the source", calib[:, SAMPLE_PREFIX:].flatten(),
+                               lead)
     n_chat = max(1, round(CHAT_SHARE * n / opts.seq_len))
     held_chat = max(1, round(CHAT_SHARE * n_held))
     free = sample_tokens(source.model, source.tokenizer, n - n_chat * opts.seq_len, opts.seq_len, opts.seed, progress)
     chats = sample_chats(source.model, source.tokenizer, n_chat * opts.seq_len, opts.seq_len, opts.seed,
                          lambda d, t: opts.progress("sampling calibration chats", d, t), batch=8)
-    return (*_mix(free, chats, n_held - held_chat, held_chat),
-            "sampled from the source (free text and chats in its template)")
+    calib, held = _mix(free, chats, n_held - held_chat, held_chat)
+    stream = torch.cat([free[: len(free) - n_held + held_chat, SAMPLE_PREFIX:].flatten(),
+                        chats[: len(chats) - held_chat].flatten()])
+    return CalibrationRows(calib, held, "sampled from the source (free text and chats in its template)", stream, lead)
+
+
+def _data_rows(calib: torch.Tensor, held: torch.Tensor, origin: str) -> CalibrationRows:
+    """Rows of --data: their running text is the rows end to end, and they start with nothing added."""
+    return CalibrationRows(calib, held, origin, calib.flatten(), [])
 
 
 def _mix(text: torch.Tensor, chats: torch.Tensor, held_text: int, held_chat: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,6 +325,17 @@ def check_source_for_plans(ref, opts: ConvertOptions) -> None:
         fit_target(identity_config(load_source_config(ref), model_type, ref.name), opts.overrides)
 
 
+def long_calibration(source, stream: torch.Tensor, lead: list[int], opts: ConvertOptions) -> torch.Tensor | None:
+    """opts.long_rows rows of min(long_len, the model's positions) tokens packed from the calibration text with recall
+    and task rows (calibrate.long_calibration_rows), calibrated on beside the short rows; None when the model's
+    positions or the calibration text leave no room for rows longer than the short ones."""
+    positions = getattr(source.model.config, "max_position_embeddings", None) or opts.long_len
+    length = min(opts.long_len, positions)
+    if not opts.long_rows or length <= opts.seq_len or stream.numel() < 2 * opts.seq_len:
+        return None
+    return long_calibration_rows(stream, opts.long_rows, length, opts.seq_len, opts.seed, source.tokenizer, lead)[0]
+
+
 def compress(source, name: str, opts: ConvertOptions, timings: dict):
     """Calibrate, plan and build a compressed model; returns it and its part of the conversion record."""
     from .identity import identity_config
@@ -295,13 +343,13 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     base = identity_config(source.model.config, source.model_type, name)
     ov = fit_target(base, check_overrides_against(base, opts))
     t = time.perf_counter()
-    calib, heldout, origin = calibration_tokens(source, opts)
-    cal = collect_inputs(source.model, calib, progress=lambda d, n: opts.progress("calibrating", d, n))
+    calib, heldout, origin, stream, lead = calibration_tokens(source, opts)
+    long = long_calibration(source, stream, lead, opts)
+    cal = collect_inputs(source.model, calib, progress=lambda d, n: opts.progress("calibrating", d, n), long=long)
     timings["calibrate"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     comp = Compressor(source.model, source.model_type, name, cal)
-    positions = getattr(source.model.config, "max_position_embeddings", None) or RECALL_PROBE_TOKENS
-    probe = RecallProbe.build(heldout[0], calib, min(RECALL_PROBE_TOKENS, positions))
+    probe = recall_probe(source, stream, lead, opts)
     report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log, probe=probe)
     timings["plan_and_build"] = round(time.perf_counter() - t, 3)
     model, plan = report.model, report.plan
@@ -317,10 +365,13 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     summary = {
         "plan": plan.describe(),
         "target_kv_ratio": opts.kv_ratio,
-        "calibration": {"tokens": int(calib.numel()), "heldout_tokens": int(heldout.numel()), "origin": origin},
+        "calibration": {"tokens": int(calib.numel()), "heldout_tokens": int(heldout.numel()), "origin": origin,
+                        "long_rows": 0 if long is None else len(long),
+                        "long_len": 0 if long is None else long.shape[1]},
         "heldout_kl": report.heldout_kl,
         "recall_kl": report.recall_kl,
         "recall_probe_tokens": probe.tokens.shape[1] if probe is not None else None,
+        "recall_probe_rows": probe.tokens.shape[0] if probe is not None else None,
         "per_group_error": per_group,
         "candidates": report.candidates,
     }

@@ -365,31 +365,47 @@ def kl_to_source(model, tokens: torch.Tensor, source_logp: torch.Tensor) -> floa
 
 @dataclass(frozen=True)
 class RecallProbe:
-    """A long held-out sequence whose end repeats its start: [A, filler, A]. Predicting the second A is easy for a
-    model that can look back across the filler and hard for one that cannot, so the KL to the source on it measures
-    long-range recall (copying, what retrieval of a needle rests on) with no task format to tune to."""
+    """Long held-out rows and, in each, the tokens only far context predicts: the copy of a row's start at its end
+    ([A, filler, A]: easy for a model that can look back across the filler, hard for one that cannot), or the
+    answers of a long-context trial. The KL to the source on those tokens measures long-range recall (copying and
+    retrieval, what finding a needle rests on)."""
 
-    tokens: torch.Tensor  # (1, L)
-    start: int  # where the second A begins; its tokens after the first are scored
+    tokens: torch.Tensor  # (P, L)
+    mask: torch.Tensor  # (P, L) bool: the scored tokens (each predicted from the positions before it)
 
     @classmethod
     def build(cls, head: torch.Tensor, filler: torch.Tensor, length: int) -> RecallProbe | None:
-        """From a held-out row `head` and calibration tokens `filler`, about `length` tokens (None when the filler
-        is too short for a probe of at least four rows)."""
+        """One recall row from a held-out row `head` and calibration tokens `filler`, about `length` tokens; the second
+        A is scored after its first token (None when the filler is too short for a probe of at least four rows)."""
         n = min(length - 2 * head.numel(), filler.numel())
         if n < 2 * head.numel():
             return None
         tokens = torch.cat([head.flatten(), filler.flatten()[:n], head.flatten()])[None]
-        return cls(tokens, tokens.shape[1] - head.numel())
+        mask = torch.zeros_like(tokens, dtype=torch.bool)
+        mask[0, tokens.shape[1] - head.numel() + 1 :] = True
+        return cls(tokens, mask)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, long: torch.Tensor) -> RecallProbe:
+        """From rows with far dependencies and their masks (kvconvert.distill.data.long_rows); rows with nothing to
+        score are left out."""
+        keep = long.any(1)
+        return cls(rows[keep], long[keep])
 
     @torch.no_grad()
-    def logp(self, model) -> torch.Tensor:
-        """The model's log-probabilities of the second A's tokens after its first."""
-        return F.log_softmax(model(self.tokens, use_cache=False).logits[:, self.start : -1].float(), -1)
+    def logp(self, model) -> list[torch.Tensor]:
+        """Per row, the model's log-probabilities of its scored tokens."""
+        out = []
+        for t, m in zip(self.tokens, self.mask):
+            keep = m[1:].nonzero().flatten()  # the logits at position i predict token i + 1
+            logits = model(t[None], use_cache=False, logits_to_keep=keep).logits[0]
+            out.append(F.log_softmax(logits.float(), -1))
+        return out
 
-    def kl(self, model, source_logp: torch.Tensor) -> float:
-        """Mean KL(source ‖ model) over the second A (source_logp: `logp` of the source)."""
-        return (source_logp.exp() * (source_logp - self.logp(model))).sum(-1).mean().item()
+    def kl(self, model, source_logp: list[torch.Tensor]) -> float:
+        """KL(source ‖ model) over each row's scored tokens, averaged over the rows (source_logp: the source's `logp`)."""
+        kls = [(ref.exp() * (ref - lp)).sum(-1).mean().item() for ref, lp in zip(source_logp, self.logp(model))]
+        return sum(kls) / len(kls)
 
 
 RECALL_FINALISTS = 3  # stage 1's best families by held-out KL that are also judged on the recall probe
