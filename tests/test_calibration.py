@@ -166,3 +166,6 @@ def test_the_recall_probe_averages_its_rows_scored_tokens():
     assert probe.tokens.shape == (4, 1024) and (probe.tokens[:, 0] == lead[0]).all()
     copies = [r for r, m in zip(probe.tokens, probe.mask) if torch.equal(r[1:128], r[-127:]) and m[-1]]  # A: one 128-token piece
     assert len(copies) == 2 and probe.mask.any(1).all()
+    one = recall_probe(source, stream, lead, ConvertOptions(seq_len=128, probe_rows=1))
+    assert one.tokens.shape == (1, 1024) and torch.equal(one.tokens[0, 1:128], one.tokens[0, -127:])  # a recall row
+    assert recall_probe(source, stream, lead, ConvertOptions(seq_len=128, probe_rows=0)) is None

@@ -122,10 +122,10 @@ def test_kv_ratio_out_of_range(tmp_path, tiny_src, ratio):
     assert_nothing_written(tmp_path, before)
 
 
-def test_negative_long_calibration_rows(tmp_path, tiny_src):
+@pytest.mark.parametrize("flag", ["--calib-long-rows", "--probe-rows"])
+def test_negative_long_calibration_rows(tmp_path, tiny_src, flag):
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = run("convert", tiny_src, tmp_path / "out", "--kv-ratio", "0.5", "--calib-long-rows", "-1")
-    assert_one_line_error(result, "--calib-long-rows")
+    assert_one_line_error(run("convert", tiny_src, tmp_path / "out", "--kv-ratio", "0.5", flag, "-1"), flag)
     assert_nothing_written(tmp_path, before)
 
 

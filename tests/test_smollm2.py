@@ -91,18 +91,20 @@ def test_smollm2_profile_memory(converted):
 
 
 def test_smollm2_zero_shot_quarter_cache(smollm2_folder, tmp_path):
-    """The real pipeline on the real model (plan search and all; a third of the default calibration, to stay
-    quick): a quarter of the KV cache, zero-shot, with a bounded held-out KL (a broken RoPE split, latent or
+    """The real pipeline on the real model (plan search and all; to stay quick, a third of the default calibration,
+    one long row and one probe row where the defaults take two and four, each probe row a 2,048-token forward per
+    judged plan): a quarter of the KV cache, zero-shot, with a bounded held-out KL (a broken RoPE split, latent or
     quantizer lands far above 0.6)."""
     out = tmp_path / "quarter"
     result = runner.invoke(app, ["convert", str(smollm2_folder), str(out), "--kv-ratio", "0.25", "--calib-tokens",
-                                 "1024", "--json"])
+                                 "1024", "--calib-long-rows", "1", "--probe-rows", "1", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["kv_ratio"] <= 0.25
     assert record["kv_bytes_per_token"] <= 0.25 * 23_040
     assert record["heldout_kl"] < 0.6
     assert record["recall_kl"] < 0.5  # the long-range judge ran (plans that lose recall score 1.5 and more)
+    assert record["calibration"]["long_rows"] == 1 and record["recall_probe_rows"] == 1
 
 
 @pytest.mark.slow  # 43 s; the default tier exports every family's tiny model (test_deepseek_export.py)

@@ -60,6 +60,9 @@ def convert(
     calib_long_rows: Annotated[
         int, typer.Option(help="Calibration rows of 4,096 tokens (or the model's positions) beside the short ones, packed from the calibration text with far repeats and retrieval prompts, so that long-range attention is in the statistics; 0: short rows only.")
     ] = 2,
+    probe_rows: Annotated[
+        int, typer.Option(help="Rows of 2,048 tokens on which the planner judges how well each finalist plan still copies and retrieves from far back (half far repeats, half retrieval prompts); each costs a forward per judged plan; 0: judge on short text only.")
+    ] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the sampled calibration text.")] = 0,
     force: ForceOut = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",
@@ -94,8 +97,8 @@ def convert(
     with training_progress_bar() as bar:
         opts = ConvertOptions(
             identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
-            data=list(data or []), calib_tokens=calib_tokens, long_rows=calib_long_rows, seed=seed, force=force,
-            dtype=dtype, log=log, progress=task_progress(bar),
+            data=list(data or []), calib_tokens=calib_tokens, long_rows=calib_long_rows, probe_rows=probe_rows,
+            seed=seed, force=force, dtype=dtype, log=log, progress=task_progress(bar),
         )
         if distill is None and not flags.resume:
             record = run_convert(src, out_dir, opts)

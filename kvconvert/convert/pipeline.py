@@ -39,6 +39,7 @@ class ConvertOptions:
     seq_len: int = 256
     long_rows: int = 2  # calibration rows of long_len tokens beside the short ones (0: none; see long_calibration)
     long_len: int = 4096  # at most the model's positions
+    probe_rows: int = 4  # rows of the planner's recall probe (recall_probe); 0: no long-range judge
     seed: int = 0
     force: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -122,6 +123,8 @@ def check_options(opts: ConvertOptions) -> None:
         raise KvconvertError(f"--calib-tokens must be at least 256, got {opts.calib_tokens}")
     if opts.long_rows < 0:
         raise KvconvertError(f"--calib-long-rows must be 0 or more, got {opts.long_rows}")
+    if opts.probe_rows < 0:
+        raise KvconvertError(f"--probe-rows must be 0 or more, got {opts.probe_rows}")
 
 
 def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
@@ -155,19 +158,20 @@ def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
 
 
 RECALL_PROBE_TOKENS = 2048  # the planner's long-range judge (plan.RecallProbe): rows this long (or the positions)
-RECALL_PROBE_ROWS = 4  # half recall rows, half long-context trials (one probe row alone ranked layouts by chance)
 PROBE_SEED = 7_919  # the probe rows' packing seed, apart from the long calibration rows'
 
 
 def recall_probe(source, stream: torch.Tensor, lead: list[int], opts: ConvertOptions) -> RecallProbe | None:
-    """The planner's long-range judge: RECALL_PROBE_ROWS rows packed from the calibration text (half recall rows, half
-    long-context trials when the source has a tokenizer), each scored on the tokens only far context predicts."""
+    """The planner's long-range judge: opts.probe_rows rows packed from the calibration text (half recall rows, half
+    long-context trials when the source has a tokenizer and there are two rows or more), each scored on the tokens
+    only far context predicts. One row alone ranked layouts by chance (docs/results.md); each row costs a forward of
+    RECALL_PROBE_TOKENS per judged plan."""
     positions = getattr(source.model.config, "max_position_embeddings", None) or RECALL_PROBE_TOKENS
     length = min(RECALL_PROBE_TOKENS, positions)
-    if length < 4 * opts.seq_len or stream.numel() < 2 * opts.seq_len:
+    if not opts.probe_rows or length < 4 * opts.seq_len or stream.numel() < 2 * opts.seq_len:
         return None
-    task = 0.5 if source.tokenizer is not None else 0.0
-    rows, long = long_calibration_rows(stream, RECALL_PROBE_ROWS, length, opts.seq_len, opts.seed + PROBE_SEED,
+    task = 0.5 if source.tokenizer is not None and opts.probe_rows >= 2 else 0.0
+    rows, long = long_calibration_rows(stream, opts.probe_rows, length, opts.seq_len, opts.seed + PROBE_SEED,
                                        source.tokenizer, lead, recall_share=1 - task, task_share=task)
     return RecallProbe.from_rows(rows, long)
 
