@@ -41,7 +41,7 @@ def main() -> None:
 
     from kvconvert.convert.build import Compressor
     from kvconvert.convert.calibrate import collect_inputs, long_calibration_rows, sample_tokens
-    from kvconvert.convert.pipeline import RECALL_PROBE_TOKENS, ConvertOptions, calibration_tokens
+    from kvconvert.convert.pipeline import RECALL_PROBE_TOKENS, ConvertOptions, calibration_tokens, row_length
     from kvconvert.convert.plan import Overrides, RecallProbe, choose_plan, kl_to_source, plan_bytes
     from kvconvert.distill.data import TASK_SEED, long_rows
     from kvconvert.evaluate import read_text, score_windows, text_windows
@@ -53,7 +53,7 @@ def main() -> None:
     model, tok = source.model, source.tokenizer
     opts = ConvertOptions(kv_ratio=args.ratio)
     calib, held, origin, stream, lead = calibration_tokens(source, opts)
-    length = min(opts.long_len, model.config.max_position_embeddings)
+    length = row_length(source, opts.long_len)
 
     # judged apart from the calibration: rows sampled with another seed make the recall probes (A_i, shared filler,
     # A_i) and the haystacks of the task trials

@@ -161,13 +161,17 @@ RECALL_PROBE_TOKENS = 2048  # the planner's long-range judge (plan.RecallProbe):
 PROBE_SEED = 7_919  # the probe rows' packing seed, apart from the long calibration rows'
 
 
+def row_length(source, cap: int) -> int:
+    """`cap` tokens, or the source's positions where it takes fewer."""
+    return min(cap, getattr(source.model.config, "max_position_embeddings", None) or cap)
+
+
 def recall_probe(source, stream: torch.Tensor, lead: list[int], opts: ConvertOptions) -> RecallProbe | None:
     """The planner's long-range judge: opts.probe_rows rows packed from the calibration text (half recall rows, half
     long-context trials when the source has a tokenizer and there are two rows or more), each scored on the tokens
     only far context predicts. One row alone ranked layouts by chance (docs/results.md); each row costs a forward of
     RECALL_PROBE_TOKENS per judged plan."""
-    positions = getattr(source.model.config, "max_position_embeddings", None) or RECALL_PROBE_TOKENS
-    length = min(RECALL_PROBE_TOKENS, positions)
+    length = row_length(source, RECALL_PROBE_TOKENS)
     if not opts.probe_rows or length < 4 * opts.seq_len or stream.numel() < 2 * opts.seq_len:
         return None
     task = 0.5 if source.tokenizer is not None and opts.probe_rows >= 2 else 0.0
@@ -333,8 +337,7 @@ def long_calibration(source, stream: torch.Tensor, lead: list[int], opts: Conver
     """opts.long_rows rows of min(long_len, the model's positions) tokens packed from the calibration text with recall
     and task rows (calibrate.long_calibration_rows), calibrated on beside the short rows; None when the model's
     positions or the calibration text leave no room for rows longer than the short ones."""
-    positions = getattr(source.model.config, "max_position_embeddings", None) or opts.long_len
-    length = min(opts.long_len, positions)
+    length = row_length(source, opts.long_len)
     if not opts.long_rows or length <= opts.seq_len or stream.numel() < 2 * opts.seq_len:
         return None
     return long_calibration_rows(stream, opts.long_rows, length, opts.seq_len, opts.seed, source.tokenizer, lead)[0]
