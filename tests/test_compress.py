@@ -446,13 +446,14 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     probe = RecallProbe.build(tokens[-2], tokens[:-2], 400)
     report = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe)
     judged = [c for c in report.candidates if c["recall_kl"] is not None]
-    assert len(judged) >= 1 + len(KEY_WEIGHTS)
+    assert len(judged) >= RECALL_FINALISTS + 2  # the finalists, and two key weights or more (key_weight_search)
     # the families' best by held-out KL, RECALL_FINALISTS of them, are judged on recall too; the others are not
     families = sorted((c for c in report.candidates if c["proxy"] is not None), key=lambda c: c["heldout_kl"])
     assert len(families) > RECALL_FINALISTS
     assert [c["recall_kl"] is not None for c in families] == [i < RECALL_FINALISTS for i in range(len(families))]
     weights = {c["plan"].split("keys weighted ")[-1] for c in judged if "keys weighted" in c["plan"]}
-    assert weights == {f"{w:g}x" for w in KEY_WEIGHTS}
+    middle = sorted(KEY_WEIGHTS)[len(KEY_WEIGHTS) // 2]
+    assert f"{middle:g}x" in weights and len(weights) >= 2 and weights <= {f"{w:g}x" for w in KEY_WEIGHTS}
     scores = [c["heldout_kl"] + c["recall_kl"] for c in judged]
     assert report.heldout_kl + report.recall_kl == pytest.approx(min(scores))
     assert all(c["kv_ratio"] <= 0.2 for c in report.candidates)
@@ -465,6 +466,28 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     assert plan_bytes(base, mixed) <= plan_bytes(base, p4)
     assert head8_mix(base, p4, plan_bytes(base, p4), Overrides(kv_bits=4)) is None
     assert head8_mix(base, p4, plan_bytes(base, p4), Overrides(tail_dim=0)) is None
+
+
+@pytest.mark.parametrize("scores, best, calls, chosen", [
+    ({0.5: 3.0, 0.25: 2.0, 0.125: 1.0}, 4.0, [0.25, 0.125], 0.125),  # lighter while it falls
+    ({0.5: 1.0, 0.25: 2.0, 0.125: 3.0}, 2.5, [0.25, 0.125], 0.25),  # lighter, then worse: stop
+    ({0.5: 1.0, 0.25: 5.0, 0.125: 0.1}, 3.0, [0.25, 0.5], 0.5),  # the middle worse than the winner: heavier
+    ({0.5: 9.0, 0.25: 9.0, 0.125: 9.0}, 3.0, [0.25, 0.5], None),  # nothing beats the winner: it stays
+])
+def test_key_weight_search(scores, best, calls, chosen):
+    """A line search over KEY_WEIGHTS from the middle: two judged plans, the lowest score kept."""
+    from kvconvert.convert.plan import KEY_WEIGHTS, key_weight_search
+
+    assert sorted(KEY_WEIGHTS) == sorted(scores)
+    seen = []
+
+    def judge(w):
+        seen.append(w)
+        return (scores[w], w)
+
+    result = key_weight_search((best, None), judge)
+    assert seen == calls
+    assert result == ((best, None) if chosen is None else (scores[chosen], chosen))
 
 
 def test_the_key_weight_moves_the_latent_toward_the_values():

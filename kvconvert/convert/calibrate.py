@@ -292,7 +292,7 @@ def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progre
     chunks += [r[None] for r in long] if long is not None else []
     try:
         for i, chunk in enumerate(chunks):
-            model(chunk, use_cache=False)
+            model.model(chunk, use_cache=False)  # the layers only: no logits (4,096 x 49,152 floats for SmolLM2)
             if progress:
                 progress(i + 1, len(chunks))
     finally:
