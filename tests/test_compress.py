@@ -247,6 +247,12 @@ def test_convert_to_a_ratio(tmp_path, tiny_src):
     assert record["candidates"] and record["per_group_error"]
     on_disk = json.loads((out / "conversion.json").read_text())
     assert on_disk["plan"] == record["plan"] and on_disk["heldout_kl"] == record["heldout_kl"]
+    refits = [c for c in record["candidates"] if c["plan"].endswith("refitted in sequence")]
+    assert len(refits) == 1  # the winner, refitted group by group, judged beside it
+    assert record["plan"].endswith("refitted in sequence") == (refits[0]["heldout_kl"] == record["heldout_kl"])
+    r = convert(tiny_src, tmp_path / "plain", "--kv-ratio", "0.3", "--no-refit")
+    assert r.exit_code == 0, r.output
+    assert not any("refitted" in c["plan"] for c in json.loads(r.stdout)["candidates"])
 
 
 def test_every_override_lands_in_the_config(tmp_path, tiny_src):
@@ -435,7 +441,7 @@ def test_the_planner_weighs_prefix_layouts_and_keeps_layout_overrides():
 
 def test_the_recall_judge_refines_the_winner_within_its_bytes():
     """With a recall probe, the winner of the families is refined (lighter keys in the fit, an 8-bit head before a
-    4-bit tail) at no more bytes; the plan kept has the lowest held-out KL plus recall KL of all that were judged
+    4-bit tail, a sequential refit) at no more bytes; the plan kept has the lowest held-out KL plus recall KL of all that were judged
     on both; overrides of the bits or the tail rule out the 8-bit head."""
     from kvconvert.convert.plan import (KEY_WEIGHTS, RECALL_FINALISTS, Overrides, RecallProbe, choose_plan, head8_mix,
                                         plan_bytes)
@@ -451,7 +457,9 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     families = sorted((c for c in report.candidates if c["proxy"] is not None), key=lambda c: c["heldout_kl"])
     assert len(families) > RECALL_FINALISTS
     assert [c["recall_kl"] is not None for c in families] == [i < RECALL_FINALISTS for i in range(len(families))]
-    weights = {c["plan"].split("keys weighted ")[-1] for c in judged if "keys weighted" in c["plan"]}
+    weights = {c["plan"].split("keys weighted ")[-1].removesuffix(", refitted in sequence") for c in judged
+               if "keys weighted" in c["plan"]}
+    assert sum(c["plan"].endswith("refitted in sequence") for c in judged) == 1  # the winner, refitted
     middle = sorted(KEY_WEIGHTS)[len(KEY_WEIGHTS) // 2]
     assert f"{middle:g}x" in weights and len(weights) >= 2 and weights <= {f"{w:g}x" for w in KEY_WEIGHTS}
     scores = [c["heldout_kl"] + c["recall_kl"] for c in judged]

@@ -63,6 +63,9 @@ def convert(
     probe_rows: Annotated[
         int, typer.Option(help="Rows of 2,048 tokens on which the planner judges how well each finalist plan still copies and retrieves from far back (half far repeats, half retrieval prompts); each costs a forward per judged plan; 0: judge on short text only.")
     ] = 4,
+    refit: Annotated[
+        bool, typer.Option("--refit/--no-refit", help="Refit the chosen plan group by group on the converted model's own inputs (each group's latent undoes what the groups before it lost), kept where the planner's judge finds it better: one more forward over the calibration rows and one more judged plan.")
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the sampled calibration text.")] = 0,
     force: ForceOut = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",
@@ -98,7 +101,7 @@ def convert(
         opts = ConvertOptions(
             identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
             data=list(data or []), calib_tokens=calib_tokens, long_rows=calib_long_rows, probe_rows=probe_rows,
-            seed=seed, force=force, dtype=dtype, log=log, progress=task_progress(bar),
+            refit=refit, seed=seed, force=force, dtype=dtype, log=log, progress=task_progress(bar),
         )
         if distill is None and not flags.resume:
             record = run_convert(src, out_dir, opts)

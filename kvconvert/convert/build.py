@@ -127,6 +127,7 @@ class Compressor:
         self, group: tuple[int, ...], rope_dim: int, select: bool = True, activation_aware: bool = True, heads: int = 1,
         rope_from_latent: bool = False, key_weight: float = 1.0,
     ) -> LatentFit:
+        """The group's latent, fitted on the source's inputs (cached)."""
         key = ("latent", group, rope_dim, select, activation_aware, heads, rope_from_latent, key_weight)
         if key not in self._fits:
             blocks = self.blocks(group, self.rope_choice(group, rope_dim, select, heads), activation_aware, rope_from_latent,
@@ -140,6 +141,16 @@ class Compressor:
                 eye = torch.eye(self.h + 1, dtype=torch.float64)
                 self._fits[key] = fit_latent(blocks, lambda i, j: eye, group[0])
         return self._fits[key]
+
+    def plan_fit(self, group: tuple[int, ...], plan: Plan, inputs=None) -> LatentFit:
+        """The group's latent under the plan; `inputs` (see latent.fit_latent): fitted on other inputs than the
+        source's (not cached)."""
+        if inputs is None or not plan.activation_aware:
+            return self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
+                                   plan.rope_from_latent, plan.key_weight)
+        blocks = self.blocks(group, self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads), True,
+                             plan.rope_from_latent, plan.key_weight)
+        return fit_latent(blocks, self.cal.cov, group[0], inputs=inputs)
 
     def rope_scale(self, group: tuple[int, ...], choice, k: int) -> torch.Tensor:
         """(rope_dim, 1) per-pair scales s = (E|k|² / E|q|²)^(1/4): after k/s and q·s both sides carry equal
@@ -201,15 +212,21 @@ class Compressor:
         missing = [k for k in missing if k != "lm_head.weight"]
         assert not missing and not unexpected, (missing, unexpected)
         model.tie_weights()
-        return model.to(dtype).eval()
+        model = model.to(dtype).eval()
+        if plan.sequential:
+            from .sequential import refit_sequential
 
-    def group_weights(self, g: int, group: tuple[int, ...], plan: Plan, cfg: CllaConfig) -> dict[str, torch.Tensor]:
+            refit_sequential(self, plan, model)
+        return model
+
+    def group_weights(self, g: int, group: tuple[int, ...], plan: Plan, cfg: CllaConfig,
+                      fit: LatentFit | None = None) -> dict[str, torch.Tensor]:
         """Float64 weights of layer group g under the plan: its latent projection (kv_down, rope_proj, latent_norm)
-        and its layers' attention (see `layer_weights`), by parameter name."""
+        and its layers' attention (see `layer_weights`), by parameter name; `fit`: the group's latent (default:
+        fitted on the source's inputs, `plan_fit`)."""
         K, D, h, R = self.K, self.D, self.h, plan.latent_dim
         choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
-        fit = self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
-                              plan.rope_from_latent, plan.key_weight)
+        fit = fit if fit is not None else self.plan_fit(group, plan)
         A, B = fit.weights(R)
         if plan.rotate:  # each latent segment on its own: the tail's dims stay the tail's
             Q = torch.block_diag(*(rotation(w) for w, _ in plan.latent_segments))

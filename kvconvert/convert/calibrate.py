@@ -244,8 +244,16 @@ def long_calibration_rows(stream: torch.Tensor, n: int, length: int, row: int, s
 @dataclass
 class Calibration:
     tokens: torch.Tensor  # (S, T) used for statistics
-    inputs: list[torch.Tensor]  # per layer (N, hidden) float32
+    inputs: list[torch.Tensor]  # per layer (N, hidden) float32: the rows of `chunks()` flattened, in order
     _cov: dict = field(default_factory=dict, repr=False)
+    long: torch.Tensor | None = None  # (n, L) long rows, after the short ones in `inputs`
+    batch: int = 8  # short rows per forward
+
+    def chunks(self) -> list[torch.Tensor]:
+        """The token batches the statistics were collected on, in order: `tokens` `batch` rows at a time, then each
+        long row alone."""
+        out = [self.tokens[s : s + self.batch] for s in range(0, self.tokens.shape[0], self.batch)]
+        return out + ([r[None] for r in self.long] if self.long is not None else [])
 
     @property
     def n(self) -> int:
@@ -288,8 +296,8 @@ def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progre
         return fn
 
     handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    chunks = [tokens[s : s + batch] for s in range(0, tokens.shape[0], batch)]
-    chunks += [r[None] for r in long] if long is not None else []
+    cal = Calibration(tokens, [], long=long, batch=batch)
+    chunks = cal.chunks()
     try:
         for i, chunk in enumerate(chunks):
             model.model(chunk, use_cache=False)  # the layers only: no logits (4,096 x 49,152 floats for SmolLM2)
@@ -298,4 +306,5 @@ def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progre
     finally:
         for h in handles:
             h.remove()
-    return Calibration(tokens, [torch.cat(x) for x in store])
+    cal.inputs = [torch.cat(x) for x in store]
+    return cal

@@ -12,6 +12,7 @@ c = B x has E[c cᵀ] = S_R², and A is orthonormal in the Ω metric, so the err
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -70,19 +71,23 @@ def inverse_sqrt(C: torch.Tensor) -> torch.Tensor:
     return (U * w.rsqrt()) @ U.T
 
 
-def fit_latent(blocks: list[Block], cov, first: int, Ci: torch.Tensor | None = None) -> LatentFit:
-    """cov(i, j) -> augmented E[x̃_i x̃_jᵀ]; `first` is the group's first layer; Ci = C^{-1/2} if known."""
+def fit_latent(blocks: list[Block], cov, first: int, Ci: torch.Tensor | None = None,
+               inputs: tuple[torch.Tensor, Callable[[int], torch.Tensor]] | None = None) -> LatentFit:
+    """cov(i, j) -> augmented E[x̃_i x̃_jᵀ]; `first` is the group's first layer; Ci = C^{-1/2} if known.
+    `inputs`: the latent's input is not the source's x̃_first but another (the converted model's own, see
+    kvconvert.convert.sequential): (its augmented moment E[x̃ x̃ᵀ], l -> the augmented cross moment E[x̃_l x̃ᵀ])."""
+    C_in, cross_in = inputs if inputs is not None else (cov(first, first), lambda layer: cov(layer, first))
     h = blocks[0].w.shape[1] - 1
-    C = cov(first, first)[:h, :h]
+    C = C_in[:h, :h]
     Ci = inverse_sqrt(C) if Ci is None else Ci
     Ts, gram, total = [], torch.zeros(h, h, dtype=torch.float64), 0.0
     for b in blocks:
         W = b.w[:, :h]
-        T = W @ cov(b.layer, first)[:h, :h]
+        T = W @ cross_in(b.layer)[:h, :h]
         Eyy = W @ cov(b.layer, b.layer)[:h, :h] @ W.T
         if b.w_f is not None:
             Wf = b.w_f[:, :h]
-            cross = W @ cov(b.layer, first)[:h, :h] @ Wf.T
+            cross = W @ cross_in(b.layer)[:h, :h] @ Wf.T
             T = T - Wf @ C
             Eyy = Eyy - cross - cross.T + Wf @ C @ Wf.T
         Ts.append(T)
@@ -91,7 +96,7 @@ def fit_latent(blocks: list[Block], cov, first: int, Ci: torch.Tensor | None = N
     S2, V = torch.linalg.eigh(Ci @ gram @ Ci)
     order = torch.argsort(S2, descending=True)
     S2, V = S2[order].clamp_min(0), V[:, order]
-    mean = cov(first, first)[:h, h]  # E[x_f] (the augmented moment's last column)
+    mean = C_in[:h, h]  # E[x_f] (the augmented moment's last column)
     mean2 = (S2.sqrt() * (V.T @ Ci @ mean)) ** 2  # (B E[x_f])² per latent dim, B = S Vᵀ Ci
     return LatentFit(blocks, S2, V, Ci, torch.cat(Ts), total, torch.minimum(mean2, S2))
 

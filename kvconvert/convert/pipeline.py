@@ -40,6 +40,7 @@ class ConvertOptions:
     long_rows: int = 2  # calibration rows of long_len tokens beside the short ones (0: none; see long_calibration)
     long_len: int = 4096  # at most the model's positions
     probe_rows: int = 4  # rows of the planner's recall probe (recall_probe); 0: no long-range judge
+    refit: bool = True  # the winner also refitted group by group (plan.choose_plan, convert/sequential.py)
     seed: int = 0
     force: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -357,7 +358,7 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     t = time.perf_counter()
     comp = Compressor(source.model, source.model_type, name, cal)
     probe = recall_probe(source, stream, lead, opts)
-    report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log, probe=probe)
+    report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log, probe=probe, sequential=opts.refit)
     timings["plan_and_build"] = round(time.perf_counter() - t, 3)
     model, plan = report.model, report.plan
     if ov.target == "deepseek-v3":

@@ -70,6 +70,7 @@ class Plan:
     latent_norm: bool = False  # an RMSNorm on the latent (DeepSeek's kv_a_layernorm; gain set to the latent's RMS)
     rope_from_latent: bool = False  # rope keys from the latent: each layer's, not cached (CllaConfig)
     key_weight: float = 1.0  # the keys' weight against the values in the latent fit (see Compressor.blocks)
+    sequential: bool = False  # each group refitted on the converted model's own input (kvconvert.convert.sequential)
 
     def describe(self) -> str:
         rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
@@ -77,6 +78,7 @@ class Plan:
             rope = f"rope {self.rope_heads}x{self.rope_dim} from the latent"
         latent = " + ".join(f"{w} @ {b}" for w, b in self.latent_segments)
         keys = f", keys weighted {self.key_weight:g}x" if self.key_weight != 1 else ""
+        keys += ", refitted in sequence" if self.sequential else ""
         return f"{describe_layout(self.groups)}, latent {latent} bit, {rope}, quant group {self.quant_group}{keys}"
 
     @property
@@ -445,11 +447,13 @@ class PlanReport:
 def choose_plan(
     comp: Compressor, kv_ratio: float | None, ov: Overrides, heldout: torch.Tensor, per_family: int = 1,
     log: Log = lambda m: None, prefix: bool = True, probe: RecallProbe | None = None, refine: bool = True,
+    sequential: bool = True,
 ) -> PlanReport:
     """Proxy-rank the plans of each (layout, rope heads, rope dim) family, then measure held-out KL on the best
     `per_family` of each; with a `probe` (long-range recall) the RECALL_FINALISTS best are also measured on it and the
     lowest sum wins, then is refined under the same sum.
-    `prefix=False` leaves out the prefix layouts, `refine=False` the refinements of the winner (ablations)."""
+    `prefix=False` leaves out the prefix layouts, `refine=False` the refinements of the winner (ablations),
+    `sequential=False` its sequential refit (`kvconvert convert --no-refit`)."""
     base = comp.base
     src = base.source_kv_bytes_per_token
     budget = int(kv_ratio * src) if kv_ratio is not None else None
@@ -526,6 +530,11 @@ def choose_plan(
     mixed8 = head8_mix(base, best[1], budget, ov) if refine else None
     if mixed8 is not None:
         r = judge(mixed8, None, recall=True)
+        if r[0] < best[0]:
+            best = r
+    # 3. the winner refitted group by group on the converted model's own inputs (convert/sequential.py)
+    if refine and sequential and best[1].activation_aware:
+        r = judge(replace(best[1], sequential=True), None, recall=True)
         if r[0] < best[0]:
             best = r
     _, plan, model, kl, recall = best
