@@ -247,12 +247,13 @@ def test_convert_to_a_ratio(tmp_path, tiny_src):
     assert record["candidates"] and record["per_group_error"]
     on_disk = json.loads((out / "conversion.json").read_text())
     assert on_disk["plan"] == record["plan"] and on_disk["heldout_kl"] == record["heldout_kl"]
+    assert not any("refitted" in c["plan"] for c in record["candidates"])  # the sequential refit is opt-in
+    r = convert(tiny_src, tmp_path / "refit", "--kv-ratio", "0.3", "--refit")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
     refits = [c for c in record["candidates"] if c["plan"].endswith("refitted in sequence")]
     assert len(refits) == 1  # the winner, refitted group by group, judged beside it
     assert record["plan"].endswith("refitted in sequence") == (refits[0]["heldout_kl"] == record["heldout_kl"])
-    r = convert(tiny_src, tmp_path / "plain", "--kv-ratio", "0.3", "--no-refit")
-    assert r.exit_code == 0, r.output
-    assert not any("refitted" in c["plan"] for c in json.loads(r.stdout)["candidates"])
 
 
 def test_every_override_lands_in_the_config(tmp_path, tiny_src):
@@ -450,7 +451,7 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     tokens = torch.randint(0, VOCAB, (18, 48), generator=torch.Generator().manual_seed(0))
     comp = Compressor(src, "llama", "tiny", collect_inputs(src, tokens[:-2]))
     probe = RecallProbe.build(tokens[-2], tokens[:-2], 400)
-    report = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe)
+    report = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe, sequential=True)
     judged = [c for c in report.candidates if c["recall_kl"] is not None]
     assert len(judged) >= RECALL_FINALISTS + 2  # the finalists, and two key weights or more (key_weight_search)
     # the families' best by held-out KL, RECALL_FINALISTS of them, are judged on recall too; the others are not

@@ -105,7 +105,6 @@ def test_smollm2_zero_shot_quarter_cache(smollm2_folder, tmp_path):
     assert record["heldout_kl"] < 0.6
     assert record["recall_kl"] < 0.5  # the long-range judge ran (plans that lose recall score 1.5 and more)
     assert record["calibration"]["long_rows"] == 1 and record["recall_probe_rows"] == 1
-    assert any(c["plan"].endswith("refitted in sequence") for c in record["candidates"])  # the sequential refit ran
 
 
 @pytest.mark.slow  # 43 s; the default tier exports every family's tiny model (test_deepseek_export.py)

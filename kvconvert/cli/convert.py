@@ -64,8 +64,8 @@ def convert(
         int, typer.Option(help="Rows of 2,048 tokens on which the planner judges how well each finalist plan still copies and retrieves from far back (half far repeats, half retrieval prompts); each costs a forward per judged plan; 0: judge on short text only.")
     ] = 4,
     refit: Annotated[
-        bool, typer.Option("--refit/--no-refit", help="Refit the chosen plan group by group on the converted model's own inputs (each group's latent undoes what the groups before it lost), kept where the planner's judge finds it better: one more forward over the calibration rows and one more judged plan.")
-    ] = True,
+        bool, typer.Option("--refit/--no-refit", help="Also refit the chosen plan group by group on the converted model's own inputs (each group's latent undoes what the groups before it lost), kept where the planner's judge finds it better; off by default (docs/results.md). Costs one more forward over the calibration rows and one more judged plan.")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the sampled calibration text.")] = 0,
     force: ForceOut = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",

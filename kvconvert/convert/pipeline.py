@@ -40,7 +40,7 @@ class ConvertOptions:
     long_rows: int = 2  # calibration rows of long_len tokens beside the short ones (0: none; see long_calibration)
     long_len: int = 4096  # at most the model's positions
     probe_rows: int = 4  # rows of the planner's recall probe (recall_probe); 0: no long-range judge
-    refit: bool = True  # the winner also refitted group by group (plan.choose_plan, convert/sequential.py)
+    refit: bool = False  # the winner also refitted group by group (plan.choose_plan, convert/sequential.py)
     seed: int = 0
     force: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16

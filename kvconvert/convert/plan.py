@@ -447,13 +447,13 @@ class PlanReport:
 def choose_plan(
     comp: Compressor, kv_ratio: float | None, ov: Overrides, heldout: torch.Tensor, per_family: int = 1,
     log: Log = lambda m: None, prefix: bool = True, probe: RecallProbe | None = None, refine: bool = True,
-    sequential: bool = True,
+    sequential: bool = False,
 ) -> PlanReport:
     """Proxy-rank the plans of each (layout, rope heads, rope dim) family, then measure held-out KL on the best
     `per_family` of each; with a `probe` (long-range recall) the RECALL_FINALISTS best are also measured on it and the
     lowest sum wins, then is refined under the same sum.
     `prefix=False` leaves out the prefix layouts, `refine=False` the refinements of the winner (ablations),
-    `sequential=False` its sequential refit (`kvconvert convert --no-refit`)."""
+    `sequential=True` adds its sequential refit (`kvconvert convert --refit`)."""
     base = comp.base
     src = base.source_kv_bytes_per_token
     budget = int(kv_ratio * src) if kv_ratio is not None else None
