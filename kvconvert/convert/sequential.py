@@ -55,7 +55,7 @@ def refit_sequential(comp: Compressor, plan: Plan, model: CllaForCausalLM, progr
             cross[layer] /= cal.n
         fit = comp.plan_fit(group, plan, inputs=(C, cross.__getitem__))
         weights = comp.group_weights(g, group, plan, cfg, fit)
-        missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
+        _, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
         assert not unexpected, unexpected
         for i, state in enumerate(states):  # through the refitted group
             cos, sin, masks = setup[i]
