@@ -14,6 +14,7 @@ Writes bench/results/frontier_smollm2.json and bench/results/frontier_smollm2.pn
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import shutil
 import subprocess
@@ -239,6 +240,9 @@ def plot(rows: list[dict], path: Path) -> None:
         a.minorticks_off()
         a.set_xlabel("KV cache / source KV cache")
         a.legend(fontsize=8)
+    top = max(p[1] for p in pts)
+    steps = [2.0**k for k in range(0, max(1, math.ceil(math.log2(max(top, 1.0)))) + 1)]
+    ax.set_yticks(steps, [f"{y:g}×" for y in steps])  # after minorticks_off: a log axis alone labels only 10^0
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
