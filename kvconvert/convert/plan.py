@@ -526,7 +526,8 @@ def choose_plan(
     # 2. refine the winner, by held-out KL plus recall KL: lighter keys in the fit (the weights come from a
     #    short-context model of the error; on SmolLM2 lighter keys cut both KLs: docs/results.md), then an 8-bit head
     if refine:
-        best = key_weight_search(best, lambda w: judge(replace(best[1], key_weight=w), None, recall=True))
+        winner = best[1]
+        best = key_weight_search(best, lambda w: judge(replace(winner, key_weight=w), None, recall=True))
     mixed8 = head8_mix(base, best[1], budget, ov) if refine else None
     if mixed8 is not None:
         r = judge(mixed8, None, recall=True)

@@ -10,16 +10,11 @@ the groups before it got wrong, where its input still carries it.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ..model import CllaForCausalLM
 from .build import Compressor
 from .plan import Plan
-
-Progress = Callable[[int, int], None]
-
 
 def augmented(x: torch.Tensor) -> torch.Tensor:
     """(N, h) -> (N, h + 1) float64 with a constant 1 appended (see calibrate.Calibration.cov)."""
@@ -27,10 +22,10 @@ def augmented(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def refit_sequential(comp: Compressor, plan: Plan, model: CllaForCausalLM, progress: Progress | None = None) -> None:
+def refit_sequential(comp: Compressor, plan: Plan, model: CllaForCausalLM) -> None:
     """Refit `model` (built by comp.build(plan)) in place, group by group, on the calibration rows comp was fitted
     on; the source's statistics (comp.cal.inputs) give the targets."""
-    cal, cfg, inner = comp.cal, model.config, model.model
+    cal, cfg, inner, h = comp.cal, model.config, model.model, comp.h
     dtype = next(model.parameters()).dtype
     chunks = cal.chunks()
     states = [inner.embed(c) for c in chunks]
@@ -42,7 +37,6 @@ def refit_sequential(comp: Compressor, plan: Plan, model: CllaForCausalLM, progr
     assert at == cal.n, "internal: the calibration chunks do not match the statistics"
     for g, group in enumerate(plan.groups):
         first = inner.layers[group[0]]
-        h = comp.h
         C = torch.zeros(h + 1, h + 1, dtype=torch.float64)
         cross = {layer: torch.zeros(h + 1, h + 1, dtype=torch.float64) for layer in group}
         for state, (lo, hi) in zip(states, spans):
@@ -65,5 +59,3 @@ def refit_sequential(comp: Compressor, plan: Plan, model: CllaForCausalLM, progr
                 state, latent, k_rope = inner.layers[layer_index](
                     state, latent, k_rope, cos[g], sin[g], masks[cfg.layer_windows[layer_index]], proj, None, g)
             states[i] = state
-        if progress:
-            progress(g + 1, len(plan.groups))
