@@ -37,7 +37,10 @@ class CllaConfig(PretrainedConfig):
     - `kv_bits` (16, 8, 4, 2) and `kv_quant_group`: latent storage; asymmetric group-wise quantization.
     - `kv_tail_dim`, `kv_tail_bits`: a mixed-precision latent. The latent's dims come in order of energy (the
       regression's order; each segment rotated on its own), and the last kv_tail_dim of them are stored at
-      kv_tail_bits < kv_bits in a second stream (`latent_segments`). 0: one precision throughout.
+      kv_tail_bits < kv_bits in a second stream (`group_segments`). 0: one precision throughout.
+    - `kv_latent_dims`, `kv_tail_dims`: per layer group, its latent width and tail (default: kv_latent_dim and
+      kv_tail_dim for every group). Groups may differ (bytes spent where the error is: convert/plan.py,
+      `water_fill`); kv_latent_dim and kv_tail_dim are then the widest group's.
     - `rope_from_latent`: rope keys from the latent. They are not cached: each layer computes its pre-RoPE rope
       keys from the latent (`rope_up`, per layer: rope_heads × rope_dim rows over the latent) and rotates them at
       each slot's position. Pre-RoPE keys share the latent's low rank (every key dim through the latent beats a
@@ -92,6 +95,8 @@ class CllaConfig(PretrainedConfig):
         kv_quant_group: int = 32,
         kv_tail_dim: int = 0,
         kv_tail_bits: int = 2,
+        kv_latent_dims: list[int] | None = None,
+        kv_tail_dims: list[int] | None = None,
         rope_bits: int = 16,
         rope_from_latent: bool = False,
         qk_norm: bool = False,
@@ -148,6 +153,13 @@ class CllaConfig(PretrainedConfig):
         self.kv_quant_group = kv_quant_group
         self.kv_tail_dim = kv_tail_dim
         self.kv_tail_bits = kv_tail_bits
+        n = len(self.layer_groups)
+        self.kv_latent_dims = list(kv_latent_dims) if kv_latent_dims is not None else [self.kv_latent_dim] * n
+        self.kv_tail_dims = list(kv_tail_dims) if kv_tail_dims is not None else [kv_tail_dim] * n
+        if kv_latent_dims is not None and len(self.kv_latent_dims) == n:
+            self.kv_latent_dim = max(self.kv_latent_dims)
+        if kv_tail_dims is not None and len(self.kv_tail_dims) == n:
+            self.kv_tail_dim = max(self.kv_tail_dims)
         self.rope_bits = rope_bits
         self.rope_from_latent = rope_from_latent
         self.qk_norm = qk_norm
@@ -175,22 +187,27 @@ class CllaConfig(PretrainedConfig):
             raise ValueError(f"layer_windows needs {L} entries, got {len(self.layer_windows)}")
         if self.kv_bits not in SUPPORTED_KV_BITS:
             raise ValueError(f"kv_bits must be one of {SUPPORTED_KV_BITS}, got {self.kv_bits}")
-        if self.kv_latent_dim < 1:
-            raise ValueError(f"kv_latent_dim must be positive, got {self.kv_latent_dim}")
-        if self.kv_tail_dim:
-            if not 0 < self.kv_tail_dim < self.kv_latent_dim:
-                raise ValueError(f"kv_tail_dim must lie between 0 and kv_latent_dim ({self.kv_latent_dim}), "
-                                 f"got {self.kv_tail_dim}")
-            if self.kv_tail_bits not in SUPPORTED_KV_BITS or not self.kv_tail_bits < self.kv_bits:
-                raise ValueError(f"kv_tail_bits must be one of {SUPPORTED_KV_BITS} below kv_bits ({self.kv_bits}), "
-                                 f"got {self.kv_tail_bits}")
-        for width, bits in self.latent_segments:
-            if bits < 16 and width % self.kv_quant_group:
-                raise ValueError(f"each latent segment ({width} dims at {bits} bits) must be a multiple of "
-                                 f"kv_quant_group {self.kv_quant_group}")
-            if bits < 8 and self.kv_quant_group % (8 // bits):
-                raise ValueError(f"kv_quant_group must be a multiple of {8 // bits} at {bits} bits "
-                                 f"({8 // bits} values per byte)")
+        n = len(self.layer_groups)
+        if len(self.kv_latent_dims) != n or len(self.kv_tail_dims) != n:
+            raise ValueError(f"kv_latent_dims and kv_tail_dims need one entry per layer group ({n}), got "
+                             f"{len(self.kv_latent_dims)} and {len(self.kv_tail_dims)}")
+        if any(t and not (self.kv_tail_bits in SUPPORTED_KV_BITS and self.kv_tail_bits < self.kv_bits)
+               for t in self.kv_tail_dims):
+            raise ValueError(f"kv_tail_bits must be one of {SUPPORTED_KV_BITS} below kv_bits ({self.kv_bits}), "
+                             f"got {self.kv_tail_bits}")
+        for g, (width, tail) in enumerate(zip(self.kv_latent_dims, self.kv_tail_dims)):
+            at = f" (layer group {g})" if n > 1 and len(set(self.kv_latent_dims)) > 1 else ""
+            if width < 1:
+                raise ValueError(f"kv_latent_dim must be positive, got {width}{at}")
+            if tail and not 0 < tail < width:
+                raise ValueError(f"kv_tail_dim must lie between 0 and kv_latent_dim ({width}), got {tail}{at}")
+            for w, bits in self.group_segments(g):
+                if bits < 16 and w % self.kv_quant_group:
+                    raise ValueError(f"each latent segment ({w} dims at {bits} bits) must be a multiple of "
+                                     f"kv_quant_group {self.kv_quant_group}{at}")
+                if bits < 8 and self.kv_quant_group % (8 // bits):
+                    raise ValueError(f"kv_quant_group must be a multiple of {8 // bits} at {bits} bits "
+                                     f"({8 // bits} values per byte)")
         if self.rope_dim % 2 or self.rope_dim < 0:
             raise ValueError(f"rope_dim must be even and non-negative, got {self.rope_dim}")
         H = self.num_attention_heads
@@ -219,10 +236,18 @@ class CllaConfig(PretrainedConfig):
         if self.qk_nope_dim + self.rope_dim < 1:
             raise ValueError("queries need at least one dim (qk_nope_dim + rope_dim)")
 
+    def group_segments(self, g: int) -> list[tuple[int, int]]:
+        """Layer group g's latent as stored: [(width, bits)], its head then (with a tail) its tail."""
+        return latent_segments(self.kv_latent_dims[g], self.kv_bits, self.kv_tail_dims[g], self.kv_tail_bits)
+
     @property
-    def latent_segments(self) -> list[tuple[int, int]]:
-        """See the function `latent_segments`."""
-        return latent_segments(self.kv_latent_dim, self.kv_bits, self.kv_tail_dim, self.kv_tail_bits)
+    def uneven_latent(self) -> bool:
+        """Whether layer groups store latents of different widths or tails."""
+        return len(set(zip(self.kv_latent_dims, self.kv_tail_dims))) > 1
+
+    def describe_latent(self) -> str:
+        """See the function `describe_latent`."""
+        return describe_latent([self.group_segments(g) for g in range(self.num_layer_groups)])
 
     @property
     def rope_quant_group(self) -> int:
@@ -240,6 +265,18 @@ class CllaConfig(PretrainedConfig):
 def latent_segments(width: int, bits: int, tail_dim: int, tail_bits: int) -> list[tuple[int, int]]:
     """A latent's stored segments, in order: [(width, bits)], the head then (with a tail) the tail."""
     return [(width - tail_dim, bits), (tail_dim, tail_bits)] if tail_dim else [(width, bits)]
+
+
+def describe_latent(segments: list[list[tuple[int, int]]]) -> str:
+    """A latent as stored, from each layer group's segments: e.g. "64 @ 4 + 96 @ 2 bit"; where groups differ, each
+    segment's range of widths over the groups, e.g. "32–128 @ 4 + 0–96 @ 2 bit, per layer group"."""
+    parts = []
+    for bits in dict.fromkeys(b for seg in segments for _, b in seg):
+        widths = [dict((b, w) for w, b in seg).get(bits, 0) for seg in segments]
+        lo, hi = min(widths), max(widths)
+        parts.append(f"{lo}–{hi} @ {bits}" if lo != hi else f"{hi} @ {bits}")
+    uneven = len({tuple(seg) for seg in segments}) > 1
+    return " + ".join(parts) + " bit" + (", per layer group" if uneven else "")
 
 
 def rope_quant_group(rope_dim: int, quant_group: int) -> int:
@@ -279,12 +316,19 @@ def key_norm_count(config: CllaConfig) -> int:
     return config.num_hidden_layers * config.num_key_value_heads if config.qk_norm else 0
 
 
+def group_breakdowns(config: CllaConfig) -> list[dict[str, int]]:
+    """Per layer group, bytes per token of each tensor it caches (`cached_bytes`; key norms excluded). With
+    rope_from_latent no rope keys are cached."""
+    cached_rope_dim = 0 if config.rope_from_latent else config.rope_dim
+    return [cached_bytes(1, config.group_segments(g), config.kv_quant_group, config.rope_heads, cached_rope_dim,
+                         config.rope_bits, 0) for g in range(config.num_layer_groups)]
+
+
 def kv_bytes_breakdown(config: CllaConfig) -> dict[str, int]:
     """Bytes per token of each cached tensor, summed over layer groups (what the runtime allocates per token): see
-    `cached_bytes`. With rope_from_latent no rope keys are cached."""
-    cached_rope_dim = 0 if config.rope_from_latent else config.rope_dim
-    return cached_bytes(config.num_layer_groups, config.latent_segments, config.kv_quant_group, config.rope_heads,
-                        cached_rope_dim, config.rope_bits, key_norm_count(config))
+    `cached_bytes`."""
+    total = {k: sum(parts[k] for parts in group_breakdowns(config)) for k in group_breakdowns(config)[0]}
+    return total | {"key_scales": key_norm_count(config) * CACHE_ELEMENT_BYTES_16}
 
 
 def kv_bytes_per_token(config: CllaConfig) -> int:
@@ -308,12 +352,11 @@ def cache_slots(config: CllaConfig, context: int, ring_chunk: int | None) -> lis
             for g in range(config.num_layer_groups)]
 
 
-def group_and_layer_bytes(config: CllaConfig) -> tuple[int, int]:
-    """kv_bytes_breakdown split by owner: bytes per token of one layer group's streams (latent, rope keys and their
+def group_and_layer_bytes(config: CllaConfig) -> tuple[list[int], int]:
+    """kv_bytes_breakdown split by owner: bytes per token of each layer group's streams (latent, rope keys and their
     scales) and of one layer's key norms (0 without qk_norm)."""
-    parts = kv_bytes_breakdown(config)
-    per_group = (sum(parts.values()) - parts["key_scales"]) // config.num_layer_groups
-    return per_group, parts["key_scales"] // config.num_hidden_layers
+    per_group = [sum(parts.values()) for parts in group_breakdowns(config)]
+    return per_group, kv_bytes_breakdown(config)["key_scales"] // config.num_hidden_layers
 
 
 def window_tokens(config: CllaConfig, context: int) -> list[int]:
@@ -325,5 +368,5 @@ def kv_bytes(config: CllaConfig, context: int, ring_chunk: int | None = None) ->
     """Bytes of KV cache one row of `context` tokens takes: kv_bytes_per_token per token, except that sliding-window
     groups kept as rings (`cache_slots`) hold only their ring."""
     per_group, per_layer = group_and_layer_bytes(config)
-    return sum(n * (per_group + per_layer * len(layers))
-               for n, layers in zip(cache_slots(config, context, ring_chunk), config.layer_groups))
+    return sum(n * (group + per_layer * len(layers))
+               for n, group, layers in zip(cache_slots(config, context, ring_chunk), per_group, config.layer_groups))

@@ -76,17 +76,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class CllaLatentProjection(nn.Module):
     """One per layer group: what the cache stores, computed from the group's first-layer input."""
 
-    def __init__(self, config: CllaConfig):
+    def __init__(self, config: CllaConfig, group: int = 0):
         super().__init__()
         self.config = config
-        self.kv_down = nn.Linear(config.hidden_size, config.kv_latent_dim, bias=False)
+        self.segments = config.group_segments(group)
+        R = config.kv_latent_dims[group]
+        self.kv_down = nn.Linear(config.hidden_size, R, bias=False)
         self.rope_proj = (
             nn.Linear(config.hidden_size, config.rope_heads * config.rope_dim, bias=config.qkv_bias)
             if config.rope_dim and not config.rope_from_latent
             else None
         )
         # DeepSeek's kv_a_layernorm: the latent is normed before it is cached
-        self.latent_norm = CllaRMSNorm(config.kv_latent_dim, config.rms_norm_eps) if config.latent_norm else None
+        self.latent_norm = CllaRMSNorm(R, config.rms_norm_eps) if config.latent_norm else None
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, hidden) -> the latent as it is cached, before quantization (B, T, R)."""
@@ -104,7 +106,7 @@ class CllaLatentProjection(nn.Module):
         with which each layer rotates its rope keys from the latent (see CllaAttention.rope_keys)."""
         cfg = self.config
         B, T, _ = x.shape
-        latent = fake_quantize_latent(self.latent(x), cfg.latent_segments, cfg.kv_quant_group)
+        latent = fake_quantize_latent(self.latent(x), self.segments, cfg.kv_quant_group)
         if cfg.rope_from_latent:
             return latent, torch.cat([cos, sin], -1)
         if self.rope_proj is None:
@@ -138,7 +140,8 @@ class CllaAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         H, K = config.num_attention_heads, config.num_key_value_heads
-        R, Dn, Dr, Dv = config.kv_latent_dim, config.qk_nope_dim, config.rope_dim, config.head_dim
+        R = config.kv_latent_dims[config.group_of_layer()[layer_idx]]  # the latent of this layer's group
+        Dn, Dr, Dv = config.qk_nope_dim, config.rope_dim, config.head_dim
         D = config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, H * (D if config.qk_norm else Dn + Dr), bias=config.qkv_bias)
         self.k_up = nn.Linear(R, K * Dn, bias=config.qkv_bias) if Dn else None
@@ -311,7 +314,7 @@ class CllaModel(CllaPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([CllaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.latent_proj = nn.ModuleList([CllaLatentProjection(config) for _ in config.layer_groups])
+        self.latent_proj = nn.ModuleList([CllaLatentProjection(config, g) for g in range(config.num_layer_groups)])
         self.norm = CllaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()

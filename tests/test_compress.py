@@ -164,7 +164,7 @@ def test_a_2_bit_tail_keeps_the_latents_low_energy_dims():
     src, comp = compressor("llama")
     plan = Plan(uniform_groups(3, 1), 32, 8, 4, 8, rope_heads=1, quant_group=8, tail_dim=16)
     model = comp.build(plan)
-    assert model.config.latent_segments == [(16, 4), (16, 2)]
+    assert model.config.group_segments(0) == [(16, 4), (16, 2)]
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out = model(ids, use_cache=True)
@@ -442,7 +442,7 @@ def test_the_planner_weighs_prefix_layouts_and_keeps_layout_overrides():
 
 def test_the_recall_judge_refines_the_winner_within_its_bytes():
     """With a recall probe, the winner of the families is refined (lighter keys in the fit, an 8-bit head before a
-    4-bit tail, a sequential refit) at no more bytes; the plan kept has the lowest held-out KL plus recall KL of all that were judged
+    4-bit tail, latent widths per group, a sequential refit) at no more bytes; the plan kept has the lowest held-out KL plus recall KL of all that were judged
     on both; overrides of the bits or the tail rule out the 8-bit head."""
     from kvconvert.convert.plan import (KEY_WEIGHTS, RECALL_FINALISTS, Overrides, RecallProbe, choose_plan, head8_mix,
                                         plan_bytes)
@@ -461,6 +461,8 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     weights = {c["plan"].split("keys weighted ")[-1].removesuffix(", refitted in sequence") for c in judged
                if "keys weighted" in c["plan"]}
     assert sum(c["plan"].endswith("refitted in sequence") for c in judged) == 1  # the winner, refitted
+    # the winner's bytes moved between its groups (water_fill), judged on held-out KL first
+    assert sum("per layer group" in c["plan"] for c in report.candidates) == 1
     middle = sorted(KEY_WEIGHTS)[len(KEY_WEIGHTS) // 2]
     assert f"{middle:g}x" in weights and len(weights) >= 2 and weights <= {f"{w:g}x" for w in KEY_WEIGHTS}
     scores = [c["heldout_kl"] + c["recall_kl"] for c in judged]
@@ -516,3 +518,77 @@ def test_the_key_weight_moves_the_latent_toward_the_values():
 
     assert value_share(fits[0.25]) > value_share(fits[1.0])
     assert comp.build(replace(plan, key_weight=0.25)) is not None
+
+
+def test_water_fill_spends_the_bytes_where_the_weighted_error_is():
+    """water_fill keeps the plan's bits and moves latent dims between groups within the budget. From one quant group
+    per group (keep=False): its summed (weighted) proxy error is below the uniform latent's at the same bytes, a
+    heavily weighted group gets the widest latent it can use and a lightly weighted one less than at equal weights.
+    From the plan (the planner's use): every group keeps at least its latent and only the bytes the plan leaves are
+    spent (none left: no plan). Widths given on the command line leave it alone, and the plan it gives builds a model
+    that caches what the plan priced."""
+    from kvconvert.config import kv_bytes_per_token
+    from kvconvert.convert.plan import Overrides, group_error, plan_bytes, water_fill
+
+    src, comp = compressor(num_hidden_layers=4)
+    base = comp.base
+    plan = Plan(((0,), (1,), (2,), (3,)), 48, 16, 4, quant_group=16, tail_dim=16, rope_heads=2, rope_from_latent=True)
+    budget = plan_bytes(base, plan)  # too few bytes for every group to take every dim
+
+    def weighted(p, weights):
+        fits = [comp.plan_fit(g, p) for g in p.groups]
+        return sum(w * group_error(f, p, p.group_segments(i)) for i, (f, w) in enumerate(zip(fits, weights)))
+
+    for weights in ([1.0, 4.0, 0.25, 1.0], [1.0] * 4):
+        filled = water_fill(comp, plan, budget, Overrides(), weights, keep=False)
+        assert filled is not None and len(set(filled.widths)) > 1
+        assert plan_bytes(base, filled) <= budget
+        assert (filled.kv_bits, filled.tail_bits, filled.quant_group) == (plan.kv_bits, plan.tail_bits, plan.quant_group)
+        assert weighted(filled, weights) < weighted(plan, weights)
+    heavy = water_fill(comp, plan, budget, Overrides(), [1e6, 1.0, 1.0, 1.0], keep=False)
+    light = water_fill(comp, plan, budget, Overrides(), [1e-6, 1.0, 1.0, 1.0], keep=False)
+    assert heavy.widths[0][0] == 2 * base.num_key_value_heads * base.head_dim  # every key and value dim
+    assert heavy.widths[0][1] == 0  # all at the head's bits
+    assert light.widths[0][0] < filled.widths[0][0]  # (filled: every weight 1)
+    assert water_fill(comp, plan, budget, Overrides(latent_dim=48), keep=False) is None
+    assert water_fill(comp, plan, budget, Overrides(tail_dim=16), keep=False) is None
+    assert water_fill(comp, plan, budget, Overrides()) is None  # from the plan, with no byte left
+    topped = water_fill(comp, plan, budget + 60, Overrides(), [1.0, 4.0, 0.25, 1.0])
+    assert budget < plan_bytes(base, topped) <= budget + 60
+    assert all(w >= plan.latent_dim and w - t >= plan.latent_dim - plan.tail_dim for w, t in topped.widths)
+    model = comp.build(filled)
+    assert model.config.kv_latent_dims == [w for w, _ in filled.widths]
+    assert model.config.kv_tail_dims == [t for _, t in filled.widths]
+    assert kv_bytes_per_token(model.config) == plan_bytes(base, filled)
+    assert "per layer group" in filled.describe()
+    assert rel_err(src, model) < 1  # a working model (its quality is the planner's to judge)
+
+
+def test_output_sensitivity_predicts_the_kl_of_output_noise():
+    """stats.output_sensitivity is the exchange rate from an attention output's squared error to KL: Gaussian noise of
+    variance σ² per dim on a layer's attention output costs about σ² · hidden · sensitivity / 2 nats per scored token
+    (second order; the sensitivity is a one-sample Fisher estimate, hence the tolerance), and a layer whose output
+    reaches nothing has none."""
+    from kvconvert.convert.stats import output_sensitivity
+
+    src = tiny_source("llama", num_hidden_layers=2)
+    rows = torch.randint(0, VOCAB, (48, 16), generator=torch.Generator().manual_seed(1))
+    sens = output_sensitivity(src, rows)
+    hidden, sigma = src.config.hidden_size, 1e-2
+    with torch.no_grad():
+        ref = torch.log_softmax(src(rows).logits[:, :-1].float(), -1)
+    for i, layer in enumerate(src.model.layers):
+        gen = torch.Generator().manual_seed(2)
+        hook = layer.self_attn.o_proj.register_forward_hook(
+            lambda m, a, out: out + sigma * torch.randn(out.shape, generator=gen))
+        with torch.no_grad():
+            kls = []
+            for _ in range(4):
+                logp = torch.log_softmax(src(rows).logits[:, :-1].float(), -1)
+                kls.append((ref.exp() * (ref - logp)).sum(-1).mean().item())
+        hook.remove()
+        predicted = sigma**2 * hidden * sens[i] / 2
+        assert 0.8 < sum(kls) / len(kls) / predicted < 1.25, (i, kls, predicted)
+    with torch.no_grad():
+        src.lm_head.weight.zero_()  # no output reaches the logits
+    assert output_sensitivity(src, rows[:4]) == [0.0, 0.0]

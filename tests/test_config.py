@@ -71,11 +71,19 @@ def test_byte_formula_by_hand():
     assert source_kv_bytes_per_token(30, 3, 64) == 23_040  # SmolLM2-135M, as in DESIGN.md
     # a 2-bit tail: per group 16 values at 4 bits (8 B) + 16 at 2 bits (4 B), one quant group each (2 x 4 B)
     tail = compressed_config(4, kv_tail_dim=16)
-    assert tail.latent_segments == [(16, 4), (16, 2)]
+    assert tail.group_segments(0) == [(16, 4), (16, 2)]
     assert kv_bytes_breakdown(tail) == {
         "latent": 24, "latent_scales": 16, "rope_keys": 32, "rope_scales": 0, "key_scales": 0}
     # a whole 2-bit latent: 32 values = 8 B per group
     assert kv_bytes_breakdown(compressed_config(2))["latent"] == 16
+    # groups of their own widths: 16 @ 4 (8 B + 4 B of scales) and 48 @ 4 + 16 @ 2 (24 + 4 B, 12 + 4 B of scales)
+    uneven = compressed_config(4, kv_latent_dims=[16, 64], kv_tail_dims=[0, 16])
+    assert uneven.group_segments(0) == [(16, 4)] and uneven.group_segments(1) == [(48, 4), (16, 2)]
+    assert (uneven.kv_latent_dim, uneven.kv_tail_dim, uneven.uneven_latent) == (64, 16, True)
+    assert kv_bytes_breakdown(uneven) == {
+        "latent": 8 + 24 + 4, "latent_scales": 4 + 12 + 4, "rope_keys": 32, "rope_scales": 0, "key_scales": 0}
+    assert uneven.describe_latent() == "16–48 @ 4 + 0–16 @ 2 bit, per layer group"
+    assert tail.describe_latent() == "16 @ 4 + 16 @ 2 bit" and not tail.uneven_latent
 
 
 @pytest.mark.parametrize(
@@ -94,6 +102,9 @@ def test_byte_formula_by_hand():
         (dict(kv_tail_dim=16, kv_tail_bits=4), "kv_tail_bits"),
         (dict(kv_tail_dim=8), "multiple of kv_quant_group"),
         (dict(kv_bits=2, kv_quant_group=2), "multiple of 4"),
+        (dict(kv_latent_dims=[32]), "one entry per layer group"),
+        (dict(kv_latent_dims=[32, 24]), r"multiple of kv_quant_group 16 \(layer group 1\)"),
+        (dict(kv_latent_dims=[32, 48], kv_tail_dims=[32, 16]), r"kv_tail_dim .* \(layer group 0\)"),
     ],
 )
 def test_invalid_plans_are_refused(kw, message):
@@ -107,3 +118,7 @@ def test_config_round_trips_through_json(tmp_path):
     again = CllaConfig.from_pretrained(tmp_path)
     for key in ("layer_groups", "kv_latent_dim", "rope_freq_index", "kv_bits", "kv_quant_group", "rope_inv_freq"):
         assert getattr(again, key) == getattr(cfg, key)
+    uneven = compressed_config(4, kv_latent_dims=[16, 64], kv_tail_dims=[0, 16])
+    uneven.save_pretrained(tmp_path / "uneven")
+    again = CllaConfig.from_pretrained(tmp_path / "uneven")
+    assert [again.group_segments(g) for g in range(2)] == [uneven.group_segments(g) for g in range(2)]

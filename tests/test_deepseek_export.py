@@ -79,6 +79,7 @@ def test_export_never_replaces_its_own_model(tmp_path):
     (dict(rope_heads=2, qk_nope_dim=8, rope_freq_index=[[[0, 1, 2, 3]] * 2] * 3), "one rope key"),
     (dict(latent_norm=False), "RMSNorm on the latent"),
     (dict(kv_bits=4, kv_quant_group=8), "quantized"),
+    (dict(kv_latent_dims=[24, 16, 32]), "latents of different widths"),
     (dict(qkv_bias=True), "biases"),
 ])
 def test_plans_outside_the_format_are_refused_with_the_reason(tmp_path, overrides, reason):

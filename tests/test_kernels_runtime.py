@@ -56,6 +56,15 @@ def test_runtime_through_the_interpreted_kernels_one_plan(bits, plan, qk_norm):
     assert_greedy_through_the_kernels(bits, PLANS[plan], qk_norm)
 
 
+@interpreter
+def test_uneven_latents_through_the_interpreted_kernels():
+    """Layer groups with latents of their own widths, one without a tail (test_runtime.UNEVEN): each group's streams
+    reach the kernels with their own widths, and the tokens are the model's."""
+    from test_runtime import UNEVEN
+
+    assert_greedy_through_the_kernels(16, dict(qk_nope_dim=16) | UNEVEN["4+2"], False)
+
+
 # Slow: cached rope keys; "from latent" hands the kernel the same log-weights, and a rope stream rotated per slot
 @interpreter
 @pytest.mark.parametrize("rope", [pytest.param("cached", marks=pytest.mark.slow), "from latent"])

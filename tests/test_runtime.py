@@ -484,3 +484,46 @@ def test_prefill_chunks_on_cuda_are_bounded_by_activations_and_mask():
     later = sizes(16, [100] * 16, 8_257)  # a cache that is not empty always needs a mask
     assert 16 * later * 8_257 <= 1 << 29
     assert sizes(1, [0], 2048, "cpu") == (1 << 28) // (9 * 2048)
+
+
+# Layer groups with latents of their own widths (CllaConfig.kv_latent_dims, kv_tail_dims; the planner's water_fill):
+# a narrow group folds W_uk and W_uv into the projections while a wide one keeps them apart, and one group has no tail
+UNEVEN = {"4+2": dict(kv_bits=4, rope_bits=4, kv_quant_group=8, kv_latent_dims=[16, 48, 32], kv_tail_dims=[0, 16, 8]),
+          "16": dict(kv_bits=16, rope_bits=16, kv_latent_dims=[8, 48, 24]),
+          "from latent": dict(kv_bits=4, kv_quant_group=8, kv_latent_dims=[16, 40, 24], kv_tail_dims=[8, 0, 16],
+                              rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"])}
+
+
+@pytest.mark.parametrize("plan", list(UNEVEN))
+def test_latents_of_uneven_widths(plan):
+    """Each group caches its own width: the cache holds exactly the formula's bytes, the model holds each group's
+    shapes, and the runtime computes what the model computes."""
+    model = tiny_clla(16, **(dict(qk_nope_dim=16) | UNEVEN[plan]))
+    cfg = model.config
+    assert cfg.uneven_latent and cfg.kv_latent_dim == max(cfg.kv_latent_dims)
+    assert [p.kv_down.out_features for p in model.model.latent_proj] == cfg.kv_latent_dims
+    assert [layer.self_attn.v_up.in_features for layer in model.model.layers] == [
+        cfg.kv_latent_dims[g] for g in cfg.group_of_layer()]
+    rt = LatentRuntime(model, batch=1, capacity=64)
+    assert rt.cache.nbytes == kv_bytes_per_token(cfg) * 64
+    for g, width in enumerate(cfg.kv_latent_dims):
+        assert sum(s.width for s in rt.cache.latent_streams(g)) == width
+        assert (rt.cache.tail(g) is None) == (cfg.kv_tail_dims[g] == 0)
+    if plan != "from latent":  # (rope keys from the latent keep every W_uk: nothing to fold)
+        assert len({lay.w_uv_t is None for lay in rt.layers}) == 2  # both output paths run
+    assert_runtime_equals_model(rt, model, prompt(11, seed=1), 16, LOGIT_TOL[16 if plan == "16" else TAIL])
+
+
+def test_uneven_latents_under_a_policy():
+    """A cache policy moves and merges every group's streams, whatever their widths: with a budget above the context
+    the tokens are those without a policy, and a tight budget holds."""
+    from kvconvert.runtime.policies import make_policy
+
+    model = tiny_clla(16, qk_nope_dim=16, **UNEVEN["4+2"])
+    ids = prompt(20, seed=2)
+    plain, _ = LatentRuntime(model, 1, 80).generate([ids], SamplingOptions(max_new_tokens=12))
+    rt = LatentRuntime(model, 1, 80, policy=make_policy("zsmerge", 60), context=80)
+    assert rt.generate([ids], SamplingOptions(max_new_tokens=12))[0] == plain
+    rt = LatentRuntime(model, 1, 40, policy=make_policy("zsmerge", 10), context=200)
+    out, _ = rt.generate([ids + prompt(20, seed=3)], SamplingOptions(max_new_tokens=12))
+    assert rt.lengths == [10] and len(out[0]) == 12

@@ -39,10 +39,13 @@ def conversion_tables(record: dict, out_dir) -> list[Table]:
     if record.get("per_group_error"):
         g = Table(title="per-group error (proxy)")
         g.add_column("layers")
+        g.add_column("latent (width @ bits)")
         g.add_column("error", justify="right")
         for row in record["per_group_error"]:
             layers = row["layers"]
-            g.add_row(f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]), f"{row['proxy_error']:.4g}")
+            latent = " + ".join(f"{w} @ {b}" for w, b in row.get("latent", []))
+            g.add_row(f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]), latent,
+                      f"{row['proxy_error']:.4g}")
         tables.append(g)
     return tables + [distill_table(d) for d in record.get("distill", [])]
 
@@ -144,10 +147,10 @@ def memory_tables(result: dict, context: int, batch: int, budget_gib: float, wei
     t = Table(title=f"KV cache of {result['model']} ({result['kind']})")
     t.add_column("cached tensor")
     t.add_column("bytes / token", justify="right")
-    segments = " + ".join(f"{s['width']} @ {s['bits']}" for s in result["latent_segments"])
+    segments = result["latent"]
     for name, b in result["kv_bytes_per_token"].items():
         if b or name != "key_scales":  # key norms exist only for qk-norm sources (Qwen3, Gemma 3)
-            t.add_row(f"latent ({segments} bit)" if name == "latent" else name, f"{b:,}")
+            t.add_row(f"latent ({segments})" if name == "latent" else name, f"{b:,}")
     t.add_row("source (16-bit K+V)", f"{result['source_kv_bytes_per_token']:,}")
     t.add_row("ratio", f"{result['kv_ratio']:.4f}")
     s = key_value_table(f"context {context:,} × batch {batch}, budget {budget_gib:g} GiB (weights at {weight_bytes} B)", "converted")

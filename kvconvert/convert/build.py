@@ -224,12 +224,12 @@ class Compressor:
         """Float64 weights of layer group g under the plan: its latent projection (kv_down, rope_proj, latent_norm)
         and its layers' attention (see `layer_weights`), by parameter name; `fit`: the group's latent (default:
         fitted on the source's inputs, `plan_fit`)."""
-        K, D, h, R = self.K, self.D, self.h, plan.latent_dim
+        K, D, h, R = self.K, self.D, self.h, plan.group_width(g)
         choice = self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads)
         fit = fit if fit is not None else self.plan_fit(group, plan)
         A, B = fit.weights(R)
         if plan.rotate:  # each latent segment on its own: the tail's dims stay the tail's
-            Q = torch.block_diag(*(rotation(w) for w, _ in plan.latent_segments))
+            Q = torch.block_diag(*(rotation(w) for w, _ in plan.group_segments(g)))
             A, B = A @ Q.T, Q @ B
         first = self.stats[group[0]]
         gp = f"model.latent_proj.{g}."

@@ -84,6 +84,8 @@ def deepseek_v3_reasons(cfg: CllaConfig) -> list[str]:
         reasons.append("its rope keys come from the latent (DeepSeek-V3 caches its rope key)")
     if cfg.kv_bits != 16 or cfg.rope_bits != 16 or cfg.kv_tail_dim:
         reasons.append("its cache is quantized (DeepSeek-V3 caches 16-bit values)")
+    if cfg.uneven_latent:
+        reasons.append("its layer groups cache latents of different widths (DeepSeek-V3 has one kv_lora_rank)")
     return reasons + feature_reasons(cfg)
 
 

@@ -65,7 +65,7 @@ Converted by kvconvert {version} from **{source}** into Cross-Layer Latent Atten
 | | |
 |---|---|
 | layer groups | {groups} |
-| latent width | {latent} bits |
+| latent width | {latent} |
 | rope dims | {rope_dim} × {rope_heads} rope heads |
 | KV bytes per token | {kv} (source: {src_kv}, ratio {ratio}) |
 
@@ -119,7 +119,7 @@ def write_model(tmp: Path, model, tokenizer, generation_config, dtype: torch.dty
             version=__version__,
             source=cfg.source_name,
             groups=f"{cfg.num_layer_groups} for {cfg.num_hidden_layers} layers",
-            latent=" + ".join(f"{w} at {b}" for w, b in cfg.latent_segments),
+            latent=cfg.describe_latent().replace(" @ ", " at "),
             rope_dim=cfg.rope_dim,
             rope_heads=cfg.rope_heads,
             kv=kv,

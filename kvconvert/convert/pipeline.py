@@ -368,7 +368,9 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
         if reasons:  # fit_target should have made this impossible
             raise KvconvertError(f"internal: the deepseek-v3 plan does not fit the format: {'; '.join(reasons)}")
     per_group = [
-        {"layers": list(g), "proxy_error": proxy_error(comp, replace(plan, groups=(g,)))} for g in plan.groups
+        {"layers": list(g), "latent": plan.group_segments(i),
+         "proxy_error": proxy_error(comp, replace(plan, groups=(g,), widths=plan.widths and (plan.widths[i],)))}
+        for i, g in enumerate(plan.groups)
     ]
     summary = {
         "plan": plan.describe(),

@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import CllaConfig, cached_bytes, key_norm_count, kv_bytes_per_token, latent_segments, rope_quant_group
+from ..config import (CllaConfig, cached_bytes, describe_latent, key_norm_count, kv_bytes_per_token, latent_segments,
+                      rope_quant_group)
 from ..errors import KvconvertError
 from ..quant import fake_quantize
 from .groups import Layout, describe_layout, layer_kinds, prefix_groups, prefix_length, uniform_groups
 from .rope import SharedRope
+from .stats import output_sensitivity
 
 if TYPE_CHECKING:  # build.py imports Plan from here
     from .build import Compressor
@@ -71,27 +73,43 @@ class Plan:
     rope_from_latent: bool = False  # rope keys from the latent: each layer's, not cached (CllaConfig)
     key_weight: float = 1.0  # the keys' weight against the values in the latent fit (see Compressor.blocks)
     sequential: bool = False  # each group refitted on the converted model's own input (kvconvert.convert.sequential)
+    # per layer group (latent width, tail width), where groups differ (`water_fill`); None: latent_dim and tail_dim
+    widths: tuple[tuple[int, int], ...] | None = None
 
     def describe(self) -> str:
         rope = f"rope {self.rope_heads}x{self.rope_dim} @ {self.rope_bits} bit"
         if self.rope_from_latent:
             rope = f"rope {self.rope_heads}x{self.rope_dim} from the latent"
-        latent = " + ".join(f"{w} @ {b}" for w, b in self.latent_segments)
+        latent = describe_latent([self.group_segments(i) for i in range(len(self.groups))])
         keys = f", keys weighted {self.key_weight:g}x" if self.key_weight != 1 else ""
         keys += ", refitted in sequence" if self.sequential else ""
-        return f"{describe_layout(self.groups)}, latent {latent} bit, {rope}, quant group {self.quant_group}{keys}"
+        return f"{describe_layout(self.groups)}, latent {latent}, {rope}, quant group {self.quant_group}{keys}"
 
     @property
     def latent_segments(self) -> list[tuple[int, int]]:
-        """See config.latent_segments."""
+        """The latent's segments [(width, bits)] of every group, when they do not differ (else see group_segments)."""
         return latent_segments(self.latent_dim, self.kv_bits, self.tail_dim, self.tail_bits)
+
+    def group_width(self, i: int) -> int:
+        """The latent width of the plan's i-th layer group."""
+        return self.latent_dim if self.widths is None else self.widths[i][0]
+
+    def group_segments(self, i: int) -> list[tuple[int, int]]:
+        """The i-th layer group's latent segments [(width, bits)] (see config.group_segments)."""
+        if self.widths is None:
+            return self.latent_segments
+        return latent_segments(self.widths[i][0], self.kv_bits, self.widths[i][1], self.tail_bits)
 
     def kv_bytes_per_token(self, base: CllaConfig) -> int:
         """`kv_bytes_per_token(self.to_config(base))` without building (or validating) the config: the width search
         prices hundreds of plans, and building a CllaConfig for each costs about a sixth of the planning time."""
         cached_rope_dim = 0 if self.rope_from_latent else self.rope_dim
-        return sum(cached_bytes(len(self.groups), self.latent_segments, self.quant_group, self.rope_heads,
-                                cached_rope_dim, self.rope_bits, key_norm_count(base)).values())
+        if self.widths is None:
+            return sum(cached_bytes(len(self.groups), self.latent_segments, self.quant_group, self.rope_heads,
+                                    cached_rope_dim, self.rope_bits, key_norm_count(base)).values())
+        norms = key_norm_count(base)  # counted once, with the first group
+        return sum(sum(cached_bytes(1, self.group_segments(i), self.quant_group, self.rope_heads, cached_rope_dim,
+                                    self.rope_bits, norms if i == 0 else 0).values()) for i in range(len(self.groups)))
 
     def to_config(self, base: CllaConfig, freq: list | None = None) -> CllaConfig:
         """The CllaConfig of this plan on a source (`base`: its identity config); raises ValueError if the plan does
@@ -115,6 +133,8 @@ class Plan:
             kv_tail_bits=self.tail_bits,
             latent_norm=self.latent_norm,
             rope_from_latent=self.rope_from_latent,
+            kv_latent_dims=None if self.widths is None else [w for w, _ in self.widths],
+            kv_tail_dims=None if self.widths is None else [t for _, t in self.widths],
         )
         return CllaConfig(**b)
 
@@ -223,6 +243,81 @@ def head8_mix(base: CllaConfig, plan: Plan, budget: int | None, ov: Overrides) -
     mix = lambda n: replace(plan, kv_bits=8, tail_bits=4, latent_dim=head + n, tail_dim=n)  # noqa: E731
     tail = _widest(base, budget, mix, plan.quant_group, full_width(base, plan) - head)
     return mix(tail) if tail >= plan.quant_group else None
+
+
+def group_error(fit, plan: Plan, segments: list[tuple[int, int]]) -> float:
+    """The latent's part of a group's proxy error (see proxy_error) when it is stored in `segments`: the regression
+    error of its width, and each segment's quantization noise on the energy of its dims."""
+    err, lo = fit.error(sum(w for w, _ in segments)), 0
+    for width, bits in segments:
+        # Rope keys through the latent make one direction (the keys' mean) dominate: count the spread only there
+        energy = fit.spread(lo, lo + width) if plan.rope_from_latent else fit.S2[lo : lo + width].sum().item()
+        err += quantizer_noise(bits, plan.quant_group) * energy
+        lo += width
+    return err
+
+
+def water_fill(comp: Compressor, plan: Plan, budget: int | None, ov: Overrides,
+               weights: list[float] | None = None, keep: bool = True) -> Plan | None:
+    """The plan's bits and layout with each group's latent as wide as its error earns (reverse water-filling across
+    groups): from the plan's latents (`keep`; else from one quant group per group), quant groups of latent dims are
+    added (at the tail's bits, or the head's without a tail) or promoted from the tail to the head's bits, each step
+    the one that lowers the summed proxy error (each group's times `weights[g]`) most per byte, until the budget is
+    spent. None where the widths are fixed (--latent-dim, --kv-tail-dim), nothing is left to move, or the result is
+    the uniform plan."""
+    if budget is None or ov.latent_dim is not None or ov.tail_dim is not None or ov.target == DEEPSEEK_V3:
+        return None
+    q, n = plan.quant_group, len(plan.groups)
+    weights = weights or [1.0] * n
+    fits = [comp.plan_fit(g, plan) for g in plan.groups]
+    two = bool(plan.tail_dim)
+    base = comp.base
+    cap = [min(len(g) * 2 * base.num_key_value_heads * base.head_dim, base.hidden_size, f.S2.numel()) // q
+           for g, f in zip(plan.groups, fits)]  # quant groups a latent can use (see full_width)
+    # per group: quant groups at the head's bits, at the tail's
+    state = [[(plan.latent_dim - plan.tail_dim) // q, plan.tail_dim // q] if keep else [1, 0] for _ in range(n)]
+
+    def segments(head: int, tail: int) -> list[tuple[int, int]]:
+        return latent_segments(q * (head + tail), plan.kv_bits, q * tail, plan.tail_bits)
+
+    def shaped(states) -> Plan:
+        return replace(plan, widths=tuple((q * (h + t), q * t) for h, t in states))
+
+    def cost(i: int, head: int, tail: int) -> tuple[float, int]:
+        nbytes = sum(cached_bytes(1, segments(head, tail), q, 0, 0, 16, 0).values())
+        return weights[i] * group_error(fits[i], plan, segments(head, tail)), nbytes
+
+    spent = shaped(state).kv_bytes_per_token(base)
+    if spent > budget:
+        return None
+    now = [cost(i, *s) for i, s in enumerate(state)]
+    while True:
+        best = None
+        for i, (head, tail) in enumerate(state):
+            moves = []
+            if head + tail < cap[i]:
+                moves.append([head, tail + 1] if two else [head + 1, tail])
+                if two and tail == 0:
+                    moves.append([head + 1, tail])
+            if two and tail:
+                moves.append([head + 1, tail - 1])
+            for move in moves:
+                err, nbytes = cost(i, *move)
+                extra = nbytes - now[i][1]
+                if extra <= 0 or spent + extra > budget or err >= now[i][0]:
+                    continue
+                gain = (now[i][0] - err) / extra
+                if best is None or gain > best[0]:
+                    best = (gain, i, move, (err, nbytes), extra)
+        if best is None:
+            break
+        _, i, move, now[i], extra = best
+        state[i] = move
+        spent += extra
+    out = shaped(state)
+    if len(set(out.widths)) == 1:
+        return None
+    return out
 
 
 def layouts(base: CllaConfig, ov: Overrides) -> list[Layout]:
@@ -341,21 +436,15 @@ def proxy_error(comp: Compressor, plan: Plan) -> float:
     """Expected squared attention-output change summed over layers (see the module docstring)."""
     err = 0.0
     rope_noise = quantizer_noise(plan.rope_bits, rope_quant_group(plan.rope_dim, plan.quant_group))
-    for g in plan.groups:
+    for i, g in enumerate(plan.groups):
         choice = comp.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads)
         fit = comp.latent_fit(g, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
                               plan.rope_from_latent, plan.key_weight)
-        err += fit.error(plan.latent_dim)
+        err += group_error(fit, plan, plan.group_segments(i))
         if not plan.rope_from_latent:
             err += choice.error + rope_noise * choice.kept_energy
         elif isinstance(choice, SharedRope):  # what stays position-free loses its rotation; rope keys per kv head
             err += choice.error  # keep every pair and need no map onto the first layer: nothing lost
-        lo = 0
-        for width, bits in plan.latent_segments:  # each segment's noise on the energy of its dims
-            # Rope keys through the latent make one direction (the keys' mean) dominate: count the spread only there
-            energy = fit.spread(lo, lo + width) if plan.rope_from_latent else fit.S2[lo : lo + width].sum().item()
-            err += quantizer_noise(bits, plan.quant_group) * energy
-            lo += width
     return err
 
 
@@ -533,7 +622,22 @@ def choose_plan(
         r = judge(mixed8, None, recall=True)
         if r[0] < best[0]:
             best = r
-    # 3. the winner refitted group by group on the converted model's own inputs (convert/sequential.py)
+    # 3. the bytes the winner leaves unspent (its widths step in every group at once), given to the groups where
+    #    the proxy error, in KL through the layers' measured sensitivity, falls most; judged on the recall probe only
+    #    if it wins on held-out KL (docs/results.md, "Bytes per layer group")
+    filled = None
+    if refine and probe is not None:
+        sens = output_sensitivity(comp.src, heldout)
+        filled = water_fill(comp, best[1], budget, ov, [sum(sens[i] for i in g) / len(g) for g in best[1].groups])
+    if filled is not None:
+        r = judge(filled, None, recall=False)
+        if r[3] < best[3]:
+            rkl = probe.kl(r[2], probe_logp)
+            results[-1]["recall_kl"] = rkl
+            log(f"  {filled.describe()}: recall KL {rkl:.4f}")
+            if r[3] + rkl < best[0]:
+                best = (r[3] + rkl, *r[1:4], rkl)
+    # 4. the winner refitted group by group on the converted model's own inputs (convert/sequential.py)
     if refine and sequential and best[1].activation_aware:
         r = judge(replace(best[1], sequential=True), None, recall=True)
         if r[0] < best[0]:

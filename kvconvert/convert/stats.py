@@ -78,3 +78,47 @@ def layer_stats(layer, cal: Calibration, idx: int, H: int, K: int, D: int, norm_
         block = cov_v[k * D : (k + 1) * D, k * D : (k + 1) * D]
         vscale[h] = torch.trace(wo_h @ block @ wo_h.T)
     return LayerStats(wq, wk, wv, wo, pair_energy(wq, cov, H, D), pair_energy(wk, cov, K, D), vscale, key_norm)
+
+
+def output_sensitivity(model, rows: torch.Tensor, mask: torch.Tensor | None = None, seed: int = 0) -> list[float]:
+    """Per layer, how much a change of its attention output moves the model's predictions: the trace of the Fisher
+    information of the scored tokens' next-token distributions with respect to that output, per hidden dim and per
+    scored token (Σ over positions of E‖∂ log p(y) / ∂o‖² / hidden, y drawn from the model itself). To second order,
+    an output error of expected squared size e at every position costs e × this / 2 nats of KL per scored token: the
+    exchange rate between the proxy's units (convert/plan.py) of different layers. rows (P, L) tokens; mask (P, L)
+    bool: the scored tokens (each predicted from the positions before it; None: every token but the first)."""
+    layers = model.model.layers
+    hidden = model.config.hidden_size
+    total = [0.0] * len(layers)
+
+    def keep(i):
+        def hook(_module, _inputs, out):
+            out.register_hook(lambda g: total.__setitem__(i, total[i] + g.double().pow(2).sum().item()))
+        return hook
+
+    handles = [layer.self_attn.o_proj.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # gradients of the outputs only
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    scored = 0
+    try:
+        with torch.enable_grad():
+            for p in range(rows.shape[0]):
+                t = rows[p : p + 1]
+                m = torch.ones_like(t, dtype=torch.bool) if mask is None else mask[p : p + 1]
+                where = m[0, 1:].nonzero().flatten()  # logits at position i predict token i + 1
+                if not where.numel():
+                    continue
+                embeds = model.get_input_embeddings()(t).detach().requires_grad_(True)  # so the graph reaches o_proj
+                logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=where).logits[0].float()
+                logp = torch.log_softmax(logits, -1)
+                y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                logp.gather(1, y).sum().backward()
+                scored += where.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.requires_grad_(True)
+    return [t / max(1, scored) / hidden for t in total]

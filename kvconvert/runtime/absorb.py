@@ -57,7 +57,7 @@ def absorb_layer(attn, cfg, window: int | None) -> AbsorbedLayer:
     (exact up to float rounding: folded in fp32, stored in the model's dtype). What is not folded stays a view of
     the model's own weights: the runtime holds no second copy of them."""
     H, K, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
-    Dn, Dr, Dv, R = cfg.qk_nope_dim, cfg.rope_dim, cfg.head_dim, cfg.kv_latent_dim
+    Dn, Dr, Dv, R = cfg.qk_nope_dim, cfg.rope_dim, cfg.head_dim, attn.v_up.in_features  # R: this group's latent
     G = H // K
     dtype = attn.q_proj.weight.dtype
     cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
@@ -104,7 +104,7 @@ class AbsorbedProjections:
         the runtime's RopeFromLatent (rope_keys.py), which rotates decode's rope queries, or None."""
         cfg = model.config
         H, Hr, Dr = cfg.num_attention_heads, cfg.rope_heads, cfg.rope_dim
-        self.dims = (H, cfg.num_key_value_heads, Hr, Dr, cfg.kv_latent_dim, cfg.head_dim)
+        self.dims = (H, cfg.num_key_value_heads, Hr, Dr, cfg.head_dim)  # the latent's width is each layer's own
         self.softmax_scale = cfg.softmax_scale
         self.o_proj = [layer.self_attn.o_proj for layer in model.model.layers]
         self.rope_from_latent = rope_from_latent
@@ -133,7 +133,7 @@ class AbsorbedProjections:
         complex instead of cos/sin (decode of rope keys from the latent), the rope dims come in pair order, rotated
         by them."""
         N = x.shape[0]
-        H, K, Hr, Dr, R, _ = self.dims
+        H, K, Hr, Dr, _ = self.dims
         lay = self.layers[i]
         Q = lay.q_width
         q = F.linear(x, lay.q_weight, lay.q_bias).view(N, H, -1)
@@ -147,7 +147,7 @@ class AbsorbedProjections:
         if Q:
             q_lat = q[..., :Q]
             if lay.w_uk is not None:
-                q_lat = torch.matmul(q_lat.reshape(N, K, H // K, Q), lay.w_uk).view(N, H, R)
+                q_lat = torch.matmul(q_lat.reshape(N, K, H // K, Q), lay.w_uk).view(N, H, -1)
         q_rope = None
         if Dr and rotations is not None:
             q_rope = self.rope_from_latent.rotate_queries(q[..., Q:].reshape(N, Hr, H // Hr, Dr), rotations)
@@ -163,7 +163,8 @@ class AbsorbedProjections:
         with W_uv folded in, or W_uv (+ the value bias) then the model's o_proj."""
         lay = self.layers[i]
         N = o_lat.shape[0]
-        H, K, _, _, R, Dv = self.dims
+        H, K, _, _, Dv = self.dims
+        R = o_lat.shape[-1]
         if lay.o_weight is not None:
             return F.linear(o_lat.reshape(N, H * R), lay.o_weight, lay.o_bias)
         per_kv = o_lat.view(N, K, H // K, R).transpose(0, 1).reshape(K, -1, R)  # a view when N == 1 (decode)

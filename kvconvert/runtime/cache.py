@@ -1,9 +1,9 @@
 """LatentCache: the static, preallocated KV cache of a CLLA model.
 
 Per layer group g and per token, up to three streams (byte layout in kvconvert/cache_layout.py):
-  latent  the latent's head, kv_latent_dim - kv_tail_dim values at kv_bits: data (B, S, R * bits / 8),
+  latent  the latent's head, kv_latent_dims[g] - kv_tail_dims[g] values at kv_bits: data (B, S, R * bits / 8),
           scales (B, S, R/group, 2) fp16
-  tail    with kv_tail_dim, the latent's last kv_tail_dim values at kv_tail_bits, likewise
+  tail    with a tail, the latent's last kv_tail_dims[g] values at kv_tail_bits, likewise
   rope    rope_heads*rope_dim values at rope_bits (after RoPE), likewise
 and for a qk-norm source, per layer, its key norms (B, S, K) 16-bit (`key_scale(layer)`),
 plus `seq_lens` (B,) int32: tokens per row. Row b holds token p at slot p of each group; nothing is ever
@@ -51,21 +51,21 @@ class LatentCache:
         self.device = torch.device(device)
         self.ring_chunk = ring_chunk
         self.slots = cache_slots(config, capacity, ring_chunk)  # per layer group
-        (head, head_bits), *tail = config.latent_segments
-        streams = [("latent", head, head_bits, config.kv_quant_group)]
-        if tail:
-            streams.append(("tail", tail[0][0], tail[0][1], config.kv_quant_group))
-        if config.rope_dim and not config.rope_from_latent:  # else: rope keys from the latent (rope_keys.py)
-            streams.append(("rope", config.rope_heads * config.rope_dim, config.rope_bits, config.rope_quant_group))
-        # name -> one Stream per layer group
-        self._streams: dict[str, list[Stream]] = {}
+        # name -> one Stream per layer group (None where the group has no such stream: a tail of width 0)
+        self._streams: dict[str, list[Stream | None]] = {}
+        per_group = []
+        for g in range(config.num_layer_groups):
+            (head, head_bits), *tail = config.group_segments(g)
+            streams = {"latent": (head, head_bits, config.kv_quant_group)}
+            if tail:
+                streams["tail"] = (tail[0][0], tail[0][1], config.kv_quant_group)
+            if config.rope_dim and not config.rope_from_latent:  # else: rope keys from the latent (rope_keys.py)
+                streams["rope"] = (config.rope_heads * config.rope_dim, config.rope_bits, config.rope_quant_group)
+            per_group.append(streams)
         try:
-            for name, width, bits, group in streams:
-                data_dtype = dtype16 if bits >= 16 else torch.uint8
-                self._streams[name] = [Stream(
-                    torch.zeros(batch, n, stored_width(width, bits), dtype=data_dtype, device=self.device),
-                    torch.zeros(batch, n, width // group, 2, dtype=torch.float16, device=self.device) if bits < 16 else None,
-                    bits, group, width) for n in self.slots]
+            for name in dict.fromkeys(name for streams in per_group for name in streams):
+                self._streams[name] = [None if name not in streams else self._stream(batch, n, dtype16, *streams[name])
+                                       for n, streams in zip(self.slots, per_group)]
             K = config.num_key_value_heads
             slots_of_layer = [self.slots[g] for g in config.group_of_layer()]
             self._key_scales = [torch.zeros(batch, n, K, dtype=dtype16, device=self.device)
@@ -82,12 +82,19 @@ class LatentCache:
                 f"{self.device}; lower the batch or the context"
             ) from None
 
+    def _stream(self, batch: int, slots: int, dtype16: torch.dtype, width: int, bits: int, group: int) -> Stream:
+        data_dtype = dtype16 if bits >= 16 else torch.uint8
+        return Stream(
+            torch.zeros(batch, slots, stored_width(width, bits), dtype=data_dtype, device=self.device),
+            torch.zeros(batch, slots, width // group, 2, dtype=torch.float16, device=self.device) if bits < 16 else None,
+            bits, group, width)
+
     def latent(self, group: int) -> Stream:
         """The latent (its head, when it has a tail)."""
         return self._streams["latent"][group]
 
     def tail(self, group: int) -> Stream | None:
-        """The latent's low-precision tail (config.kv_tail_dim), or None."""
+        """The latent's low-precision tail (config.kv_tail_dims), or None where group g has none."""
         return self._streams["tail"][group] if "tail" in self._streams else None
 
     def latent_streams(self, group: int) -> list[Stream]:
@@ -119,8 +126,9 @@ class LatentCache:
     @property
     def nbytes(self) -> int:
         """Bytes allocated for cached tokens (the int32 lengths excluded)."""
-        return sum(st.data.nbytes + (0 if st.scales is None else st.scales.nbytes)
-                   for streams in self._streams.values() for st in streams) + sum(t.nbytes for t in self._key_scales)
+        streams = [st for group in self._streams.values() for st in group if st is not None]
+        return sum(st.data.nbytes + (0 if st.scales is None else st.scales.nbytes) for st in streams) + sum(
+            t.nbytes for t in self._key_scales)
 
     @property
     def bytes_per_token(self) -> int:

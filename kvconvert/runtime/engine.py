@@ -106,7 +106,7 @@ class LatentRuntime:
         # (each pair padded to one width for the fused SDPA kernel). Narrow latents win (SmolLM2 at 2%: 64 vs 96);
         # wide ones and the identity plan keep the model's own attention.
         Hr, Dr = cfg.rope_heads, cfg.rope_dim
-        absorbed = max((cfg.kv_latent_dim if cfg.qk_nope_dim else 0) + Hr * Dr, cfg.kv_latent_dim)
+        absorbed = max((cfg.kv_latent_dim if cfg.qk_nope_dim else 0) + Hr * Dr, cfg.kv_latent_dim)  # widest group
         self.absorbed_prefill = absorbed < max(cfg.qk_nope_dim + Dr, cfg.head_dim)
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and self.device.type != "cuda":

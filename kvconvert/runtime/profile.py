@@ -84,7 +84,9 @@ def memory_profile(cfg: CllaConfig, context: int, batch: int, budget_gib: float,
         "budget_gib": budget_gib,
         "weight_bytes_per_param": weight_bytes_per_param,
         "kv_bytes_per_token": breakdown | {"total": per_token},
-        "latent_segments": [{"width": w, "bits": b} for w, b in cfg.latent_segments],
+        "latent": cfg.describe_latent(),
+        "latent_segments": [[{"width": w, "bits": b} for w, b in cfg.group_segments(g)]
+                            for g in range(cfg.num_layer_groups)],
         "source_kv_bytes_per_token": src_per_token,
         "kv_ratio": per_token / src_per_token,
         "kv_ratio_at_context": kv_bytes(cfg, context, ring_chunk) / max(1, source_kv_bytes(cfg, context)),
@@ -250,7 +252,8 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
     # layer its window.
     cfg = model.config
     per_group, per_layer = group_and_layer_bytes(cfg)
-    per_step = weight_bytes_read_per_step(model) + batch * sum(window_tokens(cfg, context)) * (per_group + per_layer)
+    per_step = weight_bytes_read_per_step(model) + batch * sum(
+        n * (per_group[g] + per_layer) for n, g in zip(window_tokens(cfg, context), cfg.group_of_layer()))
     return result | {
         "decode_step_ms": dt * 1e3,
         "decode_tokens_per_s": batch / dt,

@@ -71,8 +71,8 @@ def absorbed_prompt_attention(proj: AbsorbedProjections, i: int, x, cos, sin, la
     cos/sin (B, Hr, T, Dr), latent (B, S, R), k_rope (B, Hr, S, Dr), mask (B, 1, T, S) additive or None
     (causal, S == T), key_scale (B, S, K) or None -> (B, T, hidden)."""
     B, T, _ = x.shape
-    H, K, Hr, Dr, R, _ = proj.dims
-    S = latent.shape[1]
+    H, K, Hr, Dr, _ = proj.dims
+    S, R = latent.shape[1:]
     c_, s_ = (t.transpose(1, 2).reshape(B * T, Hr, 1, -1) for t in (cos, sin))
     q_lat, q_rope, head_bias = proj.queries(i, x.reshape(B * T, -1), c_, s_)
     qs, ks = [], []
@@ -110,7 +110,8 @@ def prompt_attention_seen(proj: AbsorbedProjections, policy, i: int, x, cos, sin
     k_rope (B, Hr, S, Dr), allowed (B, T, S) bool, log_weights (B, ≥ S) fp32 (merged slots), key_scale (B, S, K)
     or None -> (B, S) fp32."""
     B, T, _ = x.shape
-    H, K, Hr, Dr, R, _ = proj.dims
+    H, K, Hr, Dr, _ = proj.dims
+    R = latent.shape[-1]
     Qn = min(T, policy.prefill_queries)
     xs = x[:, T - Qn :].reshape(B * Qn, -1)
     c_, s_ = (t[:, :, T - Qn :].transpose(1, 2).reshape(B * Qn, Hr, 1, -1) for t in (cos, sin))
