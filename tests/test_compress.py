@@ -254,6 +254,10 @@ def test_convert_to_a_ratio(tmp_path, tiny_src):
     refits = [c for c in record["candidates"] if c["plan"].endswith("refitted in sequence")]
     assert len(refits) == 1  # the winner, refitted group by group, judged beside it
     assert record["plan"].endswith("refitted in sequence") == (refits[0]["heldout_kl"] == record["heldout_kl"])
+    r = convert(tiny_src, tmp_path / "top_up", "--kv-ratio", "0.3", "--top-up")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert record["kv_ratio"] <= 0.3  # (the step itself: test_the_recall_judge_refines_the_winner_within_its_bytes)
 
 
 def test_every_override_lands_in_the_config(tmp_path, tiny_src):
@@ -451,7 +455,7 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     tokens = torch.randint(0, VOCAB, (18, 48), generator=torch.Generator().manual_seed(0))
     comp = Compressor(src, "llama", "tiny", collect_inputs(src, tokens[:-2]))
     probe = RecallProbe.build(tokens[-2], tokens[:-2], 400)
-    report = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe, sequential=True)
+    report = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe, sequential=True, top_up=True)
     judged = [c for c in report.candidates if c["recall_kl"] is not None]
     assert len(judged) >= RECALL_FINALISTS + 2  # the finalists, and two key weights or more (key_weight_search)
     # the families' best by held-out KL, RECALL_FINALISTS of them, are judged on recall too; the others are not
@@ -470,6 +474,8 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     assert all(c["kv_ratio"] <= 0.2 for c in report.candidates)
     plain = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe, refine=False)
     assert plain.plan.key_weight == 1.0 and plain.recall_kl is None
+    default = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe)
+    assert not any("per layer group" in c["plan"] for c in default.candidates)  # --top-up is opt-in
     base = comp.base
     p4 = Plan(((0,), (1,), (2,), (3,)), 64, 16, 4, quant_group=16, rope_from_latent=True)
     mixed = head8_mix(base, p4, plan_bytes(base, p4), Overrides())

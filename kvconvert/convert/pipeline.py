@@ -41,6 +41,7 @@ class ConvertOptions:
     long_len: int = 4096  # at most the model's positions
     probe_rows: int = 4  # rows of the planner's recall probe (recall_probe); 0: no long-range judge
     refit: bool = False  # the winner also refitted group by group (plan.choose_plan, convert/sequential.py)
+    top_up: bool = False  # the bytes the winner leaves spent per layer group (plan.choose_plan, plan.water_fill)
     seed: int = 0
     force: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -358,7 +359,8 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     t = time.perf_counter()
     comp = Compressor(source.model, source.model_type, name, cal)
     probe = recall_probe(source, stream, lead, opts)
-    report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log, probe=probe, sequential=opts.refit)
+    report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log, probe=probe, sequential=opts.refit,
+                         top_up=opts.top_up)
     timings["plan_and_build"] = round(time.perf_counter() - t, 3)
     model, plan = report.model, report.plan
     if ov.target == "deepseek-v3":

@@ -536,13 +536,14 @@ class PlanReport:
 def choose_plan(
     comp: Compressor, kv_ratio: float | None, ov: Overrides, heldout: torch.Tensor, per_family: int = 1,
     log: Log = lambda m: None, prefix: bool = True, probe: RecallProbe | None = None, refine: bool = True,
-    sequential: bool = False,
+    sequential: bool = False, top_up: bool = False,
 ) -> PlanReport:
     """Proxy-rank the plans of each (layout, rope heads, rope dim) family, then measure held-out KL on the best
     `per_family` of each; with a `probe` (long-range recall) the RECALL_FINALISTS best are also measured on it and the
     lowest sum wins, then is refined under the same sum.
     `prefix=False` leaves out the prefix layouts, `refine=False` the refinements of the winner (ablations),
-    `sequential=True` adds its sequential refit (`kvconvert convert --refit`)."""
+    `sequential=True` adds its sequential refit (`kvconvert convert --refit`), `top_up=True` the bytes it leaves spent
+    per layer group (`--top-up`)."""
     base = comp.base
     src = base.source_kv_bytes_per_token
     budget = int(kv_ratio * src) if kv_ratio is not None else None
@@ -626,7 +627,7 @@ def choose_plan(
     #    the proxy error, in KL through the layers' measured sensitivity, falls most; judged on the recall probe only
     #    if it wins on held-out KL (docs/results.md, "Bytes per layer group")
     filled = None
-    if refine and probe is not None:
+    if refine and top_up and probe is not None:
         sens = output_sensitivity(comp.src, heldout)
         filled = water_fill(comp, best[1], budget, ov, [sum(sens[i] for i in g) / len(g) for g in best[1].groups])
     if filled is not None:
