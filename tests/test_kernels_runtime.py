@@ -56,7 +56,9 @@ def test_runtime_through_the_interpreted_kernels_one_plan(bits, plan, qk_norm):
     assert_greedy_through_the_kernels(bits, PLANS[plan], qk_norm)
 
 
+# Slow (about 8 s in the child): the reference path runs uneven widths in the default tier (test_runtime)
 @interpreter
+@pytest.mark.slow
 def test_uneven_latents_through_the_interpreted_kernels():
     """Layer groups with latents of their own widths, one without a tail (test_runtime.UNEVEN): each group's streams
     reach the kernels with their own widths, and the tokens are the model's."""
