@@ -196,7 +196,7 @@ class CllaConfig(PretrainedConfig):
             raise ValueError(f"kv_tail_bits must be one of {SUPPORTED_KV_BITS} below kv_bits ({self.kv_bits}), "
                              f"got {self.kv_tail_bits}")
         for g, (width, tail) in enumerate(zip(self.kv_latent_dims, self.kv_tail_dims)):
-            at = f" (layer group {g})" if n > 1 and len(set(self.kv_latent_dims)) > 1 else ""
+            at = f" (layer group {g})" if self.uneven_latent else ""
             if width < 1:
                 raise ValueError(f"kv_latent_dim must be positive, got {width}{at}")
             if tail and not 0 < tail < width:

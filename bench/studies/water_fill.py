@@ -45,10 +45,7 @@ def main() -> None:
     cal = collect_inputs(source.model, calib, long=long)
     comp = Compressor(source.model, source.model_type, "smollm2", cal)
     probe = pipeline.recall_probe(source, stream, lead, opts)
-    real_fill = planning.water_fill
-    planning.water_fill = lambda *a, **k: None  # the planner's choice without the step studied here
-    report = planning.choose_plan(comp, args.ratio, ov, heldout, probe=probe)
-    planning.water_fill = real_fill
+    report = planning.choose_plan(comp, args.ratio, ov, heldout, probe=probe)  # (without --top-up, the default)
     plan = report.plan
     result = {"ratio": args.ratio, "plan": plan.describe(), "rows": [
         {"weights": "uniform latent (the planner's plan)", "heldout_kl": report.heldout_kl, "recall_kl": report.recall_kl,
