@@ -79,6 +79,30 @@ def calibrated(source, calib_tokens: int = 3072):
     return Compressor(source.model, "llama", "smollm2", collect_inputs(source.model, tokens[:-2])), tokens[-2:]
 
 
+def planned(source, ratio: float):
+    """`source` (load_source("smollm2")) calibrated and planned as `kvconvert convert SRC OUT --kv-ratio ratio` does
+    with its defaults: a namespace of base (the identity config), ov (the overrides), heldout, cal, comp (its
+    Compressor), probe (the recall probe) and report (the planner's PlanReport)."""
+    from types import SimpleNamespace
+
+    import kvconvert.convert.pipeline as pipeline
+    import kvconvert.convert.plan as planning
+    from kvconvert.convert.build import Compressor
+    from kvconvert.convert.calibrate import collect_inputs
+    from kvconvert.convert.identity import identity_config
+
+    opts = pipeline.ConvertOptions(kv_ratio=ratio)
+    base = identity_config(source.model.config, source.model_type, "smollm2")
+    ov = planning.fit_target(base, pipeline.check_overrides_against(base, opts))
+    calib, heldout, _, stream, lead = pipeline.calibration_tokens(source, opts)
+    long = pipeline.long_calibration(source, stream, lead, opts)
+    cal = collect_inputs(source.model, calib, long=long)
+    comp = Compressor(source.model, source.model_type, "smollm2", cal)
+    probe = pipeline.recall_probe(source, stream, lead, opts)
+    report = planning.choose_plan(comp, ratio, ov, heldout, probe=probe)  # (without --top-up or --refit, the default)
+    return SimpleNamespace(base=base, ov=ov, heldout=heldout, cal=cal, comp=comp, probe=probe, report=report)
+
+
 def policy_presets(args) -> tuple[list[float], list[int], int]:
     """(budgets, passkey lengths, passkey trials) of the cache-policy benchmarks (zsmerge, kvpress_ref) from their
     --budgets, --passkey ('none': no passkey) and --passkey-trials, else from the --cpu preset (5% and 25%; 2k x 10)

@@ -96,11 +96,13 @@ def test_error_falls_as_the_latent_widens():
 
 
 def test_group_of_one_layer_is_the_activation_aware_svd():
-    """fit_latent for one layer equals the truncated SVD of Ω^½ W C^½ computed directly."""
+    """fit_latent for one layer equals the truncated SVD of Ω^½ W C^½ computed directly (C: the fit's moments, each
+    token weighted by the attention it receives)."""
     _, comp = compressor("llama")
     fit = comp.latent_fit((1,), 8, heads=1)
     h = comp.h
-    C = comp.cal.cov(1, 1)[:h, :h]
+    C = comp.fit_cov((1,))(1, 1)[:h, :h]
+    assert not torch.allclose(C, comp.cal.cov(1, 1)[:h, :h])
     w, U = torch.linalg.eigh(C)
     C_half = (U * w.clamp_min(0).sqrt()) @ U.T
     blocks = fit.blocks
@@ -305,7 +307,8 @@ def test_calibration_from_data_files(tmp_path, tiny_src):
     jsonl.write_text("\n".join(json.dumps({"text": "A line of json text. " * 10}) for _ in range(8)))
     r = convert(tiny_src, tmp_path / "out", "--kv-ratio", "0.5", "--data", txt, "--data", jsonl)
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["calibration"]["origin"] == "2 file(s)"
+    calibration = json.loads(r.stdout)["calibration"]
+    assert calibration["origin"] == "2 file(s)" and calibration["attention_weight"] == 0.5
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,8 @@ def test_a_lossless_plan_stays_lossless(arch):
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_the_refit_sees_the_converted_models_own_inputs(arch):
     """The first group's input is the source's (embeddings are exact): its weights are unchanged. Every later group
-    was fitted on the moments of the refitted model's own input at its first layer, as its forward computes them."""
+    was fitted on the moments of the refitted model's own input at its first layer, as its forward computes them,
+    each token weighted as in the plain fit."""
     _, comp = compressor(arch)
     seen = {}
     fit = comp.plan_fit
@@ -80,7 +81,9 @@ def test_the_refit_sees_the_converted_models_own_inputs(arch):
         h.remove()
     for f, group in ((1, (1, 2)), (3, (3,))):
         x = augmented(torch.cat(inputs[f]))
-        assert torch.allclose(seen[group], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7), group
+        w = comp.cal.token_weights(group, comp.attention_weight)  # each token as the plain fit weighs it
+        assert w is not None and w.std() > 0.1
+        assert torch.allclose(seen[group], (x * w[:, None]).T @ x / w.sum(), rtol=1e-5, atol=1e-7), group
 
 
 def test_the_refit_corrects_the_drift():

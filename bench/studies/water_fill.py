@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import argument_parser, write_result
+from bench.common import argument_parser, planned, write_result
 
 
 def main() -> None:
@@ -24,28 +24,16 @@ def main() -> None:
     args = ap.parse_args()
     name = args.name or f"water_fill_smollm2_{args.ratio:g}"
 
-    import torch
     import torch.nn.functional as F
 
-    import kvconvert.convert.pipeline as pipeline
     import kvconvert.convert.plan as planning
-    from kvconvert.convert.build import Compressor
-    from kvconvert.convert.calibrate import collect_inputs
-    from kvconvert.convert.identity import identity_config
     from kvconvert.convert.source import load_source, resolve
     from kvconvert.convert.stats import output_sensitivity
 
     t0 = time.perf_counter()
     source = load_source(resolve("smollm2"))
-    opts = pipeline.ConvertOptions(kv_ratio=args.ratio)
-    base = identity_config(source.model.config, source.model_type, "smollm2")
-    ov = planning.fit_target(base, pipeline.check_overrides_against(base, opts))
-    calib, heldout, _, stream, lead = pipeline.calibration_tokens(source, opts)
-    long = pipeline.long_calibration(source, stream, lead, opts)
-    cal = collect_inputs(source.model, calib, long=long)
-    comp = Compressor(source.model, source.model_type, "smollm2", cal)
-    probe = pipeline.recall_probe(source, stream, lead, opts)
-    report = planning.choose_plan(comp, args.ratio, ov, heldout, probe=probe)  # (without --top-up, the default)
+    run = planned(source, args.ratio)
+    base, ov, heldout, comp, probe, report = run.base, run.ov, run.heldout, run.comp, run.probe, run.report
     plan = report.plan
     result = {"ratio": args.ratio, "plan": plan.describe(), "rows": [
         {"weights": "uniform latent (the planner's plan)", "heldout_kl": report.heldout_kl, "recall_kl": report.recall_kl,

@@ -63,6 +63,9 @@ def convert(
     probe_rows: Annotated[
         int, typer.Option(help="Rows of 2,048 tokens on which the planner judges how well each finalist plan still copies and retrieves from far back (half far repeats, half retrieval prompts); each costs a forward per judged plan; 0: judge on short text only.")
     ] = 4,
+    attention_weight: Annotated[
+        float, typer.Option(help="How much the latent fit weighs each calibration token by the attention it receives in the source, from 0 (every token alike) to 1 (in proportion); heavily read tokens such as the first one (the attention sink) then count as much as they move the outputs.")
+    ] = 0.5,
     refit: Annotated[
         bool, typer.Option("--refit/--no-refit", help="Also refit the chosen plan group by group on the converted model's own inputs (each group's latent undoes what the groups before it lost), kept where the planner's judge finds it better; off by default (docs/results.md). Costs one more forward over the calibration rows and one more judged plan.")
     ] = False,
@@ -104,7 +107,7 @@ def convert(
         opts = ConvertOptions(
             identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
             data=list(data or []), calib_tokens=calib_tokens, long_rows=calib_long_rows, probe_rows=probe_rows,
-            refit=refit, top_up=top_up, seed=seed, force=force, dtype=dtype, log=log, progress=task_progress(bar),
+            attention_weight=attention_weight, refit=refit, top_up=top_up, seed=seed, force=force, dtype=dtype, log=log, progress=task_progress(bar),
         )
         if distill is None and not flags.resume:
             record = run_convert(src, out_dir, opts)

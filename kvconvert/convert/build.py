@@ -22,11 +22,16 @@ from .rope import RopeChoice, SharedRope, choose_rope, choose_shared_rope, compl
 from .stats import LayerStats, layer_stats
 
 
+ATTENTION_WEIGHT = 0.5  # β: each calibration token weighs (1 - β) + β × the attention it receives in the fits
+
+
 class Compressor:
     """Source + calibration -> compressed models. Per-group fits are cached so plans share work."""
 
-    def __init__(self, source_model, model_type: str, source_name: str, cal: Calibration):
+    def __init__(self, source_model, model_type: str, source_name: str, cal: Calibration,
+                 attention_weight: float = ATTENTION_WEIGHT):
         self.src = source_model
+        self.attention_weight = attention_weight  # β of the fits' token weights (Calibration.weighted_cov)
         self.base = identity_config(source_model.config, model_type, source_name)
         self.cal = cal
         c = self.base
@@ -125,32 +130,39 @@ class Compressor:
 
     def latent_fit(
         self, group: tuple[int, ...], rope_dim: int, select: bool = True, activation_aware: bool = True, heads: int = 1,
-        rope_from_latent: bool = False, key_weight: float = 1.0,
+        rope_from_latent: bool = False, key_weight: float = 1.0, weighted: bool = True,
     ) -> LatentFit:
-        """The group's latent, fitted on the source's inputs (cached)."""
-        key = ("latent", group, rope_dim, select, activation_aware, heads, rope_from_latent, key_weight)
+        """The group's latent, fitted on the source's inputs (cached); `weighted`: each token weighted by the attention
+        it receives (fit_cov), else every token alike (what the planner's proxy ranks plans by, see plan.proxy_error)."""
+        key = ("latent", group, rope_dim, select, activation_aware, heads, rope_from_latent, key_weight, weighted)
         if key not in self._fits:
             blocks = self.blocks(group, self.rope_choice(group, rope_dim, select, heads), activation_aware, rope_from_latent,
                                  key_weight)
             if activation_aware:
-                ci_key = ("Ci", group[0])
+                cov = self.fit_cov(group) if weighted else self.cal.cov
+                ci_key = ("Ci", group, "weighted") if weighted else ("Ci", group[0])
                 if ci_key not in self._fits:
-                    self._fits[ci_key] = inverse_sqrt(self.cal.cov(group[0], group[0])[: self.h, : self.h])
-                self._fits[key] = fit_latent(blocks, self.cal.cov, group[0], self._fits[ci_key])
+                    self._fits[ci_key] = inverse_sqrt(cov(group[0], group[0])[: self.h, : self.h])
+                self._fits[key] = fit_latent(blocks, cov, group[0], self._fits[ci_key])
             else:
                 eye = torch.eye(self.h + 1, dtype=torch.float64)
                 self._fits[key] = fit_latent(blocks, lambda i, j: eye, group[0])
         return self._fits[key]
 
-    def plan_fit(self, group: tuple[int, ...], plan: Plan, inputs=None) -> LatentFit:
-        """The group's latent under the plan; `inputs` (see latent.fit_latent): fitted on other inputs than the
-        source's (not cached)."""
+    def plan_fit(self, group: tuple[int, ...], plan: Plan, inputs=None, weighted: bool = True) -> LatentFit:
+        """The group's latent under the plan (`weighted`: see latent_fit); `inputs` (see latent.fit_latent): fitted on
+        other inputs than the source's (not cached)."""
         if inputs is None or not plan.activation_aware:
             return self.latent_fit(group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
-                                   plan.rope_from_latent, plan.key_weight)
+                                   plan.rope_from_latent, plan.key_weight, weighted)
         blocks = self.blocks(group, self.rope_choice(group, plan.rope_dim, plan.select_rope, plan.rope_heads), True,
                              plan.rope_from_latent, plan.key_weight)
-        return fit_latent(blocks, self.cal.cov, group[0], inputs=inputs)
+        return fit_latent(blocks, self.fit_cov(group) if weighted else self.cal.cov, group[0], inputs=inputs)
+
+    def fit_cov(self, group: tuple[int, ...]):
+        """The moments a group's latent is fitted on: each token weighted by the attention it receives in the group's
+        layers (Calibration.weighted_cov; the plain moments with attention_weight 0)."""
+        return self.cal.weighted_cov(tuple(group), self.attention_weight)
 
     def rope_scale(self, group: tuple[int, ...], choice, k: int) -> torch.Tensor:
         """(rope_dim, 1) per-pair scales s = (E|k|² / E|q|²)^(1/4): after k/s and q·s both sides carry equal

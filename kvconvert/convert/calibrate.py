@@ -3,11 +3,20 @@
 `Calibration.inputs[l]` is (N, hidden) float32: the normalized input of layer l's attention on N calibration
 tokens. Second moments are taken with a constant 1 appended (x̃ = [x; 1]), so biases and means come for free:
 `cov(i, j)` = E[x̃_i x̃_jᵀ], (hidden+1, hidden+1).
+
+`Calibration.received[l]` is (N,): the attention each token receives at layer l in the source, Σ over the queries
+that see it of their attention weight on it, averaged over heads (1 on average over a row). A token's key and value
+move the attention outputs of the queries that read it in proportion to the weight they give it, so a latent fitted
+to every token alike spends nothing on the few tokens most queries read: the first token (the attention sink) takes
+a tenth of all attention in SmolLM2's middle layers, one of 256 calibration tokens. `weighted_cov` takes the moments
+with each token weighted by (1 - β) + β × what it receives.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -248,6 +257,7 @@ class Calibration:
     _cov: dict = field(default_factory=dict, repr=False)
     long: torch.Tensor | None = None  # (n, L) long rows, after the short ones in `inputs`
     batch: int = 8  # short rows per forward
+    received: list[torch.Tensor] | None = None  # per layer (N,): the attention each token receives (module doc)
 
     def chunks(self) -> list[torch.Tensor]:
         """The token batches the statistics were collected on, in order: `tokens` `batch` rows at a time, then each
@@ -265,12 +275,33 @@ class Calibration:
         if key not in self._cov:
             if (j, i) in self._cov:
                 return self._cov[(j, i)].T
-            xi, xj = self.inputs[i].double(), self.inputs[j].double()
-            n = xi.shape[0]
-            top = torch.cat([xi.T @ xj, xi.sum(0)[:, None]], 1)
-            bottom = torch.cat([xj.sum(0), torch.tensor([float(n)], dtype=torch.float64)])[None]
-            self._cov[key] = torch.cat([top, bottom], 0) / n
+            self._cov[key] = moment(self.inputs[i], self.inputs[j])
         return self._cov[key]
+
+    def token_weights(self, layers: tuple[int, ...], beta: float) -> torch.Tensor | None:
+        """(N,) float64: (1 - β) + β × the attention each token receives, averaged over `layers` and scaled to mean 1;
+        None when every token weighs the same (β = 0, or nothing received was recorded)."""
+        if not beta or self.received is None:
+            return None
+        r = torch.stack([self.received[layer] for layer in layers]).double().mean(0)
+        return (1 - beta) + beta * r / r.mean().clamp_min(1e-12)
+
+    def weighted_cov(self, layers: tuple[int, ...], beta: float) -> Callable[[int, int], torch.Tensor]:
+        """cov(i, j) with each token weighted by token_weights(layers, beta) (the moments of a layer group's fit:
+        `layers` are the group's); the plain `cov` where the weights are all 1."""
+        w = self.token_weights(layers, beta)
+        if w is None:
+            return self.cov
+
+        def cov(i: int, j: int) -> torch.Tensor:
+            key = ("weighted", layers, beta, i, j)
+            if key not in self._cov:
+                if ("weighted", layers, beta, j, i) in self._cov:
+                    return self._cov[("weighted", layers, beta, j, i)].T
+                self._cov[key] = moment(self.inputs[i], self.inputs[j], w)
+            return self._cov[key]
+
+        return cov
 
     def cov_pinv(self, i: int) -> torch.Tensor:
         """The pseudo-inverse of cov(i, i) (kept: every layer group starting at layer i needs it)."""
@@ -280,13 +311,84 @@ class Calibration:
         return self._cov[key]
 
 
+def moment(xi: torch.Tensor, xj: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """E_w[x̃_i x̃_jᵀ] in float64 over the rows of xi, xj (N, h), x̃ = [x; 1], rows weighted by w (N,) (None: alike)."""
+    xi, xj = xi.double(), xj.double()
+    w = torch.ones(xi.shape[0], dtype=torch.float64) if w is None else w.double()
+    xw = xi * w[:, None]
+    top = torch.cat([xw.T @ xj, xw.sum(0)[:, None]], 1)
+    bottom = torch.cat([(xj * w[:, None]).sum(0), w.sum()[None]])[None]
+    return torch.cat([top, bottom], 0) / w.sum()
+
+
+RECEIVED_QUERIES = 512  # queries per row whose attention is summed (evenly spaced; all of a shorter row's)
+
+
+def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                       max_queries: int = RECEIVED_QUERIES) -> torch.Tensor:
+    """(B, S) float32: for each key position, Σ over queries of the attention weight they give it, averaged over
+    heads. query (B, H, T, D) and key (B, K, S, D) as an attention function of transformers receives them (normed,
+    rotated; K divides H); mask as it receives it: None (causal, T ≤ S, the queries the last T positions), a bool
+    mask (True: attend) or an additive float mask, (B or 1, 1, T, S). Rows longer than `max_queries` sum an evenly
+    spaced subset of their queries, scaled by the stride."""
+    B, H, T, _ = query.shape
+    S = key.shape[2]
+    idx = torch.arange(T) if T <= max_queries else torch.linspace(0, T - 1, max_queries).round().long()
+    q = query[:, :, idx].float()
+    k = key.float().repeat_interleave(H // key.shape[1], 1)
+    scores = (q @ k.transpose(-1, -2)) * scaling  # (B, H, n, S)
+    if mask is None:
+        allowed = torch.arange(S)[None, :] <= (idx + S - T)[:, None]
+        scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[:, :, idx.to(mask.device)], float("-inf"))
+    else:
+        scores = scores + mask[:, :, idx.to(mask.device)].float()
+    p = torch.softmax(scores, -1).nan_to_num()  # a fully masked query (padding) gives nothing
+    return p.sum(2).mean(1) * (T / len(idx))
+
+
+@contextmanager
+def recording_received(model, store: list[list[torch.Tensor]]):
+    """Within the block, every attention call of `model` (a transformers model) also appends the attention its keys
+    receive (received_attention, flattened) to store[layer]: the model's own attention function computes the
+    outputs, so its forward is unchanged."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = "kvconvert_received"
+    before = model.config._attn_implementation
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if before in ALL_ATTENTION_FUNCTIONS:
+            inner = ALL_ATTENTION_FUNCTIONS[before]
+        else:  # eager: the function of the module's own modeling file
+            inner = sys.modules[type(module).__module__].eager_attention_forward
+        out = inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        store[module.layer_idx].append(received_attention(query, key, attention_mask, scale).reshape(-1).cpu())
+        return out
+
+    AttentionInterface.register(name, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[before if before in
+                                                                               ALL_MASK_ATTENTION_FUNCTIONS else "eager"])
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 @torch.no_grad()
 def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progress | None = None,
-                   long: torch.Tensor | None = None) -> Calibration:
+                   long: torch.Tensor | None = None, received: bool = True) -> Calibration:
     """Run the source on `tokens` (and on `long` rows, one at a time, when given) and keep every layer's attention
-    input (after its input norm); `Calibration.tokens` are the `tokens`."""
+    input (after its input norm) and, with `received`, the attention each token receives; `Calibration.tokens` are
+    the `tokens`."""
     layers = model.model.layers
     store: list[list[torch.Tensor]] = [[] for _ in layers]
+    got: list[list[torch.Tensor]] = [[] for _ in layers]
 
     def hook(idx):
         def fn(module, args, kwargs):
@@ -299,12 +401,16 @@ def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progre
     cal = Calibration(tokens, [], long=long, batch=batch)
     chunks = cal.chunks()
     try:
-        for i, chunk in enumerate(chunks):
-            model.model(chunk, use_cache=False)  # the layers only: no logits (4,096 x 49,152 floats for SmolLM2)
-            if progress:
-                progress(i + 1, len(chunks))
+        with recording_received(model, got) if received else nullcontext():
+            for i, chunk in enumerate(chunks):
+                model.model(chunk, use_cache=False)  # the layers only: no logits (4,096 x 49,152 floats for SmolLM2)
+                if progress:
+                    progress(i + 1, len(chunks))
     finally:
         for h in handles:
             h.remove()
     cal.inputs = [torch.cat(x) for x in store]
+    if received:
+        cal.received = [torch.cat(r) for r in got]
+        assert all(len(r) == cal.n for r in cal.received), "internal: received attention does not match the inputs"
     return cal

@@ -15,7 +15,7 @@ import torch
 
 from ..config import SUPPORTED_KV_BITS
 from ..errors import KvconvertError
-from .build import Compressor
+from .build import ATTENTION_WEIGHT, Compressor
 from .groups import layer_kinds, mixed_group
 from .calibrate import (CHAT_SHARE, SAMPLE_PREFIX, chat_rows, collect_inputs, long_calibration_rows, read_data,
                         read_data_files, sample_chats, sample_tokens, start_token, tokens_from_text)
@@ -40,6 +40,7 @@ class ConvertOptions:
     long_rows: int = 2  # calibration rows of long_len tokens beside the short ones (0: none; see long_calibration)
     long_len: int = 4096  # at most the model's positions
     probe_rows: int = 4  # rows of the planner's recall probe (recall_probe); 0: no long-range judge
+    attention_weight: float = ATTENTION_WEIGHT  # β of the fits' token weights (calibrate.Calibration.weighted_cov)
     refit: bool = False  # the winner also refitted group by group (plan.choose_plan, convert/sequential.py)
     top_up: bool = False  # the bytes the winner leaves spent per layer group (plan.choose_plan, plan.water_fill)
     seed: int = 0
@@ -127,6 +128,8 @@ def check_options(opts: ConvertOptions) -> None:
         raise KvconvertError(f"--calib-long-rows must be 0 or more, got {opts.long_rows}")
     if opts.probe_rows < 0:
         raise KvconvertError(f"--probe-rows must be 0 or more, got {opts.probe_rows}")
+    if not 0 <= opts.attention_weight <= 1:
+        raise KvconvertError(f"--attention-weight must be in [0, 1], got {opts.attention_weight}")
 
 
 def check_overrides_against(config, opts: ConvertOptions) -> Overrides:
@@ -354,10 +357,11 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     t = time.perf_counter()
     calib, heldout, origin, stream, lead = calibration_tokens(source, opts)
     long = long_calibration(source, stream, lead, opts)
-    cal = collect_inputs(source.model, calib, progress=lambda d, n: opts.progress("calibrating", d, n), long=long)
+    cal = collect_inputs(source.model, calib, progress=lambda d, n: opts.progress("calibrating", d, n), long=long,
+                         received=opts.attention_weight > 0)
     timings["calibrate"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    comp = Compressor(source.model, source.model_type, name, cal)
+    comp = Compressor(source.model, source.model_type, name, cal, opts.attention_weight)
     probe = recall_probe(source, stream, lead, opts)
     report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log, probe=probe, sequential=opts.refit,
                          top_up=opts.top_up)
@@ -379,7 +383,8 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
         "target_kv_ratio": opts.kv_ratio,
         "calibration": {"tokens": int(calib.numel()), "heldout_tokens": int(heldout.numel()), "origin": origin,
                         "long_rows": 0 if long is None else len(long),
-                        "long_len": 0 if long is None else long.shape[1]},
+                        "long_len": 0 if long is None else long.shape[1],
+                        "attention_weight": opts.attention_weight},
         "heldout_kl": report.heldout_kl,
         "recall_kl": report.recall_kl,
         "recall_probe_tokens": probe.tokens.shape[1] if probe is not None else None,

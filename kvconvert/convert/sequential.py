@@ -39,14 +39,17 @@ def refit_sequential(comp: Compressor, plan: Plan, model: CllaForCausalLM) -> No
         first = inner.layers[group[0]]
         C = torch.zeros(h + 1, h + 1, dtype=torch.float64)
         cross = {layer: torch.zeros(h + 1, h + 1, dtype=torch.float64) for layer in group}
+        w = cal.token_weights(tuple(group), comp.attention_weight)  # as the plain fit weighs the tokens
+        w = torch.ones(cal.n, dtype=torch.float64) if w is None else w
         for state, (lo, hi) in zip(states, spans):
             x = augmented(first.input_layernorm(state).reshape(-1, h).float())
-            C += x.T @ x
+            xw = x * w[lo:hi, None]
+            C += xw.T @ x
             for layer in group:
-                cross[layer] += augmented(cal.inputs[layer][lo:hi]).T @ x
-        C /= cal.n
+                cross[layer] += augmented(cal.inputs[layer][lo:hi]).T @ xw
+        C /= w.sum()
         for layer in group:
-            cross[layer] /= cal.n
+            cross[layer] /= w.sum()
         fit = comp.plan_fit(group, plan, inputs=(C, cross.__getitem__))
         weights = comp.group_weights(g, group, plan, cfg, fit)
         _, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
