@@ -90,14 +90,19 @@ def test_smollm2_profile_memory(converted):
     assert data["source_kv_bytes_per_token"] == 23_040 and data["kv_ratio"] == 1.0
 
 
-def test_smollm2_zero_shot_quarter_cache(smollm2_folder, tmp_path):
-    """The real pipeline on the real model (plan search and all; to stay quick, a third of the default calibration,
-    one long row and one probe row where the defaults take two and four, each probe row a 2,048-token forward per
-    judged plan): a quarter of the KV cache, zero-shot, with a bounded held-out KL (a broken RoPE split, latent or
-    quantizer lands far above 0.6)."""
+@pytest.mark.parametrize("layouts", [
+    pytest.param(["--group-size", "1"], id="one-layer-groups"),  # 107 s of the default tier
+    pytest.param([], id="every-layout", marks=pytest.mark.slow),  # 150 s: shared and prefix layouts too
+])
+def test_smollm2_zero_shot_quarter_cache(smollm2_folder, tmp_path, layouts):
+    """The real pipeline on the real model (plan search over widths, bits, tails, rope heads and key weights, the
+    judges and the refinements; the default tier holds to one layer per group; to stay quick, a third of the default
+    calibration, one long row and one probe row where the defaults take two and four, each probe row a 2,048-token
+    forward per judged plan): a quarter of the KV cache, zero-shot, with a bounded held-out KL (a broken RoPE split,
+    latent or quantizer lands far above 0.6)."""
     out = tmp_path / "quarter"
-    result = runner.invoke(app, ["convert", str(smollm2_folder), str(out), "--kv-ratio", "0.25", "--calib-tokens",
-                                 "1024", "--calib-long-rows", "1", "--probe-rows", "1", "--json"])
+    result = runner.invoke(app, ["convert", str(smollm2_folder), str(out), "--kv-ratio", "0.25", *layouts,
+                                 "--calib-tokens", "1024", "--calib-long-rows", "1", "--probe-rows", "1", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["kv_ratio"] <= 0.25
