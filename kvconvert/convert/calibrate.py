@@ -271,11 +271,15 @@ class Calibration:
 
     def cov(self, i: int, j: int) -> torch.Tensor:
         """E[x̃_i x̃_jᵀ] in float64, x̃ = [x; 1]."""
-        key = (i, j)
+        return self._moment((), i, j, None)
+
+    def _moment(self, tag: tuple, i: int, j: int, w: torch.Tensor | None) -> torch.Tensor:
+        """moment(inputs[i], inputs[j], w), kept under `tag` (which names the weights w), or the transpose of (j, i)."""
+        key = (*tag, i, j)
         if key not in self._cov:
-            if (j, i) in self._cov:
-                return self._cov[(j, i)].T
-            self._cov[key] = moment(self.inputs[i], self.inputs[j])
+            if (*tag, j, i) in self._cov:
+                return self._cov[(*tag, j, i)].T
+            self._cov[key] = moment(self.inputs[i], self.inputs[j], w)
         return self._cov[key]
 
     def token_weights(self, layers: tuple[int, ...], beta: float) -> torch.Tensor | None:
@@ -293,15 +297,7 @@ class Calibration:
         if w is None:
             return self.cov
 
-        def cov(i: int, j: int) -> torch.Tensor:
-            key = ("weighted", layers, beta, i, j)
-            if key not in self._cov:
-                if ("weighted", layers, beta, j, i) in self._cov:
-                    return self._cov[("weighted", layers, beta, j, i)].T
-                self._cov[key] = moment(self.inputs[i], self.inputs[j], w)
-            return self._cov[key]
-
-        return cov
+        return lambda i, j: self._moment(("weighted", layers, beta), i, j, w)
 
     def cov_pinv(self, i: int) -> torch.Tensor:
         """The pseudo-inverse of cov(i, i) (kept: every layer group starting at layer i needs it)."""
