@@ -459,15 +459,20 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     comp = Compressor(src, "llama", "tiny", collect_inputs(src, tokens[:-2]))
     probe = RecallProbe.build(tokens[-2], tokens[:-2], 400)
     report = choose_plan(comp, 0.2, Overrides(), tokens[-2:], probe=probe, sequential=True, top_up=True)
-    judged = [c for c in report.candidates if c["recall_kl"] is not None]
-    assert len(judged) >= RECALL_FINALISTS + 2  # the finalists, and two key weights or more (key_weight_search)
+    # judged on recall: scored to the end, or stopped once the plan could not win (a lower bound recorded)
+    on_recall = [c for c in report.candidates if c["recall_kl"] is not None or "recall_kl_at_least" in c]
+    assert len(on_recall) >= RECALL_FINALISTS + 2  # the finalists, and two key weights or more (key_weight_search)
     # the families' best by held-out KL, RECALL_FINALISTS of them, are judged on recall too; the others are not
     families = sorted((c for c in report.candidates if c["proxy"] is not None), key=lambda c: c["heldout_kl"])
     assert len(families) > RECALL_FINALISTS
-    assert [c["recall_kl"] is not None for c in families] == [i < RECALL_FINALISTS for i in range(len(families))]
-    weights = {c["plan"].split("keys weighted ")[-1].removesuffix(", refitted in sequence") for c in judged
+    assert [c in on_recall for c in families] == [i < RECALL_FINALISTS for i in range(len(families))]
+    judged = [c for c in on_recall if c["recall_kl"] is not None]
+    for c in on_recall:  # a stopped plan's bound already reaches the winner's score: it could not have won
+        if c["recall_kl"] is None:
+            assert c["heldout_kl"] + c["recall_kl_at_least"] >= report.heldout_kl + report.recall_kl
+    weights = {c["plan"].split("keys weighted ")[-1].removesuffix(", refitted in sequence") for c in on_recall
                if "keys weighted" in c["plan"]}
-    assert sum(c["plan"].endswith("refitted in sequence") for c in judged) == 1  # the winner, refitted
+    assert sum(c["plan"].endswith("refitted in sequence") for c in on_recall) == 1  # the winner, refitted
     # the winner's bytes moved between its groups (water_fill), judged on held-out KL first
     assert sum("per layer group" in c["plan"] for c in report.candidates) == 1
     middle = sorted(KEY_WEIGHTS)[len(KEY_WEIGHTS) // 2]
@@ -488,6 +493,45 @@ def test_the_recall_judge_refines_the_winner_within_its_bytes():
     assert head8_mix(base, p4, plan_bytes(base, p4), Overrides(tail_dim=0)) is None
 
 
+def test_the_recall_judge_stops_scoring_a_plan_that_cannot_win(monkeypatch):
+    """A recall probe's rows are scored in turn, and a plan's scoring stops once its held-out KL plus the rows' KL so
+    far reach the best score (every row's KL is ≥ 0): the planner chooses the same plan with the same figures as when
+    every row is scored, and a stopped plan's recorded lower bound is below its full recall KL."""
+    from kvconvert.convert.plan import Overrides, RecallProbe, choose_plan
+
+    src = tiny_source("llama", num_hidden_layers=4)
+    with torch.no_grad():
+        src.lm_head.weight.mul_(30)  # sharper outputs: KLs well above rounding
+    tokens = torch.randint(0, VOCAB, (18, 48), generator=torch.Generator().manual_seed(0))
+    comp = Compressor(src, "llama", "tiny", collect_inputs(src, tokens[:-2]))
+    rows = torch.stack([torch.cat([tokens[i], tokens[i + 3], tokens[i]]) for i in range(3)])  # [A, filler, A]
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    mask[:, 97:] = True
+    probe = RecallProbe.from_rows(rows, mask)
+    other = Compressor(tiny_source("llama", seed=1, num_hidden_layers=4), "llama", "tiny",
+                       collect_inputs(src, tokens[:-2]))
+    ref, model = probe.logp(src), other.src
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    full, exact = probe.kl_bound(model, ref)
+    assert exact and full == probe.kl(model, ref) and len(calls) == 2 * 3
+    calls.clear()
+    bound, exact = probe.kl_bound(model, ref, stop_at=0.0)  # the first row already reaches it
+    assert not exact and len(calls) == 1 and 0 < bound < full
+
+    stopped = choose_plan(comp, 0.12, Overrides(), tokens[-2:], probe=probe)
+    scored = RecallProbe.kl_bound
+    monkeypatch.setattr(RecallProbe, "kl_bound", lambda self, m, lp, stop_at=None: scored(self, m, lp))
+    every = choose_plan(comp, 0.12, Overrides(), tokens[-2:], probe=probe)
+    assert (stopped.plan, stopped.heldout_kl, stopped.recall_kl) == (every.plan, every.heldout_kl, every.recall_kl)
+    assert [c["heldout_kl"] for c in stopped.candidates] == [c["heldout_kl"] for c in every.candidates]
+    cut = [(c, e) for c, e in zip(stopped.candidates, every.candidates) if "recall_kl_at_least" in c]
+    assert cut, "no plan was stopped: the test no longer covers stopping"
+    for c, e in cut:
+        assert c["recall_kl"] is None and c["recall_kl_at_least"] <= e["recall_kl"]
+        assert c["heldout_kl"] + c["recall_kl_at_least"] >= stopped.heldout_kl + stopped.recall_kl
+
+
 @pytest.mark.parametrize("scores, best, calls, chosen", [
     ({0.5: 3.0, 0.25: 2.0, 0.125: 1.0}, 4.0, [0.25, 0.125], 0.125),  # lighter while it falls
     ({0.5: 1.0, 0.25: 2.0, 0.125: 3.0}, 2.5, [0.25, 0.125], 0.25),  # lighter, then worse: stop
@@ -501,7 +545,8 @@ def test_key_weight_search(scores, best, calls, chosen):
     assert sorted(KEY_WEIGHTS) == sorted(scores)
     seen = []
 
-    def judge(w):
+    def judge(w, bound):
+        assert bound == min([best] + [scores[v] for v in seen])  # the best score so far: the bound a judge may stop at
         seen.append(w)
         return (scores[w], w)
 

@@ -332,15 +332,17 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tenso
     idx = torch.arange(T) if T <= max_queries else torch.linspace(0, T - 1, max_queries).round().long()
     q = query[:, :, idx].float()
     k = key.float().repeat_interleave(H // key.shape[1], 1)
-    scores = (q @ k.transpose(-1, -2)) * scaling  # (B, H, n, S)
+    scores = (q @ k.transpose(-1, -2)).mul_(scaling)  # (B, H, n, S); in place from here: a long row's are large
     if mask is None:
         allowed = torch.arange(S)[None, :] <= (idx + S - T)[:, None]
-        scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+        scores.masked_fill_(~allowed.to(scores.device), float("-inf"))
     elif mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask[:, :, idx.to(mask.device)], float("-inf"))
+        scores.masked_fill_(~mask[:, :, idx.to(mask.device)], float("-inf"))
     else:
-        scores = scores + mask[:, :, idx.to(mask.device)].float()
-    p = torch.softmax(scores, -1).nan_to_num()  # a fully masked query (padding) gives nothing
+        scores.add_(mask[:, :, idx.to(mask.device)].float())
+    p = torch.softmax(scores, -1)
+    if mask is not None:
+        p.nan_to_num_()  # a fully masked query (padding) gives nothing; a causal one always sees itself
     return p.sum(2).mean(1) * (T / len(idx))
 
 

@@ -487,36 +487,50 @@ class RecallProbe:
         keep = long.any(1)
         return cls(rows[keep], long[keep])
 
+    def row_logp(self, model, i: int) -> torch.Tensor:
+        """The model's log-probabilities of row i's scored tokens."""
+        keep = self.mask[i, 1:].nonzero().flatten()  # the logits at position i predict token i + 1
+        logits = model(self.tokens[i, None], use_cache=False, logits_to_keep=keep).logits[0]
+        return F.log_softmax(logits.float(), -1)
+
     @torch.no_grad()
     def logp(self, model) -> list[torch.Tensor]:
         """Per row, the model's log-probabilities of its scored tokens."""
-        out = []
-        for t, m in zip(self.tokens, self.mask):
-            keep = m[1:].nonzero().flatten()  # the logits at position i predict token i + 1
-            logits = model(t[None], use_cache=False, logits_to_keep=keep).logits[0]
-            out.append(F.log_softmax(logits.float(), -1))
-        return out
+        return [self.row_logp(model, i) for i in range(len(self.tokens))]
 
     def kl(self, model, source_logp: list[torch.Tensor]) -> float:
         """KL(source ‖ model) over each row's scored tokens, averaged over the rows (source_logp: the source's `logp`)."""
-        kls = [(ref.exp() * (ref - lp)).sum(-1).mean().item() for ref, lp in zip(source_logp, self.logp(model))]
-        return sum(kls) / len(kls)
+        return self.kl_bound(model, source_logp)[0]
+
+    @torch.no_grad()
+    def kl_bound(self, model, source_logp: list[torch.Tensor], stop_at: float = math.inf) -> tuple[float, bool]:
+        """(KL, exact): `kl`, scoring the rows in turn and stopping once their KL alone puts the mean at `stop_at` or
+        above (every row's KL is ≥ 0); then (that lower bound, False). A row costs a forward of the probe's length: the
+        planner stops where a plan can no longer win."""
+        total = 0.0
+        for i, ref in enumerate(source_logp):
+            lp = self.row_logp(model, i)
+            total += (ref.exp() * (ref - lp)).sum(-1).mean().item()
+            if total / len(source_logp) >= stop_at and i + 1 < len(source_logp):
+                return total / len(source_logp), False
+        return total / len(source_logp), True
 
 
-def key_weight_search(best: tuple, judge: Callable[[float], tuple]) -> tuple:
-    """The best of `best` (a judged plan, keys at full weight) and the plans judge(w) for w in KEY_WEIGHTS, found by a
-    line search from the middle weight: on to lighter ones while the score falls, else to heavier ones. Two judged
-    plans where every weight would take three (or four on a finer grid); on SmolLM2 at 0.25 and 0.10 the score was
-    unimodal in the weight and the search picks what trying every weight picked (docs/results.md)."""
+def key_weight_search(best: tuple, judge: Callable[[float, float], tuple]) -> tuple:
+    """The best of `best` (a judged plan, keys at full weight) and the plans judge(w, best score so far) for w in
+    KEY_WEIGHTS, found by a line search from the middle weight: on to lighter ones while the score falls, else to
+    heavier ones. Two judged plans where every weight would take three (or four on a finer grid); on SmolLM2 at 0.25
+    and 0.10 the score was unimodal in the weight and the search picks what trying every weight picked
+    (docs/results.md)."""
     weights = sorted(KEY_WEIGHTS, reverse=True)  # heavier to lighter
     i = len(weights) // 2
-    r = judge(weights[i])
+    r = judge(weights[i], best[0])
     step = 1 if r[0] < best[0] else -1
     if r[0] < best[0]:
         best = r
     i += step
     while 0 <= i < len(weights):
-        r = judge(weights[i])
+        r = judge(weights[i], best[0])
         if r[0] >= best[0]:
             break
         best, i = r, i + step
@@ -592,39 +606,53 @@ def choose_plan(
     probe_logp = probe.logp(comp.src) if probe is not None else None
     results: list[dict] = []
 
-    def judge(p: Plan, proxy: float | None, recall: bool) -> tuple:
-        """Build p and measure it: (score, plan, model, held-out KL, recall KL or None); score = the sum."""
+    def recall(p: Plan, model, kl: float, bound: float) -> float | None:
+        """p's recall KL, or None where scoring the probe's rows stopped once held-out KL plus recall KL reached
+        `bound`, the best score so far (lossless: p cannot win). Recorded in p's entry of the candidates."""
+        rkl, exact = probe.kl_bound(model, probe_logp, bound - kl)
+        entry = next(r for r in reversed(results) if r["plan"] == p.describe())
+        if not exact:
+            entry["recall_kl_at_least"] = rkl
+            log(f"  {p.describe()}: recall KL ≥ {rkl:.4f}, cannot win (rows left unscored)")
+            return None
+        entry["recall_kl"] = rkl
+        log(f"  {p.describe()}: recall KL {rkl:.4f}")
+        return rkl
+
+    def judge(p: Plan, proxy: float | None, bound: float | None = None) -> tuple:
+        """Build p and measure it: (score, plan, model, held-out KL, recall KL or None); score = the sum. With a
+        `bound` (the best score so far; math.inf for none) and a probe, p is also judged on recall; its score is
+        math.inf where it cannot beat the bound (see `recall`)."""
         model = comp.build(p)
         kl = kl_to_source(model, heldout, source_logp)
-        rkl = probe.kl(model, probe_logp) if recall and probe is not None else None
         ratio = plan_bytes(base, p) / src
-        log(f"  {p.describe()}: KV ratio {ratio:.4f}, held-out KL {kl:.4f}"
-            + (f", recall KL {rkl:.4f}" if rkl is not None else ""))
-        results.append({"plan": p.describe(), "kv_ratio": ratio, "proxy": proxy, "heldout_kl": kl, "recall_kl": rkl})
-        return kl + (rkl or 0.0), p, model, kl, rkl
+        log(f"  {p.describe()}: KV ratio {ratio:.4f}, held-out KL {kl:.4f}")
+        results.append({"plan": p.describe(), "kv_ratio": ratio, "proxy": proxy, "heldout_kl": kl, "recall_kl": None})
+        if bound is None or probe is None:
+            return kl, p, model, kl, None
+        rkl = recall(p, model, kl, bound)
+        return (math.inf if rkl is None else kl + rkl), p, model, kl, rkl
 
     # 1. the families' best plans, by held-out KL; the RECALL_FINALISTS best of them also by recall KL, and the
     #    lowest sum wins (a family can be close on short text and far apart at 2k tokens: layer sharing at 0.10)
     judged: list[tuple] = []  # the best RECALL_FINALISTS so far, models kept (one model is the source's size)
     for proxy, p in chosen:
-        judged = sorted([*judged, judge(p, proxy, recall=False)], key=lambda r: r[0])[: max(1, RECALL_FINALISTS)]
+        judged = sorted([*judged, judge(p, proxy)], key=lambda r: r[0])[: max(1, RECALL_FINALISTS)]
     best = judged[0]
     if probe is not None and refine:
-        finalists = []
-        for _, p, model, kl, _ in judged[:RECALL_FINALISTS]:
-            rkl = probe.kl(model, probe_logp)
-            next(r for r in results if r["plan"] == p.describe())["recall_kl"] = rkl
-            log(f"  {p.describe()}: recall KL {rkl:.4f}")
-            finalists.append((kl + rkl, p, model, kl, rkl))
+        finalists: list[tuple] = []
+        for _, p, model, kl, _ in judged[:RECALL_FINALISTS]:  # by held-out KL: the likeliest winner sets the bound
+            rkl = recall(p, model, kl, min((f[0] for f in finalists), default=math.inf))
+            finalists.append((math.inf if rkl is None else kl + rkl, p, model, kl, rkl))
         best = min(finalists, key=lambda r: r[0])
     # 2. refine the winner, by held-out KL plus recall KL: lighter keys in the fit (the weights come from a
     #    short-context model of the error; on SmolLM2 lighter keys cut both KLs: docs/results.md), then an 8-bit head
     if refine:
         winner = best[1]
-        best = key_weight_search(best, lambda w: judge(replace(winner, key_weight=w), None, recall=True))
+        best = key_weight_search(best, lambda w, bound: judge(replace(winner, key_weight=w), None, bound))
     mixed8 = head8_mix(base, best[1], budget, ov) if refine else None
     if mixed8 is not None:
-        r = judge(mixed8, None, recall=True)
+        r = judge(mixed8, None, best[0])
         if r[0] < best[0]:
             best = r
     # 3. the bytes the winner leaves unspent (its widths step in every group at once), given to the groups where
@@ -635,16 +663,14 @@ def choose_plan(
         sens = output_sensitivity(comp.src, heldout)
         filled = water_fill(comp, best[1], budget, ov, [sum(sens[i] for i in g) / len(g) for g in best[1].groups])
     if filled is not None:
-        r = judge(filled, None, recall=False)
+        r = judge(filled, None)
         if r[3] < best[3]:
-            rkl = probe.kl(r[2], probe_logp)
-            results[-1]["recall_kl"] = rkl
-            log(f"  {filled.describe()}: recall KL {rkl:.4f}")
-            if r[3] + rkl < best[0]:
+            rkl = recall(filled, r[2], r[3], best[0])
+            if rkl is not None and r[3] + rkl < best[0]:
                 best = (r[3] + rkl, *r[1:4], rkl)
     # 4. the winner refitted group by group on the converted model's own inputs (convert/sequential.py)
     if refine and sequential and best[1].activation_aware:
-        r = judge(replace(best[1], sequential=True), None, recall=True)
+        r = judge(replace(best[1], sequential=True), None, best[0])
         if r[0] < best[0]:
             best = r
     _, plan, model, kl, recall = best
