@@ -71,3 +71,27 @@ def test_identity_refuses_mismatched_biases():
     src.config.attention_bias = True  # config claims biases the weights do not have
     with pytest.raises(KvconvertError, match="biases"):
         build_identity(src, "llama", "tiny")
+
+
+def test_a_cache_is_handed_to_each_forward_under_the_keyword_it_takes():
+    """cache_kwargs: `cache` for a forward that takes it (this transformers' sources; CLLA models take both), else
+    `past_key_values`; the source fills the cache it is given."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    from kvconvert.convert.source import cache_kwargs
+
+    src = tiny_source("llama")
+    cache = DynamicCache()
+    kw = cache_kwargs(src, cache)
+    assert list(kw) == ["cache" if "cache" in inspect.signature(src.forward).parameters else "past_key_values"]
+    src(torch.zeros(1, 5, dtype=torch.long), **kw, use_cache=True)
+    assert cache.get_seq_length() == 5
+    assert list(cache_kwargs(build_identity(src, "llama", "tiny"), cache)) == ["cache"]
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return past_key_values
+
+    assert cache_kwargs(Older(), cache) == {"past_key_values": cache}

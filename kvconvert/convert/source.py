@@ -239,3 +239,11 @@ def load_source(src: str | os.PathLike | SourceRef, dtype: torch.dtype = torch.f
         except Exception:
             tok = None  # a folder without tokenizer files: commands that need text say so
     return Source(ref, model, tok, model_type)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword argument that hands `cache` to a transformers model's forward: `cache` where the forward takes it
+    (transformers deprecates `past_key_values` for it, to be removed in 5.40), else `past_key_values`."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}

@@ -201,6 +201,8 @@ def measure_source_memory(model, context: int, batch: int) -> dict:
     import torch
     from transformers import StaticCache
 
+    from ..convert.source import cache_kwargs
+
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
     if on_cuda:
@@ -210,7 +212,7 @@ def measure_source_memory(model, context: int, batch: int) -> dict:
     cache = StaticCache(config=model.config, max_cache_len=context)
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        model(ids, cache=cache, cache_position=torch.tensor([context - 1], device=device), use_cache=True)
+        model(ids, **cache_kwargs(model, cache), cache_position=torch.tensor([context - 1], device=device), use_cache=True)
     allocated = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
     result = {"kv_bytes_allocated": allocated, "kv_bytes_per_token_allocated": allocated // (batch * context)}
     if on_cuda:

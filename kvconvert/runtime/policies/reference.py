@@ -83,9 +83,11 @@ def window_nll(model, ids: torch.Tensor, ctx: int, methods: list[str], keep: int
     prompt compressed once to `keep` slots, `recent` of them recent, `merge_slots` of them merged for zsmerge/*)."""
     from transformers import DynamicCache
 
+    from ...convert.source import cache_kwargs
+
     W = ids.shape[1]
     cache = DynamicCache()
-    out = model(input_ids=ids[:, :ctx], past_key_values=cache, output_hidden_states=True, logits_to_keep=1)
+    out = model(input_ids=ids[:, :ctx], **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=1)
     full = [(layer.keys, layer.values) for layer in cache.layers]
     scores = [prompt_scores(model, out.hidden_states[i], model.model.layers[i], k, queries, decay)
               for i, (k, _) in enumerate(full)]
@@ -100,7 +102,7 @@ def window_nll(model, ids: torch.Tensor, ctx: int, methods: list[str], keep: int
                 kept = select(scores[i], recent, keep - recent - slots, granularity == "head")
                 layer.keys, layer.values = compress(*full[i], kept, slots)
         positions = torch.arange(ctx, W - 1, device=ids.device)[None]
-        rest = model(input_ids=ids[:, ctx:-1], past_key_values=cache, position_ids=positions).logits
+        rest = model(input_ids=ids[:, ctx:-1], **cache_kwargs(model, cache), position_ids=positions).logits
         logp = F.log_softmax(torch.cat([out.logits, rest], 1).float(), -1)
         result[method] = -logp.gather(-1, ids[:, ctx:, None]).mean().item()
     return result
