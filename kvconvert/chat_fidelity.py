@@ -10,6 +10,7 @@ template, the reference (usually the source) answers greedily. Two numbers compa
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -71,7 +72,8 @@ def first_sentence(text: str) -> str:
     return " ".join((text[: m.end()] if m else text).split())
 
 
-def _greedy(model, ids: list[int], max_new_tokens: int, eos, pad) -> list[int]:
+def greedy_answer(model, ids: list[int], max_new_tokens: int, eos, pad) -> list[int]:
+    """The model's greedy continuation of `ids` (up to max_new_tokens, stopping at eos)."""
     inp = torch.tensor([ids], device=next(model.parameters()).device)
     out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=eos, pad_token_id=pad)
@@ -89,15 +91,20 @@ def chat_agreement(model, reference, tokenizer, n_prompts: int = 8, max_new_toke
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     agree = total = same_first = 0
     examples = []
+    margins, hits = [], []  # per answer token: the reference's top-2 logit gap, and whether the model's argmax agrees
     for i, message in enumerate(chat_prompts(n_prompts, seed)):
         ids = chat_ids(tokenizer, message)
-        answer = _greedy(reference, ids, max_new_tokens, eos, pad)
+        answer = greedy_answer(reference, ids, max_new_tokens, eos, pad)
         if answer:
             full = torch.tensor([ids + answer], device=next(model.parameters()).device)
             logits = model(full, use_cache=False).logits[0, len(ids) - 1 : -1]
-            agree += (logits.argmax(-1).cpu() == torch.tensor(answer)).sum().item()
+            hit = logits.argmax(-1).cpu() == torch.tensor(answer)
+            top2 = reference(full.to(next(reference.parameters()).device)).logits[0, len(ids) - 1 : -1].float().topk(2)
+            margins.append((top2.values[:, 0] - top2.values[:, 1]).cpu())
+            hits.append(hit)
+            agree += hit.sum().item()
             total += len(answer)
-        ours = _greedy(model, ids, max_new_tokens, eos, pad)
+        ours = greedy_answer(model, ids, max_new_tokens, eos, pad)
         ref_text = tokenizer.decode(answer, skip_special_tokens=True)
         our_text = tokenizer.decode(ours, skip_special_tokens=True)
         first = first_sentence(ref_text)
@@ -108,4 +115,22 @@ def chat_agreement(model, reference, tokenizer, n_prompts: int = 8, max_new_toke
             progress(i + 1, n_prompts)
     return {"prompts": n_prompts, "max_new_tokens": max_new_tokens, "answer_tokens": total,
             "top1_agreement": agree / total if total else None, "first_sentence_match": same_first / n_prompts,
+            "by_reference_margin": by_margin(torch.cat(margins), torch.cat(hits)) if margins else [],
             "examples": examples}
+
+
+MARGIN_EDGES = (0.5, 1.0, 2.0)  # nats: the bins of by_margin
+
+
+def by_margin(margins: torch.Tensor, hits: torch.Tensor) -> list[dict]:
+    """Top-1 agreement per bin of the reference's margin (its top logit less its second, in nats; bins split at
+    MARGIN_EDGES; the last bin's margin_to is None): where the reference nearly ties, any change of the model flips its argmax, so a model close to
+    its reference still loses those tokens first. Empty bins are left out."""
+    edges = [0.0, *MARGIN_EDGES, math.inf]
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        sel = (margins >= lo) & (margins < hi)
+        if sel.any():
+            out.append({"margin_from": lo, "margin_to": hi if hi < math.inf else None, "tokens": int(sel.sum()),
+                        "top1_agreement": hits[sel].float().mean().item()})
+    return out

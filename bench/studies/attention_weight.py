@@ -51,7 +51,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     import kvconvert.convert.plan as planning
-    from kvconvert.chat_fidelity import _greedy, chat_ids, chat_prompts
+    from kvconvert.chat_fidelity import chat_ids, chat_prompts, greedy_answer
     from kvconvert.convert.build import ATTENTION_WEIGHT, Compressor
     from kvconvert.convert.source import load_source, resolve
 
@@ -71,7 +71,7 @@ def main() -> None:
     answers = []  # the source's greedy answers, as chat_fidelity.chat_agreement takes them
     for message in chat_prompts(24):
         ids = chat_ids(tok, message)
-        answers.append((ids, _greedy(source.model, ids, 48, tok.eos_token_id, tok.eos_token_id)))
+        answers.append((ids, greedy_answer(source.model, ids, 48, tok.eos_token_id, tok.eos_token_id)))
 
     def judge(model) -> dict:
         logp = F.log_softmax(model(windows, use_cache=False).logits.float(), -1)

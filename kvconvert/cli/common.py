@@ -160,6 +160,10 @@ def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: 
     capacity = context or min(cfg.max_position_embeddings, 4096)
     if capacity < 2:
         raise KvconvertError("--context must be at least 2")
+    if policy is not None:
+        from .options import check_budget
+
+        check_budget(policy.budget, capacity)
     # cpu_layout: the model was loaded here, so re-laying out its weights for one-row products changes nobody's copy
     rt = LatentRuntime.for_context(loaded.model, batch, capacity, policy, prefill_chunk=PREFILL_CHUNK_TOKENS,
                                    cuda_graphs=cuda_graphs and dev == "cuda",

@@ -74,7 +74,10 @@ def eval_cmd(
     # With --kv-policy (full included) the model runs in the runtime; `factory` makes one policy per sequence.
     factory = kv.make if kv.policy is not None else None
     if factory is not None:
-        kv.check()
+        # the longest sequence this run gives the policy, where it is known before loading (--long's default
+        # lengths follow the model's positions)
+        unknown = long and asked_lengths is None
+        kv.check(None if unknown else max([window] * (raw is not None) + passkey_lengths + (asked_lengths or []), default=None))
         if reference is not None and not long:
             raise KvconvertError("--reference is combined with --kv-policy only for --long (compare two eval runs instead)")
     set_threads(threads)

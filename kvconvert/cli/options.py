@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..distill.train import DistillOptions
+from ..errors import KvconvertError
 
 DISTILL = "Distillation"
 RUNTIME = "Runtime"
@@ -79,7 +80,7 @@ RuntimeThreads = Annotated[Optional[int], typer.Option(help="CPU threads (defaul
 
 # ----------------------------------------------------------------------------------------------- cache policy
 KvPolicy = Annotated[Optional[str], typer.Option("--kv-policy", help="Token-budget cache policy: zsmerge (heavy hitters + recent + merged residual slots), h2o, streaming (sinks + recent), or full (the runtime without a policy).", rich_help_panel=POLICY)]
-KvBudget = Annotated[float, typer.Option("--kv-budget", help="Tokens each layer group keeps per sequence: a share of the context (< 1) or a count (>= 1).", rich_help_panel=POLICY)]
+KvBudget = Annotated[Optional[float], typer.Option("--kv-budget", help="Tokens each layer group keeps per sequence: a share of the context (< 1) or a count (>= 1, below the context). [default: 0.05]", rich_help_panel=POLICY, show_default=False)]
 KvRecent = Annotated[Optional[float], typer.Option("--kv-recent", help="Share of the budget kept as the most recent tokens (default: the policy's; zsmerge/h2o 0.5).", rich_help_panel=POLICY, show_default=False)]
 KvResidual = Annotated[Optional[float], typer.Option("--kv-residual", help="zsmerge: share of the non-recent budget kept as merge slots (default 0.02, at least one slot).", rich_help_panel=POLICY, show_default=False)]
 KvDecay = Annotated[Optional[float], typer.Option("--kv-decay", help="Per-step decay of accumulated attention (default: zsmerge 0.98, h2o 1).", rich_help_panel=POLICY, show_default=False)]
@@ -92,11 +93,20 @@ class PolicyOptions:
     Field names are the keys of the `kv_policy` entry that `eval --json` prints."""
 
     policy: KvPolicy = None
-    budget: KvBudget = 0.05
+    budget: KvBudget = None  # None: DEFAULT_BUDGET under a policy
     recent: KvRecent = None
     residual: KvResidual = None
     decay: KvDecay = None
     queries: KvQueries = None
+
+    def __post_init__(self):
+        # the options without a policy (or with full, which keeps every token) would be ignored: refuse them
+        given = [f"--kv-{k}" for k in ("budget", "recent", "residual", "decay", "queries") if getattr(self, k) is not None]
+        if given and self.policy in (None, "full"):
+            what = "--kv-policy full keeps every token" if self.policy == "full" else "no --kv-policy was given"
+            raise KvconvertError(f"{given[0]} applies to a token-budget policy (zsmerge, h2o, streaming), and {what}")
+        if self.policy not in (None, "full") and self.budget is None:
+            self.budget = DEFAULT_BUDGET
 
     def make(self):
         """A fresh policy object (policies hold per-sequence state); None without --kv-policy or with full."""
@@ -106,9 +116,21 @@ class PolicyOptions:
             return None
         return make_policy(self.policy, self.budget, self.recent, self.residual, self.decay, self.queries)
 
-    def check(self) -> None:
-        """Refuse bad options before anything is loaded."""
-        self.make()
+    def check(self, context: int | None = None) -> None:
+        """Refuse bad options before anything is loaded; `context`: the most tokens a sequence will hold, which a
+        budget of tokens must stay below (else the policy evicts nothing)."""
+        if self.make() is not None and context is not None:
+            check_budget(self.budget, context)
+
+
+DEFAULT_BUDGET = 0.05
+
+
+def check_budget(budget: float, context: int) -> None:
+    """Refuse a token-count budget that is not below the context: the policy would keep every token."""
+    if budget >= 1 and budget >= context:
+        raise KvconvertError(f"--kv-budget {budget:g} tokens is not below the context ({context:,} tokens): nothing "
+                             f"would be evicted; give fewer tokens or a share of the context (< 1)")
 
 
 # ----------------------------------------------------------------------------------------------- distillation

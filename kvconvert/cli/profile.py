@@ -20,7 +20,7 @@ def profile_memory(
     budget_gib: Annotated[float, typer.Option(help="Memory for weights + KV cache, GiB.")] = 16.0,
     weight_bytes: Annotated[int, typer.Option(help="Bytes per weight (2 = bf16 serving).")] = 2,
     kv_policy: KvPolicy = None,
-    kv_budget: KvBudget = 0.05,
+    kv_budget: KvBudget = None,
     measure: Annotated[Optional[bool], typer.Option("--measure/--no-measure", help="Also allocate the real caches at --context × --batch and run a decode step (default: on CUDA only).", show_default=False)] = None,
     source: Annotated[Optional[str], typer.Option(help="With --measure on a converted MODEL: its source, measured through transformers beside it.")] = None,
     device: RuntimeDevice = "auto",
@@ -34,16 +34,18 @@ def profile_memory(
 
     if context < 1 or batch < 1 or budget_gib <= 0 or weight_bytes < 1:
         raise KvconvertError("--context, --batch, --budget-gib and --weight-bytes must be positive")
+    kv = PolicyOptions(kv_policy, kv_budget)
+    kv.check(context)
     cfg, kind = config_of(model_path)
     result = {"model": model_path, "kind": kind} | memory_profile(cfg, context, batch, budget_gib, weight_bytes)
     if kv_policy not in (None, "full"):
         try:
-            slots = min(PolicyOptions(kv_policy, kv_budget).make().slots(context), context)
+            slots = kv.make().slots(context)
         except ValueError as e:
             raise KvconvertError(str(e)) from None
         per_token = result["kv_bytes_per_token"]["total"]
         result["kv_policy"] = {
-            "policy": kv_policy, "budget": kv_budget, "slots_per_sequence": slots,
+            "policy": kv_policy, "budget": kv.budget, "slots_per_sequence": slots,
             "kv_bytes_total": per_token * slots * batch,
             "ratio_to_source_full_cache": per_token * slots / (result["source_kv_bytes_per_token"] * context),
         }

@@ -121,9 +121,18 @@ def long_tables(r: dict, reference: str | None) -> list[Table]:
         c = r["chat"]
         k = key_value_table(f"chat agreement with the reference ({c['prompts']} prompts, greedy)")
         k.add_row("top-1 along the reference's answers", f"{_share(c['top1_agreement'])} of {c['answer_tokens']:,} tokens")
+        bins = [f"{_margin_bin(b)}: {_share(b['top1_agreement'])} of {b['tokens']:,}" for b in c.get("by_reference_margin", [])]
+        if bins:
+            k.add_row("top-1 by the reference's top-2 margin (nats)", " · ".join(bins))
         k.add_row("same first sentence", f"{c['first_sentence_match']:.0%}")
         tables.append(k)
     return tables
+
+
+def _margin_bin(b: dict) -> str:
+    if b["margin_to"] is None:
+        return f"≥ {b['margin_from']:g}"
+    return f"< {b['margin_to']:g}" if b["margin_from"] == 0 else f"{b['margin_from']:g}–{b['margin_to']:g}"
 
 
 def chat_stats_table(rt, last) -> Table:

@@ -9,6 +9,9 @@ from .streaming import StreamingLLM
 from .zsmerge import ZSMerge
 
 POLICIES = {"zsmerge": ZSMerge, "h2o": H2O, "streaming": StreamingLLM}
+# the options each policy takes beside its budget: merge slots are ZSMerge's; StreamingLLM scores nothing and keeps
+# sinks and a recent window only
+KNOBS = {"zsmerge": ("recent", "residual", "decay", "queries"), "h2o": ("recent", "decay", "queries"), "streaming": ()}
 
 __all__ = ["POLICIES", "TokenBudgetPolicy", "make_policy"]
 
@@ -23,6 +26,11 @@ def make_policy(name: str, budget: float, recent: float | None = None, residual:
         raise KvconvertError(f"--kv-policy must be one of full, {', '.join(POLICIES)}; got {name!r}")
     if not budget > 0:
         raise KvconvertError(f"--kv-budget must be a share of the context in (0, 1) or a token count >= 1, got {budget}")
+    given = {"recent": recent, "residual": residual, "decay": decay, "queries": queries}
+    foreign = [k for k, v in given.items() if v is not None and k not in KNOBS[name]]
+    if foreign:
+        takes = ", ".join(f"--kv-{k}" for k in KNOBS[name]) or "no option but --kv-budget"
+        raise KvconvertError(f"--kv-policy {name} does not take --kv-{foreign[0]} (it takes {takes})")
     knobs = {k: v for k, v in (("recent", recent), ("residual", residual), ("decay", decay)) if v is not None}
     for k, v in knobs.items():
         if not (0 < v <= 1 if k != "residual" else 0 <= v < 1):
