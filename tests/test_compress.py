@@ -516,8 +516,11 @@ def test_the_recall_judge_stops_scoring_a_plan_that_cannot_win(monkeypatch):
     full, exact = probe.kl_bound(model, ref)
     assert exact and full == probe.kl(model, ref) and len(calls) == 2 * 3
     calls.clear()
-    bound, exact = probe.kl_bound(model, ref, stop_at=0.0)  # the first row already reaches it
+    bound, exact = probe.kl_bound(model, ref, stop_at=1e-9)  # the first row already reaches it
     assert not exact and len(calls) == 1 and 0 < bound < full
+    calls.clear()
+    assert probe.kl_bound(model, ref, stop_at=0.0) == (0.0, False) and not calls  # already reached: no row scored
+    assert probe.kl_bound(model, ref, stop_at=full) == (full, True)  # reached only by the last row: every row scored
 
     stopped = choose_plan(comp, 0.12, Overrides(), tokens[-2:], probe=probe)
     scored = RecallProbe.kl_bound

@@ -504,15 +504,15 @@ class RecallProbe:
 
     @torch.no_grad()
     def kl_bound(self, model, source_logp: list[torch.Tensor], stop_at: float = math.inf) -> tuple[float, bool]:
-        """(KL, exact): `kl`, scoring the rows in turn and stopping once their KL alone puts the mean at `stop_at` or
-        above (every row's KL is ≥ 0); then (that lower bound, False). A row costs a forward of the probe's length: the
-        planner stops where a plan can no longer win."""
+        """(KL, exact): `kl`, scoring the rows in turn and stopping once the rows scored put the mean at `stop_at` or
+        above (every row's KL is ≥ 0), before another row; then (that lower bound, False), with no row scored where
+        stop_at ≤ 0. A row costs a forward of the probe's length: the planner stops where a plan can no longer win."""
         total = 0.0
         for i, ref in enumerate(source_logp):
+            if total / len(source_logp) >= stop_at:
+                return total / len(source_logp), False
             lp = self.row_logp(model, i)
             total += (ref.exp() * (ref - lp)).sum(-1).mean().item()
-            if total / len(source_logp) >= stop_at and i + 1 < len(source_logp):
-                return total / len(source_logp), False
         return total / len(source_logp), True
 
 
