@@ -129,7 +129,6 @@ def main() -> None:
         if row in table:
             what, p = table[row]
         elif row.startswith("folder:"):  # a converted model, e.g. the default conversion (its own calibration)
-            from kvconvert.convert.plan import Plan
             from kvconvert.loading import load_clla
 
             folder = row.split(":", 1)[1]
