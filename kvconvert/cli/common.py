@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..distill.train import Interrupted
 from ..errors import KvconvertError
+from .options import check_budget
 
 out = Console()  # results
 err = Console(stderr=True)  # logs, progress and errors
@@ -161,8 +162,6 @@ def open_runtime(model_path: str, device: str, dtype: str, batch: int, context: 
     if capacity < 2:
         raise KvconvertError("--context must be at least 2")
     if policy is not None:
-        from .options import check_budget
-
         check_budget(policy.budget, capacity)
     # cpu_layout: the model was loaded here, so re-laying out its weights for one-row products changes nobody's copy
     rt = LatentRuntime.for_context(loaded.model, batch, capacity, policy, prefill_chunk=PREFILL_CHUNK_TOKENS,

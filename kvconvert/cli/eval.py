@@ -76,8 +76,8 @@ def eval_cmd(
     if factory is not None:
         # the longest sequence this run gives the policy, where it is known before loading (--long's default
         # lengths follow the model's positions)
-        unknown = long and asked_lengths is None
-        kv.check(None if unknown else max([window] * (raw is not None) + passkey_lengths + (asked_lengths or []), default=None))
+        known = ([window] if raw is not None else []) + passkey_lengths + (asked_lengths or [])
+        kv.check(None if long and asked_lengths is None else max(known, default=None))
         if reference is not None and not long:
             raise KvconvertError("--reference is combined with --kv-policy only for --long (compare two eval runs instead)")
     set_threads(threads)

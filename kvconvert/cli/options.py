@@ -80,7 +80,8 @@ RuntimeThreads = Annotated[Optional[int], typer.Option(help="CPU threads (defaul
 
 # ----------------------------------------------------------------------------------------------- cache policy
 KvPolicy = Annotated[Optional[str], typer.Option("--kv-policy", help="Token-budget cache policy: zsmerge (heavy hitters + recent + merged residual slots), h2o, streaming (sinks + recent), or full (the runtime without a policy).", rich_help_panel=POLICY)]
-KvBudget = Annotated[Optional[float], typer.Option("--kv-budget", help="Tokens each layer group keeps per sequence: a share of the context (< 1) or a count (>= 1, below the context); 0.05 when a policy is given without it.", rich_help_panel=POLICY, show_default=False)]
+DEFAULT_BUDGET = 0.05  # --kv-budget under a policy, when not given
+KvBudget = Annotated[Optional[float], typer.Option("--kv-budget", help=f"Tokens each layer group keeps per sequence: a share of the context (< 1) or a count (>= 1, below the context); {DEFAULT_BUDGET:g} when a policy is given without it.", rich_help_panel=POLICY, show_default=False)]
 KvRecent = Annotated[Optional[float], typer.Option("--kv-recent", help="Share of the budget kept as the most recent tokens (default: the policy's; zsmerge/h2o 0.5).", rich_help_panel=POLICY, show_default=False)]
 KvResidual = Annotated[Optional[float], typer.Option("--kv-residual", help="zsmerge: share of the non-recent budget kept as merge slots (default 0.02, at least one slot).", rich_help_panel=POLICY, show_default=False)]
 KvDecay = Annotated[Optional[float], typer.Option("--kv-decay", help="Per-step decay of accumulated attention (default: zsmerge 0.98, h2o 1).", rich_help_panel=POLICY, show_default=False)]
@@ -121,9 +122,6 @@ class PolicyOptions:
         budget of tokens must stay below (else the policy evicts nothing)."""
         if self.make() is not None and context is not None:
             check_budget(self.budget, context)
-
-
-DEFAULT_BUDGET = 0.05
 
 
 def check_budget(budget: float, context: int) -> None:
