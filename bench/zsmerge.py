@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--windows", type=int, default=None, help="perplexity windows (0: passkey only)")
     ap.add_argument("--budgets", default=None)
     ap.add_argument("--policies", default="zsmerge,h2o,streaming",
-                    help="comma-separated; a policy may carry knobs, e.g. zsmerge:residual=0 (recent, residual, decay, queries)")
+                    help="comma-separated; a policy may carry knobs, e.g. zsmerge:residual=0 (recent, residual, decay, queries, score)")
     ap.add_argument("--passkey", default=None, help="lengths, e.g. 2048,4096 ('none': perplexity only)")
     ap.add_argument("--passkey-trials", type=int, default=None)
     ap.add_argument("--prompt-chunk", type=int, default=None,
@@ -65,16 +65,17 @@ def measure_row(model_name: str, loaded, tok, policy: str, budget: float, window
                 args: argparse.Namespace) -> dict:
     """One row: perplexity of `windows` (None: passkey only) and passkey accuracy of a model under `policy` (a name
     with optional :knob=value parts, or "full") at `budget`."""
-    from kvconvert.evaluate import passkey_accuracy, runtime_generator, score_windows_with_policy
+    from kvconvert.evaluate import passkey_accuracy, repeat_ids, runtime_generator, score_windows_with_policy
     from kvconvert.runtime.policies import make_policy
 
     name_, *knobs = policy.split(":")
-    kw = {k: float(v) for k, v in (x.split("=", 1) for x in knobs)}
+    kw = {k: v if k == "score" else float(v) for k, v in (x.split("=", 1) for x in knobs)}
     factory = (lambda p=name_, b=budget, kw=kw: make_policy(p, b, **kw)) if policy != "full" else (lambda: None)
+    repeat = repeat_ids(tok)
     t0 = time.perf_counter()
     ppl = score_windows_with_policy(loaded.model, windows, factory, args.score_last, prompt_chunk=args.prompt_chunk,
-                                    prompt_only=args.prompt_only) if windows is not None else {}
-    gen = runtime_generator(loaded.model, factory, prompt_chunk=args.prompt_chunk)
+                                    prompt_only=args.prompt_only, repeat=repeat) if windows is not None else {}
+    gen = runtime_generator(loaded.model, factory, prompt_chunk=args.prompt_chunk, repeat=repeat)
     keys = passkey_accuracy(loaded.model, tok, lengths, trials, generate=gen)
     return {
         "model": model_name, "policy": policy, "budget": budget,

@@ -131,14 +131,14 @@ def passkey_prompt(tokenizer, length: int, key: int, depth: float) -> list[int]:
 @torch.no_grad()
 def score_windows_with_policy(
     model, windows: torch.Tensor, policy_factory, score_last: int, chunk: int = 256, prompt_chunk: int | None = None,
-    progress: Progress | None = None, prompt_only: bool = False,
+    progress: Progress | None = None, prompt_only: bool = False, repeat: list[int] | None = None,
 ) -> dict:
     """Perplexity of the last `score_last` tokens of each (N, W) window, run through the latent-cache runtime with
     a cache policy (`policy_factory()` -> a fresh policy, or None for the full cache): the first W - score_last
     tokens are the prompt, prefilled and compressed to the budget once (as ZSMerge and kvpress do) or after every
     `prompt_chunk` tokens; the scored tokens then go through in chunks of `chunk`, compressed back to the budget
     after each, or with `prompt_only` (kvpress's protocol) added to the compressed prompt uncompressed. Budget
-    shares are of the window length W."""
+    shares are of the window length W. repeat: `repeat_ids`, for policies scored by reconstruction."""
     from .runtime import LatentRuntime
 
     N, W = windows.shape
@@ -150,10 +150,10 @@ def score_windows_with_policy(
         policy = policy_factory()
         ctx = W - score_last
         first = min(prompt_chunk or ctx, ctx)
-        rt = LatentRuntime.for_context(model, 1, W, policy, prefill_chunk=max(first, W - ctx if prompt_only else chunk),
-                                       cuda_graphs=False)
+        room = max(prompt_room(policy, first, repeat), W - ctx if prompt_only else chunk)
+        rt = LatentRuntime.for_context(model, 1, W, policy, prefill_chunk=room, cuda_graphs=False)
         ids = windows[n : n + 1].to(device)
-        logits = [rt.prefill_chunked(ids[:, :ctx], [ctx], chunk=first if policy is not None else None)[:, None]]
+        logits = [compress_prompt(rt, ids[0, :ctx].tolist(), repeat, first if policy is not None else None)[:, None]]
         if prompt_only and policy is not None:
             policy.hold()
         for lo in range(ctx, W - 1, chunk):
@@ -171,17 +171,58 @@ def score_windows_with_policy(
             "nll": nll_sum / count, "perplexity": math.exp(nll_sum / count), "window_nll": per_window}
 
 
-def runtime_generator(model, policy_factory, max_new_tokens: int = 8, prompt_chunk: int | None = None):
-    """A greedy `generate(ids, max_new=max_new_tokens) -> new ids` through the latent-cache runtime with a cache
-    policy: the prompt is compressed to the budget once after its prefill, or after every `prompt_chunk` tokens."""
+REPEAT_PROMPT = "\n\nNow write the text above out again, word for word:\n"  # the reading `--kv-score reconstruct` scores by
+
+
+def repeat_ids(tokenizer) -> list[int]:
+    """REPEAT_PROMPT as token ids (no special tokens)."""
+    return tokenizer(REPEAT_PROMPT, add_special_tokens=False).input_ids
+
+
+def compress_prompt(rt, ids: list[int], repeat: list[int] | None, chunk: int | None = None) -> torch.Tensor:
+    """Prefill a fresh batch-1 runtime with `ids` and compress them to its policy's budget: scored by reconstruction
+    (`repeat`: the instruction read before each chunk, `repeat_ids`) where the policy says so, else by its
+    attention, once at the end or after every `chunk` tokens. Returns the logits (1, vocab) at the last token."""
+    if rt.policy is not None and rt.policy.scoring == "reconstruct":
+        if repeat is None:
+            raise ValueError("reconstruction scores need the repeat instruction's ids")
+        return rt.prefill_reconstructed(ids, repeat)
+    return rt.prefill_chunked(torch.tensor([ids], device=rt.device), [len(ids)], chunk=chunk)
+
+
+def prompt_room(policy, n: int, repeat: list[int] | None) -> int:
+    """Cache slots past a policy's budget that compressing an n-token prompt at once needs."""
+    from .runtime.policies.base import RECONSTRUCT_CHUNK
+
+    if policy is not None and policy.scoring == "reconstruct":
+        return n + len(repeat or []) + RECONSTRUCT_CHUNK
+    return n
+
+
+def runtime_generator(model, policy_factory, max_new_tokens: int = 8, prompt_chunk: int | None = None,
+                      repeat: list[int] | None = None, query_aware: bool = False):
+    """A greedy `generate(ids, max_new=max_new_tokens, context=None) -> new ids` through the latent-cache runtime
+    with a cache policy. Without `context` the whole prompt is compressed to the budget once after its prefill, or
+    after every `prompt_chunk` tokens (the question, if it closes the prompt, takes part in choosing what is kept).
+    With `context` (query-agnostic, kvpress's protocol) only the prompt's first `context` tokens are compressed; the
+    rest (the question) and the reply are added to the compressed cache uncompressed; `query_aware` ignores
+    `context`. repeat: `repeat_ids`, for policies scored by reconstruction."""
     from .runtime import LatentRuntime, SamplingOptions
 
-    def generate(ids: list[int], max_new: int = max_new_tokens) -> list[int]:
+    def generate(ids: list[int], max_new: int = max_new_tokens, context: int | None = None) -> list[int]:
         policy = policy_factory()
-        context = len(ids) + max_new
-        rt = LatentRuntime.for_context(model, 1, context, policy, prefill_chunk=min(prompt_chunk or len(ids), len(ids)),
-                                       cuda_graphs=False)
-        return rt.generate([ids], SamplingOptions(max_new_tokens=max_new))[0][0]
+        if policy is None or query_aware or not context or context >= len(ids):
+            context = len(ids) - 1 if policy is not None and policy.scoring == "reconstruct" else len(ids)
+        room = max(prompt_room(policy, context, repeat), len(ids) - context + max_new)
+        rt = LatentRuntime.for_context(model, 1, len(ids) + max_new, policy, prefill_chunk=room, cuda_graphs=False)
+        opts = SamplingOptions(max_new_tokens=max_new)
+        if context == len(ids):
+            rt.prefill_chunk = min(prompt_chunk or len(ids), len(ids))
+            return rt.generate([ids], opts)[0][0]
+        compress_prompt(rt, ids[:context], repeat, prompt_chunk)
+        if policy is not None:
+            policy.hold()
+        return rt.generate([ids[context:]], opts)[0][0]
 
     return generate
 
@@ -193,6 +234,13 @@ def passkey_trials(tokenizer, lengths: list[int], trials: int, seed: int = 0) ->
         for t in range(trials):
             key = rng.randint(10000, 99999)
             yield length, key, passkey_prompt(tokenizer, length, key, (t + 0.5) / trials)
+
+
+def passkey_context(tokenizer, ids: list[int]) -> int:
+    """How many of a passkey prompt's ids come before its question (one fewer where the question's first token
+    merged with the text's last)."""
+    question = tokenizer(PASSKEY_QUESTION, add_special_tokens=False).input_ids
+    return len(ids) - len(question) - (ids[-len(question):] != question)
 
 
 def passkey_found(answer: str, key: int) -> bool:
@@ -207,7 +255,8 @@ def passkey_accuracy(
     generate=None,
 ) -> list[dict]:
     """Greedy-decode the answer to each prompt; a trial passes when the first number generated is the key.
-    `generate(ids) -> new ids` replaces the model's own generate (e.g. `runtime_generator` with a cache policy).
+    `generate(ids, context=n) -> new ids` replaces the model's own generate (e.g. `runtime_generator` with a cache
+    policy; n: the prompt's ids before its question).
     Each length's `passed` lists its trials' outcomes in order: the trials depend only on the seed, so two models or
     policies can be compared trial by trial."""
     device = next(model.parameters()).device
@@ -218,7 +267,7 @@ def passkey_accuracy(
         row = (done - 1) // trials  # trials come length by length
         n_tokens[row] = len(ids)
         if generate is not None:
-            new = generate(ids)
+            new = generate(ids, context=passkey_context(tokenizer, ids))
         else:
             inp = torch.tensor([ids], device=device)
             out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=8, do_sample=False, pad_token_id=pad)

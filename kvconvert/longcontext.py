@@ -172,6 +172,16 @@ def prompt_ids(tokenizer, trial: Trial) -> list[int]:
     return tokenizer(trial.prompt, add_special_tokens=False).input_ids
 
 
+def context_tokens(tokenizer, trial: Trial, ids: list[int]) -> int:
+    """How many of the prompt's ids are its context's alone (a token at the join with the question that
+    tokenizes differently in the whole prompt belongs to the question)."""
+    context = tokenizer(trial.context, add_special_tokens=False).input_ids
+    n = 0
+    while n < min(len(context), len(ids)) and context[n] == ids[n]:
+        n += 1
+    return n
+
+
 def answer_tokens(tokenizer, trial: Trial) -> int:
     """New tokens a reply gets: the answers written out, and a few more for the words around them."""
     return len(tokenizer(", ".join(trial.answers), add_special_tokens=False).input_ids) + 8
@@ -184,8 +194,9 @@ def run_suite(model, tokenizer, tasks: list[str], lengths: list[int], trials: in
     `passed`, the trials' outcomes in order, and `recall`, the mean share of a trial's answers found (partial
     credit, as RULER scores its multi-answer tasks). A trial depends only on (task, length, seed + i) and the tokenizer, so
     two models with one tokenizer answer the same prompts and compare trial by trial (`compare_suites`).
-    generate(ids, max_new_tokens) -> new ids replaces the model's own greedy generate (e.g. the runtime under a
-    cache policy)."""
+    generate(ids, max_new_tokens, context) -> new ids replaces the model's own greedy generate (e.g. the runtime
+    under a cache policy, `evaluate.runtime_generator`); context: how many of the ids are the haystack, before the
+    question."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, done, total = [], 0, len(tasks) * len(lengths) * trials
@@ -197,7 +208,7 @@ def run_suite(model, tokenizer, tasks: list[str], lengths: list[int], trials: in
                 ids, n_new = prompt_ids(tokenizer, trial), answer_tokens(tokenizer, trial)
                 used = max(used, len(ids))
                 if generate is not None:
-                    new = generate(ids, n_new)
+                    new = generate(ids, n_new, context_tokens(tokenizer, trial, ids))
                 else:
                     inp = torch.tensor([ids], device=device)
                     out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n_new,
@@ -258,17 +269,18 @@ def prompt_length(length: int, positions: int) -> int:
 
 @torch.no_grad()
 def long_perplexity(model, tokenizer, text: str, length: int, max_tokens: int, reference=None, policy_factory=None,
-                    progress=None) -> dict:
+                    progress=None, repeat: list[int] | None = None) -> dict:
     """Long-window perplexity: the text's first max(max_tokens, length) tokens in windows of `length`, each scored
     on its last quarter (the tokens with the most context behind them); with `reference`, its perplexity on the
     same tokens, the ratio, top-1 agreement and KL(reference || model) there. policy_factory: run the model in the
-    runtime under that cache policy (the first three quarters are the prompt it compresses)."""
+    runtime under that cache policy (the first three quarters are the prompt it compresses; repeat: see
+    evaluate.repeat_ids)."""
     from .evaluate import score_windows, score_windows_with_policy, text_windows
 
     windows = text_windows(tokenizer, text, length, max(max_tokens, length))
     last = length // 4
     if policy_factory is not None:
-        out = score_windows_with_policy(model, windows, policy_factory, last, progress=progress)
+        out = score_windows_with_policy(model, windows, policy_factory, last, progress=progress, repeat=repeat)
         out.pop("window_nll")
         if reference is not None:
             out["reference_perplexity"] = score_windows(reference, windows, batch_size=1, score_last=last)["perplexity"]

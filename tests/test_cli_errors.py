@@ -215,6 +215,8 @@ def test_smollm2_alias_without_the_package(tmp_path, monkeypatch):
     (("--kv-policy", "zsmerge", "--kv-budget", "512"), ("--kv-budget 512 tokens", "not below the context (512 tokens)")),
     (("--kv-policy", "zsmerge", "--kv-budget", "0"), ("--kv-budget",)),
     (("--kv-policy", "lru"), ("--kv-policy",)),
+    (("--kv-policy", "streaming", "--kv-score", "reconstruct"), ("streaming does not take --kv-score",)),
+    (("--kv-policy", "h2o", "--kv-score", "keynorm"), ("--kv-score must be one of attention, reconstruct",)),
 ])
 def test_cache_policy_options_that_would_do_nothing_or_another_policys_job_are_refused(tiny_src, args, needles):
     """A policy option without a policy (or with full), an option of another policy, a budget of tokens that evicts
@@ -224,5 +226,15 @@ def test_cache_policy_options_that_would_do_nothing_or_another_policys_job_are_r
     text = tiny_src.parent / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
     assert_one_line_error(run("eval", tiny_src, "--text", text, "--window", "512", *args), *needles)
-    if not any(a in args for a in ("--kv-recent", "--kv-residual", "--kv-decay", "--kv-queries")):
+    if not any(a in args for a in ("--kv-recent", "--kv-residual", "--kv-decay", "--kv-queries", "--kv-score")):
         assert_one_line_error(run("profile", "memory", tiny_src, "--context", "512", *args), *needles)
+
+
+def test_reconstruction_scores_and_query_aware_prompts_are_eval_options(tiny_src):
+    """--kv-score reconstruct scores a prompt compressed at once, which chat never has; --query-aware chooses where
+    the suite's question goes, so it needs --long and a policy."""
+    assert_one_line_error(run("chat", tiny_src, "--prompt", "hi", "--kv-policy", "zsmerge", "--kv-score", "reconstruct"),
+                          "--kv-score reconstruct scores a prompt compressed at once")
+    assert_one_line_error(run("eval", tiny_src, "--long", "--query-aware"), "--query-aware applies to --long under")
+    assert_one_line_error(run("eval", tiny_src, "--passkey", "256", "--kv-policy", "h2o", "--query-aware"),
+                          "--query-aware applies to --long under")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from kvconvert.cli import app
-from kvconvert.evaluate import passkey_accuracy, passkey_prompt, score_windows, text_windows
+from kvconvert.evaluate import PASSKEY_QUESTION, passkey_accuracy, passkey_prompt, score_windows, text_windows
 
 from conftest import VOCAB, save_source, tiny_source
 
@@ -83,7 +83,8 @@ def test_passkey_scoring(tokenizer):
     # the outcomes are kept trial by trial, in order (an oracle right on every other call)
     calls = iter(range(100))
     oracles = [Oracle(tokenizer, False), Oracle(tokenizer, True)]
-    def generate(ids):
+    def generate(ids, context):
+        assert tokenizer.decode(ids[context:]) == PASSKEY_QUESTION  # the question alone follows the context
         return oracles[next(calls) % 2].generate(torch.tensor([ids]))[0, len(ids) :]
 
     mixed = passkey_accuracy(oracles[0], tokenizer, [500], trials=5, generate=generate)

@@ -5,7 +5,8 @@ import re
 import pytest
 
 from kvconvert.errors import KvconvertError
-from kvconvert.longcontext import TASKS, compare_suites, make_trial, passed, run_suite, text_sentences
+from kvconvert.longcontext import (TASKS, compare_suites, context_tokens, make_trial, passed, prompt_ids, run_suite,
+                                   text_sentences)
 
 from conftest import byte_tokenizer
 
@@ -89,7 +90,7 @@ def test_bad_requests_are_refused_in_one_line():
         make_trial("variables", TOK, 100, seed=0)
 
 
-def oracle(ids, max_new_tokens):
+def oracle(ids, max_new_tokens, context=None):
     """A reader that always finds the asked code in the prompt: the suite's plumbing without a model."""
     text = TOK.decode(ids)
     key = re.findall(r"secret codes? of (\w+) in the text above", text)[-1]
@@ -111,3 +112,16 @@ def test_the_suite_pairs_a_model_with_its_reference_trial_by_trial():
     assert all(r["of_reference"] == 0.0 and r["losses"] == 4 and r["p"] == 0.125 for r in against)
     with pytest.raises(KvconvertError, match="no matching trials"):
         compare_suites(tiny, perfect[:1])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_context_split_leaves_the_whole_question_after_it(task):
+    """context_tokens: the prompt's first n ids are its haystack's own tokens, at most one token short of them (a
+    token across the join belongs to the question), and what follows holds the question whole."""
+    for seed in range(4):
+        trial = make_trial(task, TOK, 600, seed)
+        ids = prompt_ids(TOK, trial)
+        n = context_tokens(TOK, trial, ids)
+        alone = TOK(trial.context, add_special_tokens=False).input_ids
+        assert ids[:n] == alone[:n] and len(alone) - 1 <= n <= len(alone)
+        assert TOK.decode(ids[n:]).strip().endswith(trial.question)

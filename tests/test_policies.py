@@ -9,6 +9,7 @@ from kvconvert.cache_layout import Stream
 from kvconvert.kernels.reference import latent_decode_ref
 from kvconvert.runtime import LatentRuntime, SamplingOptions
 from kvconvert.runtime.policies import POLICIES, make_policy
+from kvconvert.runtime.policies.base import RECONSTRUCT_POOL as POOL
 
 from grids import grid
 from test_runtime import FROM_LATENT, prompt, tiny_clla
@@ -381,3 +382,81 @@ def test_for_context_sizes_the_cache_for_the_budget_and_one_prefill_chunk():
     assert steps == [16, 16, 16, 2] and rt.lengths == [20] and rt.seen == [50]
     with pytest.raises(KvconvertError, match="too small"):
         LatentRuntime.for_context(model, 1, 20, make_policy("zsmerge", 0.1))
+
+
+def _identity_llama():
+    from kvconvert.convert.identity import build_identity
+
+    from conftest import tiny_source
+
+    src = tiny_source("llama", seed=3, attn_implementation="eager")
+    return src, build_identity(src, "llama", "tiny")
+
+
+def test_reconstruction_scores_are_the_strongest_attention_of_the_reading():
+    """score_by_reconstruction: each prompt slot's score is the most attention any query of a reading (the repeat
+    instruction, then a chunk of the prompt again, placed after the prompt) gives it, in any head and layer of its
+    group, over all the chunks: checked against the source's own eager attention weights."""
+    src, clla = _identity_llama()
+    ids, repeat, chunk = prompt(40, seed=7), prompt(5, seed=8), 16
+    policy = make_policy("h2o", 10, score="reconstruct")
+    rt = LatentRuntime(clla, 1, 10 + 40 + 5 + chunk, policy=policy, context=48)
+    rt.score_by_reconstruction(ids, repeat, chunk)
+    expected = torch.zeros(clla.config.num_layer_groups, 40)
+    for lo in range(0, 40, chunk):
+        part = repeat + ids[lo : lo + chunk]
+        att = src(torch.tensor([ids + part]), output_attentions=True).attentions
+        for i, a in enumerate(att):  # (1, heads, T, T): the reading's queries, the prompt's keys
+            g = clla.config.group_of_layer()[i]
+            expected[g] = torch.maximum(expected[g], a[0, :, 40:, :40].amax((0, 1)))
+    got = torch.stack([st.score[0, :40] for st in policy.states])
+    pooled = torch.stack([expected[:, max(0, t - POOL // 2) : t + POOL // 2 + 1].amax(1) for t in range(40)], 1)
+    torch.testing.assert_close(got, pooled.mean(0).expand_as(got), atol=2e-5, rtol=1e-4)
+    assert clla.config.num_layer_groups > 1 and not torch.equal(pooled[0], pooled[1])  # the mean is not one group's
+
+
+def test_a_reconstruction_reading_leaves_the_cache_as_a_plain_prefill():
+    """The readings are dropped: slots, token counts and positions are a plain prefill's, bit for bit; compressing
+    then brings the row to its budget, and decoding goes on from the prompt's end."""
+    _, clla = _identity_llama()
+    ids, repeat = prompt(40, seed=9), prompt(5, seed=10)
+    plain = LatentRuntime(clla, 1, 64, policy=make_policy("zsmerge", 12), context=64)
+    plain.policy.hold()
+    want = plain.prefill(torch.tensor([ids]), [40])
+    rt = LatentRuntime(clla, 1, 12 + 40 + 5 + 16, policy=make_policy("zsmerge", 12, score="reconstruct"), context=64)
+    got = rt.score_by_reconstruction(ids, repeat, chunk=16)
+    assert torch.equal(got, want)
+    assert rt.lengths == rt.seen == [40] and int(rt.positions[0]) == int(rt.cache.seq_lens[0]) == 40
+    for g in range(clla.config.num_layer_groups):
+        for a, b in zip(rt.cache.group_streams(g), plain.cache.group_streams(g)):
+            assert torch.equal(a.data[:, :40], b.data[:, :40])
+    assert not rt.policy.held and not rt.policy.collecting
+    rt.compress()
+    assert rt.lengths == [12]
+    rt.decode(torch.tensor([3]))
+    assert rt.seen == [41] and int(rt.positions[0]) == 41
+
+
+@pytest.mark.parametrize("score", ["attention", "reconstruct"])
+def test_query_agnostic_generation_compresses_the_context_before_the_question(score):
+    """runtime_generator with `context`: the haystack alone is compressed to the budget; the question and the reply
+    are added after it uncompressed (kvpress's protocol). A budget above the haystack gives the full cache's reply."""
+    from kvconvert.evaluate import runtime_generator
+
+    _, clla = _identity_llama()
+    ids, question, n = prompt(48, seed=11), prompt(6, seed=12), 8
+    made = []
+
+    def factory(budget):
+        made.append(make_policy("h2o", budget, score=score))
+        return made[-1]
+
+    full = runtime_generator(clla, lambda: None)(ids + question, n)
+    roomy = runtime_generator(clla, lambda: factory(60), repeat=[1, 2])(ids + question, n, context=48)
+    assert roomy == full
+    runtime_generator(clla, lambda: factory(16), repeat=[1, 2])(ids + question, n, context=48)
+    st = made[-1].states[0]
+    kept = st.pos[0, : 16 + 6 + n - 1].tolist()
+    assert made[-1].held
+    assert sum(p < 48 for p in kept) == 16  # the haystack at its budget
+    assert kept[16:] == list(range(48, 48 + 6 + n - 1))  # the question and the reply, every token

@@ -44,6 +44,9 @@ def chat(
     opts = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed)
     opts.check()
     policy = kv.make()
+    if policy is not None and policy.scoring == "reconstruct":
+        raise KvconvertError("--kv-score reconstruct scores a prompt compressed at once (eval); chat compresses as "
+                             "the conversation grows, by attention")
     set_threads(threads)
     loaded, rt = open_runtime(model_path, device, dtype, 1, context, cuda_graphs, policy)
     opts.stop_token_ids = stop_tokens(loaded.generation_config, loaded.tokenizer)

@@ -41,6 +41,7 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
     kv: PolicyOptions = PolicyOptions(),
     score_last: Annotated[int, typer.Option(help="With --kv-policy: tokens scored at the end of each window (the rest is the context the policy compresses).", rich_help_panel=POLICY)] = 1024,
+    query_aware: Annotated[bool, typer.Option("--query-aware", help="With --kv-policy and --long: compress each prompt with its question, which then takes part in choosing what is kept (default: compress the haystack, then ask, as a question that comes later would be).", rich_help_panel=POLICY)] = False,
     threads: Threads = None,
     as_json: AsJson = False,
 ):
@@ -48,7 +49,8 @@ def eval_cmd(
     --reference, passkey retrieval and, with --long, the long-context suite (docs/design.md: "Long-context suite").
     With --kv-policy, the model runs in the latent-cache runtime under that cache policy (full = no policy) and
     perplexity scores the last --score-last tokens of each window; --reference then runs with its full cache."""
-    from ..evaluate import passkey_accuracy, read_text, runtime_generator, score_windows, score_windows_with_policy, text_windows
+    from ..evaluate import (passkey_accuracy, read_text, repeat_ids, runtime_generator, score_windows,
+                            score_windows_with_policy, text_windows)
     from ..loading import load_any, load_for_runtime
     from ..longcontext import TASKS
     from ..runtime.chat import auto_device
@@ -80,6 +82,8 @@ def eval_cmd(
         kv.check(None if long and asked_lengths is None else max(known, default=None))
         if reference is not None and not long:
             raise KvconvertError("--reference is combined with --kv-policy only for --long (compare two eval runs instead)")
+    if query_aware and (factory is None or not long):
+        raise KvconvertError("--query-aware applies to --long under a --kv-policy")
     set_threads(threads)
     log(f"loading {model_path} ({dev})")
     loaded = load_for_runtime(model_path, device=dev) if factory is not None else load_any(model_path)
@@ -96,17 +100,19 @@ def eval_cmd(
     result: dict = {"model": model_path, "reference": reference, "device": dev}
     if factory is not None:
         result["kv_policy"] = dataclasses.asdict(kv)
+    repeat = repeat_ids(tok)  # what a policy scored by reconstruction reads before each chunk of a prompt
     if raw is not None:
         windows = text_windows(tok, raw, window, max_tokens)
         with progress_bar() as bar:
             task = bar.add_task("perplexity", total=windows.shape[0])
             report = lambda d, n: bar.update(task, completed=d)  # noqa: E731
             if factory is not None:
-                scores = score_windows_with_policy(loaded.model, windows, factory, score_last, progress=report)
+                scores = score_windows_with_policy(loaded.model, windows, factory, score_last, progress=report,
+                                                   repeat=repeat)
             else:
                 scores = score_windows(loaded.model, windows, ref, batch_size, report)
             result["text"] = {"file": str(text)} | scores
-    gen = runtime_generator(loaded.model, factory) if factory is not None else None
+    gen = runtime_generator(loaded.model, factory, repeat=repeat, query_aware=query_aware) if factory is not None else None
     if passkey_lengths:
         with progress_bar() as bar:
             task = bar.add_task("passkey", total=len(passkey_lengths) * passkey_trials)
@@ -122,7 +128,9 @@ def eval_cmd(
         if gen is None and loaded.is_clla:  # a converted model answers as it is served: through the runtime
             gen = runtime_generator(loaded.model, lambda: None)
         result["long"] = long_context(loaded.model, tok, ref, raw, suite_tasks, asked_lengths, n_trials, seed,
-                                      max_tokens, chat, factory, gen)
+                                      max_tokens, chat, factory, gen, repeat)
+        if factory is not None:
+            result["long"]["question"] = "in the compressed prompt" if query_aware else "after compression"
     if as_json:
         print_json(result)
         return
@@ -131,7 +139,7 @@ def eval_cmd(
 
 
 def long_context(model, tok, ref, raw: str | None, tasks: list[str], asked: list[int] | None, trials: int, seed: int,
-                 max_tokens: int, chat: int | None, factory, gen) -> dict:
+                 max_tokens: int, chat: int | None, factory, gen, repeat: list[int] | None = None) -> dict:
     """The suite on the model (and the reference, paired), long-window perplexity on the text, chat agreement."""
     from ..chat_fidelity import chat_agreement, has_chat_template
     from ..longcontext import compare_suites, long_perplexity, prompt_length, run_suite, suite_lengths, text_sentences
@@ -165,7 +173,7 @@ def long_context(model, tok, ref, raw: str | None, tasks: list[str], asked: list
             with progress_bar() as bar:
                 task = bar.add_task(f"long-window perplexity ({n:,})", total=None)
                 r = long_perplexity(model, tok, raw, n, max_tokens, ref, factory,
-                                    lambda d, t: bar.update(task, completed=d, total=t))
+                                    lambda d, t: bar.update(task, completed=d, total=t), repeat)
             result["perplexity"].append({"length": n} | r)
     if ref is not None and (chat is None or chat > 0):
         if factory is not None:

@@ -86,6 +86,7 @@ KvRecent = Annotated[Optional[float], typer.Option("--kv-recent", help="Share of
 KvResidual = Annotated[Optional[float], typer.Option("--kv-residual", help="zsmerge: share of the non-recent budget kept as merge slots (default 0.02, at least one slot).", rich_help_panel=POLICY, show_default=False)]
 KvDecay = Annotated[Optional[float], typer.Option("--kv-decay", help="Per-step decay of accumulated attention (default: zsmerge 0.98, h2o 1).", rich_help_panel=POLICY, show_default=False)]
 KvQueries = Annotated[Optional[int], typer.Option("--kv-queries", help="zsmerge/h2o: the prompt's last queries whose (decayed) attention scores the prompt (default 512). Few (e.g. 8): the prompt's closing words, such as a question, choose what is kept.", rich_help_panel=POLICY, show_default=False)]
+KvScore = Annotated[Optional[str], typer.Option("--kv-score", help="zsmerge/h2o, eval only: how a prompt compressed at once is scored: attention (default; its last queries' attention) or reconstruct (the attention each token gets while the model reads the prompt again; query-agnostic, costs about one more prefill).", rich_help_panel=POLICY, show_default=False)]
 
 
 @dataclass
@@ -99,10 +100,12 @@ class PolicyOptions:
     residual: KvResidual = None
     decay: KvDecay = None
     queries: KvQueries = None
+    score: KvScore = None
 
     def __post_init__(self):
         # the options without a policy (or with full, which keeps every token) would be ignored: refuse them
-        given = [f"--kv-{k}" for k in ("budget", "recent", "residual", "decay", "queries") if getattr(self, k) is not None]
+        given = [f"--kv-{k}" for k in ("budget", "recent", "residual", "decay", "queries", "score")
+                 if getattr(self, k) is not None]
         if given and self.policy in (None, "full"):
             what = "--kv-policy full keeps every token" if self.policy == "full" else "no --kv-policy was given"
             raise KvconvertError(f"{given[0]} applies to a token-budget policy (zsmerge, h2o, streaming), and {what}")
@@ -115,7 +118,7 @@ class PolicyOptions:
 
         if self.policy is None:
             return None
-        return make_policy(self.policy, self.budget, self.recent, self.residual, self.decay, self.queries)
+        return make_policy(self.policy, self.budget, self.recent, self.residual, self.decay, self.queries, self.score)
 
     def check(self, context: int | None = None) -> None:
         """Refuse bad options before anything is loaded; `context`: the most tokens a sequence will hold, which a

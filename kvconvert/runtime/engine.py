@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..config import RING_CHUNK, group_window
 from ..errors import KvconvertError
@@ -31,6 +32,7 @@ from .absorb import AbsorbedProjections
 from .cache import LatentCache
 from .graphs import DecodeGraph
 from .layout import gemv_layout_
+from .policies.base import RECONSTRUCT_CHUNK, RECONSTRUCT_POOL
 from .prompt import PromptMasks, absorbed_prompt_attention, prompt_attention_seen
 from .rope_keys import RopeFromLatent
 from .sampling import GenerationStats, SamplingOptions, sample
@@ -311,8 +313,9 @@ class LatentRuntime:
                                        None if key_scale is None else key_scale.transpose(1, 2))
             h = layer.attn_residual(h, attn)
             if scored:
-                attention_seen[g] += prompt_attention_seen(self.absorbed, policy, i, x, cos[g], sin[g], latent, rope_i,
-                                                           allowed, n_new, self.log_weights(g), key_scale)
+                seen = prompt_attention_seen(self.absorbed, policy, i, x, cos[g], sin[g], latent, rope_i, allowed, n_new,
+                                             self.log_weights(g), key_scale, strongest=policy.collecting)
+                attention_seen[g] = torch.maximum(attention_seen[g], seen) if policy.collecting else attention_seen[g] + seen
             h = layer.mlp_residual(h)
         lengths = torch.tensor(n_new, dtype=torch.int32, device=self.device)
         self.cache.seq_lens += lengths
@@ -342,6 +345,59 @@ class LatentRuntime:
         if counts != self.lengths:
             self.lengths = counts
             self.cache.seq_lens.copy_(torch.tensor(counts, dtype=torch.int32, device=self.device))
+
+    @torch.inference_mode()
+    def prefill_reconstructed(self, ids: list[int], repeat: list[int], chunk: int = RECONSTRUCT_CHUNK) -> torch.Tensor:
+        """A fresh batch-1 prompt, compressed to the policy's budget by `score_by_reconstruction` and `compress`;
+        returns the logits (1, vocab) at its last token."""
+        logits = self.score_by_reconstruction(ids, repeat, chunk)
+        self.compress()
+        return logits
+
+    @torch.inference_mode()
+    def score_by_reconstruction(self, ids: list[int], repeat: list[int], chunk: int = RECONSTRUCT_CHUNK) -> torch.Tensor:
+        """Query-agnostic scores for a prompt (the idea of KVzip, Kim et al. 2025, arXiv 2505.23416: keep what the
+        model needs to say the context again). Prefill `ids` whole into a fresh batch-1 cache, uncompressed; then, a
+        chunk of the prompt at a time, read `repeat` (an instruction to repeat the text) and that chunk again after
+        it, and score every prompt slot by the strongest attention any query of that reading gives it in any head and
+        layer of its group; then give each slot the highest score within RECONSTRUCT_POOL slots of it, so that a
+        span (a number's digits, a name) is kept or dropped together (SnapKV's pooling, Li et al. 2024, arXiv
+        2404.14469), and every group the mean of the groups' scores, so that all keep the same tokens: the layers
+        where the reading attends sharply choose for those where it is diffuse (per group, a needle's digits survived
+        in under half the layers of SmolLM2; docs/results.md). Each reading is dropped afterwards: the cache holds the
+        prompt as a plain prefill leaves it, with the policy's scores set. The cache needs room for the prompt,
+        `repeat` and one chunk. Returns the logits (1, vocab) at the prompt's last token."""
+        policy = self.policy
+        if policy is None or not policy.scored or self.cache.batch != 1 or self.seen != [0]:
+            raise ValueError("reconstruction scores need a scored policy and a fresh batch-1 runtime")
+        n = len(ids)
+        policy.hold()
+        logits = self.prefill_chunked(torch.tensor([ids], device=self.device), [n])
+        for st in policy.states:
+            st.score.zero_()
+        state = (self.lengths, self.seen, self.written, self.positions.clone(), self.context)
+        policy.collecting = True
+        try:
+            for lo in range(0, n, chunk):
+                part = repeat + ids[lo : lo + chunk]
+                self.context = max(self.context, n + len(part))  # the reading runs past the conversation's end
+                self.prefill(torch.tensor([part], device=self.device), [len(part)])
+                self.lengths, self.seen, self.written, _, self.context = state
+                self.positions.copy_(state[3])
+                self.cache.seq_lens.fill_(n)
+        finally:
+            policy.collecting = policy.held = False
+        # a span is kept whole (each slot scores the most of its RECONSTRUCT_POOL neighbours), by every group alike
+        pooled = [F.max_pool1d(st.score[:, None, :n], RECONSTRUCT_POOL, 1, RECONSTRUCT_POOL // 2)[:, 0]
+                  for st in policy.states]
+        shared = torch.stack(pooled).mean(0)
+        for st in policy.states:
+            st.score[:, :n] = shared
+        return logits
+
+    def compress(self) -> None:
+        """Bring every row back to the policy's budget now, by the scores it has."""
+        self._apply_policy(None, None)
 
     def prefill_chunk_tokens(self, total: int) -> int:
         """Tokens per prefill chunk. On CPU the attention of a chunk holds batch × heads × chunk × context scores:

@@ -103,16 +103,17 @@ def absorbed_prompt_attention(proj: AbsorbedProjections, i: int, x, cos, sin, la
 
 
 def prompt_attention_seen(proj: AbsorbedProjections, policy, i: int, x, cos, sin, latent, k_rope, allowed,
-                          n_new: list[int], log_weights, key_scale=None) -> torch.Tensor:
+                          n_new: list[int], log_weights, key_scale=None, strongest: bool = False) -> torch.Tensor:
     """What a score-based policy learns from a prompt: the attention each slot receives from the prompt's last
     `policy.prefill_queries` queries of layer i, summed over heads, query t of row b weighted
-    decay^(n_b - 1 - t) (padding queries weigh nothing). x (B, T, hidden), cos/sin (B, Hr, T, Dr), latent (B, S, R),
+    decay^(n_b - 1 - t) (padding queries weigh nothing); with `strongest`, from every query of the step, the most
+    any query gives it in any head. x (B, T, hidden), cos/sin (B, Hr, T, Dr), latent (B, S, R),
     k_rope (B, Hr, S, Dr), allowed (B, T, S) bool, log_weights (B, ≥ S) fp32 (merged slots), key_scale (B, S, K)
     or None -> (B, S) fp32."""
     B, T, _ = x.shape
     H, K, Hr, Dr, _ = proj.dims
     R = latent.shape[-1]
-    Qn = min(T, policy.prefill_queries)
+    Qn = T if strongest else min(T, policy.prefill_queries)
     xs = x[:, T - Qn :].reshape(B * Qn, -1)
     c_, s_ = (t[:, :, T - Qn :].transpose(1, 2).reshape(B * Qn, Hr, 1, -1) for t in (cos, sin))
     q_lat, q_rope, head_bias = proj.queries(i, xs, c_, s_)
@@ -131,5 +132,7 @@ def prompt_attention_seen(proj: AbsorbedProjections, policy, i: int, x, cos, sin
     scores = scores.masked_fill(~allowed[:, T - Qn :, None, :], float("-inf"))
     t = torch.arange(T - Qn, T, device=x.device)[None, :]
     n = torch.tensor(n_new, device=x.device)[:, None]
+    if strongest:
+        return scores.softmax(-1).masked_fill(~(t < n)[:, :, None, None], 0.0).amax((1, 2))
     weight = torch.where(t < n, policy.decay ** (n - 1 - t).clamp_min(0).float(), 0.0)  # (B, Qn)
     return (scores.softmax(-1).sum(2) * weight[:, :, None]).sum(1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import KvconvertError
-from .base import TokenBudgetPolicy
+from .base import SCORINGS, TokenBudgetPolicy
 from .h2o import H2O
 from .streaming import StreamingLLM
 from .zsmerge import ZSMerge
@@ -11,22 +11,25 @@ from .zsmerge import ZSMerge
 POLICIES = {"zsmerge": ZSMerge, "h2o": H2O, "streaming": StreamingLLM}
 # the options each policy takes beside its budget: merge slots are ZSMerge's; StreamingLLM scores nothing and keeps
 # sinks and a recent window only
-KNOBS = {"zsmerge": ("recent", "residual", "decay", "queries"), "h2o": ("recent", "decay", "queries"), "streaming": ()}
+KNOBS = {"zsmerge": ("recent", "residual", "decay", "queries", "score"), "h2o": ("recent", "decay", "queries", "score"),
+         "streaming": ()}
 
 __all__ = ["POLICIES", "TokenBudgetPolicy", "make_policy"]
 
 
 def make_policy(name: str, budget: float, recent: float | None = None, residual: float | None = None,
-                decay: float | None = None, queries: float | None = None) -> TokenBudgetPolicy | None:
+                decay: float | None = None, queries: float | None = None, score: str | None = None,
+                ) -> TokenBudgetPolicy | None:
     """None for "full" (no policy). recent / residual / decay / queries (the prompt's last queries whose attention
-    scores the prompt) override the policy's defaults (the papers')."""
+    scores the prompt) / score (how a prompt compressed whole is scored: base.SCORINGS) override the policy's
+    defaults (the papers')."""
     if name == "full":
         return None
     if name not in POLICIES:
         raise KvconvertError(f"--kv-policy must be one of full, {', '.join(POLICIES)}; got {name!r}")
     if not budget > 0:
         raise KvconvertError(f"--kv-budget must be a share of the context in (0, 1) or a token count >= 1, got {budget}")
-    given = {"recent": recent, "residual": residual, "decay": decay, "queries": queries}
+    given = {"recent": recent, "residual": residual, "decay": decay, "queries": queries, "score": score}
     foreign = [k for k, v in given.items() if v is not None and k not in KNOBS[name]]
     if foreign:
         takes = ", ".join(f"--kv-{k}" for k in KNOBS[name]) or "no option but --kv-budget"
@@ -39,4 +42,8 @@ def make_policy(name: str, budget: float, recent: float | None = None, residual:
         if queries < 1 or queries != int(queries):
             raise KvconvertError(f"--kv-queries must be a whole number of queries >= 1, got {queries:g}")
         knobs["prefill_queries"] = int(queries)
+    if score is not None:
+        if score not in SCORINGS:
+            raise KvconvertError(f"--kv-score must be one of {', '.join(SCORINGS)}; got {score!r}")
+        knobs["scoring"] = score
     return POLICIES[name](budget=budget, **knobs)

@@ -7,6 +7,10 @@ Every policy here is one `TokenBudgetPolicy` with different knobs (one file per 
             the query heads and layers that read the group's latent (H2O, ZSMerge); else evict the oldest
   residual  a share of the non-recent budget kept as merge slots: an evicted token is averaged into the most
             similar one (count-weighted), whose attention logits get + log(count) (ZSMerge's compensated scores)
+  scoring   how a prompt compressed at once is scored: "attention" (its last `prefill_queries` queries' decayed
+            attention, the papers'), or "reconstruct" (the strongest attention each prompt token gets while the model
+            reads the prompt again: LatentRuntime.score_by_reconstruction; query-agnostic, for prompts compressed
+            whole, as `kvconvert eval` does)
 
 The cache stays a dense run of slots [0, n) per row and group (the kernels read it unchanged); a slot's token
 position, count, score and kind live beside it here. Cached rope keys are rotated already, so a slot carries its
@@ -25,6 +29,10 @@ import torch
 
 from ...cache_layout import Stream
 from ...kernels import dequantize_streams, quantize_append_streams
+
+SCORINGS = ("attention", "reconstruct")
+RECONSTRUCT_CHUNK = 256  # prompt tokens read again per reconstruction step
+RECONSTRUCT_POOL = 9  # a reconstruction score is the most of a slot's 9 nearest (a 5-digit number's 5 tokens and more)
 
 
 @dataclass
@@ -52,9 +60,11 @@ class TokenBudgetPolicy:
     decay: float = 1.0
     scored: bool = True
     prefill_queries: int = 512  # prompt queries whose attention scores the prompt (older ones decay to nothing)
+    scoring: str = "attention"  # or "reconstruct" (see the module's docstring)
     name: str = field(default="policy", init=False)
     states: list[GroupState] = field(default_factory=list, init=False, repr=False)
     held: bool = field(default=False, init=False)  # see hold()
+    collecting: bool = field(default=False, init=False)  # a reconstruction reading: scores keep their maximum
 
     # ------------------------------------------------------------------ sizes
     def slots(self, context: int) -> int:
@@ -113,6 +123,9 @@ class TokenBudgetPolicy:
         if self.scored:
             st = self.states[g]
             S = attention.shape[1]
+            if self.collecting:
+                torch.maximum(st.score[:, :S], attention, out=st.score[:, :S])
+                return
             st.score.mul_((self.decay ** steps.float())[:, None])
             st.score[:, :S] += attention
 
