@@ -114,6 +114,19 @@ def policy_presets(args) -> tuple[list[float], list[int], int]:
     return budgets, lengths, trials
 
 
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """A policy with its knobs, as `kvconvert eval`'s --kv-* options, knobs after a colon, separated by ':' or ',':
+    "zsmerge:score=reconstruct,recent=0.1" -> ("zsmerge", {"score": "reconstruct", "recent": 0.1})."""
+    import re
+
+    name, _, knobs = spec.partition(":")
+    kw = {}
+    for part in filter(None, re.split("[:,]", knobs)):
+        k, v = part.split("=", 1)
+        kw[k] = v if k == "score" else float(v)
+    return name, kw
+
+
 LONG_TASKS = ["single", "multikey", "multivalue", "variables"]
 
 

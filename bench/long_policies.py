@@ -15,26 +15,16 @@ from __future__ import annotations
 
 import time
 
-from bench.common import argument_parser, data_file, write_result
+from bench.common import argument_parser, data_file, parse_policy, write_result
 
-CPU_METHODS = "zsmerge,zsmerge:score=reconstruct,h2o:score=reconstruct,streaming"
-
-
-def parse_method(spec: str) -> tuple[str, dict]:
-    """"zsmerge:score=reconstruct,recent=0.1" -> ("zsmerge", {"score": "reconstruct", "recent": 0.1})."""
-    name, _, knobs = spec.partition(":")
-    kw = {}
-    for part in filter(None, knobs.split(",")):
-        k, v = part.split("=", 1)
-        kw[k] = v if k == "score" else float(v)
-    return name, kw
+CPU_METHODS = "zsmerge+zsmerge:score=reconstruct+h2o:score=reconstruct+streaming"
 
 
 def main() -> None:
     ap = argument_parser(__doc__)
     ap.add_argument("--model", default="smollm2", help="a source (run through the identity conversion) or a CLLA folder")
     ap.add_argument("--cpu", action="store_true", help="the CPU preset (see the usage above)")
-    ap.add_argument("--methods", default=None, help=f"'+'-separated (default {CPU_METHODS.replace(',', '+')})")
+    ap.add_argument("--methods", default=None, help=f"'+'-separated (default {CPU_METHODS})")
     ap.add_argument("--budgets", default=None, help="shares of the prompt (default 0.25,0.1; GPU 0.25,0.1,0.05)")
     ap.add_argument("--lengths", default=None, help="prompt lengths (default 2048; GPU 2048,4096)")
     ap.add_argument("--tasks", default=None, help="default single,multikey (GPU: every task)")
@@ -53,7 +43,7 @@ def main() -> None:
 
     gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
-    methods = [parse_method(m) for m in (args.methods or CPU_METHODS.replace(",", "+")).split("+")]
+    methods = (args.methods or CPU_METHODS).split("+")
     budgets = [float(b) for b in (args.budgets or ("0.25,0.1,0.05" if gpu else "0.25,0.1")).split(",")]
     lengths = [int(n) for n in (args.lengths or ("2048,4096" if gpu else "2048")).split(",")]
     tasks = (args.tasks or (",".join(TASKS) if gpu else "single,multikey")).split(",")
@@ -84,11 +74,10 @@ def main() -> None:
 
     save()
     for budget in budgets:
-        for policy, kw in methods:
+        for label in methods:
+            policy, kw = parse_policy(label)
             got, seconds = suite(lambda p=policy, b=budget, kw=kw: make_policy(p, b, **kw))
             paired = compare_suites(got, full)
-            label = policy + (":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
-                              if kw else "")
             passed = sum(sum(r["passed"]) for r in paired)
             of_full = passed / max(1, sum(sum(r["passed"]) for r in full))
             rows.append({"method": label, "budget": budget, "suite": paired, "passed": passed,

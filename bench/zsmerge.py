@@ -21,7 +21,7 @@ import argparse
 import sys
 import time
 
-from bench.common import argument_parser, data_file, policy_presets, write_result
+from bench.common import argument_parser, data_file, parse_policy, policy_presets, write_result
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,8 +68,7 @@ def measure_row(model_name: str, loaded, tok, policy: str, budget: float, window
     from kvconvert.evaluate import passkey_accuracy, repeat_ids, runtime_generator, score_windows_with_policy
     from kvconvert.runtime.policies import make_policy
 
-    name_, *knobs = policy.split(":")
-    kw = {k: v if k == "score" else float(v) for k, v in (x.split("=", 1) for x in knobs)}
+    name_, kw = parse_policy(policy)
     factory = (lambda p=name_, b=budget, kw=kw: make_policy(p, b, **kw)) if policy != "full" else (lambda: None)
     repeat = repeat_ids(tok)
     t0 = time.perf_counter()
