@@ -259,7 +259,7 @@ class LatentRuntime:
             latent, rope, tail = streams
         o_lat = latent_decode(q_lat, q_rope, latent, rope, lens, self.softmax_scale, lay.window, log_weights=log_w,
                               key_scale=ks, head_bias=head_bias, tail=tail)
-        if self.policy is not None and self.policy.scored:
+        if self.policy is not None and self.policy.observing:
             seen = latent_attention_weights(q_lat, q_rope, latent, rope, lens, self.softmax_scale, lay.window, log_w,
                                             ks, head_bias, tail)
             self._attention_seen[self.group_of[i]][:, : seen.shape[1]] += seen
@@ -289,7 +289,7 @@ class LatentRuntime:
             for g in range(cfg.num_layer_groups):
                 policy.appended(g, start, positions)
         masks = PromptMasks(cfg, self.cache, policy, start, positions, S, all(n == 0 for n in self.lengths), self.dtype)
-        scored = policy is not None and policy.scored
+        scored = policy is not None and policy.observing
         attention_seen = [torch.zeros(B, S, device=self.device) for _ in range(cfg.num_layer_groups)] if scored else None
         h = m.embed(ids)
         latent = k_rope = None
@@ -447,7 +447,7 @@ class LatentRuntime:
         if self.policy is not None:
             for g in range(cfg.num_layer_groups):
                 self.policy.appended(g, start, self.positions.long()[:, None])
-            if self.policy.scored:
+            if self.policy.observing:
                 self._attention_seen = [torch.zeros(ids.shape[0], self.cache.capacity, device=self.device)
                                         for _ in range(cfg.num_layer_groups)]
         h = m.embed(ids[:, None])
@@ -481,7 +481,7 @@ class LatentRuntime:
         self.seen = [n + 1 for n in self.seen]
         if self.policy is not None:
             ones = torch.ones(self.cache.batch, dtype=torch.int32, device=self.device)
-            self._apply_policy(self._attention_seen if self.policy.scored else None, ones)
+            self._apply_policy(self._attention_seen if self.policy.observing else None, ones)
         return logits
 
     # ------------------------------------------------------------------ generation

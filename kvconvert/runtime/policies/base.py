@@ -100,6 +100,12 @@ class TokenBudgetPolicy:
         fresh slots up to the capacity. kvpress's protocol, which compresses only the prompt. reset() undoes it."""
         self.held = True
 
+    @property
+    def observing(self) -> bool:
+        """Whether a step's attention must be computed for this policy: it scores, and it may still compress (a
+        held policy compresses no more until reset(), which clears the scores) or is collecting a reading."""
+        return self.scored and (self.collecting or not self.held)
+
     def reset(self) -> None:
         self.held = False
         for s in self.states:
