@@ -127,6 +127,24 @@ def parse_policy(spec: str) -> tuple[str, dict]:
     return name, kw
 
 
+def suite_presets(args, gpu: bool) -> tuple[list[float], list[int], list[str], int, list[str] | None, str]:
+    """(budgets, lengths, tasks, trials, haystack sentences, haystack name) of the policy benchmarks on the
+    long-context suite (long_policies, kvpress_ref --suite), from their --budgets, --lengths, --tasks, --trials and
+    --text ('generated': the built-in haystack, sentences None), else the CPU preset (25% and 10%; 2k; single and
+    multi-key; 6 trials; Northanger Abbey) or the GPU one (25%, 10% and 5%; 2k and 4k; every task; 20 trials)."""
+    from kvconvert.evaluate import read_text
+    from kvconvert.longcontext import TASKS, text_sentences
+
+    budgets = [float(b) for b in (args.budgets or ("0.25,0.1,0.05" if gpu else "0.25,0.1")).split(",")]
+    lengths = [int(n) for n in (args.lengths or ("2048,4096" if gpu else "2048")).split(",")]
+    tasks = (args.tasks or (",".join(TASKS) if gpu else "single,multikey")).split(",")
+    trials = args.trials or (20 if gpu else 6)
+    if args.text == "generated":
+        return budgets, lengths, tasks, trials, None, "generated"
+    haystack = args.text or "austen_northangerabbey.txt"
+    return budgets, lengths, tasks, trials, text_sentences(read_text(data_file("austen_northangerabbey.txt", args.text))), haystack
+
+
 LONG_TASKS = ["single", "multikey", "multivalue", "variables"]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import argument_parser, data_file, parse_policy, write_result
+from bench.common import argument_parser, parse_policy, suite_presets, write_result
 
 CPU_METHODS = "zsmerge+zsmerge:score=reconstruct+h2o:score=reconstruct+streaming"
 
@@ -36,20 +36,15 @@ def main() -> None:
 
     import torch
 
-    from kvconvert.evaluate import read_text, repeat_ids, runtime_generator
+    from kvconvert.evaluate import repeat_ids, runtime_generator
     from kvconvert.loading import load_for_runtime
-    from kvconvert.longcontext import TASKS, compare_suites, run_suite, text_sentences
+    from kvconvert.longcontext import compare_suites, run_suite
     from kvconvert.runtime.policies import make_policy
 
     gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     methods = (args.methods or CPU_METHODS).split("+")
-    budgets = [float(b) for b in (args.budgets or ("0.25,0.1,0.05" if gpu else "0.25,0.1")).split(",")]
-    lengths = [int(n) for n in (args.lengths or ("2048,4096" if gpu else "2048")).split(",")]
-    tasks = (args.tasks or (",".join(TASKS) if gpu else "single,multikey")).split(",")
-    trials = args.trials or (20 if gpu else 6)
-    sentences = None if args.text == "generated" else text_sentences(
-        read_text(data_file("austen_northangerabbey.txt", args.text)))
+    budgets, lengths, tasks, trials, sentences, haystack = suite_presets(args, gpu)
     loaded = load_for_runtime(args.model, dtype, device)
     model, tok = loaded.model, loaded.tokenizer
     repeat = repeat_ids(tok)
@@ -68,7 +63,7 @@ def main() -> None:
 
     def save():
         return write_result(name, {"model": args.model, "tasks": tasks, "lengths": lengths, "trials": trials,
-                                   "haystack": "generated" if sentences is None else (args.text or "austen_northangerabbey.txt"),
+                                   "haystack": haystack,
                                    "question": "in the compressed prompt" if args.query_aware else "after compression",
                                    "rows": rows})
 

@@ -460,3 +460,95 @@ def test_query_agnostic_generation_compresses_the_context_before_the_question(sc
     assert made[-1].held
     assert sum(p < 48 for p in kept) == 16  # the haystack at its budget
     assert kept[16:] == list(range(48, 48 + 6 + n - 1))  # the question and the reply, every token
+
+
+
+def _held(st, streams, lengths, b):
+    """Row b's slots (the first lengths[b]) as (pos, rot)-sorted state and dequantized values: what a row holds,
+    whatever the order of its slots."""
+    from kvconvert.kernels import dequantize_streams
+    n = lengths[b]
+    values = dequantize_streams([s.rows(slice(b, b + 1)) for s in streams], n, torch.float32)[0]
+    pick = torch.tensor(sorted(range(n), key=lambda s: (int(st.pos[b, s]), float(st.rot[b, s]))))
+    return {k: getattr(st, k)[b, :n][pick] for k in ("pos", "weight", "score", "residual", "rot")} | {"values": values[pick]}
+
+
+@pytest.mark.parametrize("name,bits,rope", grid(dict(name=NAMES, bits=[16, 4], rope=list(ROPE))))
+def test_the_batched_decode_eviction_keeps_what_the_per_row_one_keeps(name, bits, rope, monkeypatch):
+    """A decode step one slot over the budget evicts on the device for all rows at once (evict_one, no host sync):
+    from the same state, the same tokens kept, merged and weighted, bit for bit, as by the per-row path, only in
+    another slot order. Row 1 reaches the budget during decode (its first compression, which opens ZSMerge's merge
+    slots, is not a steady one). Checked at every steady step of a per-row run, on copies of its state."""
+    from kvconvert.runtime.policies.base import GroupState
+    model = tiny_clla(bits, **ROPE[rope])
+    policy = make_policy(name, 12)
+    policy.batched_step = False
+    per_row, checked, steady = type(policy).compress, [], {}
+
+    def compress(self, g, streams, lengths, seen):
+        if g == 0:  # decided once per step, before any group compresses (as the runtime does)
+            self.batched_step = True
+            steady["now"], self.batched_step = self.steady(lengths), False
+        if not steady["now"]:
+            return per_row(self, g, streams, lengths, seen)
+        mine = GroupState(*(t.clone() for t in vars(self.states[g]).values()))
+        copies = [Stream(s.data.clone(), None if s.scales is None else s.scales.clone(), s.bits, s.group, s.width)
+                  for s in streams]
+        theirs, self.states[g] = self.states[g], mine
+        self.evict_one(g, copies, torch.tensor(lengths, dtype=torch.int32), torch.tensor(seen, dtype=torch.int32))
+        self.states[g] = theirs
+        out = per_row(self, g, streams, lengths, seen)
+        for b in range(len(lengths)):
+            want, got = _held(theirs, streams, out, b), _held(mine, copies, out, b)
+            for k in want:
+                assert torch.equal(got[k], want[k]), (g, b, k)
+        checked.append(g)
+        return out
+
+    monkeypatch.setattr(type(policy), "compress", compress)
+    run(model, [prompt(33, seed=4), prompt(8, seed=5)], policy, n=16, capacity=40, context=64)
+    assert len(checked) >= 10 * model.config.num_layer_groups
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_run_with_the_batched_eviction_matches_the_per_row_run(name):
+    """End to end, the batched decode eviction gives the per-row run's tokens and keeps the same tokens (the two
+    differ in slot order only: sums in another order, equal to rounding)."""
+    model = tiny_clla(4)
+    runs = {}
+    for batched in (False, True):
+        policy = make_policy(name, 12)
+        policy.batched_step = batched
+        runs[batched] = run(model, [prompt(33, seed=4), prompt(8, seed=5)], policy, n=16, capacity=40, context=64)
+    (out_rows, rows), (out_batched, batched) = runs[False], runs[True]
+    assert out_batched == out_rows and batched.lengths == rows.lengths == [12, 12]
+    for g in range(model.config.num_layer_groups):
+        for b in range(2):
+            want = _held(rows.policy.states[g], rows.cache.group_streams(g), rows.lengths, b)
+            got = _held(batched.policy.states[g], batched.cache.group_streams(g), batched.lengths, b)
+            for k in ("pos", "weight", "residual"):
+                assert torch.equal(got[k], want[k]), (g, b, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_a_steady_eviction_makes_no_host_sync(name):
+    """On CUDA, a steady step's policy work (observe, evict_one, the lengths) runs with syncs made errors."""
+    model = tiny_clla(4).cuda()
+    rt = LatentRuntime(model, 2, 40, policy=make_policy(name, 12), context=64, cuda_graphs=False)
+    rt.generate([prompt(33, seed=4), prompt(30, seed=5)], SamplingOptions(max_new_tokens=4))  # both rows at the budget
+    assert rt.policy.steady([n + 1 for n in rt.lengths])
+    apply = rt._apply_policy
+
+    def strict(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            apply(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    rt._apply_policy = strict
+    for t in range(3):
+        rt.decode(torch.tensor([t, t + 1], device="cuda"))
+    assert rt.lengths == [12, 12]

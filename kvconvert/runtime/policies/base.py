@@ -65,6 +65,8 @@ class TokenBudgetPolicy:
     states: list[GroupState] = field(default_factory=list, init=False, repr=False)
     held: bool = field(default=False, init=False)  # see hold()
     collecting: bool = field(default=False, init=False)  # a reconstruction reading: scores keep their maximum
+    batched_step: bool = True  # a decode step evicts on the device for all rows at once (evict_one); False: per row
+    opened: list[bool] = field(default_factory=list, init=False, repr=False)  # per row: its merge slots exist
 
     # ------------------------------------------------------------------ sizes
     def slots(self, context: int) -> int:
@@ -84,6 +86,7 @@ class TokenBudgetPolicy:
     # ------------------------------------------------------------------ state
     def setup(self, groups: int, batch: int, capacity: int, n_slots: int, device) -> None:
         self.n_slots = n_slots
+        self.opened = [False] * batch
         self.states = [
             GroupState(
                 pos=torch.zeros(batch, capacity, dtype=torch.long, device=device),
@@ -108,6 +111,7 @@ class TokenBudgetPolicy:
 
     def reset(self) -> None:
         self.held = False
+        self.opened = [False] * len(self.opened)
         for s in self.states:
             s.pos.zero_(), s.weight.fill_(1.0), s.score.zero_(), s.residual.zero_(), s.rot.zero_()
 
@@ -168,9 +172,62 @@ class TokenBudgetPolicy:
         keep[evict] = False
         if residual:
             self._merge(st, streams, b, evict, keep, residual - have_residual)
+            self.opened[b] = True
         kept = keep.nonzero()[:, 0]
         self._move(st, streams, b, kept)
         return len(kept)
+
+    def steady(self, lengths: list[int]) -> bool:
+        """Whether this step's compression is evict_one's: some row holds one slot past the budget, none more, and
+        (ZSMerge) every such row has its merge slots. Decided from host lists, without reading the device."""
+        over = [b for b, n in enumerate(lengths) if n > self.n_slots]
+        return (self.batched_step and not self.held and bool(over) and max(lengths) == self.n_slots + 1
+                and (not self.residual or all(self.opened[b] for b in over)))
+
+    def evict_one(self, g: int, streams: list[Stream], lens: torch.Tensor, seen: torch.Tensor) -> None:
+        """compress() for a steady step (see steady), as tensor operations over all rows: no host sync, fixed shapes.
+        lens (B,): the slots each row holds now (the cache's seq_lens, not changed here: rows over the budget lose one
+        slot, which the caller subtracts); seen (B,): tokens each row has seen. Per row over the budget, the same
+        choice as _compress_row (the lowest score, or the oldest, among the unprotected slots; the first on a tie),
+        the same merge, and then the newest slot moves into the freed one instead of compacting the row (slot order
+        means nothing to attention: a slot's position and weight travel with it). Rows within the budget write
+        only into their last free slot, which nothing reads."""
+        st, N = self.states[g], self.n_slots
+        recent, residual = self.split(N)
+        B, capacity = st.pos.shape
+        rows = torch.arange(B, device=lens.device)
+        active = lens > N
+        last = (lens.long() - 1).clamp_min(0)
+        pos, res = st.pos[:, : N + 1], st.residual[:, : N + 1]
+        protected = res | (pos >= seen.long()[:, None] - recent) | ((pos >= 0) & (pos < self.sinks))
+        if self.scored:
+            key = st.score[:, : N + 1].masked_fill(protected, math.inf)
+        else:
+            key = pos.masked_fill(protected, torch.iinfo(pos.dtype).max)
+        evict = torch.where(active, key.argmin(1), last)  # argmin: the first lowest, as the stable sort's first
+        if residual:
+            held = res.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :residual]  # merge slots, in order
+            both = torch.cat([held, evict[:, None]], 1)
+            gathered = [Stream(s.data.gather(1, both[..., None].expand(-1, -1, s.data.shape[2])),
+                               None if s.scales is None else
+                               s.scales.gather(1, both[..., None, None].expand(-1, -1, *s.scales.shape[2:])),
+                               s.bits, s.group, s.width) for s in streams]
+            values = dequantize_streams(gathered, residual + 1, torch.float32)
+            mine, t = values[:, :residual], values[:, residual]
+            pick = (mine @ t[:, :, None])[..., 0].argmax(1)  # the most similar merge slot (dot product)
+            j = torch.where(active, held[rows, pick], capacity - 1)  # rows within the budget: a slot nobody reads
+            wj, wt = st.weight[rows, j], st.weight[rows, evict]
+            merged = (mine[rows, pick] * wj[:, None] + t * wt[:, None]) / (wj + wt)[:, None]
+            st.rot[rows, j] = (st.rot[rows, j] * wj + st.rot[rows, evict] * wt) / (wj + wt)
+            st.score[rows, j] = torch.maximum(st.score[rows, j], st.score[rows, evict])
+            st.weight[rows, j] = wj + wt
+            quantize_append_streams(streams, merged[:, None], j.to(torch.int32))
+        for s in streams:  # the newest slot into the freed one (rows within the budget: onto itself)
+            s.data[rows, evict] = s.data[rows, last]
+            if s.scales is not None:
+                s.scales[rows, evict] = s.scales[rows, last]
+        for t in (st.pos, st.weight, st.score, st.residual, st.rot):
+            t[rows, evict] = t[rows, last]
 
     def _merge(self, st, streams, b, evict, keep, opening: int) -> None:
         """Average the evicted tokens into residual slots (count-weighted). The first compression opens the merge
