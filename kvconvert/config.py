@@ -336,6 +336,7 @@ def kv_bytes_per_token(config: CllaConfig) -> int:
 
 
 RING_CHUNK = 1024  # the runtime's default: the most tokens one prefill step appends to a sliding-window ring
+MAX_PLAN_CONTEXT = 32768  # convert's default --context (the row length a --kv-ratio means): the positions, at most this
 
 
 def group_window(config: CllaConfig, g: int) -> int | None:
@@ -348,8 +349,24 @@ def cache_slots(config: CllaConfig, context: int, ring_chunk: int | None) -> lis
     """Slots per layer group for `context` tokens per row. Full-attention groups keep every token; with
     `ring_chunk` (the most tokens one prefill step appends), a sliding-window group keeps a ring of its window +
     ring_chunk - 1 slots (a step's queries reach back a window from each of its tokens), token p in slot p % size."""
-    return [context if ring_chunk is None or (w := group_window(config, g)) is None else min(context, w + ring_chunk - 1)
-            for g in range(config.num_layer_groups)]
+    return layout_slots(config.layer_windows, config.layer_groups, context, ring_chunk)
+
+
+def layout_slots(layer_windows: list[int | None], groups, context: int, ring_chunk: int | None) -> list[int]:
+    """cache_slots for any layer layout `groups` over layers with these sliding windows (None: full attention)."""
+    out = []
+    for g in groups:
+        windows = [layer_windows[i] for i in g]
+        full = ring_chunk is None or any(w is None for w in windows)
+        out.append(context if full else min(context, max(windows) + ring_chunk - 1))
+    return out
+
+
+def source_kv_bytes(config: CllaConfig, context: int) -> int:
+    """One row of the source's 16-bit K/V cache at `context` tokens; a sliding-window layer keeps its window (as
+    transformers' sliding-window caches do)."""
+    per_layer = (config.source_kv_bytes_per_token or kv_bytes_per_token(config)) // config.num_hidden_layers
+    return per_layer * sum(window_tokens(config, context))
 
 
 def group_and_layer_bytes(config: CllaConfig) -> tuple[list[int], int]:

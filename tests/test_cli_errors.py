@@ -129,6 +129,17 @@ def test_negative_long_calibration_rows(tmp_path, tiny_src, flag):
     assert_nothing_written(tmp_path, before)
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--kv-ratio", "0.5", "--context", "0"], "--context must be"),
+    (["--identity", "--context", "64"], "takes no --context"),
+    (["--kv-ratio", "0.5", "--context", "100000"], "max_position_embeddings"),
+])
+def test_bad_context(tmp_path, tiny_src, args, needle):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_one_line_error(run("convert", tiny_src, tmp_path / "out", *args), needle)
+    assert_nothing_written(tmp_path, before)
+
+
 def test_bad_dtype(tmp_path, tiny_src):
     assert_one_line_error(run("convert", tiny_src, tmp_path / "out", "--identity", "--dtype", "int3"), "--dtype")
 

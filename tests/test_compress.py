@@ -213,16 +213,18 @@ def test_the_planner_tries_4_bit_latents_with_2_bit_tails():
     assert {(16, 16, 32), (16, 16, 64)} <= {(p.kv_bits, p.rope_bits, p.quant_group) for p in forced}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_the_width_search_prices_plans_as_their_configs_do(arch):
-    """Plan.kv_bytes_per_token (the width search's bytes, no config built) equals the built config's figure for
-    every plan the planner enumerates, tails and qk-norm key scales included."""
+@pytest.mark.parametrize("arch,context", [("llama", None), ("qwen3", None), ("qwen3", 8192), ("gemma3_text", 8192)])
+def test_the_width_search_prices_plans_as_their_configs_do(arch, context):
+    """Plan.kv_bytes (the width search's bytes, no config built) equals the built config's figure for every plan
+    the planner enumerates, tails and qk-norm key scales included: per token, and per row at a context where
+    sliding-window groups hold rings (Gemma 3)."""
     from kvconvert.convert.plan import Overrides, enumerate_plans, plan_bytes
 
-    _, comp = compressor(arch)
-    plans = enumerate_plans(comp.base, int(0.5 * comp.base.source_kv_bytes_per_token), Overrides())
+    _, comp = compressor(arch, max_position_embeddings=8192)
+    plans = enumerate_plans(comp.base, int(0.5 * comp.base.source_kv_bytes_per_token) * (context or 1), Overrides(),
+                            context=context)
     assert any(p.tail_dim for p in plans) and any(not p.tail_dim for p in plans)
-    assert [p.kv_bytes_per_token(comp.base) for p in plans] == [plan_bytes(comp.base, p) for p in plans]
+    assert [p.kv_bytes(comp.base, context) for p in plans] == [plan_bytes(comp.base, p, context) for p in plans]
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -389,7 +391,9 @@ def test_qk_norm_sources_convert_and_run(tmp_path, arch):
 
     src, source = save_source(tmp_path, arch)
     out = tmp_path / "out"
-    r = convert(src, out, "--kv-ratio", "0.5")
+    # planned per token (a context of 1): at its 512 positions, Gemma's tiny windows of 7 tokens against the
+    # runtime's rings (window + 1,023 slots) put every plan out of reach (test_a_ratio_is_planned_at_a_context)
+    r = convert(src, out, "--kv-ratio", "0.5", "--context", "1")
     assert r.exit_code == 0, r.output
     record = json.loads(r.stdout)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -649,3 +653,40 @@ def test_output_sensitivity_predicts_the_kl_of_output_noise():
     with torch.no_grad():
         src.lm_head.weight.zero_()  # no output reaches the logits
     assert output_sensitivity(src, rows[:4]) == [0.0, 0.0]
+
+
+def test_a_ratio_is_planned_at_a_context(tmp_path):
+    """--kv-ratio R means R of the source's cache for one row of --context tokens, a sliding-window layer holding its
+    window (the source's) or the runtime's ring (the converted model's): planned per token, a Gemma 3 model misses R
+    at its positions (every group as wide, the rings costing more than the windows); planned there, it meets it,
+    and the record says both ratios."""
+    from kvconvert.config import RING_CHUNK, kv_bytes, source_kv_bytes
+    from kvconvert.loading import load_clla
+
+    src, _ = save_source(tmp_path, "gemma3_text", max_position_embeddings=16384)
+    fast = ("--calib-long-rows", "0", "--probe-rows", "0", "--no-refit")
+    records = {}
+    for context in ("1", "16384"):
+        r = convert(src, tmp_path / f"out{context}", "--kv-ratio", "0.5", "--context", context, *fast)
+        assert r.exit_code == 0, r.output
+        records[context] = json.loads(r.stdout)
+    per_token, at_context = records["1"], records["16384"]
+    assert at_context["context"] == at_context["at_context"]["context"] == 16384
+    src_bytes = per_token["source_kv_bytes_per_token"] // 3 * (2 * 7 + 16384)  # two sliding layers, one global
+    assert at_context["at_context"]["source_kv_bytes"] == src_bytes
+    cfg = load_clla(tmp_path / "out1").model.config
+    assert source_kv_bytes(cfg, 16384) == src_bytes
+    assert per_token["kv_ratio"] <= 0.5 < kv_bytes(cfg, 16384, RING_CHUNK) / src_bytes  # per token: over at 16k
+    assert at_context["at_context"]["kv_ratio"] <= 0.5
+    rings = 2 * (7 + RING_CHUNK - 1) + 16384  # slots per row at 16k: two rings and the global group's
+    assert at_context["at_context"]["kv_bytes"] == at_context["kv_bytes_per_token"] // 3 * rings
+
+
+def test_without_sliding_windows_the_context_changes_no_plan():
+    from kvconvert.convert.plan import Overrides, enumerate_plans, source_bytes
+
+    _, comp = compressor("qwen3", max_position_embeddings=16384)
+    base = comp.base
+    for ratio in (0.5, 0.3, 0.1):
+        per_token = enumerate_plans(base, int(ratio * source_bytes(base, None)), Overrides())
+        assert per_token == enumerate_plans(base, int(ratio * source_bytes(base, 16384)), Overrides(), context=16384)

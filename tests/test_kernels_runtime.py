@@ -83,14 +83,14 @@ def test_policy_runtime_through_the_interpreted_kernels(rope):
     kw = {} if rope == "cached" else dict(rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"])
     model = tiny_clla(4, **kw)
     ids = prompt(30, seed=4)
-    rt = LatentRuntime(model, 1, 40, policy=make_policy("zsmerge", 12), context=64)
+    rt = LatentRuntime(model, 1, 40, policy=make_policy("zsmerge", 12, residual=0.02), context=64)
     out, _ = rt.generate([ids], SamplingOptions(max_new_tokens=10))
     code = (
         "import torch, json, sys; sys.path.insert(0, 'tests');"
         "from test_runtime import prompt, tiny_clla;"
         "from kvconvert.runtime import LatentRuntime, SamplingOptions;"
         "from kvconvert.runtime.policies import make_policy;"
-        f"rt = LatentRuntime(tiny_clla(4, **{kw!r}), 1, 40, policy=make_policy('zsmerge', 12), context=64);"
+        f"rt = LatentRuntime(tiny_clla(4, **{kw!r}), 1, 40, policy=make_policy('zsmerge', 12, residual=0.02), context=64);"
         "print(json.dumps(rt.generate([prompt(30, seed=4)], SamplingOptions(max_new_tokens=10))[0][0]))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -15,6 +15,14 @@ from grids import grid
 from test_runtime import FROM_LATENT, prompt, tiny_clla
 
 NAMES = list(POLICIES)
+MERGING = 0.02  # ZSMerge's merge slots (the authors' share; off by default): on wherever these tests run ZSMerge
+
+
+def policy_of(name: str, budget: float, **kw):
+    """make_policy, with ZSMerge's merge slots on unless `residual` is given."""
+    if name == "zsmerge":
+        kw.setdefault("residual", MERGING)
+    return make_policy(name, budget, **kw)
 # Rope keys cached (rotated when written) or reconstructed from the latent (rotated when read, at GroupState.rot)
 ROPE = {"cached": {}, "from latent": dict(rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"])}
 
@@ -31,7 +39,7 @@ def test_budget_above_the_context_changes_nothing(name, rope):
     model = tiny_clla(4, **ROPE[rope])
     prompts = [prompt(20, seed=1)]
     plain, _ = run(model, prompts, None)
-    with_policy, rt = run(model, prompts, make_policy(name, 60))  # 60 slots >= 20 + 12 tokens
+    with_policy, rt = run(model, prompts, policy_of(name, 60))  # 60 slots >= 20 + 12 tokens
     assert with_policy == plain
     assert rt.lengths == [31]
 
@@ -40,7 +48,7 @@ def test_budget_above_the_context_changes_nothing(name, rope):
 def test_budget_is_never_exceeded(name, bits, rope):
     model = tiny_clla(bits, **ROPE[rope])
     budget = 10
-    rt = LatentRuntime(model, 1, 40, policy=make_policy(name, budget), context=200)
+    rt = LatentRuntime(model, 1, 40, policy=policy_of(name, budget), context=200)
     rt.prefill(torch.tensor([prompt(33, seed=2)]), [33])  # a prompt of 33 in chunks of 30: compressed twice
     assert rt.lengths == [budget] and rt.seen == [33]
     for t in range(25):
@@ -66,9 +74,9 @@ def test_budget_is_never_exceeded(name, bits, rope):
 def test_padded_batch_equals_one_by_one(name, rope):
     model = tiny_clla(4, **ROPE[rope])
     prompts = [prompt(n, seed=10 + n) for n in (27, 9, 18)]
-    batched, _ = run(model, prompts, make_policy(name, 12), n=10, capacity=48, context=64)
+    batched, _ = run(model, prompts, policy_of(name, 12), n=10, capacity=48, context=64)
     for p, got in zip(prompts, batched):
-        alone, _ = run(model, [p], make_policy(name, 12), n=10, capacity=48, context=64)
+        alone, _ = run(model, [p], policy_of(name, 12), n=10, capacity=48, context=64)
         assert got == alone[0]
 
 
@@ -104,7 +112,7 @@ def test_zsmerge_beats_eviction_on_a_repetitive_context():
         return torch.stack(out)
 
     full = logits(None)
-    err = {name: (logits(make_policy(name, 16)) - full).abs().mean().item() for name in NAMES}
+    err = {name: (logits(policy_of(name, 16)) - full).abs().mean().item() for name in NAMES}
     assert err["zsmerge"] < min(err["h2o"], err["streaming"]), err
 
 
@@ -152,16 +160,16 @@ def test_chat_and_eval_take_a_policy(tmp_path):
 def test_policy_knobs_override_the_defaults():
     from kvconvert.errors import KvconvertError
 
-    p = make_policy("zsmerge", 0.1, recent=0.25, residual=0.1, decay=0.9)
+    p = policy_of("zsmerge", 0.1, recent=0.25, residual=0.1, decay=0.9)
     assert (p.recent, p.residual, p.decay) == (0.25, 0.1, 0.9)
     assert p.split(100) == (25, 8)  # 25 recent, 10% of the other 75 (rounded) merge slots
     d = make_policy("zsmerge", 0.1)
-    assert (d.recent, d.residual, d.decay) == (0.5, 0.02, 0.98)
+    assert (d.recent, d.residual, d.decay) == (0.5, 0.0, 0.98)  # merge slots off by default
     with pytest.raises(KvconvertError, match="--kv-decay"):
-        make_policy("h2o", 0.1, decay=1.5)
-    assert make_policy("h2o", 0.1, queries=8).prefill_queries == 8 and d.prefill_queries == 512
+        policy_of("h2o", 0.1, decay=1.5)
+    assert policy_of("h2o", 0.1, queries=8).prefill_queries == 8 and d.prefill_queries == 512
     with pytest.raises(KvconvertError, match="--kv-queries"):
-        make_policy("zsmerge", 0.1, queries=0)
+        policy_of("zsmerge", 0.1, queries=0)
 
 
 @pytest.mark.parametrize("name", ["zsmerge", "h2o"])
@@ -172,7 +180,7 @@ def test_scoring_queries_choose_what_the_prompt_keeps(name):
     ids = [prompt(80, seed=3)]
 
     def kept(**kw):
-        out, rt = run(model, ids, make_policy(name, 16, **kw), n=1)
+        out, rt = run(model, ids, policy_of(name, 16, **kw), n=1)
         return out, torch.cat([s.pos.flatten() for s in rt.policy.states])
 
     default, every, few = kept(), kept(queries=80), kept(queries=2)
@@ -189,7 +197,7 @@ def test_chat_turns_under_a_policy():
 
     model = tiny_clla(4, vocab_size=260)
     tok = byte_tokenizer()
-    rt = LatentRuntime(model, 1, 64 + 16, policy=make_policy("zsmerge", 16), context=400)
+    rt = LatentRuntime(model, 1, 64 + 16, policy=policy_of("zsmerge", 16), context=400)
     s = ChatSession(rt, tok)
     opts = SamplingOptions(max_new_tokens=5)
     s.reply("first message, long enough to be compressed", opts)
@@ -210,7 +218,7 @@ def test_hold_stops_compressing_and_keeps_the_merged_slots(name):
     re-merged; the compressed prompt's slots, weights included, stay as they were."""
     model = tiny_clla(4)
     budget = 10
-    rt = LatentRuntime(model, 1, 40, policy=make_policy(name, budget), context=200)
+    rt = LatentRuntime(model, 1, 40, policy=policy_of(name, budget), context=200)
     rt.prefill(torch.tensor([prompt(30, seed=4)]), [30])
     assert rt.lengths == [budget]
     st = rt.policy.states[0]
@@ -236,7 +244,7 @@ def test_prompt_only_scoring_differs_from_holding_the_budget():
 
     model = tiny_clla(16)
     windows = torch.tensor([prompt(64, seed=6)])
-    factory = lambda: make_policy("h2o", 8)  # noqa: E731
+    factory = lambda: policy_of("h2o", 8)  # noqa: E731
     held = score_windows_with_policy(model, windows, factory, score_last=32, chunk=8)
     prompt_only = score_windows_with_policy(model, windows, factory, score_last=32, chunk=8, prompt_only=True)
     full = score_windows_with_policy(model, windows, lambda: None, score_last=32, chunk=8)
@@ -251,7 +259,7 @@ def full_and_budgeted(model, name: str, budget: int = 10):
     ids = torch.tensor([prompt(33, seed=2)])
     full = LatentRuntime(model, 1, 64)
     full.prefill(ids, [33])
-    rt = LatentRuntime(model, 1, 40, policy=make_policy(name, budget), context=200)
+    rt = LatentRuntime(model, 1, 40, policy=policy_of(name, budget), context=200)
     rt.prefill(ids, [33])
     return full, rt
 
@@ -325,14 +333,14 @@ def test_head_granularity_reference_reproduces_the_runtime():
     clla = build_identity(src, "llama", "tiny")
     W, ctx, budget = 96, 64, 0.25
     ids = torch.tensor([prompt(W, seed=5)])
-    policy = make_policy("zsmerge", budget)
+    policy = policy_of("zsmerge", budget)
     keep = policy.slots(W)
     recent, merge_slots = policy.split(keep)
     ref = window_nll(src, ids, ctx, list(METHODS), keep, recent, merge_slots, policy.decay, policy.prefill_queries)
     runtime = {
         "full": lambda: None,
-        "zsmerge/group": lambda: make_policy("zsmerge", budget),
-        "h2o/group": lambda: make_policy("zsmerge", budget, residual=0.0),
+        "zsmerge/group": lambda: policy_of("zsmerge", budget),
+        "h2o/group": lambda: policy_of("zsmerge", budget, residual=0.0),
     }
     for name, factory in runtime.items():
         got = score_windows_with_policy(clla, ids, factory, W - ctx, prompt_only=True)["nll"]
@@ -373,7 +381,7 @@ def test_for_context_sizes_the_cache_for_the_budget_and_one_prefill_chunk():
     model = tiny_clla(4)
     full = LatentRuntime.for_context(model, 2, 64)
     assert full.cache.capacity == 64 and full.context == 64 and full.prefill_chunk is None
-    rt = LatentRuntime.for_context(model, 1, 200, make_policy("zsmerge", 0.1), prefill_chunk=16)
+    rt = LatentRuntime.for_context(model, 1, 200, policy_of("zsmerge", 0.1), prefill_chunk=16)
     assert rt.cache.capacity == 20 + 16 and rt.context == 200 and rt.prefill_chunk == 16
     steps = []
     prefill = rt.prefill
@@ -381,7 +389,7 @@ def test_for_context_sizes_the_cache_for_the_budget_and_one_prefill_chunk():
     rt.prefill_chunked(torch.tensor([prompt(50, seed=4)]), [50])
     assert steps == [16, 16, 16, 2] and rt.lengths == [20] and rt.seen == [50]
     with pytest.raises(KvconvertError, match="too small"):
-        LatentRuntime.for_context(model, 1, 20, make_policy("zsmerge", 0.1))
+        LatentRuntime.for_context(model, 1, 20, policy_of("zsmerge", 0.1))
 
 
 def _identity_llama():
@@ -399,7 +407,7 @@ def test_reconstruction_scores_are_the_strongest_attention_of_the_reading():
     group, over all the chunks: checked against the source's own eager attention weights."""
     src, clla = _identity_llama()
     ids, repeat, chunk = prompt(40, seed=7), prompt(5, seed=8), 16
-    policy = make_policy("h2o", 10, score="reconstruct")
+    policy = policy_of("h2o", 10, score="reconstruct")
     rt = LatentRuntime(clla, 1, 10 + 40 + 5 + chunk, policy=policy, context=48)
     rt.score_by_reconstruction(ids, repeat, chunk)
     expected = torch.zeros(clla.config.num_layer_groups, 40)
@@ -420,10 +428,10 @@ def test_a_reconstruction_reading_leaves_the_cache_as_a_plain_prefill():
     then brings the row to its budget, and decoding goes on from the prompt's end."""
     _, clla = _identity_llama()
     ids, repeat = prompt(40, seed=9), prompt(5, seed=10)
-    plain = LatentRuntime(clla, 1, 64, policy=make_policy("zsmerge", 12), context=64)
+    plain = LatentRuntime(clla, 1, 64, policy=policy_of("zsmerge", 12), context=64)
     plain.policy.hold()
     want = plain.prefill(torch.tensor([ids]), [40])
-    rt = LatentRuntime(clla, 1, 12 + 40 + 5 + 16, policy=make_policy("zsmerge", 12, score="reconstruct"), context=64)
+    rt = LatentRuntime(clla, 1, 12 + 40 + 5 + 16, policy=policy_of("zsmerge", 12, score="reconstruct"), context=64)
     got = rt.score_by_reconstruction(ids, repeat, chunk=16)
     assert torch.equal(got, want)
     assert rt.lengths == rt.seen == [40] and int(rt.positions[0]) == int(rt.cache.seq_lens[0]) == 40
@@ -448,7 +456,7 @@ def test_query_agnostic_generation_compresses_the_context_before_the_question(sc
     made = []
 
     def factory(budget):
-        made.append(make_policy("h2o", budget, score=score))
+        made.append(policy_of("h2o", budget, score=score))
         return made[-1]
 
     full = runtime_generator(clla, lambda: None)(ids + question, n)
@@ -481,7 +489,7 @@ def test_the_batched_decode_eviction_keeps_what_the_per_row_one_keeps(name, bits
     slots, is not a steady one). Checked at every steady step of a per-row run, on copies of its state."""
     from kvconvert.runtime.policies.base import GroupState
     model = tiny_clla(bits, **ROPE[rope])
-    policy = make_policy(name, 12)
+    policy = policy_of(name, 12)
     policy.batched_step = False
     per_row, checked, steady = type(policy).compress, [], {}
 
@@ -517,7 +525,7 @@ def test_a_run_with_the_batched_eviction_matches_the_per_row_run(name):
     model = tiny_clla(4)
     runs = {}
     for batched in (False, True):
-        policy = make_policy(name, 12)
+        policy = policy_of(name, 12)
         policy.batched_step = batched
         runs[batched] = run(model, [prompt(33, seed=4), prompt(8, seed=5)], policy, n=16, capacity=40, context=64)
     (out_rows, rows), (out_batched, batched) = runs[False], runs[True]
@@ -536,7 +544,7 @@ def test_a_run_with_the_batched_eviction_matches_the_per_row_run(name):
 def test_a_steady_eviction_makes_no_host_sync(name):
     """On CUDA, a steady step's policy work (observe, evict_one, the lengths) runs with syncs made errors."""
     model = tiny_clla(4).cuda()
-    rt = LatentRuntime(model, 2, 40, policy=make_policy(name, 12), context=64, cuda_graphs=False)
+    rt = LatentRuntime(model, 2, 40, policy=policy_of(name, 12), context=64, cuda_graphs=False)
     rt.generate([prompt(33, seed=4), prompt(30, seed=5)], SamplingOptions(max_new_tokens=4))  # both rows at the budget
     assert rt.policy.steady([n + 1 for n in rt.lengths])
     apply = rt._apply_policy

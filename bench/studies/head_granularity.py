@@ -61,7 +61,8 @@ def main() -> None:
     windows = text_windows(tok, read_text(data_file("austen_persuasion.txt", args.text)), args.window,
                            args.window * args.windows)
     W, ctx = windows.shape[1], windows.shape[1] - args.score_last
-    policy = make_policy("zsmerge", args.budget, queries=args.queries)  # the runtime's sizes and defaults
+    # the runtime's sizes and defaults, with the authors' merge slots (off by default) for the merging rows
+    policy = make_policy("zsmerge", args.budget, queries=args.queries, residual=0.02)
     keep = policy.slots(W)
     recent, merge_slots = policy.split(keep)
     decay, queries = policy.decay, policy.prefill_queries

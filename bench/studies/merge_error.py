@@ -132,7 +132,7 @@ def main() -> None:
     D = cfg.hidden_size // H
     windows = text_windows(source.tokenizer, read_text(data_file("austen_emma.txt", args.text)), W,
                            W * (args.skip + args.windows))[args.skip:]
-    policy = make_policy("zsmerge", args.budget)
+    policy = make_policy("zsmerge", args.budget, residual=0.02)  # the authors' merge slots (off by default)
     n = policy.slots(W)
     recent, residual = policy.split(n)
     heavy = n - recent - residual

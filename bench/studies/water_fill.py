@@ -64,7 +64,7 @@ def main() -> None:
         kl = planning.kl_to_source(model, heldout, source_logp)
         rkl = probe.kl(model, probe_logp)
         row = {"weights": label, "bytes": at, "plan": filled.describe(), "widths": filled.widths, "heldout_kl": kl,
-               "recall_kl": rkl, "kv_ratio": filled.kv_bytes_per_token(base) / base.source_kv_bytes_per_token}
+               "recall_kl": rkl, "kv_ratio": filled.kv_bytes(base) / base.source_kv_bytes_per_token}
         result["rows"].append(row)
         print(f"{label}, {at}: held-out KL {kl:.4f}, recall KL {rkl:.4f}, widths {filled.widths}", flush=True)
         write_result(name, result | {"seconds": round(time.perf_counter() - t0, 1)})

@@ -33,7 +33,11 @@ def convert(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (written atomically).")],
     kv_ratio: Annotated[
         Optional[float],
-        typer.Option("--kv-ratio", help="Target KV cache size as a fraction of the source's 16-bit cache, in (0, 1]."),
+        typer.Option("--kv-ratio", help="Target KV cache size as a fraction of the source's 16-bit cache at --context tokens, in (0, 1]."),
+    ] = None,
+    context: Annotated[
+        Optional[int],
+        typer.Option("--context", help="Tokens per sequence the --kv-ratio is planned at: sliding-window layers hold only their window there (default: the model's positions, at most 32,768; the same ratio at every length without sliding windows)."),
     ] = None,
     identity: Annotated[bool, typer.Option("--identity", help="Exact conversion: full-width latent, no compression.")] = False,
     latent_dim: Annotated[Optional[int], typer.Option(help="Latent width per layer group (overrides the plan).")] = None,
@@ -105,7 +109,7 @@ def convert(
         raise KvconvertError("--identity is the exact conversion: it takes no --target")
     with training_progress_bar() as bar:
         opts = ConvertOptions(
-            identity=identity, kv_ratio=kv_ratio, overrides=overrides, group_sizes=parse_group_sizes(groups),
+            identity=identity, kv_ratio=kv_ratio, context=context, overrides=overrides, group_sizes=parse_group_sizes(groups),
             data=list(data or []), calib_tokens=calib_tokens, long_rows=calib_long_rows, probe_rows=probe_rows,
             attention_weight=attention_weight, refit=refit, top_up=top_up, seed=seed, force=force, dtype=dtype, log=log, progress=task_progress(bar),
         )

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from ..config import kv_bytes_breakdown, kv_bytes_per_token
+from ..config import MAX_PLAN_CONTEXT, RING_CHUNK, kv_bytes, kv_bytes_breakdown, kv_bytes_per_token, source_kv_bytes
 from ..errors import KvconvertError
 
 
@@ -85,6 +85,10 @@ def conversion_record(cfg, summary: dict) -> dict:
 
     kv = kv_bytes_per_token(cfg)
     src_kv = cfg.source_kv_bytes_per_token
+    context = summary.get("context") or min(cfg.max_position_embeddings, MAX_PLAN_CONTEXT)
+    at_context = {"context": context, "kv_bytes": kv_bytes(cfg, context, RING_CHUNK),
+                  "source_kv_bytes": source_kv_bytes(cfg, context)}
+    at_context["kv_ratio"] = at_context["kv_bytes"] / at_context["source_kv_bytes"] if src_kv else None
     return {
         "kvconvert_version": __version__,
         "source": cfg.source_name,
@@ -92,6 +96,9 @@ def conversion_record(cfg, summary: dict) -> dict:
         "kv_bytes_breakdown": kv_bytes_breakdown(cfg),
         "source_kv_bytes_per_token": src_kv,
         "kv_ratio": kv / src_kv if src_kv else None,
+        # one row at `context` tokens, sliding-window groups as the runtime's rings and the source's layers as
+        # their windows: the ratio --kv-ratio targets (equal to kv_ratio without sliding windows)
+        "at_context": at_context,
         **summary,
     }
 

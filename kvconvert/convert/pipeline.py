@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..config import SUPPORTED_KV_BITS
+from ..config import MAX_PLAN_CONTEXT, SUPPORTED_KV_BITS
 from ..errors import KvconvertError
 from .build import ATTENTION_WEIGHT, Compressor
 from .groups import layer_kinds, mixed_group
@@ -31,6 +31,7 @@ Log = Callable[[str], None]
 class ConvertOptions:
     identity: bool = False
     kv_ratio: float | None = None
+    context: int | None = None  # tokens per row --kv-ratio is planned at (None: plan_context, from the model)
     overrides: Overrides = field(default_factory=Overrides)
     group_sizes: list[int] | None = None  # --groups, checked against the layer count once the source is known
     data: list[Path] = field(default_factory=list)
@@ -88,6 +89,10 @@ def check_options(opts: ConvertOptions) -> None:
     ov = opts.overrides
     if opts.kv_ratio is not None and not 0 < opts.kv_ratio <= 1:
         raise KvconvertError(f"--kv-ratio must be in (0, 1], got {opts.kv_ratio}")
+    if opts.context is not None and opts.context < 1:
+        raise KvconvertError(f"--context must be a number of tokens >= 1, got {opts.context}")
+    if opts.identity and opts.context is not None:
+        raise KvconvertError("--identity is the exact plan; it takes no --context (a --kv-ratio's)")
     if opts.identity and (opts.kv_ratio is not None or ov.any() or opts.group_sizes):
         raise KvconvertError("--identity is the exact plan; it takes no --kv-ratio or plan options")
     if not opts.identity and opts.kv_ratio is None and ov.latent_dim is None:
@@ -348,12 +353,22 @@ def long_calibration(source, stream: torch.Tensor, lead: list[int], opts: Conver
     return long_calibration_rows(stream, opts.long_rows, length, opts.seq_len, opts.seed, source.tokenizer, lead)[0]
 
 
+def plan_context(base, context: int | None) -> int:
+    """The row length a --kv-ratio is planned at: `context`, within the model's positions, else the positions capped
+    at MAX_PLAN_CONTEXT. Without sliding-window layers the ratio is the same at every length."""
+    longest = base.max_position_embeddings
+    if context is not None and context > longest:
+        raise KvconvertError(f"--context {context:,} exceeds the model's max_position_embeddings ({longest:,})")
+    return context or min(longest, MAX_PLAN_CONTEXT)
+
+
 def compress(source, name: str, opts: ConvertOptions, timings: dict):
     """Calibrate, plan and build a compressed model; returns it and its part of the conversion record."""
     from .identity import identity_config
 
     base = identity_config(source.model.config, source.model_type, name)
     ov = fit_target(base, check_overrides_against(base, opts))
+    context = plan_context(base, opts.context)
     t = time.perf_counter()
     calib, heldout, origin, stream, lead = calibration_tokens(source, opts)
     long = long_calibration(source, stream, lead, opts)
@@ -364,7 +379,7 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     comp = Compressor(source.model, source.model_type, name, cal, opts.attention_weight)
     probe = recall_probe(source, stream, lead, opts)
     report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log, probe=probe, sequential=opts.refit,
-                         top_up=opts.top_up)
+                         top_up=opts.top_up, context=context)
     timings["plan_and_build"] = round(time.perf_counter() - t, 3)
     model, plan = report.model, report.plan
     if ov.target == "deepseek-v3":
@@ -381,6 +396,7 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     summary = {
         "plan": plan.describe(),
         "target_kv_ratio": opts.kv_ratio,
+        "context": context,
         "calibration": {"tokens": int(calib.numel()), "heldout_tokens": int(heldout.numel()), "origin": origin,
                         "long_rows": 0 if long is None else len(long),
                         "long_len": 0 if long is None else long.shape[1],

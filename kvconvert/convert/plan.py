@@ -13,6 +13,10 @@
    quantization noise (measured relative noise of the quantizer times the signal it quantizes).
 3. Build the best few and measure KL(source || model) on held-out calibration tokens; the lowest KL wins.
 Explicit overrides fix parts of the plan; a target no plan reaches is refused with the smallest reachable ratio.
+
+Bytes are counted per row at a context (`context`; None: per token): a group of sliding-window layers costs its
+runtime ring, not a slot per token, so where a model has such layers the budget at a long context buys far wider
+latents than per token, and the ratio is the one a user serving that context sees (see source_bytes).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import (CllaConfig, cached_bytes, describe_latent, key_norm_count, kv_bytes_per_token, latent_segments,
-                      rope_quant_group)
+from ..config import (RING_CHUNK, CllaConfig, cached_bytes, describe_latent, key_norm_count, kv_bytes, kv_bytes_per_token,
+                      latent_segments, layout_slots, rope_quant_group, source_kv_bytes)
 from ..errors import KvconvertError
 from ..quant import fake_quantize
 from .groups import Layout, describe_layout, layer_kinds, prefix_groups, prefix_length, uniform_groups
@@ -100,16 +104,15 @@ class Plan:
             return self.latent_segments
         return latent_segments(self.widths[i][0], self.kv_bits, self.widths[i][1], self.tail_bits)
 
-    def kv_bytes_per_token(self, base: CllaConfig) -> int:
-        """`kv_bytes_per_token(self.to_config(base))` without building (or validating) the config: the width search
-        prices hundreds of plans, and building a CllaConfig for each costs about a sixth of the planning time."""
+    def kv_bytes(self, base: CllaConfig, context: int | None = None) -> int:
+        """`plan_bytes(base, self, context)` without building (or validating) the config: the width search prices
+        hundreds of plans, and building a CllaConfig for each costs about a sixth of the planning time."""
         cached_rope_dim = 0 if self.rope_from_latent else self.rope_dim
-        if self.widths is None:
-            return sum(cached_bytes(len(self.groups), self.latent_segments, self.quant_group, self.rope_heads,
-                                    cached_rope_dim, self.rope_bits, key_norm_count(base)).values())
-        norms = key_norm_count(base)  # counted once, with the first group
-        return sum(sum(cached_bytes(1, self.group_segments(i), self.quant_group, self.rope_heads, cached_rope_dim,
-                                    self.rope_bits, norms if i == 0 else 0).values()) for i in range(len(self.groups)))
+        norms = key_norm_count(base) // base.num_hidden_layers  # per layer
+        tokens = group_tokens(base, self.groups, context)
+        return sum(n * sum(cached_bytes(1, self.group_segments(i), self.quant_group, self.rope_heads, cached_rope_dim,
+                                        self.rope_bits, norms * len(g)).values())
+                   for i, (g, n) in enumerate(zip(self.groups, tokens)))
 
     def to_config(self, base: CllaConfig, freq: list | None = None) -> CllaConfig:
         """The CllaConfig of this plan on a source (`base`: its identity config); raises ValueError if the plan does
@@ -191,15 +194,32 @@ def rope_keys_mode(ov: Overrides) -> str:
     return "cached" if cached else "latent"
 
 
-def plan_bytes(base: CllaConfig, plan: Plan) -> int:
-    """KV bytes per token of the plan's config (built, so an invalid plan raises ValueError)."""
-    return kv_bytes_per_token(plan.to_config(base))
+def group_tokens(base: CllaConfig, groups, context: int | None) -> list[int]:
+    """Tokens each layer group caches for one row of `context` tokens: all, or the runtime's ring for a group of
+    sliding-window layers (config.cache_slots); None: one each (bytes per token)."""
+    if context is None:
+        return [1] * len(groups)
+    return layout_slots(base.layer_windows, groups, context, RING_CHUNK)
 
 
-def _widest(base: CllaConfig, budget: int, at: Callable[[int], Plan], step: int, cap: int) -> int:
+def source_bytes(base: CllaConfig, context: int | None) -> int:
+    """The source's 16-bit cache: per token (context None), or one row of `context` tokens, a sliding-window layer
+    holding its window."""
+    return base.source_kv_bytes_per_token if context is None else source_kv_bytes(base, context)
+
+
+def plan_bytes(base: CllaConfig, plan: Plan, context: int | None = None) -> int:
+    """KV bytes of the plan's config (built, so an invalid plan raises ValueError): per token, or one row at
+    `context` tokens with the runtime's rings (config.kv_bytes)."""
+    cfg = plan.to_config(base)
+    return kv_bytes_per_token(cfg) if context is None else kv_bytes(cfg, context, RING_CHUNK)
+
+
+def _widest(base: CllaConfig, budget: int, at: Callable[[int], Plan], step: int, cap: int,
+            context: int | None = None) -> int:
     """The largest n (a multiple of step, at most cap) with plan bytes(at(n)) <= budget; bytes are linear in n."""
-    one = at(step).kv_bytes_per_token(base)
-    per_step = at(2 * step).kv_bytes_per_token(base) - one
+    one = at(step).kv_bytes(base, context)
+    per_step = at(2 * step).kv_bytes(base, context) - one
     n = (budget - (one - per_step)) // per_step
     return int(max(0, min(n * step, cap - cap % step)))
 
@@ -210,15 +230,16 @@ def full_width(base: CllaConfig, plan: Plan) -> int:
     return min(max(map(len, plan.groups)) * 2 * base.num_key_value_heads * base.head_dim, base.hidden_size)
 
 
-def widest_latent(base: CllaConfig, plan: Plan, budget: int) -> int:
+def widest_latent(base: CllaConfig, plan: Plan, budget: int, context: int | None = None) -> int:
     """The largest latent width (a multiple of the quant group, or of 8 at 16 bits) within `budget` bytes, capped
     at `full_width`; a tail (plan.tail_dim) stays as it is and the head widens."""
     step = plan.quant_group if plan.kv_bits < 16 or plan.tail_dim else 8
     t = plan.tail_dim
-    return t + _widest(base, budget, lambda n: replace(plan, latent_dim=t + n), step, full_width(base, plan) - t)
+    return t + _widest(base, budget, lambda n: replace(plan, latent_dim=t + n), step, full_width(base, plan) - t,
+                       context)
 
 
-def tail_plans(base: CllaConfig, plan: Plan, budget: int) -> list[Plan]:
+def tail_plans(base: CllaConfig, plan: Plan, budget: int, context: int | None = None) -> list[Plan]:
     """The 4-bit plan of the widest latent (width W) with a 2-bit tail instead: heads of TAIL_SHARES of W, each
     with the widest tail the budget leaves."""
     qg, out = plan.quant_group, []
@@ -227,13 +248,14 @@ def tail_plans(base: CllaConfig, plan: Plan, budget: int) -> list[Plan]:
         if head < qg:
             continue
         tail = _widest(base, budget, lambda n: replace(plan, latent_dim=head + n, tail_dim=n), qg,
-                       full_width(base, plan) - head)
+                       full_width(base, plan) - head, context)
         if tail >= qg:
             out.append(replace(plan, latent_dim=head + tail, tail_dim=tail))
     return list(dict.fromkeys(out))
 
 
-def head8_mix(base: CllaConfig, plan: Plan, budget: int | None, ov: Overrides) -> Plan | None:
+def head8_mix(base: CllaConfig, plan: Plan, budget: int | None, ov: Overrides, context: int | None = None
+              ) -> Plan | None:
     """For an all-4-bit latent whose bits and tail were not given: its highest-energy quant group at 8 bits before
     a 4-bit tail as wide as the budget leaves (one step of the reverse water-filling that a rotated one-precision
     latent gives up), else None."""
@@ -241,7 +263,7 @@ def head8_mix(base: CllaConfig, plan: Plan, budget: int | None, ov: Overrides) -
         return None
     head = plan.quant_group
     mix = lambda n: replace(plan, kv_bits=8, tail_bits=4, latent_dim=head + n, tail_dim=n)  # noqa: E731
-    tail = _widest(base, budget, mix, plan.quant_group, full_width(base, plan) - head)
+    tail = _widest(base, budget, mix, plan.quant_group, full_width(base, plan) - head, context)
     return mix(tail) if tail >= plan.quant_group else None
 
 
@@ -258,7 +280,7 @@ def group_error(fit, plan: Plan, segments: list[tuple[int, int]]) -> float:
 
 
 def water_fill(comp: Compressor, plan: Plan, budget: int | None, ov: Overrides,
-               weights: list[float] | None = None, keep: bool = True) -> Plan | None:
+               weights: list[float] | None = None, keep: bool = True, context: int | None = None) -> Plan | None:
     """The plan's bits and layout with each group's latent as wide as its error earns (reverse water-filling across
     groups): from the plan's latents (`keep`; else from one quant group per group), quant groups of latent dims are
     added (at the tail's bits, or the head's without a tail) or promoted from the tail to the head's bits, each step
@@ -283,11 +305,13 @@ def water_fill(comp: Compressor, plan: Plan, budget: int | None, ov: Overrides,
     def shaped(states) -> Plan:
         return replace(plan, widths=tuple((q * (h + t), q * t) for h, t in states))
 
+    tokens = group_tokens(base, plan.groups, context)
+
     def cost(i: int, head: int, tail: int) -> tuple[float, int]:
-        nbytes = sum(cached_bytes(1, segments(head, tail), q, 0, 0, 16, 0).values())
+        nbytes = tokens[i] * sum(cached_bytes(1, segments(head, tail), q, 0, 0, 16, 0).values())
         return weights[i] * group_error(fits[i], plan, segments(head, tail)), nbytes
 
-    spent = shaped(state).kv_bytes_per_token(base)
+    spent = shaped(state).kv_bytes(base, context)
     if spent > budget:
         return None
     now = [cost(i, *s) for i, s in enumerate(state)]
@@ -369,7 +393,8 @@ def rope_options(base: CllaConfig, groups, ov: Overrides, from_latent: bool = Fa
     return sorted(set((rh, rd) for rh, rd in options if rd >= 0))
 
 
-def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_layouts: int | None = None) -> list[Plan]:
+def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_layouts: int | None = None,
+                    context: int | None = None) -> list[Plan]:
     """Plans the grid and the overrides allow within the budget. Without a budget (`smallest_ratio`), each plan at
     its narrowest latent: MIN_LATENT rounded up to the quant group (plus any tail), within `full_width`. With
     `max_layouts`, only the that many finest layer layouts that fit the budget: sharing across layers costs
@@ -397,15 +422,15 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
                             continue
                         candidates = [plan]
                         if ov.latent_dim is None and budget is not None:
-                            R = widest_latent(base, plan, budget)
+                            R = widest_latent(base, plan, budget, context)
                             if R < MIN_LATENT or R <= tail:
                                 continue
                             candidates = [replace(plan, latent_dim=R)]
                             if kb == 4 and ov.tail_dim is None and ov.target != DEEPSEEK_V3:
-                                candidates += tail_plans(base, candidates[0], budget)
+                                candidates += tail_plans(base, candidates[0], budget, context)
                         for p in candidates:
                             try:
-                                nbytes = plan_bytes(base, p)
+                                nbytes = plan_bytes(base, p, context)
                             except ValueError:
                                 continue
                             if budget is None or nbytes <= budget:
@@ -417,10 +442,10 @@ def enumerate_plans(base: CllaConfig, budget: int | None, ov: Overrides, max_lay
     return plans
 
 
-def smallest_ratio(base: CllaConfig, ov: Overrides) -> float:
-    """The smallest KV ratio any plan of the grid reaches (honouring the overrides)."""
+def smallest_ratio(base: CllaConfig, ov: Overrides, context: int | None = None) -> float:
+    """The smallest KV ratio any plan of the grid reaches (honouring the overrides), per token or at `context`."""
     plans = enumerate_plans(base, None, ov)
-    return min(plan_bytes(base, p) for p in plans) / base.source_kv_bytes_per_token if plans else math.inf
+    return min(plan_bytes(base, p, context) for p in plans) / source_bytes(base, context) if plans else math.inf
 
 
 @functools.lru_cache(maxsize=None)
@@ -554,28 +579,28 @@ class PlanReport:
 def choose_plan(
     comp: Compressor, kv_ratio: float | None, ov: Overrides, heldout: torch.Tensor, per_family: int = 1,
     log: Log = lambda m: None, prefix: bool = True, probe: RecallProbe | None = None, refine: bool = True,
-    sequential: bool = False, top_up: bool = False,
+    sequential: bool = False, top_up: bool = False, context: int | None = None,
 ) -> PlanReport:
     """Proxy-rank the plans of each (layout, rope heads, rope dim) family, then measure held-out KL on the best
     `per_family` of each; with a `probe` (long-range recall) the RECALL_FINALISTS best are also measured on it and the
     lowest sum wins, then is refined under the same sum.
     `prefix=False` leaves out the prefix layouts, `refine=False` the refinements of the winner (ablations),
     `sequential=True` adds its sequential refit (`kvconvert convert --refit`), `top_up=True` the bytes it leaves spent
-    per layer group (`--top-up`)."""
+    per layer group (`--top-up`). Bytes and the ratio are one row's at `context` tokens (None: per token)."""
     base = comp.base
-    src = base.source_kv_bytes_per_token
+    src = source_bytes(base, context)
     budget = int(kv_ratio * src) if kv_ratio is not None else None
     if budget is None and ov.latent_dim is None:
         raise KvconvertError("give --kv-ratio, or --latent-dim with the other plan options")
-    plans = enumerate_plans(base, budget, ov, max_layouts=2)
+    plans = enumerate_plans(base, budget, ov, max_layouts=2, context=context)
     uniform = list(dict.fromkeys(p.groups for p in plans))
     mixed = []
     if prefix and ov.groups is None and ov.group_size is None and len(uniform) == 2:
         a, b = (max(map(len, g)) for g in uniform)
         for layout in prefix_layouts(base, a, b):
-            mixed += enumerate_plans(base, budget, replace(ov, groups=layout))
+            mixed += enumerate_plans(base, budget, replace(ov, groups=layout), context=context)
     if not plans:
-        reach = smallest_ratio(base, ov)
+        reach = smallest_ratio(base, ov, context)
         if kv_ratio is not None and kv_ratio < reach < math.inf:
             what = "with these plan options " if ov.any() else ""
             raise KvconvertError(f"--kv-ratio {kv_ratio:g} is out of reach {what}(smallest reachable ratio: {reach:.4f})")
@@ -625,7 +650,7 @@ def choose_plan(
         math.inf where it cannot beat the bound (see `recall`)."""
         model = comp.build(p)
         kl = kl_to_source(model, heldout, source_logp)
-        ratio = plan_bytes(base, p) / src
+        ratio = plan_bytes(base, p, context) / src
         log(f"  {p.describe()}: KV ratio {ratio:.4f}, held-out KL {kl:.4f}")
         results.append({"plan": p.describe(), "kv_ratio": ratio, "proxy": proxy, "heldout_kl": kl, "recall_kl": None})
         if bound is None or probe is None:
@@ -650,7 +675,7 @@ def choose_plan(
     if refine:
         winner = best[1]
         best = key_weight_search(best, lambda w, bound: judge(replace(winner, key_weight=w), None, bound))
-    mixed8 = head8_mix(base, best[1], budget, ov) if refine else None
+    mixed8 = head8_mix(base, best[1], budget, ov, context) if refine else None
     if mixed8 is not None:
         r = judge(mixed8, None, best[0])
         if r[0] < best[0]:
@@ -661,7 +686,8 @@ def choose_plan(
     filled = None
     if refine and top_up and probe is not None:
         sens = output_sensitivity(comp.src, heldout)
-        filled = water_fill(comp, best[1], budget, ov, [sum(sens[i] for i in g) / len(g) for g in best[1].groups])
+        filled = water_fill(comp, best[1], budget, ov, [sum(sens[i] for i in g) / len(g) for g in best[1].groups],
+                            context=context)
     if filled is not None:
         r = judge(filled, None)
         if r[3] < best[3]:
@@ -674,5 +700,5 @@ def choose_plan(
         if r[0] < best[0]:
             best = r
     _, plan, model, kl, recall = best
-    nbytes = plan_bytes(base, plan)
+    nbytes = plan_bytes(base, plan, context)
     return PlanReport(plan, model, nbytes, nbytes / src, kl, results, recall)

@@ -8,15 +8,10 @@ transformers' sliding-window caches keep).
 
 from __future__ import annotations
 
-from ..config import RING_CHUNK, CllaConfig, group_and_layer_bytes, kv_bytes, kv_bytes_breakdown, window_tokens
+from ..config import (RING_CHUNK, CllaConfig, group_and_layer_bytes, kv_bytes, kv_bytes_breakdown, source_kv_bytes,
+                      window_tokens)
 
 GIB = 1 << 30
-
-
-def source_kv_bytes(cfg: CllaConfig, context: int) -> int:
-    """One row of the source's 16-bit K/V cache at `context` tokens; a sliding-window layer keeps its window."""
-    per_layer = (cfg.source_kv_bytes_per_token or sum(kv_bytes_breakdown(cfg).values())) // cfg.num_hidden_layers
-    return per_layer * sum(window_tokens(cfg, context))
 
 
 def source_param_count(cfg: CllaConfig) -> int:
