@@ -260,31 +260,46 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
 
 
 def time_source(model, batch: int, context: int, steps: int, seed: int = 0) -> dict:
-    """transformers' own generate on the source (static cache, SDPA, greedy): prefill = a 1-token generate,
-    decode = the extra time of `steps` more tokens."""
+    """transformers' own generate on the source (static cache, SDPA, greedy), one call of 1 + `steps` new tokens,
+    each token stamped as generate hands it out (a streamer): prefill = up to the first new token, decode = the
+    steps after it. (Decode was once the difference of two generate calls, each with its prefill: at 8k tokens on
+    CPU the prefills' jitter outweighed the steps, and two timings of the same model disagreed by 1.6x.)"""
     import time
 
     import torch
+    from transformers.generation.streamers import BaseStreamer
 
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.at: list[float] = []
+
+        def put(self, value):  # the prompt first, then each new token (every row's) as it is chosen
+            cuda_sync(device)
+            self.at.append(time.perf_counter())
+
+        def end(self):
+            pass
+
     # disable_compile: on CUDA a static cache would otherwise make transformers torch.compile the step (and
     # recompile for every new cache length, inside the timed region); this compares eager with eager + graphs.
     kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0, attention_mask=torch.ones_like(ids),
-              disable_compile=True)
+              disable_compile=True, max_new_tokens=1 + steps, min_new_tokens=1 + steps)
 
-    def run(n: int) -> float:
+    def run() -> tuple[float, float]:
+        stamps = Stamps()
         cuda_sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-        cuda_sync(device)
-        return time.perf_counter() - t0
+            model.generate(ids, streamer=stamps, **kw)
+        first, last = stamps.at[1], stamps.at[-1]  # at[0]: the prompt, before any work
+        return first - t0, (last - first) / (len(stamps.at) - 2)
 
-    run(1 + steps)  # warm-up with the timed shapes
-    t1 = run(1)
-    dt = max(run(1 + steps) - t1, 1e-9) / steps
+    run()  # warm-up with the timed shapes
+    t1, dt = run()
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     # transformers caches in the model's dtype (fp32 on CPU): count the bytes it really reads.
