@@ -80,3 +80,28 @@ def test_profile_cli_on_source_and_converted(tmp_path):
     jt = json.loads(runner.invoke(app, ["profile", "memory", str(tail), "--json"]).stdout)
     assert jt["latent_segments"][0] == [{"width": 32, "bits": 4}, {"width": 32, "bits": 2}]
     assert "latent (32 @ 4 + 32 @ 2 bit)" in runner.invoke(app, ["profile", "memory", str(tail)]).stdout
+
+
+def test_source_decode_time_does_not_carry_the_prefill(monkeypatch):
+    """time_source's decode is the time between the tokens generate hands out, whatever the prefill costs: here a
+    fake clock makes every prefill take a different time (10 s, 13 s, ...) and every decode step 0.5 s."""
+    import time
+
+    from kvconvert.runtime.profile import time_source
+
+    model = tiny_source("llama")
+    clock, prefills = [0.0], iter([10.0, 13.0, 11.0, 17.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    def generate(ids, max_new_tokens, streamer=None, **kw):
+        put = streamer.put if streamer is not None else (lambda value: None)
+        put(ids)  # the prompt, before any work
+        clock[0] += next(prefills)
+        for i in range(max_new_tokens):
+            clock[0] += 0.5 if i else 0.0  # the first token comes with the prefill
+            put(ids[:, :1])
+
+    monkeypatch.setattr(model, "generate", generate)
+    r = time_source(model, 2, 64, steps=8)
+    assert r["decode_step_ms"] == 500.0
+    assert r["prefill_tokens_per_s"] == 2 * 64 / 13.0  # the timed (second) call's prefill
