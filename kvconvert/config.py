@@ -339,6 +339,11 @@ RING_CHUNK = 1024  # the runtime's default: the most tokens one prefill step app
 MAX_PLAN_CONTEXT = 32768  # convert's default --context (the row length a --kv-ratio means): the positions, at most this
 
 
+def default_plan_context(config) -> int:
+    """convert's default --context: the model's positions, at most MAX_PLAN_CONTEXT."""
+    return min(config.max_position_embeddings, MAX_PLAN_CONTEXT)
+
+
 def group_window(config: CllaConfig, g: int) -> int | None:
     """The sliding window layer group g's cache must cover: its layers' largest; None if one attends fully."""
     windows = [config.layer_windows[i] for i in config.layer_groups[g]]

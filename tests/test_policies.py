@@ -499,7 +499,7 @@ def test_the_batched_decode_eviction_keeps_what_the_per_row_one_keeps(name, bits
             steady["now"], self.batched_step = self.steady(lengths), False
         if not steady["now"]:
             return per_row(self, g, streams, lengths, seen)
-        mine = GroupState(*(t.clone() for t in vars(self.states[g]).values()))
+        mine = GroupState(*(t.clone() for t in self.states[g].tensors()))
         copies = [Stream(s.data.clone(), None if s.scales is None else s.scales.clone(), s.bits, s.group, s.width)
                   for s in streams]
         theirs, self.states[g] = self.states[g], mine

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from ..config import MAX_PLAN_CONTEXT, RING_CHUNK, kv_bytes, kv_bytes_breakdown, kv_bytes_per_token, source_kv_bytes
+from ..config import RING_CHUNK, default_plan_context, kv_bytes, kv_bytes_breakdown, kv_bytes_per_token, source_kv_bytes
 from ..errors import KvconvertError
 
 
@@ -85,7 +85,7 @@ def conversion_record(cfg, summary: dict) -> dict:
 
     kv = kv_bytes_per_token(cfg)
     src_kv = cfg.source_kv_bytes_per_token
-    context = summary.get("context") or min(cfg.max_position_embeddings, MAX_PLAN_CONTEXT)
+    context = summary.get("context") or default_plan_context(cfg)
     at_context = {"context": context, "kv_bytes": kv_bytes(cfg, context, RING_CHUNK),
                   "source_kv_bytes": source_kv_bytes(cfg, context)}
     at_context["kv_ratio"] = at_context["kv_bytes"] / at_context["source_kv_bytes"] if src_kv else None

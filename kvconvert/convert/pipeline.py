@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..config import MAX_PLAN_CONTEXT, SUPPORTED_KV_BITS
+from ..config import SUPPORTED_KV_BITS, default_plan_context
 from ..errors import KvconvertError
 from .build import ATTENTION_WEIGHT, Compressor
 from .groups import layer_kinds, mixed_group
@@ -354,12 +354,12 @@ def long_calibration(source, stream: torch.Tensor, lead: list[int], opts: Conver
 
 
 def plan_context(base, context: int | None) -> int:
-    """The row length a --kv-ratio is planned at: `context`, within the model's positions, else the positions capped
-    at MAX_PLAN_CONTEXT. Without sliding-window layers the ratio is the same at every length."""
+    """The row length a --kv-ratio is planned at: `context`, within the model's positions, else the positions,
+    capped (config.default_plan_context). Without sliding-window layers the ratio is the same at every length."""
     longest = base.max_position_embeddings
     if context is not None and context > longest:
         raise KvconvertError(f"--context {context:,} exceeds the model's max_position_embeddings ({longest:,})")
-    return context or min(longest, MAX_PLAN_CONTEXT)
+    return context or default_plan_context(base)
 
 
 def compress(source, name: str, opts: ConvertOptions, timings: dict):

@@ -50,6 +50,10 @@ class GroupState:
     def log_weights(self) -> torch.Tensor:
         return self.weight.log()
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Everything kept per slot, in field order (what moves with a slot)."""
+        return self.pos, self.weight, self.score, self.residual, self.rot
+
 
 @dataclass
 class TokenBudgetPolicy:
@@ -181,7 +185,7 @@ class TokenBudgetPolicy:
         """Whether this step's compression is evict_one's: some row holds one slot past the budget, none more, and
         (ZSMerge) every such row has its merge slots. Decided from host lists, without reading the device."""
         over = [b for b, n in enumerate(lengths) if n > self.n_slots]
-        return (self.batched_step and not self.held and bool(over) and max(lengths) == self.n_slots + 1
+        return (self.batched_step and not self.held and max(lengths) == self.n_slots + 1
                 and (not self.residual or all(self.opened[b] for b in over)))
 
     def evict_one(self, g: int, streams: list[Stream], lens: torch.Tensor, seen: torch.Tensor) -> None:
@@ -226,7 +230,7 @@ class TokenBudgetPolicy:
             s.data[rows, evict] = s.data[rows, last]
             if s.scales is not None:
                 s.scales[rows, evict] = s.scales[rows, last]
-        for t in (st.pos, st.weight, st.score, st.residual, st.rot):
+        for t in st.tensors():
             t[rows, evict] = t[rows, last]
 
     def _merge(self, st, streams, b, evict, keep, opening: int) -> None:
@@ -282,5 +286,5 @@ class TokenBudgetPolicy:
             s.data[b, :n] = s.data[b, kept]
             if s.scales is not None:
                 s.scales[b, :n] = s.scales[b, kept]
-        for t in (st.pos, st.weight, st.score, st.residual, st.rot):
+        for t in st.tensors():
             t[b, :n] = t[b, kept]

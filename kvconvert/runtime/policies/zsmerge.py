@@ -5,8 +5,9 @@ Defaults follow the authors' LLaMA2-7B 5%-budget ablation anchor (half the budge
 prompt tokens scored by the decayed attention of the prompt's last queries) except the merge slots, which are off:
 measured on SmolLM2 they cost on text (5% budget, 12 windows of 4,096 tokens: 1.076x the full cache's perplexity
 with them against 1.070x without, 10 of 12 windows lower without) and changed no trial of the long-context suite at
-25% or 10% (docs/results.md, cache policies). `--kv-residual 0.02` gives the authors' 2% of the non-recent budget. The authors budget each kv head; here the budget is per layer group, whose latent every head reads. On the
-source model (identity conversion, where heads could choose apart) that costs 0.2-0.4% perplexity at 5%
+25% or 10% (docs/results.md, cache policies). `--kv-residual 0.02` gives the authors' 2% of the non-recent budget.
+The authors budget each kv head; here the budget is per layer group, whose latent every head reads. On the source
+model (identity conversion, where heads could choose apart) that costs 0.2-0.4% perplexity at 5%
 (bench/studies/head_granularity.py over runtime/policies/reference.py; docs/results.md, cache policies).
 """
 
