@@ -516,7 +516,7 @@ def test_the_recall_judge_stops_scoring_a_plan_that_cannot_win(monkeypatch):
                        collect_inputs(src, tokens[:-2]))
     ref, model = probe.logp(src), other.src
     calls = []
-    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    model.model.register_forward_pre_hook(lambda *a: calls.append(1))
     full, exact = probe.kl_bound(model, ref)
     assert exact and full == probe.kl(model, ref) and len(calls) == 2 * 3
     calls.clear()
@@ -690,3 +690,92 @@ def test_without_sliding_windows_the_context_changes_no_plan():
     for ratio in (0.5, 0.3, 0.1):
         per_token = enumerate_plans(base, int(ratio * source_bytes(base, None)), Overrides())
         assert per_token == enumerate_plans(base, int(ratio * source_bytes(base, 16384)), Overrides(), context=16384)
+
+
+def test_a_folder_without_a_tokenizer_converts(tmp_path):
+    """transformers builds an empty Qwen2 tokenizer (one token) from a config alone; the source must count as having
+    none, or the long calibration rows ask it for a haystack and the conversion fails after its sampling."""
+    from kvconvert.convert.source import load_source
+
+    model = tiny_source("qwen2")
+    folder = tmp_path / "bare"
+    model.save_pretrained(folder, safe_serialization=True)
+    assert load_source(folder).tokenizer is None
+    r = runner.invoke(app, ["convert", str(folder), str(tmp_path / "out"), "--kv-ratio", "0.3", "--calib-tokens", "1024",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert record["calibration"]["long_rows"] > 0 and record["kv_ratio"] <= 0.3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_built_models_share_the_source_weights_until_they_own_them(arch):
+    """A judged plan holds the source's tensors outside attention (a conversion keeps one copy of the weights, not
+    one per candidate); own_weights gives a model to be trained its own, and training it leaves the source as it was."""
+    from kvconvert.convert.identity import build_identity, own_weights
+
+    src, comp = compressor(arch)
+    theirs = {p.untyped_storage().data_ptr() for p in src.parameters()}
+    before = {n: p.detach().clone() for n, p in src.named_parameters()}
+    for model in (comp.build(Plan(uniform_groups(3, 1), 32, 8, 8, rope_heads=1)), build_identity(src, arch, "tiny")):
+        shared = {n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() in theirs}
+        assert "model.embed_tokens.weight" in shared and "model.layers.1.mlp.down_proj.weight" in shared
+        assert "model.layers.1.self_attn.o_proj.weight" in shared
+        ids = torch.randint(0, VOCAB, (1, 12))
+        with torch.no_grad():
+            expected = model(ids).logits
+        own_weights(model, src)
+        assert not any(p.untyped_storage().data_ptr() in theirs for p in model.parameters())
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)
+            if model.config.tie_word_embeddings:
+                assert model.lm_head.weight is model.model.embed_tokens.weight
+            for p in model.parameters():
+                p.add_(1.0)  # what an optimizer step does, in place
+    assert all(torch.equal(p, before[n]) for n, p in src.named_parameters())
+
+
+def test_the_held_out_kl_in_chunks_is_the_whole():
+    import torch.nn.functional as F
+
+    from kvconvert.convert.identity import build_identity
+    from kvconvert.convert.plan import HeadLogp, kl_to_source
+
+    src, other = tiny_source("qwen2", 0), tiny_source("qwen2", 1)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = F.log_softmax(src(ids).logits.float(), -1)
+        lp = F.log_softmax(other(ids).logits.float(), -1)
+    whole = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+    assert whole > 1e-2
+    held = HeadLogp.of(src, ids)  # the source's log-probabilities as its hidden states
+    assert torch.allclose(held[:, 5:9], ref[:, 5:9], atol=1e-5)
+    for model in (other, build_identity(other, "qwen2", "tiny")):  # a transformers and a CLLA model
+        for chunk in (7, 40, 256):
+            assert kl_to_source(model, ids, ref, chunk) == pytest.approx(whole, rel=1e-5)
+            assert kl_to_source(model, ids, held, chunk) == pytest.approx(whole, rel=1e-5)
+
+
+def test_transient_fits_are_dropped_and_rebuild_the_same_model():
+    src, comp = compressor("llama")
+    plan = Plan(uniform_groups(3, 1), 32, 8, 4, 8, rope_heads=1, quant_group=16)
+    kept = comp.build(plan)
+    fits = lambda: {k for k in comp._fits if k[0] in ("latent", "Ci")}  # noqa: E731
+    before = fits()
+    assert any(k[0] == "latent" for k in before)
+    comp.fit_cache_bytes = 10**12  # room for all: kept
+    with comp.transient_fits():
+        comp.build(Plan(uniform_groups(3, 3), 32, 8, 4, 8, rope_heads=1, quant_group=16))
+        assert fits() > before
+    assert fits() > before
+    comp.fit_cache_bytes = 0  # no room: every fit dropped at the end of a block, none within it
+    with comp.transient_fits():
+        comp.build(Plan(uniform_groups(3, 1), 32, 8, 4, 8, rope_heads=2, quant_group=16))
+        assert fits()
+    assert not fits()
+    with comp.transient_fits():
+        again = comp.build(plan)
+    assert not fits()
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(kept(ids).logits, again(ids).logits)

@@ -137,3 +137,49 @@ def test_bfloat16_export_halves_the_file(tmp_path):
     assert bf16 < 0.55 * f32
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_auto_dtype_keeps_the_dtype_the_source_folder_declares(tmp_path):
+    """transformers sets the loaded config's dtype to what it loaded in (float32): the declared one is read from
+    config.json, so a bfloat16 checkpoint converts to a bfloat16 one."""
+    from conftest import byte_tokenizer, tiny_source
+
+    folder = tmp_path / "bf16-src"
+    tiny_source("llama").to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert convert(folder, tmp_path / "out").exit_code == 0
+    assert json.loads((tmp_path / "out" / "conversion.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    src, _ = save_source(tmp_path, "qwen2")  # float32
+    assert convert(src, tmp_path / "f32").exit_code == 0
+    assert json.loads((tmp_path / "f32" / "conversion.json").read_text())["dtype"] == "float32"
+
+
+def test_a_16_bit_folder_is_widened_from_its_files_exactly(tmp_path, monkeypatch):
+    """load_source reads a bfloat16 folder's tensors from its files into float32 (nothing mapped stays resident):
+    the model is the one transformers loads in float32, bit for bit; a tensor whose file bytes are not the loaded
+    values (here: the index points two layers at each other) is caught and widened from the loaded one instead."""
+    import kvconvert.convert.source as source
+    from conftest import byte_tokenizer, tiny_source
+
+    folder = tmp_path / "bf16-src"
+    tiny_source("qwen3").to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder)
+    direct = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    reads = []
+    read = source.read_widened
+    monkeypatch.setattr(source, "read_widened", lambda *a: reads.append(a[0]) or read(*a))
+    index = source.safetensors_index(folder)
+    a, b = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    index[a], index[b] = index[b], index[a]
+    monkeypatch.setattr(source, "safetensors_index", lambda f: index)
+    loaded = source.load_source(folder).model
+    assert len(reads) == len(list(direct.parameters()))  # every parameter read from the files
+    ids = torch.randint(0, VOCAB, (1, 20))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for (n, p), q in zip(loaded.named_parameters(), direct.parameters()):
+        assert torch.equal(p, q), n
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, direct(ids).logits)

@@ -74,6 +74,24 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+MMAP_THRESHOLD = 1 << 20  # bytes: what glibc's malloc allocates at or above this size it maps alone (see below)
+
+
+def return_freed_memory() -> bool:
+    """Have glibc's malloc map every allocation of MMAP_THRESHOLD bytes or more on its own, so that freeing it
+    gives it back to the system. By default the threshold rises to the largest block freed so far (up to 32 MB), and
+    a conversion's many freed matrices of a few MB then stay in the heap, fragmented, counted as the process's
+    memory (docs/design.md, "Conversion memory"). Returns whether it applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD (glibc's malloc.h)
+    except (OSError, AttributeError):
+        return False
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"),

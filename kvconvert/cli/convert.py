@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import KvconvertError
-from .common import is_main_process, log, out, print_json, set_threads, step_reporter, task_progress, training_progress_bar, user_errors
+from .common import is_main_process, log, out, print_json, return_freed_memory, set_threads, step_reporter, task_progress, training_progress_bar, user_errors
 from .options import DISTILL, DistillFlags, Threads, force_option, json_option, option_groups
 from .render import conversion_tables
 
@@ -96,6 +96,7 @@ def convert(
 
     distill = flags.options(distill_tokens, data, seed) if distill_tokens is not None else None
     set_threads(threads)
+    return_freed_memory()
     overrides = Overrides(
         latent_dim=latent_dim, group_size=group_size, rope_dim=rope_dim, rope_heads=rope_heads, kv_bits=kv_bits,
         rope_bits=rope_bits, quant_group=quant_group, tail_dim=kv_tail_dim, target=target,

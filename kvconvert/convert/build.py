@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -20,6 +20,20 @@ from .latent import Block, LatentFit, fit_latent, inverse_sqrt, rotation
 from .plan import Plan
 from .rope import RopeChoice, SharedRope, choose_rope, choose_shared_rope, complex_rows, fold_map_into_query, nope_dims, rope_dims
 from .stats import LayerStats, layer_stats
+
+
+FIT_CACHE_SHARE = 0.1  # see Compressor.transient_fits
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in obj (a tensor, a dataclass of them, or lists of those)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(map(tensor_bytes, obj))
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(tensor_bytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
+    return 0
 
 
 ATTENTION_WEIGHT = 0.5  # β: each calibration token weighs (1 - β) + β × the attention it receives in the fits
@@ -42,7 +56,32 @@ class Compressor:
         gain = (lambda norm: norm_gain(norm, c)) if c.qk_norm else None
         self.stats: list[LayerStats] = [layer_stats(layer, cal, i, self.H, self.K, self.D, gain, c.rms_norm_eps)
                                         for i, layer in enumerate(layers)]
-        self._fits: dict = {}
+        self._fits: dict = {}  # rope choices, latent fits and their C^-1/2, in the order last used
+        # latent fits kept between the planner's steps: FIT_CACHE_SHARE of the source's weight bytes
+        self.fit_cache_bytes = FIT_CACHE_SHARE * sum(p.numel() * p.element_size() for p in source_model.parameters())
+
+    @contextmanager
+    def transient_fits(self):
+        """Within the block, every latent fit (and its C^-1/2) made is kept for reuse; at its end, only the most
+        recently used ones within fit_cache_bytes are. A fit holds (h x h)-sized float64 matrices: kept for every
+        family the planner ranks and builds, they took more memory than the weights of a model with a wide hidden
+        size (docs/design.md, "Conversion memory"). The rope choices and the moments stay."""
+        try:
+            yield
+        finally:
+            fits = [k for k in self._fits if k[0] in ("latent", "Ci")]  # least recently used first
+            total = sum(tensor_bytes(self._fits[k]) for k in fits)
+            for key in fits:
+                if total <= self.fit_cache_bytes:
+                    break
+                total -= tensor_bytes(self._fits.pop(key))
+
+    def _cached(self, key):
+        """The fit under `key`, now the most recently used, or None."""
+        if key not in self._fits:
+            return None
+        self._fits[key] = self._fits.pop(key)
+        return self._fits[key]
 
     # ------------------------------------------------------------------ per-group analysis
     def rope_choice(self, group: tuple[int, ...], rope_dim: int, select: bool = True, heads: int = 1) -> RopeChoice | SharedRope:
@@ -113,12 +152,12 @@ class Compressor:
                 rows = st.wk[[k * D + d for d in dims]]
                 omega = torch.zeros(len(dims), len(dims), dtype=torch.float64)
                 for h in range(k * per, (k + 1) * per):
-                    q = st.wq[[h * D + d for d in dims]]
+                    q = st.wq[[h * D + d for d in dims]].double()
                     omega += st.vscale[h] * (q @ cov @ q.T)
                 w_f = complex_rows(choice.u[j, k], choice.freq, choice.ws, D) if shared else None
                 out.append(Block(l, "k", k, rows, s**2 * omega, w_f))
             for k in range(K):
-                wo = st.wo[:, k * per * D : (k + 1) * per * D].reshape(-1, per, D)
+                wo = st.wo[:, k * per * D : (k + 1) * per * D].double().reshape(-1, per, D)
                 omega = torch.einsum("ahd,ahe->de", wo, wo)
                 out.append(Block(l, "v", k, st.wv[k * D : (k + 1) * D], omega))
         if not activation_aware:  # ablation: plain weight SVD, as if inputs were white and outputs unweighted
@@ -135,13 +174,13 @@ class Compressor:
         """The group's latent, fitted on the source's inputs (cached); `weighted`: each token weighted by the attention
         it receives (fit_cov), else every token alike (what the planner's proxy ranks plans by, see plan.proxy_error)."""
         key = ("latent", group, rope_dim, select, activation_aware, heads, rope_from_latent, key_weight, weighted)
-        if key not in self._fits:
+        if self._cached(key) is None:
             blocks = self.blocks(group, self.rope_choice(group, rope_dim, select, heads), activation_aware, rope_from_latent,
                                  key_weight)
             if activation_aware:
                 cov = self.fit_cov(group) if weighted else self.cal.cov
                 ci_key = ("Ci", group, "weighted") if weighted else ("Ci", group[0])
-                if ci_key not in self._fits:
+                if self._cached(ci_key) is None:
                     self._fits[ci_key] = inverse_sqrt(cov(group[0], group[0])[: self.h, : self.h])
                 self._fits[key] = fit_latent(blocks, cov, group[0], self._fits[ci_key])
             else:
@@ -209,6 +248,7 @@ class Compressor:
 
     @torch.no_grad()
     def build(self, plan: Plan) -> CllaForCausalLM:
+        """The model of `plan`; its parameters outside attention are the source's own tensors (see own_weights)."""
         cfg = self.config(plan)
         with no_init_weights():  # every weight is assigned below
             model = CllaForCausalLM(cfg)
@@ -220,7 +260,10 @@ class Compressor:
         for g, group in enumerate(plan.groups):
             sd |= self.group_weights(g, group, plan, cfg)
         dtype = next(self.src.parameters()).dtype
-        missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+        # assign: the model takes these tensors as its parameters, so what it shares with the source (embeddings,
+        # norms, MLPs, output projections) is the source's memory, not a copy: a judged plan costs its attention
+        # weights only (own_weights gives a model its own copy, for training)
+        missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
         missing = [k for k in missing if k != "lm_head.weight"]
         assert not missing and not unexpected, (missing, unexpected)
         model.tie_weights()
@@ -301,7 +344,7 @@ class Compressor:
             sd[ap + "k_scale.gain"] = 1 / self.stats[l].key_norm  # the fits saw keys scaled by the typical 1/RMS
             return sd
         wq = self.stats[l].wq
-        q = torch.cat([self.query_rows(wq[hq * D : (hq + 1) * D], hq, j, choice, plan, scales) for hq in range(H)])
+        q = torch.cat([self.query_rows(wq[hq * D : (hq + 1) * D].double(), hq, j, choice, plan, scales) for hq in range(H)])
         sd[ap + "q_proj.weight"] = q[:, :h]
         if cfg.qkv_bias:
             sd[ap + "q_proj.bias"] = q[:, h]

@@ -385,19 +385,24 @@ def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progre
     input (after its input norm) and, with `received`, the attention each token receives; `Calibration.tokens` are
     the `tokens`."""
     layers = model.model.layers
-    store: list[list[torch.Tensor]] = [[] for _ in layers]
     got: list[list[torch.Tensor]] = [[] for _ in layers]
+    cal = Calibration(tokens, [], long=long, batch=batch)
+    chunks = cal.chunks()
+    # Each layer's inputs go straight into one (N, hidden) tensor: collected in pieces and joined, the inputs of
+    # every layer would be held twice at the join.
+    n = sum(c.numel() for c in chunks)
+    cal.inputs = [torch.empty(n, model.config.hidden_size) for _ in layers]
+    at = [0] * len(layers)
 
     def hook(idx):
         def fn(module, args, kwargs):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            store[idx].append(x.reshape(-1, x.shape[-1]).float())
+            x = kwargs.get("hidden_states", args[0] if args else None).reshape(-1, model.config.hidden_size)
+            cal.inputs[idx][at[idx] : at[idx] + len(x)] = x.float()
+            at[idx] += len(x)
 
         return fn
 
     handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    cal = Calibration(tokens, [], long=long, batch=batch)
-    chunks = cal.chunks()
     try:
         with recording_received(model, got) if received else nullcontext():
             for i, chunk in enumerate(chunks):
@@ -407,7 +412,7 @@ def collect_inputs(model, tokens: torch.Tensor, batch: int = 8, progress: Progre
     finally:
         for h in handles:
             h.remove()
-    cal.inputs = [torch.cat(x) for x in store]
+    assert at == [n] * len(layers), "internal: the calibration forwards did not fill the inputs"
     if received:
         cal.received = [torch.cat(r) for r in got]
         assert all(len(r) == cal.n for r in cal.received), "internal: received attention does not match the inputs"

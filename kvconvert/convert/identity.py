@@ -199,14 +199,32 @@ def identity_state_dict(source_model, config: CllaConfig) -> dict[str, torch.Ten
 
 
 def build_identity(source_model, model_type: str, source_name: str) -> CllaForCausalLM:
+    """The identity model; its parameters are the source's own tensors where the two agree (see own_weights)."""
+    from .build import no_init_weights
+
     config = identity_config(source_model.config, model_type, source_name)
-    model = CllaForCausalLM(config).to(source_model.dtype)
+    with no_init_weights():  # every weight is assigned below
+        model = CllaForCausalLM(config)
     sd = identity_state_dict(source_model, config)
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise KvconvertError(f"identity conversion: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
-    return model.eval()
+    return model.to(source_model.dtype).eval()
+
+
+def own_weights(model: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its own copy of every parameter that shares memory with `source`'s (the builds share them):
+    training it then leaves the source, its teacher, as it was. In place; returns the model."""
+    theirs = {p.untyped_storage().data_ptr() for p in source.parameters()}
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.untyped_storage().data_ptr() in theirs:
+                    setattr(module, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model

@@ -40,7 +40,7 @@ class Block:
 class LatentFit:
     blocks: list[Block]
     S2: torch.Tensor  # (h,) descending
-    V: torch.Tensor  # (h, h)
+    V: torch.Tensor  # (h, rank): the eigenvectors of the nonzero S2 at most (rank: the targets' row count, ≤ h)
     Ci: torch.Tensor  # (h, h)
     T: torch.Tensor  # (targets, h)
     total: float  # E_total = Σ_b tr(Ω_b E[y_b y_bᵀ])
@@ -59,7 +59,10 @@ class LatentFit:
         """A (targets × R) and B (R × h)."""
         S = self.S2[:R].sqrt()
         live = S > 1e-9 * S[0].clamp_min(1e-300)  # a latent wider than the targets' rank: unused dims stay 0
-        VR = self.V[:, :R] * live[None, :]
+        VR = self.V[:, :R]
+        if VR.shape[1] < R:  # dims past the targets' rank (S = 0): zero columns
+            VR = torch.cat([VR, VR.new_zeros(VR.shape[0], R - VR.shape[1])], 1)
+        VR = VR * live[None, :]
         B = S[:, None] * (VR.T @ self.Ci)
         A = self.T @ self.Ci @ VR / torch.where(live, S, torch.ones_like(S))[None, :]
         return A, B
@@ -98,7 +101,9 @@ def fit_latent(blocks: list[Block], cov, first: int, Ci: torch.Tensor | None = N
     S2, V = S2[order].clamp_min(0), V[:, order]
     mean = C_in[:h, h]  # E[x_f] (the augmented moment's last column)
     mean2 = (S2.sqrt() * (V.T @ Ci @ mean)) ** 2  # (B E[x_f])² per latent dim, B = S Vᵀ Ci
-    return LatentFit(blocks, S2, V, Ci, torch.cat(Ts), total, torch.minimum(mean2, S2))
+    # Ci Tᵀ Ω T Ci has rank at most the targets' rows: the eigenvectors past them carry S2 = 0 and are not kept
+    rank = min(h, sum(b.w.shape[0] for b in blocks))
+    return LatentFit(blocks, S2, V[:, :rank].contiguous(), Ci, torch.cat(Ts), total, torch.minimum(mean2, S2))
 
 
 def rotation(R: int, seed: int = 0) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .calibrate import (CHAT_SHARE, SAMPLE_PREFIX, chat_rows, collect_inputs, lo
                         read_data_files, sample_chats, sample_tokens, start_token, tokens_from_text)
 from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, RecallProbe, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
-from .identity import build_identity
+from .identity import build_identity, own_weights
 from .source import Source, SourceRef, load_source, load_source_config, model_type_of, resolve
 
 Log = Callable[[str], None]
@@ -55,11 +55,10 @@ class ConvertOptions:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str, source_model) -> torch.dtype:
+def resolve_dtype(name: str, source: Source) -> torch.dtype:
     if name == "auto":
         # A GGUF source is dequantized to float32; a folder keeps the dtype its config declares.
-        declared = getattr(source_model.config, "dtype", None) or getattr(source_model.config, "torch_dtype", None)
-        return declared if isinstance(declared, torch.dtype) else DTYPES.get(str(declared), torch.float32)
+        return DTYPES.get(source.declared_dtype or "float32", torch.float32)
     if name not in DTYPES:
         raise KvconvertError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name}")
     return DTYPES[name]
@@ -258,7 +257,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
     check_options(opts)
     job = Conversion.start(src, out, opts)
     job.load_source()
-    model, summary = job.build()
+    model, summary = job.build(own=False)
     return job.export(model, summary)
 
 
@@ -296,8 +295,10 @@ class Conversion:
         self.timings["load"] = round(time.perf_counter() - self.started, 3)
         return self.source
 
-    def build(self):
-        """(model, summary): the CLLA model for the plan and its part of the conversion record."""
+    def build(self, own: bool = True):
+        """(model, summary): the CLLA model for the plan and its part of the conversion record. `own=False` leaves the
+        model sharing the source's tensors outside attention (no second copy of the weights: what an export needs);
+        a model to be trained must own them (identity.own_weights), or its training would change the teacher."""
         if self.opts.identity:
             self.opts.log("building the identity CLLA model")
             t = time.perf_counter()
@@ -306,6 +307,8 @@ class Conversion:
             summary = {"plan": "identity"}
         else:
             model, summary = compress(self.source, self.ref.name, self.opts, self.timings)
+        if own:
+            own_weights(model, self.source.model)
         return model, self.stamp(summary)
 
     def stamp(self, summary: dict) -> dict:
@@ -318,7 +321,7 @@ class Conversion:
         ids = check_tokens(source.tokenizer, model.config.vocab_size, opts.check_tokens)
         err = max_relative_logit_error(source.model, model, ids)
         opts.log(f"max relative logit error vs source on {ids.shape[1]} tokens: {err:.2e}")
-        dtype = resolve_dtype(opts.dtype, source.model)
+        dtype = resolve_dtype(opts.dtype, source)
         summary |= {
             "dtype": str(dtype).removeprefix("torch."),
             "check": {"tokens": int(ids.shape[1]), "max_relative_logit_error_fp32": err},

@@ -477,10 +477,54 @@ def proxy_error(comp: Compressor, plan: Plan) -> float:
     return err
 
 
+KL_CHUNK = 32  # positions whose (rows, positions, vocab) log-probabilities are held at once
+
+
+class HeadLogp:
+    """Log-probabilities held as the last hidden states they come from, (..., T, hidden), and the LM head that maps
+    them: indexing computes log_softmax(head(hidden[index])), so the (..., T, vocab) tensor is never held whole. For
+    a vocabulary of 150k, 512 positions' log-probabilities take 0.3 GB; their hidden states take 2 MB."""
+
+    def __init__(self, hidden: torch.Tensor, head: torch.nn.Module):
+        self.hidden, self.head = hidden, head
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> HeadLogp:
+        """`model`'s log-probabilities after each of `tokens` (B, T), or, for one row, at `positions` only."""
+        hidden = model.model(tokens, use_cache=False)[0]  # the last hidden state (a CLLA or a transformers model)
+        return cls(hidden if positions is None else hidden[0, positions], model.lm_head)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return F.log_softmax(self.head(self.hidden[index]).float(), -1)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.hidden.shape[:-1], self.head.out_features)
+
+    def kl_sum(self, other: HeadLogp, chunk: int = KL_CHUNK) -> float:
+        """Σ over the positions of KL(self ‖ other), both (T, hidden), `chunk` positions at a time."""
+        total = 0.0
+        for s in range(0, len(self), chunk):
+            ref, lp = self[s : s + chunk], other[s : s + chunk]
+            total += (ref.exp() * (ref - lp)).sum().item()
+        return total
+
+
 @torch.no_grad()
-def kl_to_source(model, tokens: torch.Tensor, source_logp: torch.Tensor) -> float:
-    logp = F.log_softmax(model(tokens, use_cache=False).logits.float(), -1)
-    return (source_logp.exp() * (source_logp - logp)).sum(-1).mean().item()
+def kl_to_source(model, tokens: torch.Tensor, source_logp, chunk: int = KL_CHUNK) -> float:
+    """Mean KL(source ‖ model) per token of `tokens` (B, T); source_logp: the source's log-probabilities there, a
+    (B, T, vocab) tensor or a HeadLogp. `chunk` positions at a time: each temporary of the whole would be the size
+    of the logits."""
+    mine = HeadLogp.of(model, tokens)
+    total = 0.0
+    for s in range(0, tokens.shape[1], chunk):
+        ref, lp = source_logp[:, s : s + chunk], mine[:, s : s + chunk]
+        total += (ref.exp() * (ref - lp)).sum().item()
+    return total / (tokens.shape[0] * tokens.shape[1])
 
 
 @dataclass(frozen=True)
@@ -512,23 +556,22 @@ class RecallProbe:
         keep = long.any(1)
         return cls(rows[keep], long[keep])
 
-    def row_logp(self, model, i: int) -> torch.Tensor:
+    def row_logp(self, model, i: int) -> HeadLogp:
         """The model's log-probabilities of row i's scored tokens."""
         keep = self.mask[i, 1:].nonzero().flatten()  # the logits at position i predict token i + 1
-        logits = model(self.tokens[i, None], use_cache=False, logits_to_keep=keep).logits[0]
-        return F.log_softmax(logits.float(), -1)
+        return HeadLogp.of(model, self.tokens[i, None], keep)
 
     @torch.no_grad()
-    def logp(self, model) -> list[torch.Tensor]:
+    def logp(self, model) -> list[HeadLogp]:
         """Per row, the model's log-probabilities of its scored tokens."""
         return [self.row_logp(model, i) for i in range(len(self.tokens))]
 
-    def kl(self, model, source_logp: list[torch.Tensor]) -> float:
+    def kl(self, model, source_logp: list[HeadLogp]) -> float:
         """KL(source ‖ model) over each row's scored tokens, averaged over the rows (source_logp: the source's `logp`)."""
         return self.kl_bound(model, source_logp)[0]
 
     @torch.no_grad()
-    def kl_bound(self, model, source_logp: list[torch.Tensor], stop_at: float = math.inf) -> tuple[float, bool]:
+    def kl_bound(self, model, source_logp: list[HeadLogp], stop_at: float = math.inf) -> tuple[float, bool]:
         """(KL, exact): `kl`, scoring the rows in turn and stopping once the rows scored put the mean at `stop_at` or
         above (every row's KL is ≥ 0), before another row; then (that lower bound, False), with no row scored where
         stop_at ≤ 0. A row costs a forward of the probe's length: the planner stops where a plan can no longer win."""
@@ -536,8 +579,7 @@ class RecallProbe:
         for i, ref in enumerate(source_logp):
             if total / len(source_logp) >= stop_at:
                 return total / len(source_logp), False
-            lp = self.row_logp(model, i)
-            total += (ref.exp() * (ref - lp)).sum(-1).mean().item()
+            total += ref.kl_sum(self.row_logp(model, i)) / len(ref)
         return total / len(source_logp), True
 
 
@@ -611,8 +653,11 @@ def choose_plan(
         families: dict = {}
         for p in candidates:
             families.setdefault((p.groups, p.rope_heads, p.rope_dim, p.rope_from_latent), []).append(p)
-        return [t for members in families.values()
-                for t in sorted(((proxy_error(comp, p), p) for p in members), key=lambda t: t[0])[:per_family]]
+        out = []
+        for members in families.values():
+            with comp.transient_fits():  # the members share their groups' fits; the next family has others
+                out += sorted(((proxy_error(comp, p), p) for p in members), key=lambda t: t[0])[:per_family]
+        return out
 
     chosen = picks(plans)
     widest = max((p.latent_dim for _, p in chosen), default=0)
@@ -627,7 +672,7 @@ def choose_plan(
             finest[key] = (proxy, p)
     chosen += finest.values()
     log(f"planning: {len(plans) + len(mixed)} plans, {len(chosen)} built")
-    source_logp = F.log_softmax(comp.src(heldout, use_cache=False).logits.float(), -1)
+    source_logp = HeadLogp.of(comp.src, heldout)
     probe_logp = probe.logp(comp.src) if probe is not None else None
     results: list[dict] = []
 
@@ -648,7 +693,8 @@ def choose_plan(
         """Build p and measure it: (score, plan, model, held-out KL, recall KL or None); score = the sum. With a
         `bound` (the best score so far; math.inf for none) and a probe, p is also judged on recall; its score is
         math.inf where it cannot beat the bound (see `recall`)."""
-        model = comp.build(p)
+        with comp.transient_fits():  # the judged plans are of different families: their fits are not reused
+            model = comp.build(p)
         kl = kl_to_source(model, heldout, source_logp)
         ratio = plan_bytes(base, p, context) / src
         log(f"  {p.describe()}: KV ratio {ratio:.4f}, held-out KL {kl:.4f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,17 @@ class Source:
     model: Any  # a transformers *ForCausalLM in eval mode
     tokenizer: Any | None
     model_type: str
+    declared_dtype: str | None = None  # the dtype a folder's config.json declares ("bfloat16"); None for a GGUF
+
+
+def declared_dtype(ref: SourceRef) -> str | None:
+    """The weights' dtype a folder's config.json declares (`dtype`, or the older `torch_dtype`); None for a GGUF or
+    a config that declares none. (The loaded config cannot tell: transformers sets it to the dtype loaded in.)"""
+    if ref.gguf_file:
+        return None
+    cfg = read_folder_config(ref.folder)
+    value = cfg.get("dtype") or cfg.get("torch_dtype")
+    return str(value).removeprefix("torch.") if value else None
 
 
 def smollm2_path() -> Path:
@@ -221,8 +233,15 @@ def load_source(src: str | os.PathLike | SourceRef, dtype: torch.dtype = torch.f
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     gguf_tqdm, gguf_utils.tqdm = gguf_utils.tqdm, (lambda iterable, **kw: iterable)
+    declared = declared_dtype(ref)
+    # A 16-bit folder wanted in float32 loads in its own dtype (its tensors left in the file, mapped, unread) and
+    # is widened tensor by tensor (widen_from_files): loaded in float32 directly, the whole file is paged in beside
+    # the float32 weights (docs/design.md, "Conversion memory").
+    load_dtype = getattr(torch, declared) if dtype == torch.float32 and declared in ("bfloat16", "float16") else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(ref.folder), dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(ref.folder), dtype=load_dtype, **kwargs)
+        if load_dtype != dtype:
+            widen_from_files(model, ref.folder, dtype)
     except KvconvertError:
         raise
     except Exception as e:
@@ -236,12 +255,85 @@ def load_source(src: str | os.PathLike | SourceRef, dtype: torch.dtype = torch.f
         del model.config.quantization_config
     model.eval()
     tok = None
-    if tokenizer:
+    if tokenizer and (ref.gguf_file or has_tokenizer_files(ref.folder)):
         try:
             tok = AutoTokenizer.from_pretrained(str(ref.folder), **({"gguf_file": ref.gguf_file} if ref.gguf_file else {}))
         except Exception:
             tok = None  # a folder without tokenizer files: commands that need text say so
-    return Source(ref, model, tok, model_type)
+    return Source(ref, model, tok, model_type, declared)
+
+
+def safetensors_index(folder: Path) -> dict[str, tuple[Path, str, list[int], int, int]]:
+    """name -> (file, dtype, shape, first byte, end byte) of every tensor in a folder's .safetensors files, from their
+    headers alone."""
+    index = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                start, end = meta["data_offsets"]
+                index[name] = (path, meta["dtype"], meta["shape"], 8 + n + start, 8 + n + end)
+    return index
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+READ_BYTES = 1 << 26  # a parameter is read from its file this many bytes at a time
+
+
+def read_widened(path: Path, start: int, end: int, src: torch.dtype, shape: list[int], dtype: torch.dtype):
+    """The tensor of `src` elements at bytes start:end of the file, as a new `dtype` tensor, read READ_BYTES at a time
+    (plain reads: nothing of the file is mapped into this process)."""
+    out = torch.empty(shape, dtype=dtype)
+    flat, size = out.view(-1), torch.empty((), dtype=src).element_size()
+    buf = torch.empty(min(READ_BYTES, end - start), dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(start)
+        at = 0
+        while at < flat.numel():
+            n = min(len(buf) // size, flat.numel() - at)
+            got = f.readinto(memoryview(buf.numpy())[: n * size])
+            if got != n * size:
+                raise KvconvertError(f"{path}: truncated (a tensor ends past the end of the file)")
+            flat[at : at + n] = buf[: n * size].view(src)
+            at += n
+    return out
+
+
+@torch.no_grad()
+def widen_from_files(model, folder: Path, dtype: torch.dtype) -> None:
+    """Widen a model loaded in a 16-bit dtype to `dtype`, parameter by parameter, reading each one's bytes from the
+    folder's files: the loaded tensors are views of the files mapped in memory, and widening them would page the
+    whole mapping in (it counts as the process's memory until every view is gone). A parameter whose name, dtype or
+    shape has no match in the files, or whose first or last 64 values differ from the file's (a checkpoint that
+    transformers converts on loading), is widened from the mapping instead."""
+    index = safetensors_index(folder)
+    for name, p in model.named_parameters():  # each parameter once: tied ones are widened together
+        entry = index.get(name)
+        wide = None
+        if entry is not None and SAFETENSORS_DTYPES.get(entry[1]) == p.dtype and list(p.shape) == entry[2]:
+            path, _, shape, start, end = entry
+            wide = read_widened(path, start, end, p.dtype, shape, dtype)
+            # the ends alone: each element read from the mapping pages in its neighbours (64 KB) with it
+            mapped, ours = p.data.reshape(-1), wide.view(-1)
+            if not (torch.equal(ours[:64], mapped[:64].to(dtype)) and torch.equal(ours[-64:], mapped[-64:].to(dtype))):
+                wide = None
+        p.data = wide if wide is not None else p.data.to(dtype)
+    model.to(dtype)  # buffers, and anything the loop did not reach
+    model.config.dtype = dtype
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """Whether a model folder holds a tokenizer. transformers builds an empty one (a vocabulary of one token) for
+    some model types from a config alone, which would pass for a tokenizer and produce no text."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def cache_kwargs(model, cache) -> dict:

@@ -25,12 +25,15 @@ def augmented(linear, rows: slice | None = None) -> torch.Tensor:
 
 @dataclass
 class LayerStats:
-    """Augmented weights (out, hidden+1) and the derived second moments of one source layer."""
+    """Augmented weights (out, hidden+1) and the derived second moments of one source layer. wq and wo, the
+    (h x h)-sized ones, are float32 (the source's precision: a conversion holds it in float32; wo is the source's own
+    tensor): callers take their rows to float64. A float64 copy of both, for every layer, is about the size of the
+    model's attention weights twice over."""
 
-    wq: torch.Tensor  # (H*D, h+1)
+    wq: torch.Tensor  # (H*D, h+1) float32
     wk: torch.Tensor  # (K*D, h+1)
     wv: torch.Tensor  # (K*D, h+1)
-    wo: torch.Tensor  # (h, H*D)
+    wo: torch.Tensor  # (h, H*D) float32: the source's o_proj weight
     q_pair_energy: torch.Tensor  # (H, D/2): E|q pair i|², pre-RoPE (RoPE preserves pair norms)
     k_pair_energy: torch.Tensor  # (K, D/2)
     vscale: torch.Tensor  # (H,): E||Wo_h (v - E v)||²
@@ -67,17 +70,18 @@ def layer_stats(layer, cal: Calibration, idx: int, H: int, K: int, D: int, norm_
         q_norm, key_norm = norm_scales(wq, x, H, eps), norm_scales(wk, x, K, eps)
         wq = wq * (q_norm.repeat_interleave(D) * norm_gain(a.q_norm).double().repeat(H))[:, None]
         wk = wk * (key_norm.repeat_interleave(D) * norm_gain(a.k_norm).double().repeat(K))[:, None]
-    wo = a.o_proj.weight.detach().double()
+    wo = a.o_proj.weight.detach()
     mean_v = wv @ cov[:, -1]  # E[v] (the last column of the augmented moment is E[x̃])
     cov_v = wv @ cov @ wv.T - torch.outer(mean_v, mean_v)  # (K*D, K*D) centered
     per = H // K
     vscale = torch.empty(H, dtype=torch.float64)
     for h in range(H):
         k = h // per
-        wo_h = wo[:, h * D : (h + 1) * D]
+        wo_h = wo[:, h * D : (h + 1) * D].double()
         block = cov_v[k * D : (k + 1) * D, k * D : (k + 1) * D]
         vscale[h] = torch.trace(wo_h @ block @ wo_h.T)
-    return LayerStats(wq, wk, wv, wo, pair_energy(wq, cov, H, D), pair_energy(wk, cov, K, D), vscale, key_norm)
+    return LayerStats(wq.float(), wk, wv, wo, pair_energy(wq, cov, H, D), pair_energy(wk, cov, K, D), vscale,
+                      key_norm)
 
 
 def output_sensitivity(model, rows: torch.Tensor, mask: torch.Tensor | None = None, seed: int = 0) -> list[float]:
