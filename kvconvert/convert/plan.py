@@ -496,6 +496,7 @@ class HeadLogp:
         return cls(hidden if positions is None else hidden[0, positions], model.lm_head)
 
     def __getitem__(self, index) -> torch.Tensor:
+        """log_softmax(head(hidden[index])): the hidden states' last axis stands where the vocabulary's will."""
         return F.log_softmax(self.head(self.hidden[index]).float(), -1)
 
     def __len__(self) -> int:
@@ -505,26 +506,21 @@ class HeadLogp:
     def shape(self) -> tuple[int, ...]:
         return (*self.hidden.shape[:-1], self.head.out_features)
 
-    def kl_sum(self, other: HeadLogp, chunk: int = KL_CHUNK) -> float:
-        """Σ over the positions of KL(self ‖ other), both (T, hidden), `chunk` positions at a time."""
-        total = 0.0
-        for s in range(0, len(self), chunk):
-            ref, lp = self[s : s + chunk], other[s : s + chunk]
-            total += (ref.exp() * (ref - lp)).sum().item()
-        return total
+def kl_sum(ref, mine, length: int, chunk: int = KL_CHUNK) -> float:
+    """Σ over positions (and rows) of KL(ref ‖ mine), log-probabilities (..., length, vocab) as tensors or
+    HeadLogps, `chunk` positions at a time: each temporary of the whole would be the size of the logits."""
+    total = 0.0
+    for s in range(0, length, chunk):
+        p, q = ref[..., s : s + chunk, :], mine[..., s : s + chunk, :]
+        total += (p.exp() * (p - q)).sum().item()
+    return total
 
 
 @torch.no_grad()
 def kl_to_source(model, tokens: torch.Tensor, source_logp, chunk: int = KL_CHUNK) -> float:
     """Mean KL(source ‖ model) per token of `tokens` (B, T); source_logp: the source's log-probabilities there, a
-    (B, T, vocab) tensor or a HeadLogp. `chunk` positions at a time: each temporary of the whole would be the size
-    of the logits."""
-    mine = HeadLogp.of(model, tokens)
-    total = 0.0
-    for s in range(0, tokens.shape[1], chunk):
-        ref, lp = source_logp[:, s : s + chunk], mine[:, s : s + chunk]
-        total += (ref.exp() * (ref - lp)).sum().item()
-    return total / (tokens.shape[0] * tokens.shape[1])
+    (B, T, vocab) tensor or a HeadLogp."""
+    return kl_sum(source_logp, HeadLogp.of(model, tokens), tokens.shape[1], chunk) / tokens.numel()
 
 
 @dataclass(frozen=True)
@@ -579,7 +575,7 @@ class RecallProbe:
         for i, ref in enumerate(source_logp):
             if total / len(source_logp) >= stop_at:
                 return total / len(source_logp), False
-            total += ref.kl_sum(self.row_logp(model, i)) / len(ref)
+            total += kl_sum(ref, self.row_logp(model, i), len(ref)) / len(ref)
         return total / len(source_logp), True
 
 
