@@ -4,6 +4,7 @@ every JSON result carries, where results go (bench/results/), the data files, Sm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +32,31 @@ def environment() -> dict:
         "command": command_line(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+@contextlib.contextmanager
+def peak_memory(device):
+    """Measures the peak memory of the block: yields a dict that holds, after it, `peak_rss_gib` (the process's
+    resident high-water mark, VmHWM, reset on entry through /proc/self/clear_refs) and on CUDA `cuda_max_allocated_gib`
+    (torch's allocator peak, reset on entry). Linux only; elsewhere the RSS figure is left out."""
+    import torch
+
+    out: dict = {}
+    status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+    linux = status.exists() and clear.exists()
+    if linux:
+        clear.write_text("5")  # resets VmHWM to the current RSS
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield out
+    finally:
+        if linux:
+            kib = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+            out["peak_rss_gib"] = round(kib / (1 << 20), 3)
+        if cuda:
+            out["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / (1 << 30), 3)
 
 
 def main_module() -> str | None:

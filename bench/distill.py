@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, argument_parser, data_file, write_result
+from bench.common import RESULTS, argument_parser, data_file, peak_memory, write_result
 from bench.frontier import evaluate
 
 
@@ -120,15 +120,16 @@ def measure_ratio(ratio: float, args, work: Path, austen: list[Path], device: st
             sample_tokens=min(1_000_000, tokens),
         )
         t = time.perf_counter()
-        rec = distill_folder(zs, "smollm2", opts, out=out,
-                             log=lambda m: print("  " + m, flush=True))
+        with peak_memory(device) as memory:  # the distillation's own peak (sampling, training, validation)
+            rec = distill_folder(zs, "smollm2", opts, out=out,
+                                 log=lambda m: print("  " + m, flush=True))
         train_s = time.perf_counter() - t
         d = rec["distill"][-1]
         model = load_clla(out).model.to(device)
         row = base | {"data": mode, "tokens": d["tokens"], "train": train_set, "hidden_weight": hidden_weight, "lr": lr,
                       "train_s": round(train_s, 1), "tokens_per_s": d["tokens_per_s"],
                       "train_loop_s": d["seconds"], "best_step": d["best"]["step"], "steps": d["steps"],
-                      "validation": d["validation"]}
+                      "validation": d["validation"], "memory": memory}
         rows.append(row | score(model, source_model))
         save()
         best = d["best"]

@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
                     "paired against the source (0: none; each converted model answers through the runtime: slow on CPU)")
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--rope-keys", default=None, help="cached, latent or auto (kvconvert convert --rope-keys; default: its default)")
+    ap.add_argument("--rope-dim", type=int, default=None, help="RoPE dims per rope head (kvconvert convert --rope-dim; "
+                    "default: the planner's): fewer rebuilt dims cost less decode compute")
     ap.add_argument("--name", default="frontier_smollm2", help="result JSON (and PNG) name under bench/results")
     ap.add_argument("--merge", action="store_true", help="rerun only --ratios and replace their rows in the existing JSON "
                     "(the source row and the ablation are kept, with a record of what was rerun and when)")
@@ -59,7 +61,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def measure_ratios(source, windows, ratios: list[float], rope_keys: str | None, trials: int, base_ppl: float,
-                   long_trials: int = 0, reference_suite: list[dict] | None = None) -> list[dict]:
+                   long_trials: int = 0, reference_suite: list[dict] | None = None, rope_dim: int | None = None
+                   ) -> list[dict]:
     """One row per ratio: `kvconvert convert smollm2 --kv-ratio R` (timed), then the model evaluated against the source."""
     from kvconvert.convert.pipeline import ConvertOptions, convert
     from kvconvert.convert.plan import Overrides
@@ -71,7 +74,7 @@ def measure_ratios(source, windows, ratios: list[float], rope_keys: str | None, 
         for ratio in ratios:
             out = tmp / f"r{ratio}"
             t = time.perf_counter()
-            ov = Overrides(rope_keys=rope_keys)
+            ov = Overrides(rope_keys=rope_keys, rope_dim=rope_dim)
             record = convert("smollm2", out, ConvertOptions(kv_ratio=ratio, overrides=ov,
                                                             log=lambda m: print("  " + m, flush=True)))
             wall = time.perf_counter() - t
@@ -178,7 +181,7 @@ def main() -> None:
     print(f"source: ppl {base_ppl:.2f} passkey {rows[0]['passkey']}", flush=True)
     ratios = [] if args.ablation_only else [float(r) for r in args.ratios.split(",")]
     rows = rows + measure_ratios(source, windows, ratios, args.rope_keys, args.passkey_trials, base_ppl,
-                                 args.long_trials, rows[0].get("long_suite"))
+                                 args.long_trials, rows[0].get("long_suite"), args.rope_dim)
 
     meta = {"text": text_path.name, "max_tokens": args.max_tokens, "window": args.window, "passkey_trials": args.passkey_trials}
     if args.merge:

@@ -5,6 +5,9 @@
     python -m bench.kernels --sweep              # GPU: launch parameters (tile, warps, stages, programs per SM) and
                                                  # the tile loads (vector or per-value `gather`) at a few points, the
                                                  # fastest first (bench/results/kernels_sweep_gpu.json)
+    python -m bench.kernels --rope-up            # GPU: the default plans (rope keys rebuilt from the latent in the
+                                                 # kernel) against their roofline, and against the keys materialized
+                                                 # as a 16-bit stream first (bench/results/kernels_rope_up_gpu.json)
 
 Counted bytes per call = what the kernel must read from the cache for B rows × T positions (latent codes, their
 scales and zero-points, rope keys) + queries and outputs; copy bandwidth = bytes read + written by a large
@@ -19,6 +22,7 @@ import sys
 import torch
 
 from bench.common import argument_parser, write_result
+from kvconvert.runtime.profile import copy_bandwidth, matmul_peak
 
 
 # (batch, positions) with B·T ≥ 1M; latent widths: SmolLM2 at 2% (32), a mid plan (128), DeepSeek-like (512), and
@@ -57,14 +61,6 @@ def timed(fn, device, reps: int, graph: bool = False) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth(device, gib: float) -> float:
-    n = int(gib * (1 << 30))
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dt = timed(lambda: dst.copy_(src), device, 20)
-    return 2 * n / dt / 1e9
 
 
 def make_stream(B: int, S: int, width: int, bits: int, group: int, device, gen):
@@ -120,6 +116,89 @@ def sweep(args, device, dtype, gen, copy: float) -> None:
         write_result("kernels_sweep_gpu", {"copy_gb_per_s": copy, "heads": H, "rope_dim": args.rope_dim, "points": rows})
 
 
+# Plans with rope keys from the latent (SmolLM2: 9 query heads, 3 kv heads x 64 rope dims rebuilt per layer; no key
+# dim outside the rope keys, so no q_lat): (name, head width, head bits, tail width, tail bits), quant group 32
+ROPE_UP_PLANS = [("default 0.02", 32, 4, 64, 2), ("default 0.25", 32, 8, 224, 4)]
+ROPE_UP_GRID = [(1, 1 << 20), (64, 1 << 13), (64, 1 << 14), (256, 1 << 12)]
+
+
+def rope_up_point(B: int, T: int, plan: tuple, heads: int, kv_heads: int, rope_dim: int, device, dtype, gen):
+    """(fused call, materialized call, row-0 check, counted bytes, FLOPs) of one plan at B rows x T positions."""
+    from kvconvert.kernels import RopeUp, decode_attention as kd
+    from kvconvert.kernels.reference import dequantize_streams, latent_decode_ref, rope_up_keys
+    from kvconvert.cache_layout import Stream
+
+    _, width, bits, tail, tail_bits = plan
+    latent = make_stream(B, T, width, bits, 32, device, gen)
+    tail_stream = make_stream(B, T, tail, tail_bits, 32, device, gen)
+    R, Wr = width + tail, kv_heads * rope_dim
+    freq = 10000.0 ** -(torch.arange(Wr // 2, device=device) % (rope_dim // 2) / (rope_dim // 2))
+    ru = RopeUp((torch.randn(Wr, R, device=device, generator=gen) / R**0.5).to(dtype), None, freq.float(), 1.0)
+    q = torch.zeros(B, heads, Wr, device=device)
+    per = heads // kv_heads
+    for h in range(heads):  # each query head reads its own kv head's rope dims
+        j = h // per
+        q[:, h, j * rope_dim : (j + 1) * rope_dim] = torch.randn(B, rope_dim, device=device, generator=gen)
+    q = q.to(dtype)
+    lens = torch.full((B,), T, dtype=torch.int32, device=device)
+    scale = 1 / rope_dim**0.5
+
+    def fused(block_t=None):
+        return kd._latent_decode(None, q, latent, None, lens, scale, None, None, tail=tail_stream, rope_up=ru,
+                                 block_t=block_t)
+
+    def materialized():  # the runtime's path before the fused kernel: dequantize, rebuild, rotate, then read them
+        c = dequantize_streams([latent, tail_stream], T, dtype)
+        keys = rope_up_keys(ru, c, lens, T).to(dtype)
+        return kd._latent_decode(None, q, latent, Stream(keys, None, 16, 1, Wr), lens, scale, None, None, tail=tail_stream)
+
+    one = slice(0, 1)
+    want = latent_decode_ref(None, q[one].float(), latent.rows(one), None, lens[one], scale, None,
+                             tail=tail_stream.rows(one), rope_up=RopeUp(ru.weight.float(), None, ru.freq, 1.0))
+    check = lambda: kd._latent_decode(None, q[one], latent.rows(one), None, lens[one], scale, None, None,  # noqa: E731
+                                      tail=tail_stream.rows(one), rope_up=ru)
+    counted = stream_bytes(latent, B, T) + stream_bytes(tail_stream, B, T) + q.nbytes + B * heads * R * q.element_size()
+    # per slot: the rebuild (R x Wr multiply-adds), the rotation, the scores (every head over Wr) and values (over R)
+    flops = B * T * (2 * R * Wr + 3 * Wr + 2 * heads * Wr + 2 * heads * R)
+    return fused, materialized, (check, want), counted + ru.weight.nbytes, flops
+
+
+def rope_up_bench(args, device, dtype, gen, copy: float) -> None:
+    """The fused kernel at ROPE_UP_GRID x ROPE_UP_PLANS: time, GB/s of the counted bytes, FLOP/s, and the share of
+    the roofline, max(bytes / copy bandwidth, FLOPs / matmul peak) over the time; beside it the materialized path."""
+    peak = matmul_peak(device, dtype)
+    print(f"matmul peak {peak / 1e12:,.1f} TFLOP/s ({dtype})")
+    rows = []
+    name = "kernels_rope_up_" + ("gpu" if device.type == "cuda" else "cpu")
+    for B, T in ROPE_UP_GRID if device.type == "cuda" else [(1, 2048), (4, 512)]:
+        for plan in ROPE_UP_PLANS:
+            fused, materialized, (check, want), counted, flops = rope_up_point(B, T, plan, args.heads, 3, 64, device,
+                                                                                dtype, gen)
+            err = rel_err(check(), want)
+            # the default tile (16 positions at these widths) and 32 (no register spills on sm_90a either:
+            # bench.tools.compile_sm90); the faster is the point's time
+            tiles = {bt: timed(lambda bt=bt: fused(bt), device, args.reps, graph=True) for bt in (None, 32)}
+            dt = min(tiles.values())
+            try:
+                dt_mat = timed(materialized, device, max(3, args.reps // 4), graph=True)
+            except torch.OutOfMemoryError:
+                dt_mat = None
+            bound = max(counted / (copy * 1e9), flops / peak)
+            rows.append(dict(plan=plan[0], batch=B, positions=T, us=dt * 1e6, counted_bytes=counted, flops=flops,
+                             gb_per_s=counted / dt / 1e9, share_of_copy=counted / dt / 1e9 / copy,
+                             tflop_per_s=flops / dt / 1e12, share_of_peak=flops / dt / peak,
+                             bound="compute" if flops / peak > counted / (copy * 1e9) else "memory",
+                             share_of_roofline=bound / dt, materialized_us=None if dt_mat is None else dt_mat * 1e6,
+                             us_by_block_t={str(k or "default"): v * 1e6 for k, v in tiles.items()},
+                             max_rel_err=err))
+            r = rows[-1]
+            print(f"B {B:4d} T {T:8,d} {plan[0]:>13s}: {r['us']:9.1f} us  {r['gb_per_s']:7,.0f} GB/s "
+                  f"{r['tflop_per_s']:6.1f} TFLOP/s  {r['share_of_roofline']:6.1%} of its roofline ({r['bound']}-bound)"
+                  f"  materialized {r['materialized_us'] or float('nan'):9.1f} us  (rel err {err:.1e})", flush=True)
+            write_result(name, {"copy_gb_per_s": copy, "matmul_tflop_per_s": peak / 1e12, "dtype": str(dtype),
+                                "points": rows})
+
+
 def stream_bytes(s, B: int, T: int) -> int:
     per = s.data[0, 0].nbytes + (0 if s.scales is None else s.scales[0, 0].nbytes)
     return B * T * per
@@ -169,6 +248,8 @@ def main() -> None:
     ap.add_argument("--rope-dim", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="time the kernel's launch parameters (GPU)")
+    ap.add_argument("--rope-up", action="store_true",
+                    help="the default plans' kernel (rope keys rebuilt from the latent) against its roofline")
     args = ap.parse_args()
 
     from kvconvert.kernels import latent_decode
@@ -182,6 +263,8 @@ def main() -> None:
         if device.type != "cuda":
             sys.exit("error: --sweep times the compiled kernel: it needs CUDA")
         return sweep(args, device, dtype, gen, copy)
+    if args.rope_up:
+        return rope_up_bench(args, device, dtype, gen, copy)
     rows: list[dict] = []
     name = "kernels_" + ("quick_" if args.quick else "") + ("gpu" if device.type == "cuda" else "cpu")
     for B, T in QUICK if args.quick else GRID:

@@ -73,7 +73,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from kvconvert.loading import load_any, load_for_runtime
-    from kvconvert.runtime.profile import measure_converted_memory, measure_source_memory, time_converted, time_source
+    from kvconvert.runtime.profile import (device_roofline, measure_converted_memory, measure_source_memory,
+                                           time_converted, time_source)
 
     cuda = torch.cuda.is_available()
     graphs = cuda and not args.no_cuda_graphs
@@ -83,9 +84,11 @@ def main() -> None:
     model = loaded.model
     source = load_any(args.source, dtype).model.to(device)
     points: list[dict] = []
+    roofline = device_roofline(device, dtype)
     result: dict = {"model": args.model, "source": args.source, "dtype": str(dtype).removeprefix("torch."),
                     "cpu_layout": not cuda and not args.row_major,
-                    "cuda_graphs": graphs, "steps": args.steps, "prefill": not args.no_prefill, "points": points}
+                    "cuda_graphs": graphs, "steps": args.steps, "prefill": not args.no_prefill, "roofline": roofline,
+                    "points": points}
     # The model's trained context bounds the cache (the runtime refuses more): a longer --context is cut to it.
     longest = model.config.max_position_embeddings - args.steps - 3
     for b in ints(args.batch):
@@ -95,13 +98,14 @@ def main() -> None:
                       f"positions: timing {longest:,}")
                 c = longest
             rt = time_converted(model, b, c, args.steps, not args.no_prefill, cuda_graphs=graphs,
-                                cpu_layout=False if args.row_major else None)
-            hf = time_source(source, b, c, args.steps)
+                                cpu_layout=False if args.row_major else None, roofline=roofline)
+            hf = time_source(source, b, c, args.steps, roofline=roofline)
             points.append({"batch": b, "context": c, "runtime": rt, "transformers": hf,
                            "decode_speedup": rt["decode_tokens_per_s"] / hf["decode_tokens_per_s"]})
             print(f"batch {b:3d} context {c:6,d}: runtime {rt['decode_tokens_per_s']:9,.1f} tok/s "
-                  f"({rt['achieved_gb_per_s']:7,.1f} GB/s)  transformers {hf['decode_tokens_per_s']:9,.1f} tok/s "
-                  f"({hf['achieved_gb_per_s']:7,.1f} GB/s)  × {points[-1]['decode_speedup']:.2f}", flush=True)
+                  f"({rt['achieved_gb_per_s']:7,.1f} GB/s, {rt['share_of_roofline']:.0%} of its {rt['bound']} roofline)  "
+                  f"transformers {hf['decode_tokens_per_s']:9,.1f} tok/s ({hf['achieved_gb_per_s']:7,.1f} GB/s, "
+                  f"{hf['share_of_roofline']:.0%})  × {points[-1]['decode_speedup']:.2f}", flush=True)
             write_result(name, result)  # after every point: a run cut short keeps what it measured
     if args.chat_tokens:
         result["chat"] = chat_speed(model, source, loaded.tokenizer, args.chat_tokens,

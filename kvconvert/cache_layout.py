@@ -36,6 +36,13 @@ class Stream:
         return Stream(self.data[b], None if self.scales is None else self.scales[b], self.bits, self.group, self.width)
 
 
+def ring_positions(slot: torch.Tensor, n: int, after: torch.Tensor) -> torch.Tensor:
+    """The token position slot s of a ring of n slots holds: the last p < after with p % n == s (negative where
+    nothing was written yet). Broadcasts slot against after (one past the last position written, per row). A stream
+    that never wrapped (after <= n) holds position s at slot s."""
+    return slot + n * torch.div(after - 1 - slot, n, rounding_mode="floor")
+
+
 def stored_width(width: int, bits: int) -> int:
     """Elements per token of a stream's data tensor: below 8 bits, 8 // bits values per byte."""
     return -(-width * bits // 8) if bits < 8 else width

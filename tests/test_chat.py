@@ -125,4 +125,9 @@ def test_profile_speed_json(converted):
         rt, hf = p["runtime"], p["transformers"]
         assert rt["decode_tokens_per_s"] > 0 and hf["decode_tokens_per_s"] > 0 and rt["prefill_tokens_per_s"] > 0
         assert rt["bytes_per_step"] > 0 and rt["achieved_gb_per_s"] > 0
+        for r in (rt, hf):  # the step against the measured roofline: a share, and which side bounds it
+            assert r["flops_per_step"] > 0 and 0 < r["share_of_roofline"] and r["bound"] in ("memory", "compute")
+            assert r["share_of_roofline"] == pytest.approx(max(
+                r["bytes_per_step"] / (j["roofline"]["copy_gb_per_s"] * 1e9),
+                r["flops_per_step"] / (j["roofline"]["matmul_tflop_per_s"] * 1e12)) / (r["decode_step_ms"] / 1e3))
     assert j["versions"]["torch"] == torch.__version__

@@ -105,3 +105,27 @@ def test_source_decode_time_does_not_carry_the_prefill(monkeypatch):
     r = time_source(model, 2, 64, steps=8)
     assert r["decode_step_ms"] == 500.0
     assert r["prefill_tokens_per_s"] == 2 * 64 / 13.0  # the timed (second) call's prefill
+
+
+def test_decode_flops_by_hand():
+    """FLOPs of a decode step, by hand: two per weight read, and per slot and layer the absorbed attention's dot
+    products; rope keys from the latent add their rebuild (2 R Wr) and rotation (3 Wr) per slot and layer."""
+    from kvconvert.runtime.profile import attention_flops_per_slot, decode_flops_per_step
+
+    from test_runtime import FROM_LATENT, tiny_clla
+
+    for rope_from_latent in (False, True):
+        kw = dict(rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"]) if rope_from_latent else {}
+        model = tiny_clla(4, **kw)
+        cfg = model.config
+        H, Wr = cfg.num_attention_heads, cfg.rope_heads * cfg.rope_dim
+        per_slot = attention_flops_per_slot(cfg)
+        for i, g in enumerate(cfg.group_of_layer()):
+            R = cfg.kv_latent_dims[g]
+            want = 2 * H * Wr + 2 * H * R + (2 * H * R if cfg.qk_nope_dim else 0)
+            assert per_slot[i] == want + ((2 * R * Wr + 3 * Wr) if rope_from_latent else 0)
+        embed = model.get_input_embeddings().weight
+        tied = model.get_output_embeddings().weight is embed
+        weights = sum(p.numel() for p in model.parameters() if tied or p is not embed)
+        attended = [50 if w is None else min(50, w) for w in cfg.layer_windows]  # layer 1 slides over 6 tokens
+        assert decode_flops_per_step(model, 3, 50) == 3 * (2 * weights + sum(n * f for n, f in zip(attended, per_slot)))

@@ -127,7 +127,7 @@ def profile_speed(
 
     from .. import __version__
     from ..loading import is_clla_folder, load_any
-    from ..runtime.profile import time_converted, time_source
+    from ..runtime.profile import device_roofline, time_converted, time_source
 
     batches, contexts = parse_lengths(batch, "--batch", 1), parse_lengths(context, "--context", 1)
     if steps < 1:
@@ -144,14 +144,17 @@ def profile_speed(
         log(f"loading the source {src_path} for transformers' generate")
         src_model = load_any(src_path, model.dtype).model.to(dev)
     points = []
+    log("measuring the device's copy bandwidth and matmul rate (the roofline)")
+    roofline = device_roofline(dev, model.dtype)
     with progress_bar() as bar:
         task = bar.add_task("profile speed", total=len(batches) * len(contexts))
         for b in batches:
             for c in contexts:
                 point: dict = {"batch": b, "context": c}
-                point["runtime"] = time_converted(model, b, c, steps, prefill, cuda_graphs and dev.type == "cuda")
+                point["runtime"] = time_converted(model, b, c, steps, prefill, cuda_graphs and dev.type == "cuda",
+                                                  roofline=roofline)
                 if src_model is not None:
-                    point["transformers"] = time_source(src_model, b, c, steps)
+                    point["transformers"] = time_source(src_model, b, c, steps, roofline=roofline)
                     point["decode_speedup"] = point["runtime"]["decode_tokens_per_s"] / point["transformers"]["decode_tokens_per_s"]
                 points.append(point)
                 bar.advance(task)
@@ -163,6 +166,7 @@ def profile_speed(
         "cuda_graphs": cuda_graphs and dev.type == "cuda",
         "steps": steps,
         "versions": {"kvconvert": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "roofline": roofline,
         "points": points,
     }
     if as_json:

@@ -197,17 +197,26 @@ def memory_tables(result: dict, context: int, batch: int, budget_gib: float, wei
 def speed_table(result: dict) -> Table:
     """`profile speed`: one row per (batch, context) point, the runtime beside transformers' generate."""
     t = Table(title=f"speed of {result['model']} on {result['device']} ({result['dtype']})")
-    t.caption = "hf = transformers' generate on the source (static cache, SDPA); × = decode tok/s over hf's"
-    for col in ("batch", "context", "prefill tok/s", "decode tok/s", "GB/s", "hf prefill", "hf decode", "hf GB/s", "×"):
+    roof = result.get("roofline")
+    t.caption = ("hf = transformers' generate on the source (static cache, SDPA); × = decode tok/s over hf's; "
+                 "roofline = the step's share of max(bytes / copy bandwidth, FLOPs / matmul rate), m or c: which bounds"
+                 + (f" ({roof['copy_gb_per_s']:,.0f} GB/s, {roof['matmul_tflop_per_s']:,.2f} TFLOP/s measured)" if roof
+                    else ""))
+    for col in ("batch", "context", "prefill tok/s", "decode tok/s", "GB/s", "roofline", "hf prefill", "hf decode",
+                "hf GB/s", "hf roofline", "×"):
         t.add_column(col, justify="right")
+
+    def share(r):
+        return f"{r['share_of_roofline']:.0%} {r['bound'][0]}" if r and "share_of_roofline" in r else "—"
+
     for p in result["points"]:
         r, h = p["runtime"], p.get("transformers")
         t.add_row(
             str(p["batch"]), f"{p['context']:,}",
             f"{r['prefill_tokens_per_s']:,.0f}" if "prefill_tokens_per_s" in r else "—",
-            f"{r['decode_tokens_per_s']:,.1f}", f"{r['achieved_gb_per_s']:,.1f}",
+            f"{r['decode_tokens_per_s']:,.1f}", f"{r['achieved_gb_per_s']:,.1f}", share(r),
             f"{h['prefill_tokens_per_s']:,.0f}" if h else "—",
             f"{h['decode_tokens_per_s']:,.1f}" if h else "—", f"{h['achieved_gb_per_s']:,.1f}" if h else "—",
-            f"{p['decode_speedup']:.2f}" if h else "—",
+            share(h), f"{p['decode_speedup']:.2f}" if h else "—",
         )
     return t

@@ -9,11 +9,11 @@ import os
 import torch
 
 from ..cache_layout import Stream
-from .reference import (column_blocks, dequantize_stream, dequantize_streams, latent_attention_weights_ref,
+from .reference import (RopeUp, column_blocks, dequantize_stream, dequantize_streams, latent_attention_weights_ref,
                         latent_decode_ref, quantize_append_ref, quantize_append_streams_ref)
 
 __all__ = [
-    "decode_streams", "dequantize_stream", "dequantize_streams", "latent_attention_weights", "latent_decode",
+    "RopeUp", "decode_streams", "dequantize_stream", "dequantize_streams", "latent_attention_weights", "latent_decode",
     "quantize_append", "quantize_append_streams", "uses_triton",
 ]
 
@@ -39,15 +39,17 @@ def latent_decode(
     key_scale: torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
     tail: Stream | None = None,
+    rope_up: RopeUp | None = None,
 ) -> torch.Tensor:
-    """Absorbed decode attention over a quantized latent stream (and its tail): (B, H, R). See `latent_decode_ref`."""
+    """Absorbed decode attention over a quantized latent stream (and its tail), rope keys read from their stream or
+    rebuilt from the latent (`rope_up`): (B, H, R). See `latent_decode_ref`."""
     if uses_triton(latent.data):
         from .decode_attention import latent_decode_triton
 
         return latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights,
-                                    key_scale, head_bias, tail)
+                                    key_scale, head_bias, tail, rope_up)
     return latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
-                             head_bias, tail)
+                             head_bias, tail, rope_up)
 
 
 def quantize_append(stream: Stream, x: torch.Tensor, start: torch.Tensor) -> None:

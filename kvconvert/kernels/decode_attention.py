@@ -10,6 +10,12 @@
 # compile-time constants, so the column masks fold and the loads vectorize for any width (a runtime width vectorizes
 # only where the JIT sees it divisible by 16). Per-value byte/scale/zero loads (`gather=True`, kept to compare) read
 # a small share of the copy bandwidth: bench/kernels.py --sweep measures both on a GPU.
+# Rope keys from the latent (HAS_ROPE_UP, kernels.RopeUp): the layer's rope_up rows (real and imaginary parts of each
+# frequency pair apart) are loaded once per program and stay on chip (the compiler keeps them in shared memory
+# across the loop); per tile the dequantized latent (head and tail) makes the keys with two more dot pairs, which
+# are rotated at each slot's position (its own, a wrapped ring's, or a cache policy's, computed or read in the
+# kernel) and scored: nothing the size of the cache is written. Per slot and layer that is 2·R·Wr FLOPs against the
+# slot's few dozen bytes: compute-bound on every GPU (docs/design.md, "The runtime").
 """Triton decode attention over the quantized latent cache: `latent_decode_triton`, same semantics as
 `latent_decode_ref` (reference.py). CUDA-graph safe: the grid depends on shapes and the cache capacity only, the
 valid range of every row is read from `seq_lens` inside the kernel, and the launcher never syncs with the host."""
@@ -24,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..cache_layout import Stream
+from .reference import RopeUp
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _LOG2E = 1.4426950408889634
@@ -95,11 +102,29 @@ def _load_tile(
 
 
 @triton.jit
+def _rotation(angle, scaling):
+    """(scaling · cos, scaling · sin) of fp32 angles without the GPU's library sine and cosine (whose path for large
+    arguments brings local memory and branches into the loop): the angle is reduced by whole quarter turns q to
+    r in [-π/4, π/4] (π/2 split in a high part of 8 significant bits, exact times any q below 2^16, and the rest),
+    sin r and cos r are Taylor polynomials (error below 2e-9 there), and the quadrant q mod 4 picks and signs them."""
+    quarter = tl.floor(angle * 0.6366197723675814 + 0.5)
+    r = (angle - quarter * 1.5703125) - quarter * 4.838267948966e-4
+    q = quarter.to(tl.int32) & 3
+    r2 = r * r
+    s = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880))))
+    c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
+    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
+    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
+    return cos * scaling, sin * scaling
+
+
+@triton.jit
 def _latent_decode_split_kernel(
     # pointers
     Q_LAT, Q_ROPE, LAT, LAT_SCALES, TAIL, TAIL_SCALES, ROPE, ROPE_SCALES, SEQ_LENS, LOG_W, KEY_SCALE, HEAD_BIAS, PART_OUT, PART_LSE, OUT,
+    ROPE_UP, ROPE_UP_BIAS, ROPE_FREQ, ROPE_POS,
     # sizes
-    H, CAP, CHUNK, WINDOW, qk_scale, HEADS_PER_KV,
+    H, CAP, CHUNK, WINDOW, qk_scale, HEADS_PER_KV, rope_scaling,
     # strides
     stride_ql_b, stride_ql_h, stride_ql_r,
     stride_qr_b, stride_qr_h, stride_qr_w,
@@ -115,6 +140,7 @@ def _latent_decode_split_kernel(
     stride_po_b, stride_po_split, stride_po_h, stride_po_r,
     stride_pl_b, stride_pl_split, stride_pl_h,
     stride_out_b, stride_out_h, stride_out_r,
+    stride_ru_w, stride_ru_r, stride_pos_b, stride_pos_s,
     # meta (the widths too: a compile-time column mask lets the tile loads vectorize)
     R: tl.constexpr, RT: tl.constexpr, WR: tl.constexpr,
     LAT_BITS: tl.constexpr, LAT_GROUP: tl.constexpr, LAT_GW: tl.constexpr, LAT_NG: tl.constexpr,
@@ -122,12 +148,15 @@ def _latent_decode_split_kernel(
     ROPE_BITS: tl.constexpr, ROPE_GROUP: tl.constexpr, ROPE_GW: tl.constexpr, ROPE_NG: tl.constexpr,
     HAS_Q_LAT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LOG_W: tl.constexpr,
     HAS_KEY_SCALE: tl.constexpr, HAS_HEAD_BIAS: tl.constexpr,
+    HAS_ROPE_UP: tl.constexpr, HAS_ROPE_BIAS: tl.constexpr, HAS_POS: tl.constexpr, WH: tl.constexpr, WHP: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, GATHER: tl.constexpr,
 ):
     """Grid (B, NUM_SPLITS, cdiv(H, BLOCK_H)), algorithm in the file's first comment. Writes out (B, H, R + RT) when
     DIRECT_OUT (one split), else fp32 partials (B, NUM_SPLITS, H, R + RT) and log2-sum-exps (B, NUM_SPLITS, H).
+    HAS_ROPE_UP replaces the rope stream (HAS_ROPE) by keys rebuilt from the latent tile: Q_ROPE (B, H, 2 · WH) in
+    pair order, ROPE_UP (2 · WH, R + RT), ROPE_UP_BIAS, ROPE_FREQ (WH,) fp32, ROPE_POS (B, CAP) fp32 (HAS_POS).
 
     Long on purpose: one Triton program read top to bottom (the row's valid range and query tiles; the loop over
     position tiles: dequantize, scores, online softmax; the store). What repeats is already a @triton.jit helper
@@ -162,6 +191,27 @@ def _latent_decode_split_kernel(
         if HAS_TAIL:
             q_tail = tl.load(q_row + (R + offs_rt)[None, :] * stride_ql_r, mask=mask_h[:, None] & mask_rt[None, :],
                              other=0).to(DOT_DTYPE)
+    if HAS_ROPE_UP:  # rope keys from the latent: the pairs' real (2j) and imaginary (2j + 1) parts apart
+        offs_j = tl.arange(0, WHP)
+        mask_j = offs_j < WH
+        q_row = Q_ROPE + pid_b * stride_qr_b + offs_h[:, None] * stride_qr_h
+        q_mask = mask_h[:, None] & mask_j[None, :]
+        q_re = tl.load(q_row + (2 * offs_j)[None, :] * stride_qr_w, mask=q_mask, other=0).to(DOT_DTYPE)
+        q_im = tl.load(q_row + (2 * offs_j + 1)[None, :] * stride_qr_w, mask=q_mask, other=0).to(DOT_DTYPE)
+        # rope_up (Wr, R + RT), held on chip for the whole program: (WHP, tile columns) per part, head and tail
+        u_row = ROPE_UP + (2 * offs_j)[:, None].to(tl.int64) * stride_ru_w
+        u_mask = mask_j[:, None] & mask_r[None, :]
+        u_re = tl.load(u_row + offs_r[None, :] * stride_ru_r, mask=u_mask, other=0).to(DOT_DTYPE)
+        u_im = tl.load(u_row + stride_ru_w + offs_r[None, :] * stride_ru_r, mask=u_mask, other=0).to(DOT_DTYPE)
+        if HAS_TAIL:
+            ut_mask = mask_j[:, None] & mask_rt[None, :]
+            ut_re = tl.load(u_row + (R + offs_rt)[None, :] * stride_ru_r, mask=ut_mask, other=0).to(DOT_DTYPE)
+            ut_im = tl.load(u_row + stride_ru_w + (R + offs_rt)[None, :] * stride_ru_r, mask=ut_mask,
+                            other=0).to(DOT_DTYPE)
+        if HAS_ROPE_BIAS:
+            b_re = tl.load(ROPE_UP_BIAS + 2 * offs_j, mask=mask_j, other=0).to(tl.float32)
+            b_im = tl.load(ROPE_UP_BIAS + 2 * offs_j + 1, mask=mask_j, other=0).to(tl.float32)
+        freq = tl.load(ROPE_FREQ + offs_j, mask=mask_j, other=0).to(tl.float32)
     if HAS_ROPE:
         offs_w, mask_w = _tile_columns(WR, ROPE_GROUP, ROPE_GW, ROPE_NG)
         q_rope = tl.load(Q_ROPE + pid_b * stride_qr_b + offs_h[:, None] * stride_qr_h + offs_w[None, :] * stride_qr_w,
@@ -208,6 +258,25 @@ def _latent_decode_split_kernel(
                 ROPE_BITS, ROPE_GROUP, ROPE_GW, ROPE_NG, BLOCK_T, GATHER,
             ).to(DOT_DTYPE)
             scores = tl.dot(q_rope, tl.trans(k), scores, input_precision=DOT_PRECISION)
+        if HAS_ROPE_UP:  # the slots' rope keys from the latent tile, in pair order, rotated at each slot's position
+            k_re = tl.dot(c, tl.trans(u_re), input_precision=DOT_PRECISION)
+            k_im = tl.dot(c, tl.trans(u_im), input_precision=DOT_PRECISION)
+            if HAS_TAIL:
+                k_re = tl.dot(ct, tl.trans(ut_re), k_re, input_precision=DOT_PRECISION)
+                k_im = tl.dot(ct, tl.trans(ut_im), k_im, input_precision=DOT_PRECISION)
+            if HAS_ROPE_BIAS:
+                k_re += b_re[None, :]
+                k_im += b_im[None, :]
+            if HAS_POS:  # a cache policy's slot positions
+                pos = tl.load(ROPE_POS + row_b * stride_pos_b + offs_t.to(tl.int64) * stride_pos_s, mask=mask_t,
+                              other=0).to(tl.float32)
+            else:  # slot s holds the row's last position p < seq_len with p % CAP == s (position s if not wrapped)
+                pos = (offs_t + CAP * ((seq_len - 1 - offs_t) // CAP)).to(tl.float32)
+            cos, sin = _rotation(pos[:, None] * freq[None, :], rope_scaling)
+            scores = tl.dot(q_re, tl.trans((k_re * cos - k_im * sin).to(DOT_DTYPE)), scores,
+                            input_precision=DOT_PRECISION)
+            scores = tl.dot(q_im, tl.trans((k_re * sin + k_im * cos).to(DOT_DTYPE)), scores,
+                            input_precision=DOT_PRECISION)
         scores = scores * qk_scale
         if HAS_HEAD_BIAS:
             scores += head_bias[:, None]
@@ -375,10 +444,13 @@ def _stream_args(stream: Stream | None, placeholder: torch.Tensor) -> _StreamArg
                        _tile_geometry(stream.bits, stream.group, stream.width))
 
 
-def _check_decode_inputs(q_lat, q_rope, latent, rope, tail) -> None:
+def _check_decode_inputs(q_lat, q_rope, latent, rope, tail, rope_up=None) -> None:
     if q_lat is None and q_rope is None:
         raise ValueError("latent_decode needs q_lat or q_rope")
-    if q_rope is not None and rope is None:
+    if rope_up is not None and (rope is not None or q_rope is None or q_rope.shape[-1] != rope_up.width
+                                or rope_up.width % 2):
+        raise ValueError("rope keys from the latent: q_rope over their even width, and no rope stream")
+    if q_rope is not None and rope is None and rope_up is None:
         raise ValueError("q_rope needs the rope stream")
     if any(s is not None and s.bits not in (2, 4, 8, 16) for s in (latent, tail, rope)):
         raise ValueError("streams are stored at 16, 8, 4 or 2 bits")
@@ -437,26 +509,28 @@ def latent_decode_triton(
     key_scale: torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
     tail: Stream | None = None,
+    rope_up: RopeUp | None = None,
 ) -> torch.Tensor:
     """Triton `latent_decode_ref`: q_lat (B, H, R) or None, q_rope (B, H, Wr) or None, latent/rope/tail streams
     (B, S, ...), seq_lens (B,) int32, log_weights (B, S) fp32 or None, key_scale (B, S, K) or None, head_bias (B, H)
-    or None -> (B, H, R) in the queries' dtype (R: the latent's width, its tail's included).
+    or None, rope_up (rope keys rebuilt from the latent in the kernel) or None -> (B, H, R) in the queries' dtype (R:
+    the latent's width, its tail's included).
     num_splits: split-K factor (None: about two programs per SM on CUDA). S = latent.data.shape[1] is the cache
     capacity; the grid depends on it only."""
     return _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights=log_weights,
-                          key_scale=key_scale, head_bias=head_bias, tail=tail)
+                          key_scale=key_scale, head_bias=head_bias, tail=tail, rope_up=rope_up)
 
 
 def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, block_t=None,
                    log_weights=None, num_warps=None, num_stages=None, programs_per_sm=None, key_scale=None,
-                   head_bias=None, gather=False, tail=None):
+                   head_bias=None, gather=False, tail=None, rope_up=None):
     """latent_decode_triton with the launch parameters open (tests and bench/kernels.py --sweep): block_t,
     num_warps, num_stages (None: the defaults of _launch_config), programs_per_sm (sizes num_splits when that is
     None), gather (the earlier per-value loads, _load_tile). Checks the inputs, sizes the launch (_launch_config),
     allocates the split partials, launches the split kernel and merges the splits."""
     if q_rope is None:
-        rope = None  # like the reference: without rope queries the rope stream does not enter the scores
-    _check_decode_inputs(q_lat, q_rope, latent, rope, tail)
+        rope = rope_up = None  # like the reference: without rope queries no rope key enters the scores
+    _check_decode_inputs(q_lat, q_rope, latent, rope, tail, rope_up)
     q = q_lat if q_lat is not None else q_rope
     B, H = q.shape[:2]
     R = latent.width
@@ -464,10 +538,13 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     S = latent.data.shape[1]
     lat_args, tail_args, rope_args = (_stream_args(s, latent.data) for s in (latent, tail, rope))
     block_r = lat_args.columns + (tail_args.columns if tail is not None else 0)
+    wh = rope_up.width // 2 if rope_up is not None else 0
+    whp = max(16, triton.next_power_of_2(wh))  # the rebuilt keys' tile: real and imaginary parts, WHP columns each
+    block_wr = rope_args.columns if rope is not None else 2 * whp if rope_up is not None else 0
     block_h, block_t, num_warps, num_splits, chunk = _launch_config(
-        B, H, S, block_r, rope_args.columns if rope is not None else 0, latent.data.device, num_splits, block_t,
-        num_warps, programs_per_sm,
+        B, H, S, block_r, block_wr, latent.data.device, num_splits, block_t, num_warps, programs_per_sm,
     )
+    placeholder, ru = latent.data, rope_up
     out = torch.empty(B, H, R + RT, dtype=q.dtype, device=latent.data.device)
     part_out, part_lse, stride_po, stride_pl = _split_partials(out, num_splits)
     dot_dtype = _DOT_DTYPES[q.dtype]
@@ -478,8 +555,12 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         log_weights if log_weights is not None else out, key_scale if key_scale is not None else out,
         head_bias if head_bias is not None else out,
         part_out, part_lse, out,
+        ru.weight if ru is not None else placeholder,
+        ru.bias if ru is not None and ru.bias is not None else placeholder,
+        ru.freq if ru is not None else placeholder,
+        ru.positions if ru is not None and ru.positions is not None else placeholder,
         H, S, chunk, int(window) if window is not None else 0, float(softmax_scale) * _LOG2E,
-        H // key_scale.shape[-1] if key_scale is not None else 1,
+        H // key_scale.shape[-1] if key_scale is not None else 1, float(ru.scaling) if ru is not None else 1.0,
         *(q_lat.stride() if q_lat is not None else (0, 0, 0)), *(q_rope.stride() if q_rope is not None else (0, 0, 0)),
         *lat_args.stride_data, *lat_args.stride_scales,
         *tail_args.stride_data, *tail_args.stride_scales,
@@ -489,11 +570,15 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
         *(head_bias.stride() if head_bias is not None else (0, 0)),
         *stride_po, *stride_pl,
         *out.stride(),
+        *(ru.weight.stride() if ru is not None else (0, 0)),
+        *(ru.positions.stride() if ru is not None and ru.positions is not None else (0, 0)),
         R=R, RT=RT, WR=rope.width if rope is not None else 0,
         **lat_args.meta("LAT"), **tail_args.meta("TAIL"), **rope_args.meta("ROPE"),
         HAS_Q_LAT=q_lat is not None, HAS_TAIL=tail is not None, HAS_ROPE=rope is not None, HAS_WINDOW=window is not None,
         HAS_LOG_W=log_weights is not None, HAS_KEY_SCALE=key_scale is not None,
-        HAS_HEAD_BIAS=head_bias is not None, DIRECT_OUT=num_splits == 1,
+        HAS_HEAD_BIAS=head_bias is not None, HAS_ROPE_UP=ru is not None,
+        HAS_ROPE_BIAS=ru is not None and ru.bias is not None, HAS_POS=ru is not None and ru.positions is not None,
+        WH=wh, WHP=whp, DIRECT_OUT=num_splits == 1,
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
         BLOCK_H=block_h, BLOCK_T=block_t, GATHER=bool(gather),
         num_warps=num_warps,

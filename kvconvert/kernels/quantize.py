@@ -33,12 +33,13 @@ def _quantize_append_kernel(
     # pointers
     X, START, DATA, SCALES,
     # sizes
-    T, W, CAP,
+    T, CAP,
     # strides
     stride_x_b, stride_x_t, stride_x_w,
     stride_data_b, stride_data_s, stride_data_w,
     stride_scales_b, stride_scales_s, stride_scales_g, stride_scales_k,
     # meta
+    W: tl.constexpr,  # the stream's width: a compile-time constant, so its masks fold and its loads vectorize
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -109,11 +110,11 @@ def quantize_append_triton(stream: Stream, x: torch.Tensor, start: torch.Tensor)
         block_k = triton.next_power_of_2(group // pack)
     _quantize_append_kernel[(B * T,)](
         x, start, stream.data, scales,
-        T, W, stream.data.shape[1],
+        T, stream.data.shape[1],
         *x.stride(),
         *stream.data.stride(),
         *stride_scales,
-        BITS=bits, GROUP=group, BLOCK_W=triton.next_power_of_2(W), BLOCK_G=block_g, BLOCK_K=block_k,
+        W=W, BITS=bits, GROUP=group, BLOCK_W=triton.next_power_of_2(W), BLOCK_G=block_g, BLOCK_K=block_k,
         num_warps=4 if W >= 512 else 1,
         enable_fp_fusion=False,  # never contract into FMAs: codes must equal torch's bit for bit
     )

@@ -5,9 +5,12 @@ The cache layout they read and write (`Stream`, the bytes of a cached token): kv
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from ..cache_layout import Stream
+import torch
+import torch.nn.functional as F
+
+from ..cache_layout import Stream, ring_positions
 from ..quant import dequantize_codes, pack_codes, pack_latent, quantize_segments, unpack_codes, unpack_latent
 
 
@@ -92,6 +95,41 @@ def _write(dest: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> None
     dest.view(B * S, *dest.shape[2:]).index_copy_(0, flat, values.reshape(flat.shape[0], *dest.shape[2:]))
 
 
+@dataclass(frozen=True)
+class RopeUp:
+    """Rope keys rebuilt from the latent inside decode attention (a plan with rope keys from the latent). Slot s's
+    rope keys are `k = weight · c_s + bias` rotated at the position p_s the slot holds, in frequency-pair order:
+    (k_2j + i k_2j+1) · scaling · e^(i p_s freq_j) for pair j. Nothing the size of the cache holds them."""
+
+    weight: torch.Tensor  # (Wr, R) the layer's rope_up rows in pair order, over the whole latent (head, then tail)
+    bias: torch.Tensor | None  # (Wr,) or None
+    freq: torch.Tensor  # (Wr / 2,) fp32, the frequency of each pair
+    scaling: float  # the attention scaling of the rotation (1 for plain RoPE)
+    # (B, capacity) fp32: the position each slot holds (a cache policy's slot positions); None: slot s of a row of n
+    # tokens holds its last position p < n with p % capacity == s (a ring), position s where the row never wrapped
+    positions: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:  # Wr, the rope keys' values per slot
+        return self.weight.shape[0]
+
+
+def rope_up_keys(rope_up: RopeUp, c: torch.Tensor, seq_lens: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The rotated rope keys (B, S, Wr) of the first S slots whose dequantized latent is c (B, S, R), in c's dtype
+    (fp32 rotations for an fp32 latent, as the runtime's reference path makes them)."""
+    B, S, _ = c.shape
+    k = F.linear(c, rope_up.weight.to(c.dtype), None if rope_up.bias is None else rope_up.bias.to(c.dtype))
+    if rope_up.positions is not None:
+        pos = rope_up.positions[:, :S]
+    else:
+        pos = ring_positions(torch.arange(S, device=c.device)[None, :], capacity, seq_lens.long()[:, None])
+    real = torch.promote_types(c.dtype, torch.float32)
+    angle = pos.to(torch.float32)[..., None].to(real) * rope_up.freq.to(real)
+    rot = torch.polar(torch.full_like(angle, rope_up.scaling), angle)
+    z = torch.view_as_complex(k.to(real).reshape(B, S, -1, 2).contiguous()) * rot
+    return torch.view_as_real(z).reshape(B, S, -1).to(c.dtype)
+
+
 def latent_decode_ref(
     q_lat: torch.Tensor | None,
     q_rope: torch.Tensor | None,
@@ -104,6 +142,7 @@ def latent_decode_ref(
     key_scale: torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
     tail: Stream | None = None,
+    rope_up: RopeUp | None = None,
 ) -> torch.Tensor:
     """One decode step of absorbed latent attention: every query head against one latent stream (MQA).
 
@@ -116,20 +155,22 @@ def latent_decode_ref(
     (a cache policy's merged slot standing for w tokens carries log w), None = 0; key_scale: (B, S, K) the key norms
     of a qk-norm source (per position and kv head; query head h reads kv head h // (H / K)), None = 1; head_bias:
     (B, H) fp32 q_nope · b_k of a key bias, which the key norms make position-dependent (None = 0); tail: the
-    latent's low-precision tail, its values following the head's (R counts both), or None.
+    latent's low-precision tail, its values following the head's (R counts both), or None; rope_up: with rope keys
+    from the latent, what rebuilds them from the latent (`RopeUp`; `rope` is then None and q_rope is laid over its
+    Wr values).
     score[b, h, s] = (q_lat · latent[s] + q_rope · rope[s] + head_bias[b, h]) * key_scale[b, s, kv(h)] * softmax_scale
                      + log_weights[b, s]
     out[b, h] = Σ_s softmax(score) latent[s]
     Returns (B, H, R) in q's dtype; computed in fp32 (fp64 for fp64 queries).
     """
     scores, c = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
-                               head_bias, tail)
+                               head_bias, tail, rope_up)
     q = q_lat if q_lat is not None else q_rope
     return torch.bmm(scores.softmax(-1), c).to(q.dtype)
 
 
 def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale=None,
-                   head_bias=None, tail=None):
+                   head_bias=None, tail=None, rope_up=None):
     """Scores (B, H, S) over the first S = min(max(seq_lens), capacity) slots (-inf where masked) and the latent
     (B, S, R)."""
     S = min(int(seq_lens.max()), latent.data.shape[1])
@@ -139,7 +180,10 @@ def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     # (B, H, S): the latent's and the rope keys' terms, each one batched matmul (no concatenated keys)
     scores = None if q_lat is None else torch.bmm(q_lat.to(compute), c.transpose(1, 2))
     if q_rope is not None:
-        k_rope = dequantize_stream(rope, S, compute).transpose(1, 2)
+        if rope_up is not None:
+            k_rope = rope_up_keys(rope_up, c, seq_lens, latent.data.shape[1]).transpose(1, 2)
+        else:
+            k_rope = dequantize_stream(rope, S, compute).transpose(1, 2)
         q_rope = q_rope.to(compute)
         scores = torch.bmm(q_rope, k_rope) if scores is None else torch.baddbmm(scores, q_rope, k_rope)
     if head_bias is not None:
@@ -162,12 +206,12 @@ def _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
 
 def latent_attention_weights_ref(
     q_lat, q_rope, latent: Stream, rope: Stream | None, seq_lens, softmax_scale: float, window=None, log_weights=None,
-    key_scale=None, head_bias=None, tail=None,
+    key_scale=None, head_bias=None, tail=None, rope_up=None,
 ) -> torch.Tensor:
     """The attention each cached slot receives in `latent_decode_ref`, summed over the query heads: (B, capacity)
     fp32, zero past each row's length. What score-based cache policies accumulate."""
     scores, _ = _masked_scores(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
-                               head_bias, tail)
+                               head_bias, tail, rope_up)
     out = torch.zeros(scores.shape[0], latent.data.shape[1], dtype=torch.float32, device=scores.device)
     out[:, : scores.shape[-1]] = scores.softmax(-1).sum(1).float()
     return out

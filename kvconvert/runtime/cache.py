@@ -25,12 +25,6 @@ from ..cache_layout import Stream, stored_width
 GIB = 1 << 30
 
 
-def ring_positions(slot: torch.Tensor, n: int, after: torch.Tensor) -> torch.Tensor:
-    """The token position slot s of a ring of n slots holds: the last p < after with p % n == s (negative where
-    nothing was written yet). Broadcasts slot against after (one past the last position written, per row)."""
-    return slot + n * torch.div(after - 1 - slot, n, rounding_mode="floor")
-
-
 class LatentCache:
     def __init__(
         self,

@@ -100,7 +100,7 @@ class LatentRuntime:
         self.group_of = cfg.group_of_layer()
         self.first_of_group = {g[0] for g in cfg.layer_groups}
         self.inv_freq = rope_inv_freq(cfg, self.device)
-        self.rope_from_latent = (RopeFromLatent(model, self.cache, policy, self.inv_freq, self.dtype, dtype16)
+        self.rope_from_latent = (RopeFromLatent(model, self.cache, policy, self.inv_freq, self.dtype)
                                  if cfg.rope_from_latent else None)
         self.absorbed = AbsorbedProjections(model, self.cpu_layout, self.rope_from_latent)
         self.layers, self.dims, self.softmax_scale = self.absorbed.layers, self.absorbed.dims, cfg.softmax_scale
@@ -254,18 +254,19 @@ class LatentRuntime:
             pos = self.policy.states[self.group_of[i]].pos
             log_w, window = log_w.masked_fill(self.positions.long()[:, None] - pos >= window, -math.inf), None
         ks = self._key_scale(i)
-        if self.rope_from_latent is not None:  # streams: (the latent's kernel streams, decode_latent's, query rotations)
-            (latent, _, tail), decoded, q_rot = streams
+        rope_up = None
+        if self.rope_from_latent is not None:  # streams: (the latent's kernel streams, decode_keys', query rotations)
+            (latent, _, tail), keys, q_rot = streams
             q_lat, q_rope, head_bias = self.absorbed.queries(i, x[:, 0], cos, sin, q_rot)  # rope dims in pair order
-            rope = self.rope_from_latent.layer_stream(i, decoded)
+            rope, rope_up = self.rope_from_latent.layer_keys_for_decode(i, self.group_of[i], keys)
         else:
             q_lat, q_rope, head_bias = self.absorbed.queries(i, x[:, 0], cos, sin)
             latent, rope, tail = streams
         o_lat = latent_decode(q_lat, q_rope, latent, rope, lens, self.softmax_scale, window, log_weights=log_w,
-                              key_scale=ks, head_bias=head_bias, tail=tail)
+                              key_scale=ks, head_bias=head_bias, tail=tail, rope_up=rope_up)
         if self.policy is not None and self.policy.observing:
             seen = latent_attention_weights(q_lat, q_rope, latent, rope, lens, self.softmax_scale, window, log_w,
-                                            ks, head_bias, tail)
+                                            ks, head_bias, tail, rope_up)
             self._attention_seen[self.group_of[i]][:, : seen.shape[1]] += seen
         return self.absorbed.output(i, o_lat)[:, None]
 
@@ -472,7 +473,7 @@ class LatentRuntime:
                 streams = decode_streams(self.cache.latent(g), self.cache.rope(g), lens, self.cache.tail(g))
                 if self.rope_from_latent is not None:
                     keys = self.rope_from_latent
-                    streams = (streams, keys.decode_latent(g, streams, lens, rotations),
+                    streams = (streams, keys.decode_keys(g, streams, lens, rotations),
                                keys.query_rotations(g, self.positions, rotations))
             self._append_key_scale(i, x, start)
             h = layer.attn_residual(h, self._decode_attention(i, x, cos[g], sin[g], lens, streams))

@@ -154,6 +154,80 @@ def time_decode(rt, steps: int, warmup: int = 2) -> float:
     return dt
 
 
+def _median_seconds(fn, device, reps: int) -> float:
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        cuda_sync(device)
+        t0 = time.perf_counter()
+        fn()
+        cuda_sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device, gib: float) -> float:
+    """GB/s of a large device-to-device copy (bytes read + written): the memory side of the roofline."""
+    import torch
+
+    n = int(gib * GIB)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n / _median_seconds(lambda: dst.copy_(src), device, 10) / 1e9
+
+
+def matmul_peak(device, dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype`: the compute side of the roofline."""
+    import torch
+
+    n = 8192 if torch.device(device).type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 / _median_seconds(lambda: a @ b, device, 10)
+
+
+def device_roofline(device, dtype) -> dict:
+    """The measured copy bandwidth and matmul rate a decode step is held against (a few seconds to measure)."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    return {"copy_gb_per_s": copy_bandwidth(device, 2.0 if cuda else 0.25),
+            "matmul_tflop_per_s": matmul_peak(device, dtype) / 1e12}
+
+
+def roofline_share(bytes_: float, flops: float, seconds: float, roofline: dict) -> dict:
+    """The share of the roofline a time reaches, max(bytes / copy bandwidth, FLOPs / matmul rate) / seconds, and
+    which side bounds it."""
+    memory, compute = bytes_ / (roofline["copy_gb_per_s"] * 1e9), flops / (roofline["matmul_tflop_per_s"] * 1e12)
+    return {"share_of_roofline": max(memory, compute) / seconds, "bound": "compute" if compute > memory else "memory"}
+
+
+def attention_flops_per_slot(cfg: CllaConfig) -> list[int]:
+    """Per layer, the FLOPs of absorbed decode attention per cached slot it reads: scores over the latent (where key
+    dims go through it) and the rope keys, values over the latent, and with rope keys from the latent their rebuild
+    from the latent (2 R Wr) and rotation."""
+    H, Wr = cfg.num_attention_heads, cfg.rope_heads * cfg.rope_dim
+    out = []
+    for g in cfg.group_of_layer():
+        R = cfg.kv_latent_dims[g]
+        flops = 2 * H * Wr + 2 * H * R + (2 * H * R if cfg.qk_nope_dim else 0)
+        out.append(flops + (2 * R * Wr + 3 * Wr if cfg.rope_from_latent else 0))
+    return out
+
+
+def decode_flops_per_step(model, batch: int, context: int) -> int:
+    """FLOPs of one decode step at `context` tokens: two per weight a step reads (as weight_bytes_read_per_step
+    counts them; the embedding is a lookup unless tied to the head) per row, and the attention over the slots each
+    layer reads (attention_flops_per_slot; a sliding-window layer its window)."""
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
+    weights = sum(p.numel() for p in model.parameters() if tied or p is not embed)
+    cfg = model.config
+    attention = sum(n * f for n, f in zip(window_tokens(cfg, context), attention_flops_per_slot(cfg)))
+    return batch * (2 * weights + attention)
+
+
 def weight_bytes_read_per_step(model) -> int:
     """Bytes of weights a decode step reads: every parameter once, except an untied input embedding table (a
     decode step reads one row of it per sequence)."""
@@ -218,10 +292,11 @@ def measure_source_memory(model, context: int, batch: int) -> dict:
 
 
 def time_converted(model, batch: int, context: int, steps: int, prefill: bool, cuda_graphs: bool, seed: int = 0,
-                   cpu_layout: bool | None = None) -> dict:
+                   cpu_layout: bool | None = None, roofline: dict | None = None) -> dict:
     """Prefill of batch × context random tokens (when `prefill`) and decode steps at that length, in the runtime.
     cpu_layout: LatentRuntime's, which on CPU re-lays out `model`'s weights in place; default: at one row, as
-    `kvconvert chat` runs, so that the figure is the one a chat user sees."""
+    `kvconvert chat` runs, so that the figure is the one a chat user sees. roofline (device_roofline): adds the
+    step's share of it."""
     import time
 
     import torch
@@ -251,15 +326,18 @@ def time_converted(model, batch: int, context: int, steps: int, prefill: bool, c
     per_group, per_layer = group_and_layer_bytes(cfg)
     per_step = weight_bytes_read_per_step(model) + batch * sum(
         n * (per_group[g] + per_layer) for n, g in zip(window_tokens(cfg, context), cfg.group_of_layer()))
+    flops = decode_flops_per_step(model, batch, context)
     return result | {
         "decode_step_ms": dt * 1e3,
         "decode_tokens_per_s": batch / dt,
         "bytes_per_step": per_step,
         "achieved_gb_per_s": per_step / dt / 1e9,
-    }
+        "flops_per_step": flops,
+        "achieved_tflop_per_s": flops / dt / 1e12,
+    } | (roofline_share(per_step, flops, dt, roofline) if roofline else {})
 
 
-def time_source(model, batch: int, context: int, steps: int, seed: int = 0) -> dict:
+def time_source(model, batch: int, context: int, steps: int, seed: int = 0, roofline: dict | None = None) -> dict:
     """transformers' own generate on the source (static cache, SDPA, greedy), one call of 1 + `steps` new tokens,
     each token stamped as generate hands it out (a streamer): prefill = up to the first new token, decode = the
     steps after it. (Decode was once the difference of two generate calls, each with its prefill: at 8k tokens on
@@ -305,10 +383,17 @@ def time_source(model, batch: int, context: int, steps: int, seed: int = 0) -> d
     # transformers caches in the model's dtype (fp32 on CPU): count the bytes it really reads.
     kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
     per_step = weight_bytes_read_per_step(model) + batch * context * kv
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embed
+    weights = sum(p.numel() for p in model.parameters() if tied or p is not embed)
+    # two per weight, and per cached token and layer every head's score and value dot products
+    flops = batch * (2 * weights + context * cfg.num_hidden_layers * 4 * cfg.num_attention_heads * head_dim)
     return {
         "prefill_tokens_per_s": batch * context / t1,
         "decode_step_ms": dt * 1e3,
         "decode_tokens_per_s": batch / dt,
         "bytes_per_step": per_step,
         "achieved_gb_per_s": per_step / dt / 1e9,
-    }
+        "flops_per_step": flops,
+        "achieved_tflop_per_s": flops / dt / 1e12,
+    } | (roofline_share(per_step, flops, dt, roofline) if roofline else {})

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from .absorb import AbsorbedProjections
-from .cache import LatentCache, ring_positions
+from ..cache_layout import ring_positions
+from .cache import LatentCache
 
 
 class PromptMasks:

@@ -2,12 +2,13 @@
 rope keys from the dequantized latent, RoPE(W_ur c_s) at the position slot s holds.
 
 Prefill runs the model's own code (CllaAttention.rope_keys) with the slots' rotations as [cos | sin]
-(`slot_rotations`). Decode materializes the keys every step as a 16-bit rope stream the kernels read: one matmul
-with W_ur's rows in frequency-pair order ((j, j + Dr/2) of each rope head -> (2j, 2j + 1)), which makes the keys
-complex numbers, then one complex product with the slots' rotations, shared by the groups whose slots hold the same
-positions. On the reference path one matmul serves every layer of a group; on the Triton path one layer at a time
-bounds the transient. The queries' rope dims take the same pair order and rotate by a complex product too (scores
-are sums over dims: the order does not change them). A kernel that rotates them in registers is not written.
+(`slot_rotations`). Decode takes W_ur's rows in frequency-pair order ((j, j + Dr/2) of each rope head -> (2j, 2j +
+1)), which makes the keys complex numbers rotated by one complex product. On the reference path (CPU) the keys of
+every layer of a group are made once per step from the group's dequantized latent: one matmul, then one complex
+product with the slots' rotations, shared by the groups whose slots hold the same positions. On the Triton path the
+decode kernel rebuilds and rotates them itself from the latent tile it has loaded (`kernels.RopeUp`): nothing the
+size of the cache is written. The queries' rope dims take the same pair order and rotate by a complex product too
+(scores are sums over dims: the order does not change them).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..cache_layout import Stream
-from ..kernels import dequantize_streams, uses_triton
+from ..cache_layout import Stream, ring_positions
+from ..kernels import RopeUp, uses_triton
 from ..model import rope_cos_sin
-from .cache import LatentCache, ring_positions
+from .cache import LatentCache
 
 
 def pair_order(dim: int, device) -> torch.Tensor:
@@ -40,12 +41,10 @@ class RopeFromLatent:
     queries' rotations, and the rotated keys of a decode step."""
 
     @torch.no_grad()
-    def __init__(self, model, cache: LatentCache, policy, inv_freq: torch.Tensor, dtype: torch.dtype,
-                 dtype16: torch.dtype):
-        """inv_freq: (NG, Hr · Dr/2) the rope frequencies of every layer group (rope_inv_freq); dtype: the model's;
-        dtype16: the 16-bit type of the rope stream the kernels read."""
+    def __init__(self, model, cache: LatentCache, policy, inv_freq: torch.Tensor, dtype: torch.dtype):
+        """inv_freq: (NG, Hr · Dr/2) the rope frequencies of every layer group (rope_inv_freq); dtype: the model's."""
         self.config = cfg = model.config
-        self.cache, self.policy, self.inv_freq, self.dtype, self.dtype16 = cache, policy, inv_freq, dtype, dtype16
+        self.cache, self.policy, self.inv_freq, self.dtype = cache, policy, inv_freq, dtype
         self.device = device = inv_freq.device
         self.attention = [layer.self_attn for layer in model.model.layers]
         Hr, Dr = cfg.rope_heads, cfg.rope_dim
@@ -95,40 +94,33 @@ class RopeFromLatent:
         """Prefill: layer i's rope keys (B, Hr, S, Dr) from the latent (B, S, R), by the model's own code."""
         return self.attention[i].rope_keys(latent, slot_rotations)
 
-    def decode_latent(self, g: int, streams, lens: torch.Tensor, rotations: dict):
-        """Decode: the dequantized latent (B, S, R) of group g that its layers make their rope keys from, over the
-        slots the kernels read; those slots' rotations e^(i p θ) · attention scaling, (B, S, Hr · Dr/2) complex64
-        (`rotations`: this step's, by rotation_key); and on the reference path every layer's rope keys at once,
-        (B, S, n_layers, Hr · Dr) fp32 (one matmul for the group), else None (per layer, in `layer_stream`).
-        streams: the group's (latent, rope, tail) as decode_streams gives them."""
-        latent, _, tail = streams
-        triton = uses_triton(latent.data)
-        if not triton:  # decode_streams already made it plain (the tail joined)
-            plain = latent.data.to(self.dtype)
-        else:  # Triton reads the cache itself: dequantize every slot (fixed shapes for CUDA graphs)
-            S = latent.data.shape[1]
-            plain = dequantize_streams([s for s in (latent, tail) if s is not None], S, self.dtype)
-        key = (self.rotation_key[g], plain.shape[1])
+    def decode_keys(self, g: int, streams, lens: torch.Tensor, rotations: dict) -> torch.Tensor | None:
+        """Decode, reference path: every layer of group g's rope keys at once, (B, S, n_layers, Hr · Dr) fp32 in
+        pair order (one matmul for the group, one complex product with the slots' rotations e^(i p θ) · attention
+        scaling, kept in `rotations`, this step's, by rotation_key). streams: the group's (latent, rope, tail) as
+        decode_streams gives them (the latent dequantized, its tail joined). None on the Triton path: the kernel
+        rebuilds them (`layer_keys_for_decode`)."""
+        latent = streams[0]
+        if uses_triton(latent.data):
+            return None
+        plain = latent.data.to(self.dtype)
+        B, S, _ = plain.shape
+        key = (self.rotation_key[g], S)
         if key not in rotations:
-            angle = self.slot_positions(g, plain.shape[1], lens).float()[..., None] * self.freq[g]
+            angle = self.slot_positions(g, S, lens).float()[..., None] * self.freq[g]
             rotations[key] = torch.polar(torch.full_like(angle, self.config.rope_attention_scaling), angle)
-        keys = None
-        if not triton:
-            w, b = self.group_weights[g]
-            B, S, _ = plain.shape
-            keys = rotate(F.linear(plain, w, b).view(B, S, len(self.config.layer_groups[g]), -1), rotations[key])
-        return plain, rotations[key], keys
+        w, b = self.group_weights[g]
+        return rotate(F.linear(plain, w, b).view(B, S, len(self.config.layer_groups[g]), -1), rotations[key])
 
-    def layer_stream(self, i: int, decoded) -> Stream:
-        """Decode: layer i's rope keys as a 16-bit stream the kernels read, (B, S, Hr · Dr) in pair order, from what
-        `decode_latent` returned for its group: its slice of the group's keys (reference path), or (Triton path)
-        made here from the latent, one layer at a time so that the transient is one layer's keys."""
-        plain, rotations, keys = decoded
+    def layer_keys_for_decode(self, i: int, g: int, keys: torch.Tensor | None) -> tuple[Stream | None, RopeUp | None]:
+        """Decode: layer i's rope keys as the kernels take them: (rope stream, None) on the reference path (its slice
+        of the group's `decode_keys`, fp32), (None, RopeUp) on the Triton path (the kernel rebuilds the keys from
+        the latent tile and rotates them at each slot's position: the slot's own, or a policy's rotation position)."""
         if keys is not None:
-            return Stream(keys[:, :, self.index_in_group[i]], None, 16, 1, keys.shape[-1])
+            return Stream(keys[:, :, self.index_in_group[i]], None, 16, 1, keys.shape[-1]), None
         w, b = self.layer_weights[i]
-        k = rotate(F.linear(plain, w, b)[..., None, :], rotations)[..., 0, :]
-        return Stream(k.to(self.dtype16), None, 16, 1, k.shape[-1])
+        positions = self.policy.states[g].rot if self.policy is not None else None
+        return None, RopeUp(w, b, self.freq[g], self.config.rope_attention_scaling, positions)
 
     def query_rotations(self, g: int, positions: torch.Tensor, rotations: dict) -> torch.Tensor:
         """Decode: e^(i p θ) · attention scaling at each row's position (B,) over group g's frequencies,
