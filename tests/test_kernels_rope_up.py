@@ -25,7 +25,7 @@ CASES = {
     # a 16-bit latent, a key bias (Qwen2), one rope head, a window, an attention scaling (YaRN-style)
     "b16-bias-w5": (3, 3, 24, 16, 1, None, 1, 32, True, 5, 2, 65, 1.2, False),
     # a cache policy: each slot rotates at its (fractional, merged) position, far apart (angles to 58k rad: every
-    # quadrant of the kernel's sine and cosine), log-weights per slot
+    # quadrant of the kernel's sine and cosine) and different in every row, log-weights per slot
     "policy": (2, 9, 64, 8, 32, None, 3, 8, False, None, 4, 129, 1.0, True),
     # groups of 12 padded to 16 tile columns, 6 frequency pairs padded to 16, one split
     "g12-one-split": (2, 3, 36, 4, 12, (24, 2, 12), 1, 12, True, None, 1, 40, 1.0, False),
@@ -46,8 +46,8 @@ def build(name: str, dtype=torch.float32):
     positions = None
     log_w = None
     if policy:  # a policy's slots: positions out of order, some fractional (merged slots)
-        positions = 457 * torch.randperm(S, generator=gen).float() + 0.5 * torch.rand(S, generator=gen)  # up to 58k
-        positions = positions.expand(B, S).clone()
+        positions = torch.stack([457 * torch.randperm(S, generator=gen).float() for _ in range(B)])  # up to 58k,
+        positions += 0.5 * torch.rand(B, S, generator=gen)  # each row its own
         log_w = torch.log(torch.randint(1, 9, (B, S), generator=gen).float())
     rope_up = RopeUp(torch.randn(Wr, width, generator=gen) / math.sqrt(width),
                      torch.randn(Wr, generator=gen) if bias else None,
@@ -163,8 +163,15 @@ def test_rope_up_kernel_fp16():
 
 def test_rope_up_input_checks():
     kw, _ = build("2pct")
-    with pytest.raises(ValueError, match="rope keys from the latent"):
-        decode_module()._latent_decode(**(kw | dict(q_rope=kw["q_rope"][..., :-2])), num_splits=1)
+    ru = kw["rope_up"]
+    bad = [dict(q_rope=kw["q_rope"][..., :-2]),  # queries narrower than the rope keys
+           dict(rope_up=RopeUp(ru.weight[:, :-1], ru.bias, ru.freq, 1.0)),  # rope_up not over the whole latent
+           dict(rope_up=RopeUp(ru.weight, ru.bias, ru.freq[:-1], 1.0)),  # a frequency per pair
+           dict(rope_up=RopeUp(ru.weight, torch.zeros(2 * ru.width)[::2], ru.freq, 1.0)),  # a strided bias
+           dict(rope_up=RopeUp(ru.weight, ru.bias, ru.freq, 1.0, torch.zeros(3, 5)))]  # a position per slot
+    for change in bad:
+        with pytest.raises(ValueError, match="rope keys from the latent"):
+            decode_module()._latent_decode(**(kw | change), num_splits=1)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA

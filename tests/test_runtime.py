@@ -185,6 +185,26 @@ def test_rope_from_latent_equals_the_model(bits, rope, qk_norm):
     assert_runtime_equals_model(rt, model, prompt(11, seed=1), 20, LOGIT_TOL[bits])
 
 
+def assert_16_bit_rope_from_latent_close(dtype=torch.bfloat16, device="cpu", tol: float = 0.06) -> None:
+    """A 16-bit model with rope keys from the latent decodes (its rotated rope queries stay in the model's dtype,
+    which the kernels' dot operands and the output projection take) within 16-bit error of the same model in
+    float32: teacher-forced logits of a prompt and 12 decoded tokens."""
+    import copy
+
+    model = tiny_clla(4, rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"])
+    half = copy.deepcopy(model).to(device, dtype)
+    ids = prompt(20, seed=3)
+    want = teacher_forced(LatentRuntime(model, batch=1, capacity=32), ids, 8)
+    got = teacher_forced(LatentRuntime(half, batch=1, capacity=32), ids, 8).cpu()
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    err = (got.float() - want).abs().max().item()
+    assert err <= tol * want.abs().max().item(), err
+
+
+def test_rope_from_latent_in_bfloat16():
+    assert_16_bit_rope_from_latent_close()
+
+
 @pytest.mark.parametrize("bits", [16, 4])
 def test_rope_from_latent_ring_and_ragged_batch(bits):
     """A sliding-window group kept as a ring rotates each slot at the position that wrapped onto it; ragged rows

@@ -447,9 +447,17 @@ def _stream_args(stream: Stream | None, placeholder: torch.Tensor) -> _StreamArg
 def _check_decode_inputs(q_lat, q_rope, latent, rope, tail, rope_up=None) -> None:
     if q_lat is None and q_rope is None:
         raise ValueError("latent_decode needs q_lat or q_rope")
-    if rope_up is not None and (rope is not None or q_rope is None or q_rope.shape[-1] != rope_up.width
-                                or rope_up.width % 2):
-        raise ValueError("rope keys from the latent: q_rope over their even width, and no rope stream")
+    if rope_up is not None:
+        width = latent.width + (tail.width if tail is not None else 0)
+        B, S = latent.data.shape[:2]
+        ok = (rope is None and q_rope is not None and q_rope.shape[-1] == rope_up.width and rope_up.width % 2 == 0
+              and rope_up.weight.shape[1] == width and rope_up.freq.shape == (rope_up.width // 2,)
+              and rope_up.freq.is_contiguous()
+              and (rope_up.bias is None or (rope_up.bias.shape == (rope_up.width,) and rope_up.bias.is_contiguous()))
+              and (rope_up.positions is None or (rope_up.positions.shape[0] == B and rope_up.positions.shape[1] >= S)))
+        if not ok:
+            raise ValueError("rope keys from the latent: q_rope over their even width Wr, no rope stream, rope_up "
+                             "(Wr, latent width), contiguous freq (Wr/2) and bias (Wr), positions (B, >= capacity)")
     if q_rope is not None and rope is None and rope_up is None:
         raise ValueError("q_rope needs the rope stream")
     if any(s is not None and s.bits not in (2, 4, 8, 16) for s in (latent, tail, rope)):

@@ -149,9 +149,9 @@ class AbsorbedProjections:
             if lay.w_uk is not None:
                 q_lat = torch.matmul(q_lat.reshape(N, K, H // K, Q), lay.w_uk).view(N, H, -1)
         q_rope = None
-        if Dr and rotations is not None:
+        if Dr and rotations is not None:  # rotated in fp32, then in the queries' dtype (the kernels' dot operands)
             q_rope = self.rope_from_latent.rotate_queries(q[..., Q:].reshape(N, Hr, H // Hr, Dr), rotations)
-            q_rope = q_rope.view(N, H, Dr)
+            q_rope = q_rope.view(N, H, Dr).to(q.dtype)
         elif Dr:
             q_rope = apply_rope(q[..., Q:].reshape(N, Hr, H // Hr, Dr), cos, sin).view(N, H, Dr)
         if Dr and Hr > 1:
