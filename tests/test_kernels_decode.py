@@ -255,6 +255,34 @@ def test_latent_decode_row_without_positions_is_zero(splits):
 
 
 @interpreter
+@pytest.mark.parametrize("splits", [None, 8])
+def test_latent_decode_grid_by_filled_length(monkeypatch, splits):
+    """`filled` (a bound on every row's length) sizes the grid by the filled slots: the splits cover 256 slots of a
+    1,024-slot cache (whose slots past the rows hold NaN garbage) and the output is the reference's."""
+    gen = torch.Generator().manual_seed(13)
+    q_lat, q_rope, latent, rope, seq_lens, scale, window, _ = build_decode_case(CASE["h9-t129-b4"], gen)
+
+    def widen(s, cap=1024):  # the same stream in a larger cache: NaN scales (16-bit: NaN values) past its slots
+        data = torch.cat([s.data, torch.randint(0, 256, (s.data.shape[0], cap - s.data.shape[1], *s.data.shape[2:]),
+                                                generator=gen, dtype=torch.uint8).to(s.data.dtype)], 1)
+        scales = None if s.scales is None else torch.cat(
+            [s.scales, torch.full((s.scales.shape[0], cap - s.scales.shape[1], *s.scales.shape[2:]), float("nan"),
+                                  dtype=s.scales.dtype)], 1)
+        if s.bits >= 16:
+            data[:, s.data.shape[1]:] = float("nan")
+        return type(s)(data, scales, s.bits, s.group, s.width)
+
+    mod = decode_module()
+    spans, launch = [], mod._launch_config
+    monkeypatch.setattr(mod, "_launch_config", lambda B, H, S, *a: spans.append(S) or launch(B, H, S, *a))
+    out = mod.latent_decode_triton(q_lat, q_rope, widen(latent), widen(rope), seq_lens, scale, window, splits,
+                                   filled=256)
+    assert spans == [256]
+    ref = latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, scale, window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@interpreter
 def test_latent_decode_rope_stream_without_rope_queries():
     """As in the reference, a rope stream without rope queries does not enter the scores."""
     gen = torch.Generator().manual_seed(8)

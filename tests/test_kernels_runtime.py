@@ -56,6 +56,25 @@ def test_runtime_through_the_interpreted_kernels_one_plan(bits, plan, qk_norm):
     assert_greedy_through_the_kernels(bits, PLANS[plan], qk_norm)
 
 
+@interpreter
+def test_runtime_grids_by_filled_length_through_the_interpreted_kernels(monkeypatch):
+    """A cache of 300 slots holding a few dozen tokens: the kernels' grids cover the 256-slot bucket (filled), and
+    the tokens are the model's own."""
+    import kvconvert.runtime.engine as engine
+
+    from kvconvert.runtime import LatentRuntime, SamplingOptions
+
+    from test_runtime import FROM_LATENT, prompt, reference_greedy, tiny_clla
+
+    seen, decode = [], engine.latent_decode
+    monkeypatch.setattr(engine, "latent_decode", lambda *a, **k: seen.append(k["filled"]) or decode(*a, **k))
+    model = tiny_clla(4, rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"])
+    prompts = [prompt(9, seed=1), prompt(4, seed=2)]
+    out, _ = LatentRuntime(model, 2, 300).generate(prompts, SamplingOptions(max_new_tokens=6))
+    assert out == [reference_greedy(model, p, 6) for p in prompts]
+    assert seen and set(seen) == {256}
+
+
 # Slow (about 5 s in the child): test_runtime.test_rope_from_latent_in_bfloat16 runs the same check on the reference
 # path in the default tier, and fails there too without the dtype of the rotated rope queries
 @interpreter

@@ -445,6 +445,30 @@ def test_cuda_graph_decode_equals_eager(bits):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_cuda_graphs_across_filled_buckets():
+    """Rows that grow from 250 past 256 tokens cross a filled-length bucket: a second graph is captured, and the
+    tokens are still the eager step's."""
+    model = tiny_clla(4, rope_from_latent=True, rope_bits=16, **FROM_LATENT["per kv head"]).cuda()
+    prompts = [prompt(250, seed=5), prompt(240, seed=6)]
+    eager, _ = LatentRuntime(model, 2, 600, cuda_graphs=False).generate(prompts, SamplingOptions(max_new_tokens=16))
+    rt = LatentRuntime(model, 2, 600, cuda_graphs=True)
+    graphed, _ = rt.generate(prompts, SamplingOptions(max_new_tokens=16))
+    assert graphed == eager and sorted(rt._graphs) == [256, 512]
+
+
+def test_filled_bucket():
+    """The decode step's bound on the filled slots: the power of two above every row's length (the step adds one
+    token), at least FILLED_BUCKET_MIN."""
+    from kvconvert.runtime.engine import FILLED_BUCKET_MIN
+
+    rt = LatentRuntime(tiny_clla(16), batch=2, capacity=8)
+    for lengths, want in (([0, 0], FILLED_BUCKET_MIN), ([255, 3], 256), ([3, 256], 512), ([1000, 1023], 1024)):
+        rt.lengths = lengths
+        assert rt.filled_bucket() == want
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("bits", [8, 4, TAIL])
 def test_cuda_runtime_matches_the_cpu_model(bits):
     """Triton kernels on CUDA (fp32 model, graphs on): the model's own teacher-forced logits, within tolerance."""

@@ -40,14 +40,17 @@ def latent_decode(
     head_bias: torch.Tensor | None = None,
     tail: Stream | None = None,
     rope_up: RopeUp | None = None,
+    filled: int | None = None,
 ) -> torch.Tensor:
     """Absorbed decode attention over a quantized latent stream (and its tail), rope keys read from their stream or
-    rebuilt from the latent (`rope_up`): (B, H, R). See `latent_decode_ref`."""
+    rebuilt from the latent (`rope_up`): (B, H, R). See `latent_decode_ref`. filled: a bound the host knows on
+    every row's min(seq_len, capacity), which sizes the Triton grid by the filled slots rather than the capacity
+    (None: the capacity); the reference reads the lengths themselves."""
     if uses_triton(latent.data):
         from .decode_attention import latent_decode_triton
 
         return latent_decode_triton(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights,
-                                    key_scale, head_bias, tail, rope_up)
+                                    key_scale, head_bias, tail, rope_up, filled)
     return latent_decode_ref(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, log_weights, key_scale,
                              head_bias, tail, rope_up)
 

@@ -17,8 +17,9 @@
 # kernel) and scored: nothing the size of the cache is written. Per slot and layer that is 2·R·Wr FLOPs against the
 # slot's few dozen bytes: compute-bound on every GPU (docs/design.md, "The runtime").
 """Triton decode attention over the quantized latent cache: `latent_decode_triton`, same semantics as
-`latent_decode_ref` (reference.py). CUDA-graph safe: the grid depends on shapes and the cache capacity only, the
-valid range of every row is read from `seq_lens` inside the kernel, and the launcher never syncs with the host."""
+`latent_decode_ref` (reference.py). CUDA-graph safe: the grid depends on shapes and the cache capacity only (or a
+host-side bound on the filled slots, `filled`), the valid range of every row is read from `seq_lens` inside the
+kernel, and the launcher never syncs with the host."""
 
 from __future__ import annotations
 
@@ -518,20 +519,23 @@ def latent_decode_triton(
     head_bias: torch.Tensor | None = None,
     tail: Stream | None = None,
     rope_up: RopeUp | None = None,
+    filled: int | None = None,
 ) -> torch.Tensor:
     """Triton `latent_decode_ref`: q_lat (B, H, R) or None, q_rope (B, H, Wr) or None, latent/rope/tail streams
     (B, S, ...), seq_lens (B,) int32, log_weights (B, S) fp32 or None, key_scale (B, S, K) or None, head_bias (B, H)
     or None, rope_up (rope keys rebuilt from the latent in the kernel) or None -> (B, H, R) in the queries' dtype (R:
     the latent's width, its tail's included).
     num_splits: split-K factor (None: about two programs per SM on CUDA). S = latent.data.shape[1] is the cache
-    capacity; the grid depends on it only."""
+    capacity; the grid depends on it, or with `filled` (a host-side bound on every row's min(seq_len, S): slots past
+    it are never read) on min(S, filled). A CUDA graph replayed while the lengths grow needs a bound that holds for
+    all of its replays (the runtime captures one graph per power-of-two bucket)."""
     return _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, log_weights=log_weights,
-                          key_scale=key_scale, head_bias=head_bias, tail=tail, rope_up=rope_up)
+                          key_scale=key_scale, head_bias=head_bias, tail=tail, rope_up=rope_up, filled=filled)
 
 
 def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window, num_splits, block_t=None,
                    log_weights=None, num_warps=None, num_stages=None, programs_per_sm=None, key_scale=None,
-                   head_bias=None, gather=False, tail=None, rope_up=None):
+                   head_bias=None, gather=False, tail=None, rope_up=None, filled=None):
     """latent_decode_triton with the launch parameters open (tests and bench/kernels.py --sweep): block_t,
     num_warps, num_stages (None: the defaults of _launch_config), programs_per_sm (sizes num_splits when that is
     None), gather (the earlier per-value loads, _load_tile). Checks the inputs, sizes the launch (_launch_config),
@@ -549,8 +553,9 @@ def _latent_decode(q_lat, q_rope, latent, rope, seq_lens, softmax_scale, window,
     wh = rope_up.width // 2 if rope_up is not None else 0
     whp = max(16, triton.next_power_of_2(wh))  # the rebuilt keys' tile: real and imaginary parts, WHP columns each
     block_wr = rope_args.columns if rope is not None else 2 * whp if rope_up is not None else 0
+    span = S if filled is None else max(1, min(S, int(filled)))  # the slots the splits cover
     block_h, block_t, num_warps, num_splits, chunk = _launch_config(
-        B, H, S, block_r, block_wr, latent.data.device, num_splits, block_t, num_warps, programs_per_sm,
+        B, H, span, block_r, block_wr, latent.data.device, num_splits, block_t, num_warps, programs_per_sm,
     )
     placeholder, ru = latent.data, rope_up
     out = torch.empty(B, H, R + RT, dtype=q.dtype, device=latent.data.device)

@@ -39,6 +39,10 @@ from .rope_keys import RopeFromLatent
 from .sampling import GenerationStats, SamplingOptions, sample
 
 
+# The smallest filled-length bucket of a decode step (LatentRuntime.filled_bucket): below it, splitting a
+# few hundred slots further buys nothing, and fewer buckets mean fewer captured graphs.
+FILLED_BUCKET_MIN = 256
+
 class LatentRuntime:
     """Runs a CllaForCausalLM over a LatentCache of `batch` rows × `capacity` slots."""
 
@@ -115,7 +119,7 @@ class LatentRuntime:
         if use_graphs and self.device.type != "cuda":
             raise KvconvertError("CUDA graphs need a CUDA device")
         self.use_graphs = use_graphs
-        self._graph = DecodeGraph([self.cache.seq_lens, self.positions]) if use_graphs else None
+        self._graphs: dict[int, DecodeGraph] = {}  # one captured decode step per filled-length bucket
 
     @classmethod
     def for_context(cls, model: CllaForCausalLM, batch: int, context: int, policy=None, prefill_chunk: int = 256,
@@ -245,7 +249,8 @@ class LatentRuntime:
         k_rope = dequantize_stream(rope, S, self.dtype).view(B, S, cfg.rope_heads, cfg.rope_dim).transpose(1, 2)
         return latent, k_rope
 
-    def _decode_attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, streams):
+    def _decode_attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, streams,
+                          filled: int | None = None):
         """Absorbed attention of layer i for one token per row: x (B, 1, hidden) -> (B, 1, hidden).
         cos/sin (B, Hr, 1, Dr) at each row's position; streams: the group's (latent, rope, tail) as kernels read them."""
         lay = self.layers[i]
@@ -263,7 +268,7 @@ class LatentRuntime:
             q_lat, q_rope, head_bias = self.absorbed.queries(i, x[:, 0], cos, sin)
             latent, rope, tail = streams
         o_lat = latent_decode(q_lat, q_rope, latent, rope, lens, self.softmax_scale, window, log_weights=log_w,
-                              key_scale=ks, head_bias=head_bias, tail=tail, rope_up=rope_up)
+                              key_scale=ks, head_bias=head_bias, tail=tail, rope_up=rope_up, filled=filled)
         if self.policy is not None and self.policy.observing:
             seen = latent_attention_weights(q_lat, q_rope, latent, rope, lens, self.softmax_scale, window, log_w,
                                             ks, head_bias, tail, rope_up)
@@ -446,8 +451,9 @@ class LatentRuntime:
             logits = torch.where(ends_here[:, None], step, logits)
         return logits
 
-    def _decode_eager(self, ids: torch.Tensor) -> torch.Tensor:
-        """One token per row, ids (B,) -> logits (B, vocab); appends at seq_lens and advances it (device-side)."""
+    def _decode_eager(self, ids: torch.Tensor, filled: int | None = None) -> torch.Tensor:
+        """One token per row, ids (B,) -> logits (B, vocab); appends at seq_lens and advances it (device-side).
+        filled: a bound on every row's length after the step (`filled_bucket`), which sizes the kernels' grids."""
         cfg = self.config
         m = self.model.model
         start = self.cache.seq_lens
@@ -476,18 +482,30 @@ class LatentRuntime:
                     streams = (streams, keys.decode_keys(g, streams, lens, rotations),
                                keys.query_rotations(g, self.positions, rotations))
             self._append_key_scale(i, x, start)
-            h = layer.attn_residual(h, self._decode_attention(i, x, cos[g], sin[g], lens, streams))
+            h = layer.attn_residual(h, self._decode_attention(i, x, cos[g], sin[g], lens, streams, filled))
             h = layer.mlp_residual(h)
         self.cache.seq_lens.copy_(lens)
         self.positions += 1
         return self.model.lm_head(m.norm(h[:, 0]))
+
+    def filled_bucket(self) -> int:
+        """The power of two (at least FILLED_BUCKET_MIN) at or above every row's length after a decode step, from
+        the host's copy of the lengths: the decode kernels' grids cover that many slots, not the whole capacity,
+        and a CUDA graph is captured once per bucket (a handful per context: 256, 512, ... up to the capacity)."""
+        return max(FILLED_BUCKET_MIN, 1 << max(self.lengths + [0]).bit_length())
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: ids (B,) -> logits (B, vocab)."""
         self._check_room([1] * self.cache.batch)
         self._check_slots(1)
-        logits = self._graph(self._decode_eager, ids) if self._graph is not None else self._decode_eager(ids)
+        filled = self.filled_bucket()
+        if self.use_graphs:  # a graph per bucket: its grids hold for every length up to the bucket
+            if filled not in self._graphs:
+                self._graphs[filled] = DecodeGraph([self.cache.seq_lens, self.positions])
+            logits = self._graphs[filled](lambda t: self._decode_eager(t, filled), ids)
+        else:
+            logits = self._decode_eager(ids, filled)
         self.written = [max(w, n + 1) for w, n in zip(self.written, self.lengths)]
         self.lengths = [n + 1 for n in self.lengths]
         self.seen = [n + 1 for n in self.seen]
