@@ -255,7 +255,7 @@ def test_latent_decode_row_without_positions_is_zero(splits):
 
 
 @interpreter
-@pytest.mark.parametrize("splits", [None, 8])
+@pytest.mark.parametrize("splits", [None, pytest.param(8, marks=pytest.mark.slow)])  # 8: the same path, slow tier
 def test_latent_decode_grid_by_filled_length(monkeypatch, splits):
     """`filled` (a bound on every row's length) sizes the grid by the filled slots: the splits cover 256 slots of a
     1,024-slot cache (whose slots past the rows hold NaN garbage) and the output is the reference's."""
