@@ -134,13 +134,23 @@ def cuda_sync(device) -> None:
 
 
 def time_decode(rt, steps: int, warmup: int = 2) -> float:
-    """Seconds per decode step (all rows), from `steps` steps after `warmup` (which also capture the CUDA graph)."""
+    """Seconds per decode step (all rows), from `steps` steps after `warmup` (which also capture the CUDA graph).
+    With CUDA graphs the whole range is run once first and undone: a step that crosses into a new filled-length
+    bucket captures that bucket's graph, which must not happen inside the timed steps."""
     import time
 
     import torch
 
     ids = torch.zeros(rt.cache.batch, dtype=torch.long, device=rt.device)
     start = rt.lengths[0]
+    if rt.use_graphs:
+        saved = rt.positions.clone(), list(rt.seen), list(rt.written)
+        for _ in range(warmup + steps):
+            rt.decode(ids)
+        rt.cache.seq_lens.fill_(start)
+        rt.lengths = [start] * rt.cache.batch
+        rt.positions.copy_(saved[0])
+        rt.seen, rt.written = saved[1], saved[2]
     for _ in range(warmup):
         rt.decode(ids)
     cuda_sync(rt.device)
