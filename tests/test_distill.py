@@ -346,7 +346,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# fsdp in the slow tier (14 s): the default tier runs two processes under ddp; both share the data split, the
+# reduction of the validation sums and the world setup, fsdp adds the sharding of student and teacher
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_gloo_processes_match_one_process(student, tmp_path, mode):
     """torchrun with 2 CPU processes (gloo; DDP, or FSDP2 with --fsdp), 1 micro-batch each == 1 process with 2
     micro-batches per step, data-free (each process samples its share of the pool, the same pool as one process)."""
