@@ -15,7 +15,8 @@ import torch
 from kvconvert.cache_layout import Stream
 from kvconvert.kernels.reference import RopeUp, dequantize_streams, latent_decode_ref, rope_up_keys
 
-from kernel_cases import decode_module, filled_stream, gpu, interpreter, needs_cuda, ring_of, rope_queries, tiered
+from kernel_cases import (decode_module, filled_stream, gpu, interpreter, needs_cuda, ring_of, rope_queries, tiered,
+                          to_device)
 
 # name: (B, H, R, bits, group, tail (width, bits, group) or None, rope heads, rope head dim, bias, window, splits, T,
 #        scaling, policy positions and log-weights)
@@ -112,7 +113,7 @@ def check_kernel(name: str, device, dtype=torch.float32, block_t=None, tol=1e-5)
         if isinstance(v, torch.Tensor):
             return v.to(device)
         if isinstance(v, Stream):
-            return Stream(v.data.to(device), None if v.scales is None else v.scales.to(device), v.bits, v.group, v.width)
+            return to_device(v, device)
         if isinstance(v, RopeUp):
             return RopeUp(*(dev(getattr(v, f)) for f in ("weight", "bias", "freq", "scaling", "positions")))
         return v

@@ -227,23 +227,26 @@ def attention_flops_per_slot(cfg: CllaConfig) -> list[int]:
 
 
 def decode_flops_per_step(model, batch: int, context: int) -> int:
-    """FLOPs of one decode step at `context` tokens: two per weight a step reads (as weight_bytes_read_per_step
-    counts them; the embedding is a lookup unless tied to the head) per row, and the attention over the slots each
-    layer reads (attention_flops_per_slot; a sliding-window layer its window)."""
-    embed = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
-    weights = sum(p.numel() for p in model.parameters() if tied or p is not embed)
+    """FLOPs of one decode step at `context` tokens: two per weight a step reads (weights_read_per_step; the
+    embedding is a lookup unless tied to the head) per row, and the attention over the slots each layer reads
+    (attention_flops_per_slot; a sliding-window layer its window)."""
+    weights = sum(p.numel() for p in weights_read_per_step(model))
     cfg = model.config
     attention = sum(n * f for n, f in zip(window_tokens(cfg, context), attention_flops_per_slot(cfg)))
     return batch * (2 * weights + attention)
 
 
 def weight_bytes_read_per_step(model) -> int:
-    """Bytes of weights a decode step reads: every parameter once, except an untied input embedding table (a
-    decode step reads one row of it per sequence)."""
+    """Bytes of weights a decode step reads (weights_read_per_step)."""
+    return sum(p.numel() * p.element_size() for p in weights_read_per_step(model))
+
+
+def weights_read_per_step(model) -> list:
+    """The parameters a decode step reads whole: every parameter once, except an untied input embedding table (a
+    decode step reads one row of it per sequence). What the bytes and the FLOPs of a step are counted from."""
     embed = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
-    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
+    return [p for p in model.parameters() if tied or p is not embed]
 
 
 def measure_converted_memory(model, context: int, batch: int) -> dict:
@@ -393,9 +396,7 @@ def time_source(model, batch: int, context: int, steps: int, seed: int = 0, roof
     # transformers caches in the model's dtype (fp32 on CPU): count the bytes it really reads.
     kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
     per_step = weight_bytes_read_per_step(model) + batch * context * kv
-    embed = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings().weight is embed
-    weights = sum(p.numel() for p in model.parameters() if tied or p is not embed)
+    weights = sum(p.numel() for p in weights_read_per_step(model))
     # two per weight, and per cached token and layer every head's score and value dot products
     flops = batch * (2 * weights + context * cfg.num_hidden_layers * 4 * cfg.num_attention_heads * head_dim)
     return {
