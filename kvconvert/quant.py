@@ -48,8 +48,11 @@ def _quantize_groups(x: torch.Tensor, qmax: int | torch.Tensor, group: int):
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `quantize`: codes (..., R) uint8 with scale/zero (..., R/group) -> (..., R) in `dtype`."""
-    return dequantize_codes(codes, torch.stack((scale, zero), dim=-1), group, dtype)
+    """Inverse of `quantize`: codes (..., R) uint8 with scale/zero (..., R/group) -> (..., R) in `dtype`. (Not
+    through `dequantize_codes`' stacked pairs: CPU autocast refuses to stack float16 tensors.)"""
+    shape = codes.shape
+    x = codes.float().reshape(*shape[:-1], shape[-1] // group, group) * scale.float()[..., None] + zero.float()[..., None]
+    return x.reshape(shape).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from kvconvert.convert.pipeline import ConvertOptions, convert
 from kvconvert.distill.data import TrainingData, long_rows
 from kvconvert.distill.run import distill_folder
 from kvconvert.distill import dist
-from kvconvert.distill.loss import chunked_kl, distill_loss, validate
+from kvconvert.distill.loss import chunked_kl, distill_loss, logit_chunk_tokens, model_hidden, validate
 from kvconvert.distill.train import DistillOptions, Interrupted, lr_factor, trainable_names
 from kvconvert.loading import load_clla
 
@@ -143,6 +143,33 @@ def test_long_rows_repeat_far_back_pose_tasks_and_are_seeded():
     assert kinds == {"recall": 4, "task": 2, "packed": 10}
 
 
+def test_long_text_sequences_come_with_recall_and_task_rows_made_from_the_text(tmp_path):
+    """--data at a --seq-len past SAMPLE_LEN: every text sequence trains, recall and task rows made from the training
+    text are added in the data-free shares, and validation keeps its size with long rows from the held-out text."""
+    from kvconvert.distill.data import RECALL_SHARE, SAMPLE_LEN, TASK_SHARE, from_files, pack_text
+
+    data = text_file(tmp_path / "train.txt")
+    tok = byte_tokenizer()
+    seq = 2 * SAMPLE_LEN
+    d = from_files(tok, [data], seq, 4, 2, seed=3)
+    text = pack_text(tok, data.read_text(), seq)
+    n_text = text.shape[0] - 4
+    share = RECALL_SHARE + TASK_SHARE
+    assert torch.equal(d.train[:n_text], text[:n_text])
+    extra = d.train[n_text:]
+    assert len(extra) == round(share / (1 - share) * n_text) > 0
+    recall = [r for r in extra if torch.equal(r[: seq // 4], r[-(seq // 4) :])]  # long_rows: a quarter
+    assert len(recall) == round(RECALL_SHARE / share * len(extra))
+    train_text = text[:n_text].flatten().tolist()
+    assert all(str(r[:64].tolist())[1:-1] in str(train_text) for r in recall[:3])  # made from the training text
+    assert d.val.shape == (4, seq) and torch.equal(d.val[:2], text[-4:-2])
+    assert not d.val_long[:2].any() and d.val_long[2:].any(1).all()
+    again = from_files(tok, [data], seq, 4, 2, seed=3)
+    assert torch.equal(again.train, d.train) and torch.equal(again.val_long, d.val_long)
+    short = from_files(tok, [data], SAMPLE_LEN, 4, 2, seed=3)  # short sequences: the text alone, as before
+    assert short.val_long is None and torch.equal(short.train, pack_text(tok, data.read_text(), SAMPLE_LEN)[:-4])
+
+
 def test_data_free_long_sequences_are_packed_from_short_samples(student, tmp_path):
     src, _, _ = student
     from kvconvert.distill.data import sampled
@@ -237,6 +264,32 @@ def test_chunked_kl_equals_the_full_kl_and_its_gradients():
         grads = torch.autograd.grad(part, [s_out.hidden_states[-1], student.lm_head.weight], retain_graph=True)
         for a, b in zip(grads, grads_full):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), chunk
+
+
+def test_the_final_hidden_states_alone_are_the_last_of_all_hidden_states(arch):
+    """model_hidden without `layers` (a hook on the final norm, one position's logits) gives exactly the last entry
+    of output_hidden_states, for every supported family and for a CLLA model, and keeps nothing else."""
+    from conftest import tiny_source
+    from kvconvert.convert.identity import build_identity
+
+    source = tiny_source(arch, seed=0).eval()
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    for model in (source, build_identity(source, arch, "tiny").eval()):
+        with torch.no_grad():
+            every = model(ids, use_cache=False, output_hidden_states=True).hidden_states
+            final, layers = model_hidden(model, model, ids)
+            final_all, layers_all = model_hidden(model, model, ids, layers=True)
+        assert layers is None and len(layers_all) == len(every)
+        assert torch.equal(final, every[-1]) and torch.equal(final_all, every[-1])
+        assert not model.model.norm._forward_hooks  # the hook is removed
+
+
+def test_logit_chunks_are_sized_by_bytes_unless_given():
+    assert logit_chunk_tokens(None, 49152, "cpu") == (64 << 20) // (4 * 49152) == 341
+    assert logit_chunk_tokens(None, 151936, torch.device("cuda:0")) == (1 << 30) // (4 * 151936)
+    assert logit_chunk_tokens(None, 10**9, "cpu") == 1
+    assert logit_chunk_tokens(7, 49152, "cpu") == 7
+    assert logit_chunk_tokens(0, 49152, "cpu") is None  # 0: the whole batch at once
 
 
 def test_a_chunked_training_run_is_the_unchunked_one(student, tmp_path):
@@ -335,9 +388,15 @@ def test_resume_continues_exactly(student, tmp_path):
     assert [h["step"] for h in a] == [h["step"] for h in b] == list(range(1, 17))
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-7), (x, y)
-    wa = load_file(str(tmp_path / "straight.distill" / "state" / "trainable.safetensors"))
-    wb = load_file(str(ckpt / "state" / "trainable.safetensors"))
-    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+    for name in ("trainable.safetensors", "best.safetensors"):
+        wa = load_file(str(tmp_path / "straight.distill" / "state" / name))
+        wb = load_file(str(ckpt / "state" / name))
+        assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa), name
+    # The best weights are kept on disk, not in memory; the export is the best, straight or resumed.
+    best = load_file(str(tmp_path / "straight.distill" / "best.safetensors"))
+    for run in ("straight", "split"):
+        exported = dict(load_clla(tmp_path / run).model.named_parameters())
+        assert all(torch.allclose(exported[k], t, rtol=1e-5, atol=1e-7) for k, t in best.items()), run
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import is_main_process, log, out, print_json, set_threads, step_reporter, task_progress, training_progress_bar, user_errors
+from .common import is_main_process, log, out, print_json, return_freed_memory, set_threads, step_reporter, task_progress, training_progress_bar, user_errors
 from .options import DISTILL, DistillFlags, DistillTokens, Threads, force_option, json_option, option_groups
 from .render import distill_table
 
@@ -39,6 +39,7 @@ def distill(
 
     opts = flags.options(tokens, data, seed)
     set_threads(threads)
+    return_freed_memory()  # freed activations go back to the system instead of staying in a fragmented heap
     with training_progress_bar() as bar:
         record = distill_folder(
             model_path, teacher, opts, out_dir, flags.checkpoint_dir, flags.resume, force, flags.keep_checkpoints,

@@ -137,7 +137,7 @@ def check_budget(budget: float, context: int) -> None:
 # ----------------------------------------------------------------------------------------------- distillation
 DISTILL_DEFAULTS = DistillOptions(tokens=0)  # the one place the defaults live: the options read them from here
 DistillTokens = Annotated[int, typer.Option(help="Training tokens (all processes together).", rich_help_panel=DISTILL)]
-SeqLen = Annotated[int, typer.Option(help="Tokens per training sequence (0: the model's positions, at most 4,096; without --data, packed from the teacher's samples, a share with recall and long-context task rows).", rich_help_panel=DISTILL)]
+SeqLen = Annotated[int, typer.Option(help="Tokens per training sequence (0: the model's positions, at most 4,096). Past 512, a share of the sequences are recall and long-context task rows, made from the teacher's samples or from the --data text.", rich_help_panel=DISTILL)]
 BatchSize = Annotated[int, typer.Option(help="Sequences per micro-batch per process (0: 16,384 tokens' worth on GPU, 4,096 on CPU).", rich_help_panel=DISTILL)]
 GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel=DISTILL)]
 Lr = Annotated[float, typer.Option(help="Peak AdamW step as a share of each weight tensor's RMS (linear warm-up, cosine decay to 10%).", rich_help_panel=DISTILL)]

@@ -99,7 +99,32 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
             f"--data: {seqs.shape[0] * seq_len:,} tokens, need at least {need * seq_len:,} "
             f"({val_seqs} validation + {batch_seqs} training sequences of --seq-len {seq_len})"
         )
-    return TrainingData(seqs[:-val_seqs], seqs[-val_seqs:], origin, seed)
+    if seq_len <= SAMPLE_LEN:
+        return TrainingData(seqs[:-val_seqs], seqs[-val_seqs:], origin, seed)
+    return text_with_long_rows(seqs, val_seqs, seq_len, seed, tokenizer, origin)
+
+
+def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: int, tokenizer, origin: str) -> TrainingData:
+    """Long sequences of text, beside recall and long-context task rows (`long_rows`) made from the same text, in the
+    shares the data-free sequences have: text alone seldom asks for a token thousands back, which is what a
+    converted model loses first. Training keeps every text sequence and adds the long rows; validation keeps its
+    number of sequences (--val-tokens), a share of them long rows made from the held-out text only."""
+    share = RECALL_SHARE + TASK_SHARE
+    train_text, val_text = seqs[:-val_seqs], seqs[-val_seqs:]
+
+    def pool(rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.flatten()
+        return flat[: flat.numel() // SAMPLE_LEN * SAMPLE_LEN].view(-1, SAMPLE_LEN)
+
+    kinds = dict(recall_share=RECALL_SHARE / share, task_share=TASK_SHARE / share)
+    n_train = round(share / (1 - share) * train_text.shape[0])
+    extra, _ = long_rows(pool(train_text), n_train, seq_len, seed, tokenizer, **kinds)
+    n_val = round(share * val_seqs) if val_seqs >= 2 else 0
+    val_long_rows, val_far = long_rows(pool(val_text), n_val, seq_len, seed + 1, tokenizer, **kinds)
+    val = torch.cat([val_text[: val_seqs - n_val], val_long_rows])
+    val_long = torch.cat([torch.zeros(val_seqs - n_val, seq_len, dtype=torch.bool), val_far])
+    origin += f"; {n_train:,} recall and long-context task rows made from it ({share:.1%} of the sequences)"
+    return TrainingData(torch.cat([train_text, extra]), val, origin, seed, val_long=val_long if n_val else None)
 
 
 def sampled(

@@ -7,6 +7,7 @@ layers of ‖h_student − h_teacher‖² / ‖h_teacher‖².
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,7 +15,43 @@ import torch.nn.functional as F
 
 from . import dist
 
-LOGIT_CHUNK = 1024  # validation: tokens whose full-vocabulary logits exist at once
+LOGIT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}  # one chunk's float32 logits, by device (logit_chunk_tokens)
+
+
+def logit_chunk_tokens(chunk: int | None, vocab: int, device) -> int | None:
+    """Tokens whose full-vocabulary logits exist at once in the loss: `chunk` as given (0: no chunking, None
+    returned), or by default (None) as many as fill LOGIT_CHUNK_BYTES of float32 logits on the device. The loss
+    holds a few such tensors at a time (both models' log-probabilities, their difference), so on CPU 64 MiB a chunk
+    keeps the loss's peak near a quarter of a GB (at 1,024 tokens of a 49k vocabulary it was about 1.4 GB)."""
+    if chunk is not None:
+        return chunk or None
+    kind = torch.device(device).type
+    return max(1, LOGIT_CHUNK_BYTES.get(kind, LOGIT_CHUNK_BYTES["cpu"]) // (4 * vocab))
+
+
+@contextlib.contextmanager
+def captured_final_hidden(model):
+    """A list that receives the model's final normed hidden states (B, T, h) each time it runs forward: a hook on
+    its final norm. A forward asked for one position's logits (logits_to_keep=1) and no hidden states then keeps the
+    whole sequence's final states and nothing more; output_hidden_states would keep every layer's output too (for a
+    teacher in inference mode, 31 tensors of the sequence instead of one, for SmolLM2)."""
+    out: list[torch.Tensor] = []
+    handle = model.model.norm.register_forward_hook(lambda module, args, output: out.append(output))
+    try:
+        yield out
+    finally:
+        handle.remove()
+
+
+def model_hidden(forward, model, ids: torch.Tensor, layers: bool = False):
+    """(final normed hidden states (B, T, h), every layer's output as transformers orders them or None without
+    `layers`) of `model` on `ids`, run through `forward` (the model itself, or its data-parallel wrapper)."""
+    if layers:
+        hs = forward(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states
+        return hs[-1], hs
+    with captured_final_hidden(model) as out:
+        forward(ids, use_cache=False, logits_to_keep=1)
+    return out[-1], None
 
 
 def head_logits(model, h: torch.Tensor) -> torch.Tensor:
@@ -32,14 +69,15 @@ def _chunk_kl(s_h, t_h, student, teacher, temperature: float) -> torch.Tensor:
     return (t.exp() * (t - s)).sum()
 
 
-def chunked_kl(s_h, t_h, student, teacher, temperature: float, chunk: int) -> torch.Tensor:
-    """T² · mean KL(teacher_T ‖ student_T) over tokens, from final hidden states (B, T, h), `chunk` tokens at a time:
-    each chunk's logits are made, reduced and dropped, and made again in backward (activation checkpointing), so
-    no more than one chunk of either model's full-vocabulary logits exists at once."""
+def chunked_kl(s_h, t_h, student, teacher, temperature: float, chunk: int | None) -> torch.Tensor:
+    """T² · mean KL(teacher_T ‖ student_T) over tokens, from final hidden states (B, T, h), `chunk` tokens at a time
+    (None: all at once): each chunk's logits are made, reduced and dropped, and made again in backward (activation
+    checkpointing), so no more than one chunk of either model's full-vocabulary logits exists at once."""
     from torch.utils.checkpoint import checkpoint
 
     s_h, t_h = s_h.reshape(-1, s_h.shape[-1]), t_h.reshape(-1, t_h.shape[-1])
     n = s_h.shape[0]
+    chunk = chunk or n
     total = sum(checkpoint(_chunk_kl, s_h[i : i + chunk], t_h[i : i + chunk], student, teacher, temperature,
                            use_reentrant=False) for i in range(0, n, chunk))
     return total / n * temperature**2
@@ -54,7 +92,8 @@ def hidden_loss(s_hidden, t_hidden) -> torch.Tensor | None:
 
 
 def distill_loss(s_logits, t_logits, temperature: float, s_hidden=None, t_hidden=None, hidden_weight: float = 0.0):
-    """(loss, kl): logits (B, T, V), all at once (`chunked_kl` is the same KL in bounded memory)."""
+    """(loss, kl): logits (B, T, V), all at once: the definition that `chunked_kl` (what training runs) is tested
+    against."""
     s = F.log_softmax(s_logits.float() / temperature, dim=-1)
     t = F.log_softmax(t_logits.float() / temperature, dim=-1)
     kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
@@ -66,7 +105,7 @@ def distill_loss(s_logits, t_logits, temperature: float, s_hidden=None, t_hidden
 
 @torch.no_grad()
 def validate(student, teacher, val: torch.Tensor, batch: int, device, autocast, world: dist.World,
-             val_long: torch.Tensor | None = None) -> dict:
+             val_long: torch.Tensor | None = None, chunk: int | None = None) -> dict:
     """Mean KL(teacher ‖ student), top-1 agreement and student perplexity on held-out sequences (T = 1); with
     `val_long` (a mask of `val`'s tokens only far context predicts, data.long_rows) also `long_kl`, the mean KL on
     those tokens.
@@ -75,6 +114,7 @@ def validate(student, teacher, val: torch.Tensor, batch: int, device, autocast, 
     under FSDP every forward is collective, so all processes must run the same number) and the sums are reduced.
     """
     student.eval()
+    chunk = logit_chunk_tokens(chunk, student.config.vocab_size, device)
     per = val.shape[0] // world.size
     mine = slice(world.rank * per, (world.rank + 1) * per)
     val = val[mine]
@@ -82,18 +122,18 @@ def validate(student, teacher, val: torch.Tensor, batch: int, device, autocast, 
     kl_sum = nll_sum = agree = n = long_sum = n_long = 0.0
     for i in range(0, per, batch):
         ids = val[i : i + batch].to(device)
-        with autocast():  # the logits from the final hidden states, LOGIT_CHUNK tokens at a time
-            s_h = student(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-            t_h = teacher(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        with autocast():
+            s_h, t_h = model_hidden(student, student, ids)[0], model_hidden(teacher, teacher, ids)[0]
             s_h, t_h, target = s_h[:, :-1].flatten(0, 1), t_h[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
             far = long[i : i + batch, 1:].flatten().to(device)
-            for c in range(0, target.numel(), LOGIT_CHUNK):
-                s = F.log_softmax(head_logits(student, s_h[c : c + LOGIT_CHUNK]).float(), -1)
-                t = F.log_softmax(head_logits(teacher, t_h[c : c + LOGIT_CHUNK]).float(), -1)
+            step = chunk or target.numel()  # logit_chunk_tokens: None is no chunking
+            for c in range(0, target.numel(), step):
+                s = F.log_softmax(head_logits(student, s_h[c : c + step]).float(), -1)
+                t = F.log_softmax(head_logits(teacher, t_h[c : c + step]).float(), -1)
                 kl = (t.exp() * (t - s)).sum(-1)
                 kl_sum += kl.sum().item()
-                long_sum += kl[far[c : c + LOGIT_CHUNK]].sum().item()
-                nll_sum += -s.gather(-1, target[c : c + LOGIT_CHUNK, None]).sum().item()
+                long_sum += kl[far[c : c + step]].sum().item()
+                nll_sum += -s.gather(-1, target[c : c + step, None]).sum().item()
                 agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
         n += target.numel()
         n_long += far.sum().item()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from safetensors.torch import load_file
 
 from ..errors import KvconvertError
 from . import data as training_data
@@ -118,10 +119,11 @@ def distill_student(
         return None, result
     # The export starts from the saved initial student (whole, whatever the sharding) with the best weights put in.
     student, _ = load_initial(ckpt)
-    with torch.no_grad():
-        params = dict(student.named_parameters())
-        for n, t in result.best_state.items():
-            params[n].copy_(t)
+    if result.best_path is not None:
+        with torch.no_grad():
+            params = dict(student.named_parameters())
+            for n, t in load_file(str(result.best_path)).items():
+                params[n].copy_(t)
     best = result.best
     log(f"best validation at step {best['step']:,}: KL {best['kl']:.4f}, top-1 {best['top1']:.1%}, ppl {best['ppl']:.3f};"
         f" {result.tokens_per_s:,.0f} training tokens/s")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import KvconvertError
 from . import dist
 from .data import TrainingData
-from .loss import chunked_kl, distill_loss, hidden_loss, validate
+from .loss import chunked_kl, hidden_loss, logit_chunk_tokens, model_hidden, validate
 
 # Parameter sets a user can train (names are matched as substrings of CllaForCausalLM parameter names).
 # qk-norm sources add the query map (the rope maps folded after the query norm) and the key norms' gains.
@@ -66,7 +67,7 @@ class DistillOptions:
     device: str = "auto"
     grad_checkpointing: bool | None = None  # None: on for GPU, and on CPU past CPU_CHECKPOINT_TOKENS a micro-batch
     fsdp: bool = False  # shard student and teacher over the torchrun processes (FSDP2) instead of replicating (DDP)
-    logit_chunk: int = 1024  # tokens whose full-vocabulary logits exist at once in the loss (0: the whole batch)
+    logit_chunk: int | None = None  # tokens whose full-vocabulary logits exist at once (None: by device; 0: all)
 
     def fingerprint(self, world: dist.World, teacher: str) -> dict:
         """What a resumed run must share with the interrupted one to continue it exactly."""
@@ -241,7 +242,7 @@ class DistillResult:
     data_origin: str
     device: str
     tokens_per_s: float = 0.0  # this session's training throughput (validation excluded)
-    best_state: dict = field(default_factory=dict, repr=False)  # best trainable weights, fp32 CPU (process 0)
+    best_path: Path | None = None  # the best trainable weights (process 0); None: none beat the initial weights
     options: DistillOptions | None = None  # as trained: sequence length and batch size resolved
 
     def record(self, opts: DistillOptions) -> dict:
@@ -258,13 +259,30 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext
 
 
-def save_state(ckpt: Path, current: dict, best_state: dict, optim: dict, progress: dict) -> None:
-    """Write `state/` atomically: into state.tmp/, then swap."""
+BEST = "best.safetensors"  # the best trainable weights so far: in the checkpoint folder, and in each saved state/
+
+
+def save_best(ckpt: Path, best: dict[str, torch.Tensor]) -> Path:
+    """Write the best trainable weights to ckpt/BEST atomically. They live on disk, not in memory: a copy of the
+    trainable weights held for the whole run was a fifth of a CPU run's memory."""
+    path, tmp = ckpt / BEST, ckpt / f".{BEST}.tmp"
+    save_file({n: t.contiguous() for n, t in best.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def save_state(ckpt: Path, current: dict, optim: dict, progress: dict) -> None:
+    """Write `state/` atomically: into state.tmp/, then swap. Its best weights are ckpt/BEST as it is now (a hard
+    link where the file system allows: a later best replaces ckpt/BEST by a new file and leaves this one)."""
     tmp, final, old = ckpt / "state.tmp", ckpt / "state", ckpt / "state.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({n: t.contiguous() for n, t in current.items()}, str(tmp / "trainable.safetensors"))
-    save_file({n: t.contiguous() for n, t in best_state.items()}, str(tmp / "best.safetensors"))
+    if (ckpt / BEST).is_file():
+        try:
+            os.link(ckpt / BEST, tmp / BEST)
+        except OSError:
+            shutil.copyfile(ckpt / BEST, tmp / BEST)
     torch.save(optim, tmp / "optim.pt")
     (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
     if final.exists():
@@ -326,6 +344,7 @@ class _TrainingRun:
             student, teacher, data, opts, ckpt, world, log)
         self.device = torch.device(world.device)
         self.autocast = _autocast(self.device)
+        self.chunk = logit_chunk_tokens(opts.logit_chunk, student.config.vocab_size, self.device)
         self.steps = opts.steps(world)
         self.fingerprint = opts.fingerprint(world, teacher_name)
         names = trainable_names(student, opts.train)
@@ -333,8 +352,9 @@ class _TrainingRun:
         for n, p in student.named_parameters():
             p.requires_grad_(n in self.names)
         self.start, self.history, self.best = 0, [], {"step": None, "kl": math.inf}
-        self.best_state = full_params(student, self.names, fsdp=False)
-        rms = {n: t.pow(2).mean().sqrt().item() for n, t in self.best_state.items()}  # of the initial weights
+        self.best_path: Path | None = None  # none yet: the initial weights
+        with torch.no_grad():  # of the initial weights
+            rms = {n: p.float().pow(2).mean().sqrt().item() for n, p in student.named_parameters() if n in self.names}
         opt_state = self._restore() if resume else None
         self.model = _place_models(student, teacher, opts, world, self.device)
         self.params = [p for n, p in student.named_parameters() if n in self.names]  # after sharding: the DTensors
@@ -359,7 +379,10 @@ class _TrainingRun:
             for n, p in self.student.named_parameters():
                 if n in self.names:
                     p.copy_(current[n])
-        self.best_state = load_file(str(state / "best.safetensors"))
+        if self.world.is_main and (state / BEST).is_file():  # the best as of the saved step, not any later one
+            shutil.copyfile(state / BEST, self.ckpt / f".{BEST}.tmp")
+            (self.ckpt / f".{BEST}.tmp").replace(self.ckpt / BEST)
+            self.best_path = self.ckpt / BEST
         opt_state = torch.load(state / "optim.pt", weights_only=True, map_location="cpu")
         self.start, self.history, self.best = prog["step"], prog["history"], prog["best"]
         self.log(f"resuming at step {self.start:,} of {self.steps:,}")
@@ -367,32 +390,26 @@ class _TrainingRun:
 
     def _micro_batch(self, step: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of micro-batch `m` of optimizer step `step`; gradients are synchronized across
-        processes only on the last micro-batch. Returns (loss, kl) of this micro-batch."""
+        processes only on the last micro-batch. Returns (loss, kl) of this micro-batch. The KL is made from both
+        models' final hidden states, `self.chunk` tokens' logits at a time; every layer's output is kept only for
+        the hidden-state loss."""
         A, W, opts = self.opts.grad_accum, self.world.size, self.opts
-        chunked = opts.logit_chunk > 0
-        hidden = opts.hidden_weight > 0 or chunked
-        keep = 1 if chunked else 0  # chunked: the logits come from the final hidden states, a chunk at a time
+        layers = opts.hidden_weight > 0
         ids = self.data.micro_batch(step * A * W + m * W + self.world.rank, opts.batch_size).to(self.device)
         with torch.no_grad(), self.autocast():
-            t_out = self.teacher(ids, use_cache=False, output_hidden_states=hidden, logits_to_keep=keep)
+            t_h, t_layers = model_hidden(self.teacher, self.teacher, ids, layers)
         last = m == A - 1
         if opts.fsdp:
             self.student.set_requires_gradient_sync(last)  # reduce-scatter gradients once per step
         ddp = self.model is not self.student
         with self.model.no_sync() if ddp and not last else contextlib.nullcontext():
             with self.autocast():
-                s_out = self.model(ids, use_cache=False, output_hidden_states=hidden, logits_to_keep=keep)
-                if chunked:
-                    kl = chunked_kl(s_out.hidden_states[-1], t_out.hidden_states[-1], self.student, self.teacher,
-                                    opts.temperature, opts.logit_chunk)
-            if chunked:
-                h = hidden_loss(s_out.hidden_states, t_out.hidden_states) if opts.hidden_weight > 0 else None
-                loss, kl = (kl if h is None else kl + opts.hidden_weight * h), kl.detach()
-            else:
-                loss, kl = distill_loss(s_out.logits, t_out.logits, opts.temperature, s_out.hidden_states,
-                                        t_out.hidden_states, opts.hidden_weight)
+                s_h, s_layers = model_hidden(self.model, self.student, ids, layers)
+                kl = chunked_kl(s_h, t_h, self.student, self.teacher, opts.temperature, self.chunk)
+            h = hidden_loss(s_layers, t_layers) if layers else None
+            loss = kl if h is None else kl + opts.hidden_weight * h
             (loss / A).backward()
-        return loss, kl
+        return loss.detach(), kl.detach()
 
     def train_step(self, step: int) -> dict:
         """One optimizer step (0-based `step`) over `grad_accum` micro-batches; returns its history row."""
@@ -415,12 +432,15 @@ class _TrainingRun:
     def run_validation(self, step: int) -> None:
         """Validate after `step` steps; keep the trainable weights when they are the best so far."""
         v = validate(self.student, self.teacher, self.data.val, self.opts.batch_size, self.device, self.autocast,
-                     self.world, self.data.val_long)
+                     self.world, self.data.val_long, self.chunk or 0)
         self.history.append({"step": step, "val_kl": v["kl"], "val_top1": v["top1"], "val_ppl": v["ppl"]}
                             | ({"val_long_kl": v["long_kl"]} if "long_kl" in v else {}))
         if v["kl"] < self.best["kl"]:  # the same decision on every process: the figures are reduced
             self.best = {"step": step} | v
-            self.best_state = full_params(self.student, self.names, self.opts.fsdp)
+            best = full_params(self.student, self.names, self.opts.fsdp)  # under FSDP every process gathers
+            if self.world.is_main:
+                self.best_path = save_best(self.ckpt, best)
+            del best
         far = f", long-range KL {v['long_kl']:.4f}" if "long_kl" in v else ""
         self.log(f"step {step:,}: validation KL {v['kl']:.4f}{far}, top-1 {v['top1']:.1%}, ppl {v['ppl']:.3f}")
 
@@ -431,7 +451,7 @@ class _TrainingRun:
         optim = {"optimizer": optimizer_state(self.student, self.optimizer, fsdp),
                  "scheduler": self.scheduler.state_dict()}
         if self.world.is_main:
-            save_state(self.ckpt, current, self.best_state, optim,
+            save_state(self.ckpt, current, optim,
                        {"step": step, "history": self.history, "best": self.best, "fingerprint": self.fingerprint})
         dist.barrier(self.world)
 
@@ -449,7 +469,7 @@ def train(
     progress: Callable[[int, int, dict], None] = lambda s, n, m: None,
 ) -> DistillResult:
     """Distill `teacher` into `student` (trained in place; under FSDP sharded in place). The best validated
-    trainable weights are in the result's `best_state` (fp32, CPU; on process 0)."""
+    trainable weights are in the file at the result's `best_path` (fp32; on process 0)."""
     run = _TrainingRun(student, teacher, data, opts, ckpt, world, teacher_name, resume, log)
     steps, tokens_per_step = run.steps, opts.global_batch(world) * opts.seq_len
     t0, timed_tokens, train_time = time.perf_counter(), 0, 0.0
@@ -475,4 +495,4 @@ def train(
                     signum,
                 )
     return DistillResult(steps, steps * tokens_per_step, time.perf_counter() - t0, run.best, run.history, data.origin,
-                         str(run.device), timed_tokens / train_time if train_time else 0.0, run.best_state, opts)
+                         str(run.device), timed_tokens / train_time if train_time else 0.0, run.best_path, opts)
