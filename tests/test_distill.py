@@ -164,8 +164,13 @@ def test_long_text_sequences_come_with_recall_and_task_rows_made_from_the_text(t
     assert all(str(r[:64].tolist())[1:-1] in str(train_text) for r in recall[:3])  # made from the training text
     assert d.val.shape == (4, seq) and torch.equal(d.val[:2], text[-4:-2])
     assert not d.val_long[:2].any() and d.val_long[2:].any(1).all()
+    val_recall = d.val[2:][torch.tensor([torch.equal(r[: seq // 4], r[-(seq // 4) :]) for r in d.val[2:]])]
+    held_out = str(text[-4:].flatten().tolist())
+    assert len(val_recall) == 1 and str(val_recall[0, :64].tolist())[1:-1] in held_out  # from held-out text only
     again = from_files(tok, [data], seq, 4, 2, seed=3)
     assert torch.equal(again.train, d.train) and torch.equal(again.val_long, d.val_long)
+    few = from_files(tok, [data], seq, 4, 2, seed=3, train_seqs=5)  # a run that reads 5 sequences: 3 long rows
+    assert few.train.shape[0] == n_text + round(share / (1 - share) * 5)
     short = from_files(tok, [data], SAMPLE_LEN, 4, 2, seed=3)  # short sequences: the text alone, as before
     assert short.val_long is None and torch.equal(short.train, pack_text(tok, data.read_text(), SAMPLE_LEN)[:-4])
 
@@ -244,6 +249,45 @@ def test_default_sequences_are_as_long_as_the_model_takes():
     cpu = torch.device("cpu")
     assert uses_grad_checkpointing(short, cpu) and not uses_grad_checkpointing(given, cpu)
     assert not uses_grad_checkpointing(replace(short, grad_checkpointing=False), cpu)
+    # On GPU: recomputed only where the step would not fit with every activation kept (and always under FSDP).
+    gpu = torch.device("cuda", 0)
+    assert not uses_grad_checkpointing(given, gpu, fits=lambda: True)
+    assert uses_grad_checkpointing(given, gpu, fits=lambda: False)
+    assert uses_grad_checkpointing(replace(given, fsdp=True), gpu, fits=lambda: True)
+    assert not uses_grad_checkpointing(replace(given, grad_checkpointing=False), gpu, fits=lambda: False)
+    assert uses_grad_checkpointing(short, cpu, fits=lambda: True)  # CPU: the token rule, host memory kept small
+
+
+def test_saved_activations_are_counted_without_the_weights():
+    """saved_activation_bytes counts what autograd keeps for backward: exactly the input of a linear layer (not its
+    weight); for a model, many hidden-sized tensors per layer, and far fewer when layers are recomputed."""
+    from conftest import tiny_source
+    from kvconvert.convert.identity import build_identity
+    from kvconvert.distill.loss import model_hidden
+    from kvconvert.distill.train import saved_activation_bytes
+
+    lin, x = torch.nn.Linear(8, 4), torch.randn(5, 8)
+    assert saved_activation_bytes(lambda: lin(x), lin) == 5 * 8 * 4
+    model = build_identity(tiny_source("llama"), "llama", "tiny").train()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    kept = saved_activation_bytes(lambda: model_hidden(model, model, ids)[0], model)
+    per_layer = kept / (model.config.num_hidden_layers * ids.numel() * model.config.hidden_size * 4)
+    assert per_layer > 10, per_layer
+    model.model.gradient_checkpointing = True
+    recomputed = saved_activation_bytes(lambda: model_hidden(model, model, ids)[0], model)
+    assert recomputed < kept / 3, (recomputed, kept)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_small_gpu_step_keeps_its_activations(student, tmp_path):
+    """On a GPU with room, the tiny model's step keeps every activation (no recomputation) and still learns."""
+    src, zs, data = student
+    rec = distill_folder(zs, str(src), small_opts(data, tokens=8 * 8 * 32, device="cuda", eval_every=8),
+                         out=tmp_path / "d")
+    d = rec["distill"][-1]
+    assert d["grad_checkpointing"] is False
+    assert d["best"]["kl"] < d["validation"][0]["val_kl"]
 
 
 def test_chunked_kl_equals_the_full_kl_and_its_gradients():
@@ -282,6 +326,14 @@ def test_the_final_hidden_states_alone_are_the_last_of_all_hidden_states(arch):
         assert layers is None and len(layers_all) == len(every)
         assert torch.equal(final, every[-1]) and torch.equal(final_all, every[-1])
         assert not model.model.norm._forward_hooks  # the hook is removed
+    clla = build_identity(source, arch, "tiny").train()  # training, layers recomputed: the same states, and gradients
+    clla.model.gradient_checkpointing = True
+    final, _ = model_hidden(clla, clla, ids)
+    every = clla(ids, use_cache=False, output_hidden_states=True).hidden_states
+    assert torch.equal(final, every[-1])
+    g1 = torch.autograd.grad(final.square().sum(), clla.get_input_embeddings().weight)[0]
+    g2 = torch.autograd.grad(every[-1].square().sum(), clla.get_input_embeddings().weight)[0]
+    assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-6) and g1.abs().sum() > 0
 
 
 def test_logit_chunks_are_sized_by_bytes_unless_given():
@@ -397,6 +449,37 @@ def test_resume_continues_exactly(student, tmp_path):
     for run in ("straight", "split"):
         exported = dict(load_clla(tmp_path / run).model.named_parameters())
         assert all(torch.allclose(exported[k], t, rtol=1e-5, atol=1e-7) for k, t in best.items()), run
+
+
+def test_the_best_weights_live_on_disk_and_a_resume_takes_the_saved_ones(tmp_path):
+    """save_best replaces ckpt/BEST by a new file; a saved state keeps the best as it was when saved (linked, not
+    overwritten by a later best); restore_best puts the state's best back, over a newer one a killed run left."""
+    from kvconvert.distill.train import BEST, restore_best, save_best, save_state
+
+    w = lambda v: {"a": torch.full((3,), float(v))}  # noqa: E731
+    assert restore_best(tmp_path) is None  # nothing saved yet
+    save_best(tmp_path, w(1))
+    save_state(tmp_path, w(0), {"x": 1}, {"step": 4})
+    save_best(tmp_path, w(2))  # a later best, after the save
+    assert load_file(str(tmp_path / "state" / BEST))["a"][0] == 1
+    assert load_file(str(tmp_path / BEST))["a"][0] == 2
+    assert restore_best(tmp_path) == tmp_path / BEST
+    assert load_file(str(tmp_path / BEST))["a"][0] == 1
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_checkpoint_of_other_data_making_is_not_resumed(student, tmp_path):
+    """A state saved before the training sequences were made another way (no data_version) is refused."""
+    from kvconvert.distill.train import check_resumable
+
+    src, zs, data = student
+    opts = small_opts(data)
+    fp = opts.fingerprint(dist.World(), str(src))
+    (tmp_path / "state").mkdir()
+    old = {k: v for k, v in fp.items() if k != "data_version"}
+    (tmp_path / "state" / "progress.json").write_text(json.dumps({"fingerprint": old}))
+    with pytest.raises(Exception, match="data_version"):
+        check_resumable(tmp_path, fp)
 
 
 def free_port() -> int:

@@ -137,7 +137,7 @@ def check_budget(budget: float, context: int) -> None:
 # ----------------------------------------------------------------------------------------------- distillation
 DISTILL_DEFAULTS = DistillOptions(tokens=0)  # the one place the defaults live: the options read them from here
 DistillTokens = Annotated[int, typer.Option(help="Training tokens (all processes together).", rich_help_panel=DISTILL)]
-SeqLen = Annotated[int, typer.Option(help="Tokens per training sequence (0: the model's positions, at most 4,096). Past 512, a share of the sequences are recall and long-context task rows, made from the teacher's samples or from the --data text.", rich_help_panel=DISTILL)]
+SeqLen = Annotated[int, typer.Option(help="Tokens per training sequence (0: the model's positions, at most 4,096). Past 512, a share of the sequences are recall and long-context task rows, made from the teacher's samples or from --data text (not from conversations).", rich_help_panel=DISTILL)]
 BatchSize = Annotated[int, typer.Option(help="Sequences per micro-batch per process (0: 16,384 tokens' worth on GPU, 4,096 on CPU).", rich_help_panel=DISTILL)]
 GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel=DISTILL)]
 Lr = Annotated[float, typer.Option(help="Peak AdamW step as a share of each weight tensor's RMS (linear warm-up, cosine decay to 10%).", rich_help_panel=DISTILL)]
@@ -150,7 +150,7 @@ SaveEvery = Annotated[int, typer.Option(help="Checkpoint every N steps (and on C
 ValTokens = Annotated[int, typer.Option(help="Held-out validation tokens.", rich_help_panel=DISTILL)]
 SampleTokens = Annotated[int, typer.Option(help="Without --data: tokens sampled from the teacher (cycled).", rich_help_panel=DISTILL)]
 TrainDevice = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda; under torchrun each process takes its local GPU.", rich_help_panel=DISTILL)]
-GradCkpt = Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in backward (default: on GPU, and on CPU past 2,048 tokens a micro-batch).", rich_help_panel=DISTILL, show_default=False)]
+GradCkpt = Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in backward (default: on CPU past 2,048 tokens a micro-batch; on GPU only where a step would not fit the device without it; always under --fsdp).", rich_help_panel=DISTILL, show_default=False)]
 CkptDir = Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: OUT.distill beside OUT).", rich_help_panel=DISTILL)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run saved in the checkpoint folder.", rich_help_panel=DISTILL)]
 KeepCkpt = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep the checkpoint folder after export.", rich_help_panel=DISTILL)]

@@ -63,11 +63,12 @@ def pack_text(tokenizer, text: str, seq_len: int) -> torch.Tensor:
 
 
 def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_seqs: int, seed: int, teacher=None,
-               chat_seqs: int = 0, progress: Progress | None = None) -> TrainingData:
+               chat_seqs: int = 0, progress: Progress | None = None, train_seqs: int | None = None) -> TrainingData:
     """Pack --data files; the last `val_seqs` sequences are held out (a contiguous slice: no overlap with training).
     Conversations in the files (.jsonl "messages" or "prompt" lines) are answered by the teacher in its chat
     template (calibrate.chat_rows): beside text they make CHAT_SHARE of the sequences, alone `chat_seqs` of them
-    plus the validation ones."""
+    plus the validation ones. Text alone at sequences past SAMPLE_LEN gets long rows (`text_with_long_rows`), as many
+    as `train_seqs` (the sequences the run trains on; None: the whole text) calls for."""
     from ..chat_fidelity import has_chat_template
     from ..convert.calibrate import chat_rows, read_data
 
@@ -101,14 +102,17 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
         )
     if seq_len <= SAMPLE_LEN:
         return TrainingData(seqs[:-val_seqs], seqs[-val_seqs:], origin, seed)
-    return text_with_long_rows(seqs, val_seqs, seq_len, seed, tokenizer, origin)
+    return text_with_long_rows(seqs, val_seqs, seq_len, seed, tokenizer, origin, train_seqs)
 
 
-def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: int, tokenizer, origin: str) -> TrainingData:
+def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: int, tokenizer, origin: str,
+                        train_seqs: int | None = None) -> TrainingData:
     """Long sequences of text, beside recall and long-context task rows (`long_rows`) made from the same text, in the
     shares the data-free sequences have: text alone seldom asks for a token thousands back, which is what a
-    converted model loses first. Training keeps every text sequence and adds the long rows; validation keeps its
-    number of sequences (--val-tokens), a share of them long rows made from the held-out text only."""
+    converted model loses first. Training keeps every text sequence and adds long rows in proportion to the text the
+    run will read (`train_seqs`, at most all of it: a large corpus is not turned into long rows a run never reaches);
+    validation keeps its number of sequences (--val-tokens), a share of them long rows made from the held-out text
+    only."""
     share = RECALL_SHARE + TASK_SHARE
     train_text, val_text = seqs[:-val_seqs], seqs[-val_seqs:]
 
@@ -117,7 +121,8 @@ def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: i
         return flat[: flat.numel() // SAMPLE_LEN * SAMPLE_LEN].view(-1, SAMPLE_LEN)
 
     kinds = dict(recall_share=RECALL_SHARE / share, task_share=TASK_SHARE / share)
-    n_train = round(share / (1 - share) * train_text.shape[0])
+    read = train_text.shape[0] if train_seqs is None else min(train_seqs, train_text.shape[0])
+    n_train = round(share / (1 - share) * read)
     extra, _ = long_rows(pool(train_text), n_train, seq_len, seed, tokenizer, **kinds)
     n_val = round(share * val_seqs) if val_seqs >= 2 else 0
     val_long_rows, val_far = long_rows(pool(val_text), n_val, seq_len, seed + 1, tokenizer, **kinds)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import dist
 
-LOGIT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}  # one chunk's float32 logits, by device (logit_chunk_tokens)
+LOGIT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}  # one chunk's float32 logits, by device (logit_chunk_tokens)
 
 
 def logit_chunk_tokens(chunk: int | None, vocab: int, device) -> int | None:

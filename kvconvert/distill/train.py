@@ -44,6 +44,9 @@ TRAIN_SETS = {
 }
 
 
+DATA_VERSION = 2  # of how training sequences are made (2: long --data text gets recall and task rows); resumes check it
+
+
 @dataclass
 class DistillOptions:
     tokens: int  # training tokens seen by the student, all processes together
@@ -74,7 +77,8 @@ class DistillOptions:
         keep = ("tokens", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay",
                 "clip", "temperature", "hidden_weight", "train", "val_tokens", "sample_tokens", "seed", "fsdp")
         d = {k: getattr(self, k) for k in keep}
-        return d | {"data": [str(Path(p).resolve()) for p in self.data], "world_size": world.size, "teacher": teacher}
+        return d | {"data": [str(Path(p).resolve()) for p in self.data], "world_size": world.size, "teacher": teacher,
+                    "data_version": DATA_VERSION}
 
     def global_batch(self, world: dist.World) -> int:
         return self.batch_size * self.grad_accum * world.size
@@ -244,12 +248,13 @@ class DistillResult:
     tokens_per_s: float = 0.0  # this session's training throughput (validation excluded)
     best_path: Path | None = None  # the best trainable weights (process 0); None: none beat the initial weights
     options: DistillOptions | None = None  # as trained: sequence length and batch size resolved
+    grad_checkpointing: bool | None = None  # whether the student's activations were recomputed in backward
 
     def record(self, opts: DistillOptions) -> dict:
         o = {k: (list(map(str, v)) if k == "data" else v) for k, v in asdict(self.options or opts).items()}
         return {"options": o, "steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 1),
                 "device": self.device, "data": self.data_origin, "best": self.best,
-                "tokens_per_s": round(self.tokens_per_s, 1),
+                "tokens_per_s": round(self.tokens_per_s, 1), "grad_checkpointing": self.grad_checkpointing,
                 "validation": [h for h in self.history if "val_kl" in h]}
 
 
@@ -269,6 +274,18 @@ def save_best(ckpt: Path, best: dict[str, torch.Tensor]) -> Path:
     save_file({n: t.contiguous() for n, t in best.items()}, str(tmp))
     tmp.replace(path)
     return path
+
+
+def restore_best(ckpt: Path) -> Path | None:
+    """On resume: ckpt/BEST becomes the saved state's best (the best as of the saved step; a run killed later may
+    have written a newer one, which the resumed run will meet again). None where the state has none."""
+    saved = ckpt / "state" / BEST
+    if not saved.is_file():
+        return None
+    tmp = ckpt / f".{BEST}.tmp"
+    shutil.copyfile(saved, tmp)
+    tmp.replace(ckpt / BEST)
+    return ckpt / BEST
 
 
 def save_state(ckpt: Path, current: dict, optim: dict, progress: dict) -> None:
@@ -309,20 +326,65 @@ def check_resumable(ckpt: Path, fingerprint: dict) -> dict | None:
 CPU_CHECKPOINT_TOKENS = 2048  # tokens per micro-batch above which a CPU run recomputes activations by default
 
 
-def uses_grad_checkpointing(opts: DistillOptions, device: torch.device) -> bool:
-    """--grad-checkpointing as given, else on for GPU, and on CPU once a micro-batch's activations (about 1.4 MB a
-    token for SmolLM2-135M in fp32) would outgrow the weights and the optimizer state."""
+def uses_grad_checkpointing(opts: DistillOptions, device: torch.device, fits: Callable[[], bool] | None = None) -> bool:
+    """--grad-checkpointing as given; else on CPU once a micro-batch's activations (about 1.4 MB a token for
+    SmolLM2-135M in fp32) would outgrow the weights and the optimizer state (host memory is shared, and kept small);
+    on GPU unless `fits()` says the step fits the device without it (recomputing costs a quarter of the step), and
+    always under FSDP (chosen for memory)."""
     if opts.grad_checkpointing is not None:
         return opts.grad_checkpointing
-    return device.type == "cuda" or opts.batch_size * opts.seq_len > CPU_CHECKPOINT_TOKENS
+    if device.type != "cuda":
+        return opts.batch_size * opts.seq_len > CPU_CHECKPOINT_TOKENS
+    return opts.fsdp or fits is None or not fits()
 
 
-def _place_models(student, teacher, opts: DistillOptions, world: dist.World, device: torch.device):
-    """Move both models to the device (the teacher frozen, bf16 on GPU), turn on gradient checkpointing, and shard
-    them (FSDP) or wrap the student (DDP). Returns the module a training forward goes through."""
+def saved_activation_bytes(forward: Callable[[], object], model) -> int:
+    """Bytes of the tensors autograd keeps for backward during `forward()` (distinct storages, the model's own
+    parameters left out): what a training step holds between its forward and its backward. Works on any device."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(saved.values())
+
+
+STEP_MEMORY_SHARE = 0.85  # of the device's memory a step may plan to use without recomputing activations
+
+
+def step_fits_without_checkpointing(student, ids: torch.Tensor, autocast, chunk_bytes: int) -> bool:
+    """Whether a training step fits the GPU with every activation kept: one forward of the student on a micro-batch,
+    its saved activations counted (`saved_activation_bytes`), plus the gradients and AdamW's two moments (float32,
+    three times the trainable weights), plus the loss's logit chunks (a few tensors of `chunk_bytes`), against
+    STEP_MEMORY_SHARE of the device beside what is allocated already. A forward that runs out of memory answers no."""
+    device = ids.device
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad) * 4
+    try:
+        with autocast():
+            acts = saved_activation_bytes(lambda: model_hidden(student, student, ids)[0], student)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return False
+    torch.cuda.empty_cache()
+    need = int(acts * 1.1) + 3 * trainable + 8 * chunk_bytes
+    return torch.cuda.memory_allocated(device) + need <= STEP_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory
+
+
+def _place_models(student, teacher, opts: DistillOptions, world: dist.World, device: torch.device,
+                  fits: Callable[[], bool] | None = None):
+    """Move both models to the device (the teacher frozen, bf16 on GPU), turn on gradient checkpointing where
+    `uses_grad_checkpointing` asks for it, and shard them (FSDP) or wrap the student (DDP). Returns the module a
+    training forward goes through."""
     student.to(device).train()
     teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
-    if uses_grad_checkpointing(opts, device):
+    if uses_grad_checkpointing(opts, device, fits):
         student.model.gradient_checkpointing = True
     if opts.fsdp:
         shard(student, student.model.layers)
@@ -356,7 +418,12 @@ class _TrainingRun:
         with torch.no_grad():  # of the initial weights
             rms = {n: p.float().pow(2).mean().sqrt().item() for n, p in student.named_parameters() if n in self.names}
         opt_state = self._restore() if resume else None
-        self.model = _place_models(student, teacher, opts, world, self.device)
+        ids = data.micro_batch(0, opts.batch_size).to(self.device)
+        chunk_bytes = 4 * student.config.vocab_size * (self.chunk or opts.batch_size * opts.seq_len)
+        fits = lambda: step_fits_without_checkpointing(student, ids, self.autocast, chunk_bytes)  # noqa: E731
+        self.model = _place_models(student, teacher, opts, world, self.device, fits)
+        self.checkpointing = bool(student.model.gradient_checkpointing)
+        log(f"activations {'recomputed in backward' if self.checkpointing else 'kept for backward'}")
         self.params = [p for n, p in student.named_parameters() if n in self.names]  # after sharding: the DTensors
         self.optimizer = make_optimizer(student, names, rms, opts)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -379,10 +446,8 @@ class _TrainingRun:
             for n, p in self.student.named_parameters():
                 if n in self.names:
                     p.copy_(current[n])
-        if self.world.is_main and (state / BEST).is_file():  # the best as of the saved step, not any later one
-            shutil.copyfile(state / BEST, self.ckpt / f".{BEST}.tmp")
-            (self.ckpt / f".{BEST}.tmp").replace(self.ckpt / BEST)
-            self.best_path = self.ckpt / BEST
+        if self.world.is_main:
+            self.best_path = restore_best(self.ckpt)
         opt_state = torch.load(state / "optim.pt", weights_only=True, map_location="cpu")
         self.start, self.history, self.best = prog["step"], prog["history"], prog["best"]
         self.log(f"resuming at step {self.start:,} of {self.steps:,}")
@@ -437,10 +502,11 @@ class _TrainingRun:
                             | ({"val_long_kl": v["long_kl"]} if "long_kl" in v else {}))
         if v["kl"] < self.best["kl"]:  # the same decision on every process: the figures are reduced
             self.best = {"step": step} | v
-            best = full_params(self.student, self.names, self.opts.fsdp)  # under FSDP every process gathers
-            if self.world.is_main:
-                self.best_path = save_best(self.ckpt, best)
-            del best
+            if self.opts.fsdp or self.world.is_main:  # under FSDP a collective: every process gathers
+                best = full_params(self.student, self.names, self.opts.fsdp)
+                if self.world.is_main:
+                    self.best_path = save_best(self.ckpt, best)
+                del best
         far = f", long-range KL {v['long_kl']:.4f}" if "long_kl" in v else ""
         self.log(f"step {step:,}: validation KL {v['kl']:.4f}{far}, top-1 {v['top1']:.1%}, ppl {v['ppl']:.3f}")
 
@@ -495,4 +561,5 @@ def train(
                     signum,
                 )
     return DistillResult(steps, steps * tokens_per_step, time.perf_counter() - t0, run.best, run.history, data.origin,
-                         str(run.device), timed_tokens / train_time if train_time else 0.0, run.best_path, opts)
+                         str(run.device), timed_tokens / train_time if train_time else 0.0, run.best_path, opts,
+                         run.checkpointing)
