@@ -258,6 +258,25 @@ def test_default_sequences_are_as_long_as_the_model_takes():
     assert uses_grad_checkpointing(short, cpu, fits=lambda: True)  # CPU: the token rule, host memory kept small
 
 
+@pytest.mark.parametrize("arch, windows", [("llama", [None] * 3), ("mistral", [7] * 3), ("gemma3_text", [7, None, 7])])
+def test_model_flops_count_every_matrix_and_the_causal_attention_span(arch, windows):
+    """distill_flops_per_token by hand from the config: q/k/v/o, the MLP's three matrices and the LM head (no
+    embedding lookup), attention over half the sequence or the window, the student ×3 (forward and backward)."""
+    from conftest import tiny_source
+    from kvconvert.distill.flops import distill_flops_per_token, linear_weights
+
+    src = tiny_source(arch)
+    c = src.config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    h, H, kv, inter = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+    per_layer = h * H * d + 2 * h * kv * d + H * d * h + 3 * h * inter
+    assert linear_weights(src) == c.num_hidden_layers * per_layer + c.vocab_size * h
+    T = 64
+    attention = sum(2 * 2 * min(T, w or T) / 2 * H * d for w in windows)
+    one = 2 * linear_weights(src) + attention
+    assert distill_flops_per_token(src, src, T) == pytest.approx(4 * one)
+
+
 def test_saved_activations_are_counted_without_the_weights():
     """saved_activation_bytes counts what autograd keeps for backward: exactly the input of a linear layer (not its
     weight); for a model, many hidden-sized tensors per layer, and far fewer when layers are recomputed."""

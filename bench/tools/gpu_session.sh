@@ -20,8 +20,8 @@
 # 1. the CUDA tests (kernels vs references, CUDA graphs, runtime on CUDA); 2. decode at batch 64 × 8k against
 # transformers' generate, one chat turn, the 16 GiB / 32k batch budget; 3. where a decode step's GPU time goes;
 # 4. the latent decode kernel's bandwidth, the default plans' kernel (rope keys rebuilt in it) against its roofline,
-# and a sweep of its launch parameters; 5. profile memory --measure;
-# 6. the batch × context grid with prefill.
+# and a sweep of its launch parameters; 5. profile memory --measure; 6. distillation throughput and MFU, activations
+# kept (where they fit) against recomputed; 7. the batch × context grid with prefill.
 # SmolLM2 has 8,192 positions: speed.py times 8,157 for "8192" (room for the timed steps).
 set -uo pipefail
 cd "$(dirname "$0")/../.."  # the repo root: bench is run as a package from there
@@ -31,8 +31,8 @@ mkdir -p "$R"
 MODEL=${1:-/tmp/smollm2-2pct}
 SOURCE=${2:-smollm2}
 save() { if [ -n "${OUT:-}" ]; then cp "$R"/*gpu* "$OUT"/ 2>/dev/null; fi; }
-# STEPS="tests speed rfl profile kernels ropeup sweep memory grid" (the default: all) picks steps by name
-STEPS=${STEPS:-tests speed rfl profile kernels ropeup sweep memory grid}
+# STEPS="tests speed rfl profile kernels ropeup sweep memory distill grid" (the default: all) picks steps by name
+STEPS=${STEPS:-tests speed rfl profile kernels ropeup sweep memory distill grid}
 step() { local name=$1 limit=$2; shift 2; [[ " $STEPS " == *" $name "* ]] || return 0
          echo "== $(date +%T) $* (limit ${limit}s)"; timeout "$limit" "$@"; echo "== rc $?"; save; }
 
@@ -53,5 +53,6 @@ step kernels 80 python3 -m bench.kernels
 step ropeup 90 python3 -m bench.kernels --rope-up
 step sweep 240 python3 -m bench.kernels --sweep   # launch parameters and tile loads (times from graph replays)
 step memory 50 bash -c "python3 -m kvconvert profile memory $MODEL --measure --source $SOURCE --context 8000 --batch 64 --json > $R/profile_memory_gpu.json; cat $R/profile_memory_gpu.json"
+step distill 150 python3 -m bench.distill_speed --model "$MODEL" --source "$SOURCE" --checkpointing auto,on --steps 10
 step grid 150 python3 -m bench.speed --model "$MODEL" --source "$SOURCE" --batch 1,16,64 --context 1024,8192 --steps 32 \
     --chat-tokens 0 --name speed_grid_gpu
