@@ -357,7 +357,7 @@ def test_the_final_hidden_states_alone_are_the_last_of_all_hidden_states(arch):
 
 def test_logit_chunks_are_sized_by_bytes_unless_given():
     assert logit_chunk_tokens(None, 49152, "cpu") == (64 << 20) // (4 * 49152) == 341
-    assert logit_chunk_tokens(None, 151936, torch.device("cuda:0")) == (1 << 30) // (4 * 151936)
+    assert logit_chunk_tokens(None, 151936, torch.device("cuda:0")) == (256 << 20) // (4 * 151936) == 441
     assert logit_chunk_tokens(None, 10**9, "cpu") == 1
     assert logit_chunk_tokens(7, 49152, "cpu") == 7
     assert logit_chunk_tokens(0, 49152, "cpu") is None  # 0: the whole batch at once

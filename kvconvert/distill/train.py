@@ -477,19 +477,19 @@ class _TrainingRun:
         return loss.detach(), kl.detach()
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step (0-based `step`) over `grad_accum` micro-batches; returns its history row."""
+        """One optimizer step (0-based `step`) over `grad_accum` micro-batches; returns its history row. The device is
+        waited for once, after the whole step is queued (its loss, KL and gradient norm read together), not after
+        each micro-batch."""
         A = self.opts.grad_accum
-        loss_sum = kl_sum = 0.0
-        for m in range(A):
-            loss, kl = self._micro_batch(step, m)
-            loss_sum += loss.item() / A
-            kl_sum += kl.item() / A
+        losses, kls = zip(*(self._micro_batch(step, m) for m in range(A)))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.opts.clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": dist.mean(self.world, loss_sum), "kl": dist.mean(self.world, kl_sum),
+        figures = torch.stack([torch.stack(losses).float().mean(), torch.stack(kls).float().mean(), grad_norm.float()])
+        loss_mean, kl_mean, grad_norm = figures.tolist()
+        row = {"step": step + 1, "loss": dist.mean(self.world, loss_mean), "kl": dist.mean(self.world, kl_mean),
                "grad_norm": grad_norm, "lr": self.opts.lr * self.scheduler.lr_lambdas[0](step)}
         self.history.append(row)
         return row
