@@ -169,8 +169,10 @@ def test_long_text_sequences_come_with_recall_and_task_rows_made_from_the_text(t
     assert len(val_recall) == 1 and str(val_recall[0, :64].tolist())[1:-1] in held_out  # from held-out text only
     again = from_files(tok, [data], seq, 4, 2, seed=3)
     assert torch.equal(again.train, d.train) and torch.equal(again.val_long, d.val_long)
-    few = from_files(tok, [data], seq, 4, 2, seed=3, train_seqs=5)  # a run that reads 5 sequences: 3 long rows
-    assert few.train.shape[0] == n_text + round(share / (1 - share) * 5)
+    few = from_files(tok, [data], seq, 4, 2, seed=3, train_seqs=5)  # a run that reads 5 sequences: 5 of the text
+    assert few.train.shape[0] == 5 + round(share / (1 - share) * 5)  # and long rows in the same share
+    rows = {tuple(r) for r in text[:n_text].tolist()}
+    assert all(tuple(r) in rows for r in few.train[:5].tolist()) and not torch.equal(few.train[:5], text[:5])
     short = from_files(tok, [data], SAMPLE_LEN, 4, 2, seed=3)  # short sequences: the text alone, as before
     assert short.val_long is None and torch.equal(short.train, pack_text(tok, data.read_text(), SAMPLE_LEN)[:-4])
 

@@ -109,10 +109,10 @@ def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: i
                         train_seqs: int | None = None) -> TrainingData:
     """Long sequences of text, beside recall and long-context task rows (`long_rows`) made from the same text, in the
     shares the data-free sequences have: text alone seldom asks for a token thousands back, which is what a
-    converted model loses first. Training keeps every text sequence and adds long rows in proportion to the text the
-    run will read (`train_seqs`, at most all of it: a large corpus is not turned into long rows a run never reaches);
-    validation keeps its number of sequences (--val-tokens), a share of them long rows made from the held-out text
-    only."""
+    converted model loses first. Training keeps the text sequences a run reads (`train_seqs` of them, a seeded subset
+    when the text is longer: a large corpus is not turned into long rows a run never reaches) and adds long rows so
+    that they are the same share of what it trains on; validation keeps its number of sequences (--val-tokens), a
+    share of them long rows made from the held-out text only."""
     share = RECALL_SHARE + TASK_SHARE
     train_text, val_text = seqs[:-val_seqs], seqs[-val_seqs:]
 
@@ -121,8 +121,10 @@ def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: i
         return flat[: flat.numel() // SAMPLE_LEN * SAMPLE_LEN].view(-1, SAMPLE_LEN)
 
     kinds = dict(recall_share=RECALL_SHARE / share, task_share=TASK_SHARE / share)
-    read = train_text.shape[0] if train_seqs is None else min(train_seqs, train_text.shape[0])
-    n_train = round(share / (1 - share) * read)
+    if train_seqs is not None and train_seqs < train_text.shape[0]:  # a seeded subset: what the run reads of the text
+        pick = torch.randperm(train_text.shape[0], generator=torch.Generator().manual_seed(seed))[:train_seqs]
+        train_text = train_text[pick.sort().values]
+    n_train = round(share / (1 - share) * train_text.shape[0])
     extra, _ = long_rows(pool(train_text), n_train, seq_len, seed, tokenizer, **kinds)
     n_val = round(share * val_seqs) if val_seqs >= 2 else 0
     val_long_rows, val_far = long_rows(pool(val_text), n_val, seq_len, seed + 1, tokenizer, **kinds)
