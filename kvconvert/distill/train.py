@@ -418,9 +418,9 @@ class _TrainingRun:
         with torch.no_grad():  # of the initial weights
             rms = {n: p.float().pow(2).mean().sqrt().item() for n, p in student.named_parameters() if n in self.names}
         opt_state = self._restore() if resume else None
-        ids = data.micro_batch(0, opts.batch_size).to(self.device)
         chunk_bytes = 4 * student.config.vocab_size * (self.chunk or opts.batch_size * opts.seq_len)
-        fits = lambda: step_fits_without_checkpointing(student, ids, self.autocast, chunk_bytes)  # noqa: E731
+        fits = lambda: step_fits_without_checkpointing(  # noqa: E731  (asked only on GPU)
+            student, data.micro_batch(0, opts.batch_size).to(self.device), self.autocast, chunk_bytes)
         self.model = _place_models(student, teacher, opts, world, self.device, fits)
         self.checkpointing = bool(student.model.gradient_checkpointing)
         log(f"activations {'recomputed in backward' if self.checkpointing else 'kept for backward'}")
@@ -497,7 +497,7 @@ class _TrainingRun:
     def run_validation(self, step: int) -> None:
         """Validate after `step` steps; keep the trainable weights when they are the best so far."""
         v = validate(self.student, self.teacher, self.data.val, self.opts.batch_size, self.device, self.autocast,
-                     self.world, self.data.val_long, self.chunk or 0)
+                     self.world, self.data.val_long, self.opts.logit_chunk)
         self.history.append({"step": step, "val_kl": v["kl"], "val_top1": v["top1"], "val_ppl": v["ppl"]}
                             | ({"val_long_kl": v["long_kl"]} if "long_kl" in v else {}))
         if v["kl"] < self.best["kl"]:  # the same decision on every process: the figures are reduced
