@@ -10,7 +10,8 @@ schedule depends on it). Data modes: `sampled` (data-free: the teacher's samples
 with recall and long-context task rows beside them) and `austen` (the five Austen novels other than Persuasion).
 Each model: perplexity on Persuasion (first 20,480 tokens, 512-token windows), top-1 agreement and KL against the
 source, passkey accuracy at 1k and 4k, the long-context suite at --long-length (every task, --long-trials trials,
-Northanger Abbey as haystack, paired against the source), training time.
+Northanger Abbey as haystack, paired against the source), chat agreement with the source (teacher-forced top-1 along its
+greedy answers to --chat-prompts built-in prompts), training time.
 Writes bench/results/distill_smollm2[_cpu].json and a plot of perplexity vs distillation tokens (PNG).
 """
 
@@ -77,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--passkey-trials", type=int, default=5)
     ap.add_argument("--long-trials", type=int, default=8, help="trials per task of the long-context suite (0: none)")
     ap.add_argument("--long-length", type=int, default=4096)
+    ap.add_argument("--chat-prompts", type=int, default=24,
+                    help="chat agreement with the source on this many built-in prompts (0: none)")
     ap.add_argument("--val-only", action="store_true",
                     help="compare runs by their held-out validation only (no perplexity/passkey evaluation; faster)")
     ap.add_argument("--name", default=None, help="result file name (default distill_smollm2 or distill_smollm2_cpu)")
@@ -153,6 +156,8 @@ def print_table(rows: list[dict], base_ppl: float) -> None:
               f"{r.get('hidden_weight', 0):>4g} {r['perplexity']:>9.3f} "
               f"{r['perplexity'] / base_ppl:>6.3f} {r['top1_agreement']:>6.1%} {r['kl']:>6.3f} "
               f"{r['passkey'][1024]:>5.0%} {r['passkey'][4096]:>5.0%} {r['train_s']:>8.0f}")
+        if "chat" in r:
+            print(f"{'':>8} chat top-1 along the source's answers {r['chat']['top1_agreement']:.1%}")
         for t in r.get("long_suite", []):
             share = f"{t['of_reference']:.0%} of the source" if t.get("of_reference") is not None else "-"
             print(f"{'':>8} {t['task']:>10} at {t['length']}: {t['accuracy']:.0%} (recall {t['recall']:.2f}; {share})")
@@ -166,6 +171,7 @@ def main() -> None:
 
     import torch
 
+    from kvconvert.chat_fidelity import chat_agreement
     from kvconvert.evaluate import read_text, text_windows
     from kvconvert.loading import load_any
 
@@ -186,6 +192,9 @@ def main() -> None:
             t = time.perf_counter()
             row["long_suite"] = long_suite(model, source.tokenizer, args.long_length, args.long_trials, ref_suite)
             row["long_suite_s"] = round(time.perf_counter() - t, 1)
+        if args.chat_prompts and ref is not None:
+            chat = chat_agreement(model, ref, source.tokenizer, args.chat_prompts)
+            row["chat"] = {k: chat[k] for k in ("top1_agreement", "first_sentence_match", "answer_tokens")}
         return row
 
     src_row = score(source.model, None)

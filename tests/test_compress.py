@@ -779,3 +779,26 @@ def test_transient_fits_are_dropped_and_rebuild_the_same_model():
     ids = torch.randint(0, VOCAB, (1, 16))
     with torch.no_grad():
         assert torch.equal(kept(ids).logits, again(ids).logits)
+
+
+def test_fit_cache_counts_a_shared_inverse_root_once():
+    """A latent fit holds the C^-1/2 that is also cached under its own key: the cache's bytes count it once, and
+    a budget that fits the fits (with their C^-1/2 once) keeps them all."""
+    from kvconvert.convert.build import tensor_bytes
+
+    _, comp = compressor("llama")
+    comp.build(Plan(uniform_groups(3, 1), 32, 8, 4, 8, rope_heads=1, quant_group=16))
+    latent = [v for k, v in comp._fits.items() if k[0] == "latent"]
+    roots = [v for k, v in comp._fits.items() if k[0] == "Ci"]
+    assert latent and roots and all(any(f.Ci is r for r in roots) for f in latent)
+    assert tensor_bytes(*latent, *roots) == tensor_bytes(*latent)
+    assert tensor_bytes(latent[0], latent[0]) == tensor_bytes(latent[0]) > 0
+    keys = {k for k in comp._fits if k[0] in ("latent", "Ci")}
+    comp.fit_cache_bytes = tensor_bytes(*latent)
+    with comp.transient_fits():
+        pass
+    assert {k for k in comp._fits if k[0] in ("latent", "Ci")} == keys
+    comp.fit_cache_bytes = tensor_bytes(*latent) - 1
+    with comp.transient_fits():
+        pass
+    assert {k for k in comp._fits if k[0] in ("latent", "Ci")} < keys

@@ -26,7 +26,8 @@ from kvconvert.convert.pipeline import ConvertOptions, convert
 from kvconvert.distill.data import TrainingData, long_rows
 from kvconvert.distill.run import distill_folder
 from kvconvert.distill import dist
-from kvconvert.distill.loss import chunked_kl, distill_loss, logit_chunk_tokens, model_hidden, validate
+from kvconvert.distill.loss import (chunked_kl, distill_loss, logit_chunk_tokens, model_hidden, validate,
+                                   validation_sums)
 from kvconvert.distill.train import DistillOptions, Interrupted, lr_factor, trainable_names
 from kvconvert.loading import load_clla
 
@@ -177,6 +178,44 @@ def test_long_text_sequences_come_with_recall_and_task_rows_made_from_the_text(t
     assert short.val_long is None and torch.equal(short.train, pack_text(tok, data.read_text(), SAMPLE_LEN)[:-4])
 
 
+def test_text_data_for_an_instruct_teacher_gets_its_conversations(student, tmp_path):
+    """--data text alone, an instruct teacher: conversations the teacher writes in its template join the text as
+    CHAT_SHARE of the sequences the run reads and of validation, at short and at long sequences (beside the long
+    rows there); without a chat template the text is left as it was."""
+    src, _, data = student
+    from kvconvert.convert.calibrate import CHAT_SHARE
+    from kvconvert.distill.data import RECALL_SHARE, SAMPLE_LEN, TASK_SHARE, from_files, pack_text
+    from kvconvert.loading import load_any
+
+    teacher = load_any(str(src))
+    tok = teacher.tokenizer
+    head = tok("<|im_start|>user\n", add_special_tokens=False).input_ids
+    chat = lambda r: r[: len(head)] == head  # noqa: E731  (conversations packed from the start of a sequence)
+    rows = lambda t: {tuple(r) for r in t.tolist()}  # noqa: E731
+    text = pack_text(tok, data.read_text(), 64)
+    d = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9)
+    n_chat = round(CHAT_SHARE / (1 - CHAT_SHARE) * 9)
+    assert d.train.shape[0] == text.shape[0] - 4 + n_chat and torch.equal(d.train[: len(text) - 4], text[:-4])
+    talk = d.train[len(text) - 4 :]
+    assert chat(talk[0].tolist()) and not rows(talk) & rows(text)
+    assert torch.equal(d.val[:3], text[-3:]) and chat(d.val[3].tolist()) and "chat template" in d.origin
+    again = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9)
+    assert torch.equal(again.train, d.train) and torch.equal(again.val, d.val)
+    seq = 2 * SAMPLE_LEN
+    long = from_files(tok, [data], seq, 4, 2, 0, teacher.model, train_seqs=3)
+    n_chat, share = round(CHAT_SHARE / (1 - CHAT_SHARE) * 3), RECALL_SHARE + TASK_SHARE
+    assert long.train.shape[0] == 3 + n_chat + round(share / (1 - share) * (3 + n_chat))
+    talk = long.train[3 : 3 + n_chat]
+    assert chat(talk[0].tolist()) and not rows(talk) & rows(pack_text(tok, data.read_text(), seq))
+    held = pack_text(tok, data.read_text(), seq)[-4:]
+    assert torch.equal(long.val[0], held[0]) and chat(long.val[1].tolist())
+    assert not long.val_long[:2].any() and long.val_long[2:].any(1).all()
+    plain = byte_tokenizer()
+    plain.chat_template = None  # no chat template: the text alone, as before
+    assert torch.equal(from_files(plain, [data], 64, 4, 4, 0, teacher.model, train_seqs=9).train,
+                       pack_text(plain, data.read_text(), 64)[:-4])
+
+
 def test_data_free_long_sequences_are_packed_from_short_samples(student, tmp_path):
     src, _, _ = student
     from kvconvert.distill.data import sampled
@@ -236,6 +275,27 @@ def test_long_range_validation_kl_counts_only_the_marked_tokens(student):
     s = F.log_softmax(clla(val).logits.float(), -1)[:, 39:63]
     t = F.log_softmax(teacher(val).logits.float(), -1)[:, 39:63]
     assert abs(v["long_kl"] - (t.exp() * (t - s)).sum(-1).mean().item()) < 1e-4
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_validation_counts_every_sequence_once_across_processes(student, processes):
+    """3 held-out sequences among 2 or 4 processes: the processes' sums add up to one process's (the last sequence,
+    the one with long-range tokens, was dropped before when the rows did not divide)."""
+    src, out, _ = student
+    from kvconvert.loading import load_any
+
+    teacher, clla = load_any(str(src)).model.eval(), load_clla(out).model.eval()
+    val = torch.randint(0, teacher.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(1))
+    far = torch.zeros_like(val, dtype=torch.bool)
+    far[2, 20:] = True
+    args = (clla, teacher, val, 2, "cpu", contextlib.nullcontext)
+    one = validation_sums(*args, dist.World(), far)
+    shares = [validation_sums(*args, dist.World(rank, processes), far) for rank in range(processes)]
+    total = [sum(x) for x in zip(*shares)]
+    assert total[3] == one[3] == 3 * 31 and total[5] == one[5] == 12
+    assert total[2] == one[2]
+    for a, b in zip(total, one):
+        assert a == pytest.approx(b, rel=1e-5)
 
 
 def test_default_sequences_are_as_long_as_the_model_takes():

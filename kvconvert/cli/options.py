@@ -104,13 +104,17 @@ class PolicyOptions:
 
     def __post_init__(self):
         # the options without a policy (or with full, which keeps every token) would be ignored: refuse them
-        given = [f"--kv-{k}" for k in ("budget", "recent", "residual", "decay", "queries", "score")
-                 if getattr(self, k) is not None]
+        given = [f"--kv-{k}" for k in self.settings() if getattr(self, k) is not None]
         if given and self.policy in (None, "full"):
             what = "--kv-policy full keeps every token" if self.policy == "full" else "no --kv-policy was given"
             raise KvconvertError(f"{given[0]} applies to a token-budget policy (zsmerge, h2o, streaming), and {what}")
         if self.policy not in (None, "full") and self.budget is None:
             self.budget = DEFAULT_BUDGET
+
+    @classmethod
+    def settings(cls) -> list[str]:
+        """The fields after `policy`, in make_policy's order: each a --kv-NAME option that needs a policy."""
+        return [f.name for f in dataclasses.fields(cls)][1:]
 
     def make(self):
         """A fresh policy object (policies hold per-sequence state); None without --kv-policy or with full."""
@@ -118,7 +122,7 @@ class PolicyOptions:
 
         if self.policy is None:
             return None
-        return make_policy(self.policy, self.budget, self.recent, self.residual, self.decay, self.queries, self.score)
+        return make_policy(self.policy, *(getattr(self, k) for k in self.settings()))
 
     def check(self, context: int | None = None) -> None:
         """Refuse bad options before anything is loaded; `context`: the most tokens a sequence will hold, which a

@@ -25,15 +25,23 @@ from .stats import LayerStats, layer_stats
 FIT_CACHE_SHARE = 0.1  # see Compressor.transient_fits
 
 
-def tensor_bytes(obj) -> int:
-    """The bytes of the tensors in obj (a tensor, a dataclass of them, or lists of those)."""
+def tensors(obj):
+    """The tensors in obj (a tensor, a dataclass of them, or lists of those)."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (list, tuple)):
-        return sum(map(tensor_bytes, obj))
-    if hasattr(obj, "__dataclass_fields__"):
-        return sum(tensor_bytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
-    return 0
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from tensors(x)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for f in obj.__dataclass_fields__:
+            yield from tensors(getattr(obj, f))
+
+
+def tensor_bytes(*objs) -> int:
+    """The bytes of the tensors in objs, each storage counted once (a latent fit holds the C^-1/2 that is also
+    cached on its own)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for o in objs for t in tensors(o)}
+    return sum(storages.values())
 
 
 ATTENTION_WEIGHT = 0.5  # β: each calibration token weighs (1 - β) + β × the attention it receives in the fits
@@ -70,11 +78,8 @@ class Compressor:
             yield
         finally:
             fits = [k for k in self._fits if k[0] in ("latent", "Ci")]  # least recently used first
-            total = sum(tensor_bytes(self._fits[k]) for k in fits)
-            for key in fits:
-                if total <= self.fit_cache_bytes:
-                    break
-                total -= tensor_bytes(self._fits.pop(key))
+            while fits and tensor_bytes(*(self._fits[k] for k in fits)) > self.fit_cache_bytes:
+                del self._fits[fits.pop(0)]
 
     def _cached(self, key):
         """The fit under `key`, now the most recently used, or None."""

@@ -63,12 +63,16 @@ def pack_text(tokenizer, text: str, seq_len: int) -> torch.Tensor:
 
 
 def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_seqs: int, seed: int, teacher=None,
-               chat_seqs: int = 0, progress: Progress | None = None, train_seqs: int | None = None) -> TrainingData:
+               chat_seqs: int = 0, progress: Callable[[str, int, int], None] | None = None,
+               train_seqs: int | None = None) -> TrainingData:
     """Pack --data files; the last `val_seqs` sequences are held out (a contiguous slice: no overlap with training).
     Conversations in the files (.jsonl "messages" or "prompt" lines) are answered by the teacher in its chat
     template (calibrate.chat_rows): beside text they make CHAT_SHARE of the sequences, alone `chat_seqs` of them
-    plus the validation ones. Text alone at sequences past SAMPLE_LEN gets long rows (`text_with_long_rows`), as many
-    as `train_seqs` (the sequences the run trains on; None: the whole text) calls for."""
+    plus the validation ones. Text alone, for an instruct teacher, gets conversations the teacher writes in its
+    template as CHAT_SHARE of the sequences (`teacher_chats`; distilled on text alone, a 5% conversion's chat
+    agreement fell, docs/results.md), and at sequences past SAMPLE_LEN long rows (`text_with_long_rows`); both as
+    many as `train_seqs` (the sequences the run trains on; None: the whole text) calls for. `progress(what, done,
+    total)`."""
     from ..chat_fidelity import has_chat_template
     from ..convert.calibrate import chat_rows, read_data
 
@@ -85,7 +89,8 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
         text_rows = seqs.shape[0]
         n_chat = round(CHAT_SHARE / (1 - CHAT_SHARE) * text_rows) if text_rows else chat_seqs + val_seqs
         n_chat = max(n_chat, 2)
-        chats = chat_rows(teacher, tokenizer, data.chats, n_chat * seq_len, seq_len, seed, progress)
+        chats = chat_rows(teacher, tokenizer, data.chats, n_chat * seq_len, seq_len, seed,
+                          progress and (lambda d, n: progress("answering the --data conversations", d, n)))
         held = max(1, round(val_seqs * n_chat / (n_chat + text_rows)))  # validation keeps the mix
         held_text = min(max(0, val_seqs - held), max(0, text_rows - 1))
         train = torch.cat([seqs[: text_rows - held_text], chats[: len(chats) - held]])
@@ -100,19 +105,44 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
             f"--data: {seqs.shape[0] * seq_len:,} tokens, need at least {need * seq_len:,} "
             f"({val_seqs} validation + {batch_seqs} training sequences of --seq-len {seq_len})"
         )
+    chats = None
+    if teacher is not None and has_chat_template(tokenizer):
+        read = seqs.shape[0] - val_seqs if train_seqs is None else min(train_seqs, seqs.shape[0] - val_seqs)
+        chats = teacher_chats(teacher, tokenizer, round(CHAT_SHARE / (1 - CHAT_SHARE) * read),
+                              round(CHAT_SHARE * val_seqs) if val_seqs >= 4 else 0, seq_len, seed,
+                              progress and (lambda d, n: progress("sampling conversations from the teacher", d, n)))
+        origin += (f"; {len(chats[0]) + len(chats[1]):,} sequences of conversations the teacher wrote in its chat "
+                   f"template ({CHAT_SHARE:.0%} beside the text)")
     if seq_len <= SAMPLE_LEN:
-        return TrainingData(seqs[:-val_seqs], seqs[-val_seqs:], origin, seed)
-    return text_with_long_rows(seqs, val_seqs, seq_len, seed, tokenizer, origin, train_seqs)
+        train, val = seqs[:-val_seqs], seqs[-val_seqs:]
+        if chats is not None:
+            train, val = torch.cat([train, chats[0]]), torch.cat([val[len(chats[1]) :], chats[1]])
+        return TrainingData(train, val, origin, seed)
+    return text_with_long_rows(seqs, val_seqs, seq_len, seed, tokenizer, origin, train_seqs, chats)
+
+
+def teacher_chats(teacher, tokenizer, train_seqs: int, val_seqs: int, seq_len: int, seed: int,
+                  progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val): `train_seqs` and `val_seqs` sequences of seq_len tokens packed from conversations the teacher
+    writes in its own chat template, both turns sampled (calibrate.sample_chats); the two sets sampled apart."""
+    def rows(n: int, s: int) -> torch.Tensor:
+        if not n:
+            return torch.empty(0, seq_len, dtype=torch.long)
+        return sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu()
+
+    return rows(train_seqs, seed), rows(val_seqs, seed + 1_000_003)
 
 
 def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: int, tokenizer, origin: str,
-                        train_seqs: int | None = None) -> TrainingData:
+                        train_seqs: int | None = None,
+                        chats: tuple[torch.Tensor, torch.Tensor] | None = None) -> TrainingData:
     """Long sequences of text, beside recall and long-context task rows (`long_rows`) made from the same text, in the
     shares the data-free sequences have: text alone seldom asks for a token thousands back, which is what a
     converted model loses first. Training keeps the text sequences a run reads (`train_seqs` of them, a seeded subset
-    when the text is longer: a large corpus is not turned into long rows a run never reaches) and adds long rows so
-    that they are the same share of what it trains on; validation keeps its number of sequences (--val-tokens), a
-    share of them long rows made from the held-out text only."""
+    when the text is longer: a large corpus is not turned into long rows a run never reaches) and the conversation
+    sequences `chats` (train, val) brings, and adds long rows so that they are the same share of what it trains on;
+    validation keeps its number of sequences (--val-tokens): the validation conversations, a share of long rows made
+    from the held-out text only, and the held-out text."""
     share = RECALL_SHARE + TASK_SHARE
     train_text, val_text = seqs[:-val_seqs], seqs[-val_seqs:]
 
@@ -124,14 +154,16 @@ def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: i
     if train_seqs is not None and train_seqs < train_text.shape[0]:  # a seeded subset: what the run reads of the text
         pick = torch.randperm(train_text.shape[0], generator=torch.Generator().manual_seed(seed))[:train_seqs]
         train_text = train_text[pick.sort().values]
-    n_train = round(share / (1 - share) * train_text.shape[0])
+    talk, val_talk = chats if chats is not None else (seqs[:0], seqs[:0])
+    n_train = round(share / (1 - share) * (train_text.shape[0] + talk.shape[0]))
     extra, _ = long_rows(pool(train_text), n_train, seq_len, seed, tokenizer, **kinds)
     n_val = round(share * val_seqs) if val_seqs >= 2 else 0
     val_long_rows, val_far = long_rows(pool(val_text), n_val, seq_len, seed + 1, tokenizer, **kinds)
-    val = torch.cat([val_text[: val_seqs - n_val], val_long_rows])
-    val_long = torch.cat([torch.zeros(val_seqs - n_val, seq_len, dtype=torch.bool), val_far])
+    plain = val_seqs - n_val - val_talk.shape[0]  # held-out text sequences kept
+    val = torch.cat([val_text[:plain], val_talk, val_long_rows])
+    val_long = torch.cat([torch.zeros(plain + val_talk.shape[0], seq_len, dtype=torch.bool), val_far])
     origin += f"; {n_train:,} recall and long-context task rows made from it ({share:.1%} of the sequences)"
-    return TrainingData(torch.cat([train_text, extra]), val, origin, seed, val_long=val_long if n_val else None)
+    return TrainingData(torch.cat([train_text, talk, extra]), val, origin, seed, val_long=val_long if n_val else None)
 
 
 def sampled(

@@ -108,36 +108,45 @@ def validate(student, teacher, val: torch.Tensor, batch: int, device, autocast, 
              val_long: torch.Tensor | None = None, chunk: int | None = None) -> dict:
     """Mean KL(teacher ‖ student), top-1 agreement and student perplexity on held-out sequences (T = 1); with
     `val_long` (a mask of `val`'s tokens only far context predicts, data.long_rows) also `long_kl`, the mean KL on
-    those tokens.
-
-    Each process scores an equal share of `val` (a remainder of fewer than one sequence per process is left out:
-    under FSDP every forward is collective, so all processes must run the same number) and the sums are reduced.
-    """
+    those tokens. Every sequence counts once, whatever the number of processes (`validation_sums`)."""
     student.eval()
+    sums = validation_sums(student, teacher, val, batch, device, autocast, world, val_long, chunk)
+    student.train()
+    kl_sum, nll_sum, agree, n, long_sum, n_long = dist.sum_all(world, sums)
+    out = {"kl": kl_sum / n, "top1": agree / n, "ppl": math.exp(nll_sum / n)}
+    return out | ({"long_kl": long_sum / n_long} if n_long else {})
+
+
+def validation_sums(student, teacher, val: torch.Tensor, batch: int, device, autocast, world: dist.World,
+                    val_long: torch.Tensor | None = None, chunk: int | None = None) -> list[float]:
+    """This process's [KL sum, NLL sum, top-1 agreements, tokens, long-range KL sum, long-range tokens] on its share
+    of `val`: the sequences rank·k … rank·k + k − 1, k = ⌈N / processes⌉. Under FSDP every forward is collective, so
+    all processes run k sequences; past N a process repeats the last sequence and counts none of its tokens."""
     chunk = logit_chunk_tokens(chunk, student.config.vocab_size, device)
-    per = val.shape[0] // world.size
-    mine = slice(world.rank * per, (world.rank + 1) * per)
-    val = val[mine]
-    long = val_long[mine] if val_long is not None else torch.zeros_like(val, dtype=torch.bool)
+    per = -(-val.shape[0] // world.size)
+    idx = torch.arange(world.rank * per, (world.rank + 1) * per)
+    counted = idx < val.shape[0]
+    idx = idx.clamp(max=val.shape[0] - 1)
+    long = val_long[idx] if val_long is not None else torch.zeros((per, val.shape[1]), dtype=torch.bool)
+    val = val[idx]
     kl_sum = nll_sum = agree = n = long_sum = n_long = 0.0
     for i in range(0, per, batch):
         ids = val[i : i + batch].to(device)
         with autocast():
             s_h, t_h = model_hidden(student, student, ids)[0], model_hidden(teacher, teacher, ids)[0]
             s_h, t_h, target = s_h[:, :-1].flatten(0, 1), t_h[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
-            far = long[i : i + batch, 1:].flatten().to(device)
+            keep = counted[i : i + batch, None].expand(-1, ids.shape[1] - 1).flatten().to(device)
+            far = long[i : i + batch, 1:].flatten().to(device) & keep
             step = chunk or target.numel()  # logit_chunk_tokens: None is no chunking
             for c in range(0, target.numel(), step):
                 s = F.log_softmax(head_logits(student, s_h[c : c + step]).float(), -1)
                 t = F.log_softmax(head_logits(teacher, t_h[c : c + step]).float(), -1)
+                k = keep[c : c + step]
                 kl = (t.exp() * (t - s)).sum(-1)
-                kl_sum += kl.sum().item()
+                kl_sum += kl[k].sum().item()
                 long_sum += kl[far[c : c + step]].sum().item()
-                nll_sum += -s.gather(-1, target[c : c + step, None]).sum().item()
-                agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
-        n += target.numel()
+                nll_sum += -s.gather(-1, target[c : c + step, None])[k].sum().item()
+                agree += (s.argmax(-1) == t.argmax(-1))[k].sum().item()
+        n += keep.sum().item()
         n_long += far.sum().item()
-    student.train()
-    kl_sum, nll_sum, agree, n, long_sum, n_long = dist.sum_all(world, [kl_sum, nll_sum, agree, n, long_sum, n_long])
-    out = {"kl": kl_sum / n, "top1": agree / n, "ppl": math.exp(nll_sum / n)}
-    return out | ({"long_kl": long_sum / n_long} if n_long else {})
+    return [kl_sum, nll_sum, agree, n, long_sum, n_long]

@@ -44,7 +44,8 @@ TRAIN_SETS = {
 }
 
 
-DATA_VERSION = 2  # of how training sequences are made (2: long --data text gets recall and task rows); resumes check it
+DATA_VERSION = 3  # of how training sequences are made (2: long --data text gets recall and task rows; 3: --data
+# text gets the teacher's conversations for an instruct teacher); resumes check it
 
 
 @dataclass
