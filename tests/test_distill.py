@@ -178,7 +178,7 @@ def test_long_text_sequences_come_with_recall_and_task_rows_made_from_the_text(t
     assert short.val_long is None and torch.equal(short.train, pack_text(tok, data.read_text(), SAMPLE_LEN)[:-4])
 
 
-def test_text_data_for_an_instruct_teacher_gets_its_conversations(student, tmp_path):
+def test_text_data_for_an_instruct_teacher_gets_its_conversations(student, tmp_path, monkeypatch):
     """--data text alone, an instruct teacher: conversations the teacher writes in its template join the text as
     CHAT_SHARE of the sequences the run reads and of validation, at short and at long sequences (beside the long
     rows there); without a chat template the text is left as it was."""
@@ -193,14 +193,20 @@ def test_text_data_for_an_instruct_teacher_gets_its_conversations(student, tmp_p
     chat = lambda r: r[: len(head)] == head  # noqa: E731  (conversations packed from the start of a sequence)
     rows = lambda t: {tuple(r) for r in t.tolist()}  # noqa: E731
     text = pack_text(tok, data.read_text(), 64)
-    d = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9)
+    d = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9, cache_dir=tmp_path / "samples")
     n_chat = round(CHAT_SHARE / (1 - CHAT_SHARE) * 9)
-    assert d.train.shape[0] == text.shape[0] - 4 + n_chat and torch.equal(d.train[: len(text) - 4], text[:-4])
-    talk = d.train[len(text) - 4 :]
+    assert d.train.shape[0] == 9 + n_chat and rows(d.train[:9]) <= rows(text[:-4])  # the 9 text rows the run reads
+    talk = d.train[9:]
+    assert n_chat / d.train.shape[0] == CHAT_SHARE and len(rows(talk)) == n_chat
     assert chat(talk[0].tolist()) and not rows(talk) & rows(text)
-    assert torch.equal(d.val[:3], text[-3:]) and chat(d.val[3].tolist()) and "chat template" in d.origin
-    again = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9)
-    assert torch.equal(again.train, d.train) and torch.equal(again.val, d.val)
+    assert torch.equal(d.val[:3], text[-3:]) and chat(d.val[3].tolist()) and not rows(d.val[3:]) & rows(talk)
+    assert "chat template" in d.origin and len(list((tmp_path / "samples").glob("chats-*.pt"))) == 2
+    capped = from_files(tok, [data], 64, 4, 4, 0, teacher.model, chat_seqs=3, train_seqs=9)  # 1 sampled, cycled
+    assert torch.equal(capped.train[9:], talk[:1].expand(n_chat, -1))
+    monkeypatch.setattr("kvconvert.distill.data.sample_chats", lambda *a, **k: pytest.fail("sampled again"))
+    again = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9, cache_dir=tmp_path / "samples")
+    assert torch.equal(again.train, d.train) and torch.equal(again.val, d.val)  # from the saved conversations
+    monkeypatch.undo()
     seq = 2 * SAMPLE_LEN
     long = from_files(tok, [data], seq, 4, 2, 0, teacher.model, train_seqs=3)
     n_chat, share = round(CHAT_SHARE / (1 - CHAT_SHARE) * 3), RECALL_SHARE + TASK_SHARE

@@ -23,7 +23,7 @@ def distill(
     tokens: DistillTokens,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write the result here instead of replacing MODEL.")] = None,
     data: Annotated[
-        Optional[list[Path]], typer.Option(help="Training text (.txt, or .jsonl with a 'text' field, or conversations: 'messages' or 'prompt'); repeatable. For an instruct teacher, a quarter of the sequences are conversations: those in the files answered by the teacher, else ones it writes. Default: sampled from the teacher.", rich_help_panel=DISTILL)
+        Optional[list[Path]], typer.Option(help="Training text (.txt, or .jsonl with a 'text' field, or conversations: 'messages' or 'prompt'); repeatable. For an instruct teacher, conversations join the text as a quarter of the two: those in the files answered by the teacher, else ones it writes. Default: sampled from the teacher.", rich_help_panel=DISTILL)
     ] = None,
     flags: DistillFlags = DistillFlags(),
     seed: Annotated[int, typer.Option(help="Seed of the data order and of sampled text.")] = 0,

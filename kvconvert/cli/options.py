@@ -113,7 +113,7 @@ class PolicyOptions:
 
     @classmethod
     def settings(cls) -> list[str]:
-        """The fields after `policy`, in make_policy's order: each a --kv-NAME option that needs a policy."""
+        """The fields after `policy` (make_policy's keywords): each a --kv-NAME option that needs a policy."""
         return [f.name for f in dataclasses.fields(cls)][1:]
 
     def make(self):
@@ -122,7 +122,7 @@ class PolicyOptions:
 
         if self.policy is None:
             return None
-        return make_policy(self.policy, *(getattr(self, k) for k in self.settings()))
+        return make_policy(self.policy, **{k: getattr(self, k) for k in self.settings()})
 
     def check(self, context: int | None = None) -> None:
         """Refuse bad options before anything is loaded; `context`: the most tokens a sequence will hold, which a

@@ -40,7 +40,7 @@ def tensors(obj):
 def tensor_bytes(*objs) -> int:
     """The bytes of the tensors in objs, each storage counted once (a latent fit holds the C^-1/2 that is also
     cached on its own)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for o in objs for t in tensors(o)}
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for o in objs for t in tensors(o)}
     return sum(storages.values())
 
 

@@ -13,6 +13,7 @@ ask the student to look further back than one sample.
 
 from __future__ import annotations
 
+import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,15 +65,15 @@ def pack_text(tokenizer, text: str, seq_len: int) -> torch.Tensor:
 
 def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_seqs: int, seed: int, teacher=None,
                chat_seqs: int = 0, progress: Callable[[str, int, int], None] | None = None,
-               train_seqs: int | None = None) -> TrainingData:
+               train_seqs: int | None = None, cache_dir: Path | None = None) -> TrainingData:
     """Pack --data files; the last `val_seqs` sequences are held out (a contiguous slice: no overlap with training).
     Conversations in the files (.jsonl "messages" or "prompt" lines) are answered by the teacher in its chat
     template (calibrate.chat_rows): beside text they make CHAT_SHARE of the sequences, alone `chat_seqs` of them
     plus the validation ones. Text alone, for an instruct teacher, gets conversations the teacher writes in its
-    template as CHAT_SHARE of the sequences (`teacher_chats`; distilled on text alone, a 5% conversion's chat
-    agreement fell, docs/results.md), and at sequences past SAMPLE_LEN long rows (`text_with_long_rows`); both as
-    many as `train_seqs` (the sequences the run trains on; None: the whole text) calls for. `progress(what, done,
-    total)`."""
+    template (`teacher_chats`; distilled on text alone, a 5% conversion's chat agreement fell, docs/results.md):
+    CHAT_SHARE of them and the text sequences the run reads (`train_seqs` of the text, None: all of it; at most
+    `chat_seqs` × that share sampled, then cycled; saved under `cache_dir`), and of validation; at sequences past
+    SAMPLE_LEN long rows are added beside both (`text_with_long_rows`). `progress(what, done, total)`."""
     from ..chat_fidelity import has_chat_template
     from ..convert.calibrate import chat_rows, read_data
 
@@ -107,30 +108,57 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
         )
     chats = None
     if teacher is not None and has_chat_template(tokenizer):
-        read = seqs.shape[0] - val_seqs if train_seqs is None else min(train_seqs, seqs.shape[0] - val_seqs)
-        chats = teacher_chats(teacher, tokenizer, round(CHAT_SHARE / (1 - CHAT_SHARE) * read),
-                              round(CHAT_SHARE * val_seqs) if val_seqs >= 4 else 0, seq_len, seed,
+        text_rows = seqs.shape[0] - val_seqs
+        read = text_rows if train_seqs is None else min(train_seqs, text_rows)
+        n_chat = round(CHAT_SHARE / (1 - CHAT_SHARE) * read)
+        unique = round(CHAT_SHARE / (1 - CHAT_SHARE) * min(read, chat_seqs or read))  # cycled past --sample-tokens
+        chats = teacher_chats(teacher, tokenizer, n_chat, unique, round(CHAT_SHARE * val_seqs) if val_seqs >= 4 else 0,
+                              seq_len, seed, cache_dir,
                               progress and (lambda d, n: progress("sampling conversations from the teacher", d, n)))
         origin += (f"; {len(chats[0]) + len(chats[1]):,} sequences of conversations the teacher wrote in its chat "
-                   f"template ({CHAT_SHARE:.0%} beside the text)")
+                   f"template ({CHAT_SHARE:.0%} of them and the text)")
     if seq_len <= SAMPLE_LEN:
         train, val = seqs[:-val_seqs], seqs[-val_seqs:]
         if chats is not None:
-            train, val = torch.cat([train, chats[0]]), torch.cat([val[len(chats[1]) :], chats[1]])
+            train = torch.cat([text_read(train, train_seqs, seed), chats[0]])
+            val = torch.cat([val[len(chats[1]) :], chats[1]])
         return TrainingData(train, val, origin, seed)
     return text_with_long_rows(seqs, val_seqs, seq_len, seed, tokenizer, origin, train_seqs, chats)
 
 
-def teacher_chats(teacher, tokenizer, train_seqs: int, val_seqs: int, seq_len: int, seed: int,
-                  progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val): `train_seqs` and `val_seqs` sequences of seq_len tokens packed from conversations the teacher
-    writes in its own chat template, both turns sampled (calibrate.sample_chats); the two sets sampled apart."""
-    def rows(n: int, s: int) -> torch.Tensor:
+def text_read(rows: torch.Tensor, train_seqs: int | None, seed: int) -> torch.Tensor:
+    """The text sequences a run reads: `train_seqs` of them, a seeded subset in their order, when the text is longer
+    (what is added beside the text is then a share of what the run trains on, not of a corpus it never reaches)."""
+    if train_seqs is None or train_seqs >= rows.shape[0]:
+        return rows
+    pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:train_seqs]
+    return rows[pick.sort().values]
+
+
+def teacher_chats(teacher, tokenizer, train_seqs: int, unique: int, val_seqs: int, seq_len: int, seed: int,
+                  cache_dir: Path | None = None, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val): `train_seqs` (`unique` of them sampled, then cycled) and `val_seqs` sequences of seq_len tokens
+    packed from conversations the teacher writes in its own chat template, both turns sampled
+    (calibrate.sample_chats); the two sets sampled apart. Saved under `cache_dir` and reused (a resumed run, the
+    other processes of a run)."""
+    def rows(n: int, s: int, kind: str) -> torch.Tensor:
         if not n:
             return torch.empty(0, seq_len, dtype=torch.long)
-        return sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu()
+        path = cache_dir / f"chats-{kind}-{n}x{seq_len}-{s}.pt" if cache_dir is not None else None
+        if path is not None and path.exists():
+            return torch.load(path, weights_only=True)
+        out = sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save(out, tmp)
+            tmp.rename(path)  # a killed run never leaves a half file
+        return out
 
-    return rows(train_seqs, seed), rows(val_seqs, seed + 1_000_003)
+    train = rows(min(max(1, unique), train_seqs), seed, "train")
+    if train_seqs:
+        train = train[torch.arange(train_seqs) % train.shape[0]]
+    return train, rows(val_seqs, seed + 1_000_003, "val")
 
 
 def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: int, tokenizer, origin: str,
@@ -151,9 +179,7 @@ def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: i
         return flat[: flat.numel() // SAMPLE_LEN * SAMPLE_LEN].view(-1, SAMPLE_LEN)
 
     kinds = dict(recall_share=RECALL_SHARE / share, task_share=TASK_SHARE / share)
-    if train_seqs is not None and train_seqs < train_text.shape[0]:  # a seeded subset: what the run reads of the text
-        pick = torch.randperm(train_text.shape[0], generator=torch.Generator().manual_seed(seed))[:train_seqs]
-        train_text = train_text[pick.sort().values]
+    train_text = text_read(train_text, train_seqs, seed)
     talk, val_talk = chats if chats is not None else (seqs[:0], seqs[:0])
     n_train = round(share / (1 - share) * (train_text.shape[0] + talk.shape[0]))
     extra, _ = long_rows(pool(train_text), n_train, seq_len, seed, tokenizer, **kinds)
