@@ -126,6 +126,14 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
     return text_with_long_rows(seqs, val_seqs, seq_len, seed, tokenizer, origin, train_seqs, chats)
 
 
+def save_whole(t: torch.Tensor, path: Path) -> None:
+    """torch.save through a temporary name: a killed run never leaves a half file where a resume would read it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(t, tmp)
+    tmp.rename(path)
+
+
 def text_read(rows: torch.Tensor, train_seqs: int | None, seed: int) -> torch.Tensor:
     """The text sequences a run reads: `train_seqs` of them, a seeded subset in their order, when the text is longer
     (what is added beside the text is then a share of what the run trains on, not of a corpus it never reaches)."""
@@ -149,10 +157,7 @@ def teacher_chats(teacher, tokenizer, train_seqs: int, unique: int, val_seqs: in
             return torch.load(path, weights_only=True)
         out = sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save(out, tmp)
-            tmp.rename(path)  # a killed run never leaves a half file
+            save_whole(out, path)
         return out
 
     train = rows(min(max(1, unique), train_seqs), seed, "train")
@@ -230,9 +235,7 @@ def sampled(
             talk = sample_chats(teacher, tokenizer, n_chat * sample_len, sample_len, chunk_seed, batch=min(n_chat, 16))
             order = torch.randperm(chunk_seqs, generator=torch.Generator().manual_seed(chunk_seed))
             ids = torch.cat([ids, talk.to(ids.device)])[order]
-        tmp = cache_dir / f".{key}.pt.tmp"
-        torch.save(ids.cpu(), tmp)
-        tmp.rename(cache_dir / f"{key}.pt")  # a killed run never leaves a half chunk
+        save_whole(ids.cpu(), cache_dir / f"{key}.pt")
         if progress:
             progress(done, len(todo))
     dist.barrier(world)
