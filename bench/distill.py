@@ -172,8 +172,11 @@ def main() -> None:
     import torch
 
     from kvconvert.chat_fidelity import chat_agreement
+    from kvconvert.cli.common import return_freed_memory
     from kvconvert.evaluate import read_text, text_windows
     from kvconvert.loading import load_any
+
+    return_freed_memory()  # as `kvconvert distill` does, so that a run's peak RSS is the command's
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = load_any("smollm2")

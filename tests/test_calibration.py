@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvconvert.convert.calibrate import chat_frame, chat_rows, read_data, sample_chats
+from kvconvert.convert.calibrate import chat_frame, chat_rows, read_data, sample_chats, sample_tokens
 from kvconvert.errors import KvconvertError
 from kvconvert.convert.pipeline import ConvertOptions, calibration_tokens
 from kvconvert.convert.source import Source
@@ -28,6 +28,21 @@ def test_sampled_chats_are_conversations_in_the_template():
     assert stream[: len(head)] == head and contains(stream, tail)
     assert torch.equal(rows, sample_chats(model, tok, 600, 100, seed=3, batch=4, user_tokens=8, answer_tokens=12))
     assert not torch.equal(rows, sample_chats(model, tok, 600, 100, seed=4, batch=4, user_tokens=8, answer_tokens=12))
+
+
+def test_sampling_leaves_the_global_generator_as_it_was():
+    """generate() draws from torch's global generator: sampling seeds it for itself and gives the caller's back, so
+    what a caller draws next does not depend on whether it sampled or read its samples from a file."""
+    tok, model = byte_tokenizer(), tiny_source("llama")
+    torch.manual_seed(11)
+    want = torch.rand(4)
+    torch.manual_seed(11)
+    rows = sample_chats(model, tok, 200, 100, seed=3, batch=2, user_tokens=4, answer_tokens=6)
+    text = sample_tokens(model, tok, 64, 32, seed=3)
+    assert torch.equal(torch.rand(4), want)
+    torch.manual_seed(12)  # and the samples are the seed's, whatever the caller's state
+    assert torch.equal(rows, sample_chats(model, tok, 200, 100, seed=3, batch=2, user_tokens=4, answer_tokens=6))
+    assert torch.equal(text, sample_tokens(model, tok, 64, 32, seed=3))
 
 
 def test_an_instruct_source_calibrates_and_judges_on_chats_too():

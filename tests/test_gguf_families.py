@@ -38,3 +38,26 @@ def test_a_gguf_converts_exactly(tmp_path, arch):
     assert json.loads(r.stdout)["kv_ratio"] >= 1.0
     want, got = model(IDS).logits, load_clla(out).model(IDS).logits
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_a_gguf_is_parsed_once_per_load(tmp_path, monkeypatch):
+    """transformers reads the file for the config, the weights and the tokenizer: one parse serves all three, and
+    gguf's own names are back once the load is done."""
+    import gguf
+
+    path, model = save_gguf(tmp_path, "llama")
+    made, original = [], gguf.GGUFReader
+
+    def counting(*args, **kwargs):
+        made.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    name_map = gguf.get_tensor_name_map
+    src = load_source(path)
+    assert len(made) == 1
+    assert gguf.GGUFReader is counting and gguf.get_tensor_name_map is name_map
+    with torch.no_grad():
+        assert torch.equal(src.model(IDS).logits, model(IDS).logits)
+    load_source(path)
+    assert len(made) == 2  # nothing kept between loads

@@ -33,6 +33,16 @@ Progress = Callable[[int, int], None]
 SAMPLE_PREFIX = 2  # a sampled row's first tokens: the start token and a random one (sample_tokens)
 
 
+@contextmanager
+def global_seed(model, seed: int):
+    """generate() samples with torch's global generator: seeded for the block, the caller's state given back after
+    it (a caller's random draws do not depend on whether it sampled or read its samples from a file)."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def start_token(model, tokenizer) -> int:
     """The token a sampled sequence starts with: the model's BOS, else the tokenizer's, else 0."""
     start = model.config.bos_token_id
@@ -50,28 +60,20 @@ def sample_tokens(
     n_seq = max(1, -(-n_tokens // seq_len))
     start = start_token(model, tokenizer)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # generate() samples with the global generator
     device = next(model.parameters()).device
     out = []
-    for i in range(0, n_seq, batch):
-        b = min(batch, n_seq - i)
-        # A random second token diversifies the starts more than sampling alone would.
-        first = torch.randint(0, model.config.vocab_size, (b, 1), generator=gen)
-        ids = torch.cat([torch.full((b, 1), start), first], 1).to(device)
-        with torch.no_grad():
-            seqs = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                top_p=0.95,
-                temperature=1.0,
-                max_new_tokens=seq_len - 2,
-                min_new_tokens=seq_len - 2,
-                pad_token_id=start,
-            )
-        out.append(seqs[:, :seq_len].cpu())
-        if progress:
-            progress(min(i + b, n_seq), n_seq)
+    with torch.no_grad(), global_seed(model, seed):
+        for i in range(0, n_seq, batch):
+            b = min(batch, n_seq - i)
+            # A random second token diversifies the starts more than sampling alone would.
+            first = torch.randint(0, model.config.vocab_size, (b, 1), generator=gen)
+            ids = torch.cat([torch.full((b, 1), start), first], 1).to(device)
+            seqs = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
+                                  temperature=1.0, max_new_tokens=seq_len - 2, min_new_tokens=seq_len - 2,
+                                  pad_token_id=start)
+            out.append(seqs[:, :seq_len].cpu())
+            if progress:
+                progress(min(i + b, n_seq), n_seq)
     return torch.cat(out)[:n_seq]
 
 
@@ -110,18 +112,18 @@ def sample_chats(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, p
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     gen = torch.Generator().manual_seed(seed + 1)
-    torch.manual_seed(seed + 1)
     n_seq = max(1, -(-n_tokens // seq_len))
     stream: list[int] = []
-    while len(stream) < n_seq * seq_len:
-        first = torch.randint(0, model.config.vocab_size, (batch,), generator=gen).tolist()
-        users = _sample(model, [head + [f] for f in first], user_tokens, eos, pad)
-        users = [[f] + [t for t in u if t != eos] for f, u in zip(first, users)]
-        prompts = [head + u + tail for u in users]
-        for p, answer in zip(prompts, _sample(model, prompts, answer_tokens, eos, pad)):
-            stream += p + answer
-        if progress:
-            progress(min(len(stream), n_seq * seq_len), n_seq * seq_len)
+    with global_seed(model, seed + 1):
+        while len(stream) < n_seq * seq_len:
+            first = torch.randint(0, model.config.vocab_size, (batch,), generator=gen).tolist()
+            users = _sample(model, [head + [f] for f in first], user_tokens, eos, pad)
+            users = [[f] + [t for t in u if t != eos] for f, u in zip(first, users)]
+            prompts = [head + u + tail for u in users]
+            for p, answer in zip(prompts, _sample(model, prompts, answer_tokens, eos, pad)):
+                stream += p + answer
+            if progress:
+                progress(min(len(stream), n_seq * seq_len), n_seq * seq_len)
     return torch.tensor(stream[: n_seq * seq_len]).view(n_seq, seq_len)
 
 

@@ -6,10 +6,12 @@ Weights are read with safetensors (or GGUF) only: no pickle.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 import struct
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,13 +219,45 @@ def load_source_config(ref: SourceRef):
         raise KvconvertError(f"{ref.path}: cannot read the model config ({e.__class__.__name__}: {e})") from None
 
 
+@contextmanager
+def gguf_parsed_once():
+    """Within the block, each GGUF file is parsed once and gguf's tensor-name table built once per architecture.
+
+    transformers parses a GGUF file for the config, again for the weights and again for the tokenizer (a few seconds
+    each on a small model: the tokenizer's vocabulary is hundreds of thousands of header fields), and builds gguf's
+    table of tensor names anew for every module it maps (hundreds of times). Both are plain reads of the file, so one
+    parse serves them all; nothing outlives the block."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+        readers.clear()
+
+
 def load_source(src: str | os.PathLike | SourceRef, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> Source:
     """Load the source model (eval mode) and its tokenizer (None if the folder has none)."""
+    ref = src if isinstance(src, SourceRef) else resolve(src)
+    model_type = model_type_of(ref)
+    with gguf_parsed_once() if ref.gguf_file else nullcontext():
+        return _load(ref, model_type, dtype, tokenizer)
+
+
+def _load(ref: SourceRef, model_type: str, dtype: torch.dtype, tokenizer: bool) -> Source:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ref = src if isinstance(src, SourceRef) else resolve(src)
-    model_type = model_type_of(ref)
     kwargs: dict[str, Any] = {"gguf_file": ref.gguf_file} if ref.gguf_file else {"use_safetensors": True}
     if not ref.gguf_file:
         check_safetensors(ref.folder)
