@@ -207,6 +207,18 @@ def test_text_data_for_an_instruct_teacher_gets_its_conversations(student, tmp_p
     again = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9, cache_dir=tmp_path / "samples")
     assert torch.equal(again.train, d.train) and torch.equal(again.val, d.val)  # from the saved conversations
     monkeypatch.undo()
+    from kvconvert.distill import dist  # under torchrun: the first process samples, every process reads its file
+
+    waits = []
+    monkeypatch.setattr(dist, "barrier", lambda world: waits.append(world.rank))
+    first = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9, cache_dir=tmp_path / "ranks",
+                       world=dist.World(rank=0, size=2))
+    monkeypatch.setattr("kvconvert.distill.data.sample_chats", lambda *a, **k: pytest.fail("sampled off the first"))
+    second = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9, cache_dir=tmp_path / "ranks",
+                        world=dist.World(rank=1, size=2))
+    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
+    assert torch.equal(first.train, d.train) and waits == [0, 0, 1, 1]  # once per file, on every process
+    monkeypatch.undo()
     seq = 2 * SAMPLE_LEN
     long = from_files(tok, [data], seq, 4, 2, 0, teacher.model, train_seqs=3)
     n_chat, share = round(CHAT_SHARE / (1 - CHAT_SHARE) * 3), RECALL_SHARE + TASK_SHARE

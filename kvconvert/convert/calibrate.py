@@ -201,23 +201,23 @@ def chat_rows(model, tokenizer, chats: list[list[dict]], n_tokens: int, seq_len:
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     gen = torch.Generator().manual_seed(seed + 2)
-    torch.manual_seed(seed + 2)
     from ..runtime.chat import chat_template_ids
 
     last_user = lambda msgs: max(i for i, m in enumerate(msgs) if m["role"] == "user")  # noqa: E731
     prompts = [chat_template_ids(tokenizer, msgs[: last_user(msgs) + 1]) for msgs in chats]
     n_seq = max(1, -(-n_tokens // seq_len))
     stream: list[int] = []
-    while len(stream) < n_seq * seq_len:
-        order = torch.randperm(len(prompts), generator=gen).tolist()
-        for i in range(0, len(order), batch):
-            rows = [prompts[j][-(seq_len - 1):] for j in order[i : i + batch]]  # a prompt longer than a row: its end
-            for p, answer in zip(rows, _sample(model, rows, answer_tokens, eos, pad)):
-                stream += p + answer
-            if progress:
-                progress(min(len(stream), n_seq * seq_len), n_seq * seq_len)
-            if len(stream) >= n_seq * seq_len:
-                break
+    with global_seed(model, seed + 2):
+        while len(stream) < n_seq * seq_len:
+            order = torch.randperm(len(prompts), generator=gen).tolist()
+            for i in range(0, len(order), batch):
+                rows = [prompts[j][-(seq_len - 1):] for j in order[i : i + batch]]  # a long prompt: its end
+                for p, answer in zip(rows, _sample(model, rows, answer_tokens, eos, pad)):
+                    stream += p + answer
+                if progress:
+                    progress(min(len(stream), n_seq * seq_len), n_seq * seq_len)
+                if len(stream) >= n_seq * seq_len:
+                    break
     return torch.tensor(stream[: n_seq * seq_len]).view(n_seq, seq_len)
 
 

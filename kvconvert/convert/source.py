@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import struct
+import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,9 @@ def load_source_config(ref: SourceRef):
         raise KvconvertError(f"{ref.path}: cannot read the model config ({e.__class__.__name__}: {e})") from None
 
 
+_GGUF_PATCH = threading.RLock()  # held by gguf_parsed_once
+
+
 @contextmanager
 def gguf_parsed_once():
     """Within the block, each GGUF file is parsed once and gguf's tensor-name table built once per architecture.
@@ -229,21 +233,22 @@ def gguf_parsed_once():
     parse serves them all; nothing outlives the block."""
     import gguf
 
-    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple[str, str], Any] = {}
+    with _GGUF_PATCH:  # loads in other threads wait: each restores what it found
+        reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[tuple[str, str], Any] = {}
 
-    def reader(path, mode="r"):
-        key = (os.fspath(path), mode)
-        if key not in readers:
-            readers[key] = reader_class(path, mode)
-        return readers[key]
+        def reader(path, mode="r"):
+            key = (os.path.realpath(path), mode)
+            if key not in readers:
+                readers[key] = reader_class(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
-        readers.clear()
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+            readers.clear()
 
 
 def load_source(src: str | os.PathLike | SourceRef, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> Source:

@@ -65,15 +65,17 @@ def pack_text(tokenizer, text: str, seq_len: int) -> torch.Tensor:
 
 def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_seqs: int, seed: int, teacher=None,
                chat_seqs: int = 0, progress: Callable[[str, int, int], None] | None = None,
-               train_seqs: int | None = None, cache_dir: Path | None = None) -> TrainingData:
+               train_seqs: int | None = None, cache_dir: Path | None = None,
+               world: dist.World | None = None) -> TrainingData:
     """Pack --data files; the last `val_seqs` sequences are held out (a contiguous slice: no overlap with training).
     Conversations in the files (.jsonl "messages" or "prompt" lines) are answered by the teacher in its chat
     template (calibrate.chat_rows): beside text they make CHAT_SHARE of the sequences, alone `chat_seqs` of them
     plus the validation ones. Text alone, for an instruct teacher, gets conversations the teacher writes in its
     template (`teacher_chats`; distilled on text alone, a 5% conversion's chat agreement fell, docs/results.md):
     CHAT_SHARE of them and the text sequences the run reads (`train_seqs` of the text, None: all of it; at most
-    `chat_seqs` × that share sampled, then cycled; saved under `cache_dir`), and of validation; at sequences past
-    SAMPLE_LEN long rows are added beside both (`text_with_long_rows`). `progress(what, done, total)`."""
+    `chat_seqs` × that share sampled, then cycled; saved under `cache_dir` by the first of `world`'s processes and
+    read by all), and of validation; at sequences past SAMPLE_LEN long rows are added beside both
+    (`text_with_long_rows`). `progress(what, done, total)`."""
     from ..chat_fidelity import has_chat_template
     from ..convert.calibrate import chat_rows, read_data
 
@@ -114,7 +116,8 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
         unique = round(CHAT_SHARE / (1 - CHAT_SHARE) * min(read, chat_seqs or read))  # cycled past --sample-tokens
         chats = teacher_chats(teacher, tokenizer, n_chat, unique, round(CHAT_SHARE * val_seqs) if val_seqs >= 4 else 0,
                               seq_len, seed, cache_dir,
-                              progress and (lambda d, n: progress("sampling conversations from the teacher", d, n)))
+                              progress and (lambda d, n: progress("sampling conversations from the teacher", d, n)),
+                              world)
         origin += (f"; {len(chats[0]) + len(chats[1]):,} sequences of conversations the teacher wrote in its chat "
                    f"template ({CHAT_SHARE:.0%} of them and the text)")
     if seq_len <= SAMPLE_LEN:
@@ -144,21 +147,24 @@ def text_read(rows: torch.Tensor, train_seqs: int | None, seed: int) -> torch.Te
 
 
 def teacher_chats(teacher, tokenizer, train_seqs: int, unique: int, val_seqs: int, seq_len: int, seed: int,
-                  cache_dir: Path | None = None, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  cache_dir: Path | None = None, progress: Progress | None = None,
+                  world: dist.World | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val): `train_seqs` (`unique` of them sampled, then cycled) and `val_seqs` sequences of seq_len tokens
     packed from conversations the teacher writes in its own chat template, both turns sampled
-    (calibrate.sample_chats); the two sets sampled apart. Saved under `cache_dir` and reused (a resumed run, the
-    other processes of a run)."""
+    (calibrate.sample_chats); the two sets sampled apart. With `cache_dir`, the first of `world`'s processes samples
+    and saves them there and every process reads that file (so all train on the same conversations, and a resumed
+    run on the ones it started with); without, each samples them itself."""
     def rows(n: int, s: int, kind: str) -> torch.Tensor:
         if not n:
             return torch.empty(0, seq_len, dtype=torch.long)
-        path = cache_dir / f"chats-{kind}-{n}x{seq_len}-{s}.pt" if cache_dir is not None else None
-        if path is not None and path.exists():
-            return torch.load(path, weights_only=True)
-        out = sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu()
-        if path is not None:
-            save_whole(out, path)
-        return out
+        if cache_dir is None:
+            return sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu()
+        path = cache_dir / f"chats-{kind}-{n}x{seq_len}-{s}.pt"
+        if (world is None or world.rank == 0) and not path.exists():
+            save_whole(sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu(), path)
+        if world is not None:
+            dist.barrier(world)  # every process reaches it once per file, whoever sampled
+        return torch.load(path, weights_only=True)
 
     train = rows(min(max(1, unique), train_seqs), seed, "train")
     if train_seqs:

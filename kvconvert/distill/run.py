@@ -72,7 +72,7 @@ def make_data(teacher, tokenizer, opts: DistillOptions, ckpt: Path, world: dist.
     if opts.data:
         return training_data.from_files(
             tokenizer, opts.data, opts.seq_len, val_seqs, opts.global_batch(world), opts.seed, teacher, chat_seqs=pool,
-            progress=progress, train_seqs=needed, cache_dir=ckpt / "samples")
+            progress=progress, train_seqs=needed, cache_dir=ckpt / "samples", world=world)
     return training_data.sampled(
         teacher, tokenizer, pool, val_seqs, opts.seq_len, opts.seed, ckpt / "samples", world,
         chunk_seqs=256 if world.device.startswith("cuda") else 32,
