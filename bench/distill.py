@@ -61,6 +61,35 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+class Scorer:
+    """Scores a model against the source: perplexity, top-1 and KL on the evaluation windows, passkey at 1k and 4k, the
+    long-context suite at `long_length` (paired against the source's rows once `reference_suite` holds them) and chat
+    agreement (`chat_prompts` built-in prompts, against `ref`)."""
+
+    def __init__(self, tokenizer, windows, passkey_trials: int, long_trials: int, long_length: int, chat_prompts: int):
+        self.tokenizer, self.windows = tokenizer, windows
+        self.passkey_trials, self.long_trials, self.long_length = passkey_trials, long_trials, long_length
+        self.chat_prompts = chat_prompts
+        self.reference_suite: list[dict] | None = None
+
+    def __call__(self, model, ref) -> dict:
+        from bench.common import long_suite
+        from kvconvert.chat_fidelity import chat_agreement
+
+        row = evaluate(model, self.tokenizer, self.windows, ref, self.passkey_trials)
+        if self.long_trials:
+            t = time.perf_counter()
+            row["long_suite"] = long_suite(model, self.tokenizer, self.long_length, self.long_trials,
+                                           self.reference_suite)
+            row["long_suite_s"] = round(time.perf_counter() - t, 1)
+        if self.chat_prompts and ref is not None:
+            t = time.perf_counter()
+            chat = chat_agreement(model, ref, self.tokenizer, self.chat_prompts)
+            row["chat"] = {k: chat[k] for k in ("top1_agreement", "first_sentence_match", "answer_tokens")}
+            row["chat_s"] = round(time.perf_counter() - t, 1)
+        return row
+
+
 def parse_args() -> argparse.Namespace:
     ap = argument_parser(__doc__)
     ap.add_argument("--cpu", action="store_true", help="the CPU-sized run: --ratios 0.05 --tokens 64k --data sampled")
@@ -171,7 +200,6 @@ def main() -> None:
 
     import torch
 
-    from kvconvert.chat_fidelity import chat_agreement
     from kvconvert.cli.common import return_freed_memory
     from kvconvert.evaluate import read_text, text_windows
     from kvconvert.loading import load_any
@@ -183,25 +211,12 @@ def main() -> None:
     source.model.to(device)
     windows = text_windows(source.tokenizer, read_text(text_path), 512, 20480)
     print("source ...", flush=True)
-    from bench.common import long_suite
-
-    ref_suite = None
-
-    def score(model, ref) -> dict:
-        if args.val_only:
-            return {}
-        row = evaluate(model, source.tokenizer, windows, ref, args.passkey_trials)
-        if args.long_trials:
-            t = time.perf_counter()
-            row["long_suite"] = long_suite(model, source.tokenizer, args.long_length, args.long_trials, ref_suite)
-            row["long_suite_s"] = round(time.perf_counter() - t, 1)
-        if args.chat_prompts and ref is not None:
-            chat = chat_agreement(model, ref, source.tokenizer, args.chat_prompts)
-            row["chat"] = {k: chat[k] for k in ("top1_agreement", "first_sentence_match", "answer_tokens")}
-        return row
+    scorer = Scorer(source.tokenizer, windows, args.passkey_trials, args.long_trials, args.long_length,
+                    args.chat_prompts)
+    score = (lambda model, ref: {}) if args.val_only else scorer
 
     src_row = score(source.model, None)
-    ref_suite = src_row.get("long_suite")
+    scorer.reference_suite = src_row.get("long_suite")
     base_ppl = src_row.get("perplexity")
     rows = []
     settings = {k: v for k, v in vars(args).items()} | {"eval_text": str(text_path), "train_files": AUSTEN_TRAIN}
