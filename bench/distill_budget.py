@@ -124,8 +124,10 @@ def main() -> None:
             convert_s = time.perf_counter() - t0
             row = {"kv_ratio_target": ratio, "kv_ratio": record["kv_ratio"], "plan": record["plan"],
                    "budget_s": round(budget, 1), "convert_s": round(convert_s, 1)}
+            zero_shot_s = 0.0
             if args.eval_zero_shot:
                 row["zero_shot"] = scorer(load_clla(zs).model.to(device), source.model)
+                zero_shot_s = time.perf_counter() - t0 - convert_s
             t1 = time.perf_counter()
             base = DistillOptions(tokens=1, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                                   device=device)
@@ -146,7 +148,7 @@ def main() -> None:
             distill_s = time.perf_counter() - t2
             d = rec["distill"][-1]
             overhead = min(0.5, max(0.0, 1 - d["steps"] * step_s / distill_s))  # for the next ratio
-            used = time.perf_counter() - t0 - (row["zero_shot"]["eval_s"] if args.eval_zero_shot else 0.0)
+            used = time.perf_counter() - t0 - zero_shot_s  # converting, probing and distilling
             budget_left -= used
             row |= {"step_s": round(step_s, 3), "probe_s": round(probe_s, 1), "steps": d["steps"],
                     "tokens": d["tokens"], "distill_s": round(distill_s, 1), "train_loop_s": d["seconds"],
