@@ -170,10 +170,12 @@ def test_long_text_sequences_come_with_recall_and_task_rows_made_from_the_text(t
     assert len(val_recall) == 1 and str(val_recall[0, :64].tolist())[1:-1] in held_out  # from held-out text only
     again = from_files(tok, [data], seq, 4, 2, seed=3)
     assert torch.equal(again.train, d.train) and torch.equal(again.val_long, d.val_long)
-    few = from_files(tok, [data], seq, 4, 2, seed=3, train_seqs=5)  # a run that reads 5 sequences: 5 of the text
-    assert few.train.shape[0] == 5 + round(share / (1 - share) * 5)  # and long rows in the same share
+    few = from_files(tok, [data], seq, 4, 2, seed=3, train_seqs=5)  # a run that reads 5 sequences: as many made
+    n_few = round((1 - share) * 5)  # of the text, and long rows in their share
+    assert few.train.shape[0] == 5 and n_few + round(share / (1 - share) * n_few) == 5
     rows = {tuple(r) for r in text[:n_text].tolist()}
-    assert all(tuple(r) in rows for r in few.train[:5].tolist()) and not torch.equal(few.train[:5], text[:5])
+    assert all(tuple(r) in rows for r in few.train[:n_few].tolist()) and not torch.equal(few.train[:n_few], text[:n_few])
+    assert not {tuple(r) for r in few.train[n_few:].tolist()} & rows
     short = from_files(tok, [data], SAMPLE_LEN, 4, 2, seed=3)  # short sequences: the text alone, as before
     assert short.val_long is None and torch.equal(short.train, pack_text(tok, data.read_text(), SAMPLE_LEN)[:-4])
 
@@ -184,7 +186,7 @@ def test_text_data_for_an_instruct_teacher_gets_its_conversations(student, tmp_p
     rows there); without a chat template the text is left as it was."""
     src, _, data = student
     from kvconvert.convert.calibrate import CHAT_SHARE
-    from kvconvert.distill.data import RECALL_SHARE, SAMPLE_LEN, TASK_SHARE, from_files, pack_text
+    from kvconvert.distill.data import SAMPLE_LEN, from_files, pack_text
     from kvconvert.loading import load_any
 
     teacher = load_any(str(src))
@@ -194,15 +196,15 @@ def test_text_data_for_an_instruct_teacher_gets_its_conversations(student, tmp_p
     rows = lambda t: {tuple(r) for r in t.tolist()}  # noqa: E731
     text = pack_text(tok, data.read_text(), 64)
     d = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9, cache_dir=tmp_path / "samples")
-    n_chat = round(CHAT_SHARE / (1 - CHAT_SHARE) * 9)
-    assert d.train.shape[0] == 9 + n_chat and rows(d.train[:9]) <= rows(text[:-4])  # the 9 text rows the run reads
-    talk = d.train[9:]
-    assert n_chat / d.train.shape[0] == CHAT_SHARE and len(rows(talk)) == n_chat
+    n_chat = round(CHAT_SHARE * 9)  # of the 9 sequences the run reads: no conversation sampled that it would not reach
+    assert d.train.shape[0] == 9 and rows(d.train[: 9 - n_chat]) <= rows(text[:-4])  # the text rows it reads
+    talk = d.train[9 - n_chat :]
+    assert len(rows(talk)) == n_chat
     assert chat(talk[0].tolist()) and not rows(talk) & rows(text)
     assert torch.equal(d.val[:3], text[-3:]) and chat(d.val[3].tolist()) and not rows(d.val[3:]) & rows(talk)
     assert "chat template" in d.origin and len(list((tmp_path / "samples").glob("chats-*.pt"))) == 2
     capped = from_files(tok, [data], 64, 4, 4, 0, teacher.model, chat_seqs=3, train_seqs=9)  # 1 sampled, cycled
-    assert torch.equal(capped.train[9:], talk[:1].expand(n_chat, -1))
+    assert torch.equal(capped.train[9 - n_chat :], talk[:1].expand(n_chat, -1))
     monkeypatch.setattr("kvconvert.distill.data.sample_chats", lambda *a, **k: pytest.fail("sampled again"))
     again = from_files(tok, [data], 64, 4, 4, 0, teacher.model, train_seqs=9, cache_dir=tmp_path / "samples")
     assert torch.equal(again.train, d.train) and torch.equal(again.val, d.val)  # from the saved conversations
@@ -221,10 +223,10 @@ def test_text_data_for_an_instruct_teacher_gets_its_conversations(student, tmp_p
     monkeypatch.undo()
     seq = 2 * SAMPLE_LEN
     long = from_files(tok, [data], seq, 4, 2, 0, teacher.model, train_seqs=3)
-    n_chat, share = round(CHAT_SHARE / (1 - CHAT_SHARE) * 3), RECALL_SHARE + TASK_SHARE
-    assert long.train.shape[0] == 3 + n_chat + round(share / (1 - share) * (3 + n_chat))
-    talk = long.train[3 : 3 + n_chat]
-    assert chat(talk[0].tolist()) and not rows(talk) & rows(pack_text(tok, data.read_text(), seq))
+    assert long.train.shape[0] == 3  # what the run reads: a text row, a conversation and a long row
+    talk, whole = long.train[1:2], rows(pack_text(tok, data.read_text(), seq))
+    assert chat(talk[0].tolist()) and not rows(talk) & whole
+    assert rows(long.train[:1]) <= whole and not chat(long.train[2].tolist()) and not rows(long.train[2:]) & whole
     held = pack_text(tok, data.read_text(), seq)[-4:]
     assert torch.equal(long.val[0], held[0]) and chat(long.val[1].tolist())
     assert not long.val_long[:2].any() and long.val_long[2:].any(1).all()

@@ -30,6 +30,7 @@ Progress = Callable[[int, int], None]
 SAMPLE_LEN = 512  # data-free: the teacher's samples are drawn this long, then packed into sequences of --seq-len
 RECALL_SHARE = 0.25  # of packed sequences: the first block repeated at the end
 TASK_SHARE = 0.125  # of packed sequences: a long-context trial and its answer
+LONG_SHARE = RECALL_SHARE + TASK_SHARE
 TASK_SEED = 1_000_000_007  # task rows' trial seeds start here, far from the suite's (seed + i)
 
 
@@ -71,11 +72,12 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
     Conversations in the files (.jsonl "messages" or "prompt" lines) are answered by the teacher in its chat
     template (calibrate.chat_rows): beside text they make CHAT_SHARE of the sequences, alone `chat_seqs` of them
     plus the validation ones. Text alone, for an instruct teacher, gets conversations the teacher writes in its
-    template (`teacher_chats`; distilled on text alone, a 5% conversion's chat agreement fell, docs/results.md):
-    CHAT_SHARE of them and the text sequences the run reads (`train_seqs` of the text, None: all of it; at most
-    `chat_seqs` × that share sampled, then cycled; saved under `cache_dir` by the first of `world`'s processes and
-    read by all), and of validation; at sequences past SAMPLE_LEN long rows are added beside both
-    (`text_with_long_rows`). `progress(what, done, total)`."""
+    template (`teacher_chats`; distilled on text alone, a 5% conversion's chat agreement fell, docs/results.md),
+    CHAT_SHARE of them and the text, and of validation (at most CHAT_SHARE × `chat_seqs` sampled, then cycled;
+    saved under `cache_dir` by the first of `world`'s processes and read by all); at sequences past SAMPLE_LEN long
+    rows are added beside both (`text_with_long_rows`). With `train_seqs`, the sequences a run reads, the training
+    set is about that many (long rows, conversations, and a seeded subset of the text, in those shares): no
+    conversation is sampled that the run would not reach. `progress(what, done, total)`."""
     from ..chat_fidelity import has_chat_template
     from ..convert.calibrate import chat_rows, read_data
 
@@ -108,12 +110,16 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
             f"--data: {seqs.shape[0] * seq_len:,} tokens, need at least {need * seq_len:,} "
             f"({val_seqs} validation + {batch_seqs} training sequences of --seq-len {seq_len})"
         )
+    instruct = teacher is not None and has_chat_template(tokenizer)
+    text_rows = seqs.shape[0] - val_seqs
+    read, n_chat = train_seqs, round(CHAT_SHARE / (1 - CHAT_SHARE) * text_rows)  # all the text, a third as many chats
+    if train_seqs is not None:  # as many sequences as the run reads: long rows, conversations, the rest text
+        plain = max(1, round(train_seqs * (1 - LONG_SHARE if seq_len > SAMPLE_LEN else 1)))  # text and chats
+        n_chat = max(1, round(CHAT_SHARE * plain)) if instruct else 0
+        read = min(text_rows, max(1, plain - n_chat))
     chats = None
-    if teacher is not None and has_chat_template(tokenizer):
-        text_rows = seqs.shape[0] - val_seqs
-        read = text_rows if train_seqs is None else min(train_seqs, text_rows)
-        n_chat = round(CHAT_SHARE / (1 - CHAT_SHARE) * read)
-        unique = round(CHAT_SHARE / (1 - CHAT_SHARE) * min(read, chat_seqs or read))  # cycled past --sample-tokens
+    if instruct:
+        unique = min(n_chat, max(1, round(CHAT_SHARE * chat_seqs))) if chat_seqs else n_chat  # then cycled
         chats = teacher_chats(teacher, tokenizer, n_chat, unique, round(CHAT_SHARE * val_seqs) if val_seqs >= 4 else 0,
                               seq_len, seed, cache_dir,
                               progress and (lambda d, n: progress("sampling conversations from the teacher", d, n)),
@@ -123,10 +129,10 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
     if seq_len <= SAMPLE_LEN:
         train, val = seqs[:-val_seqs], seqs[-val_seqs:]
         if chats is not None:
-            train = torch.cat([text_read(train, train_seqs, seed), chats[0]])
+            train = torch.cat([text_read(train, read, seed), chats[0]])
             val = torch.cat([val[len(chats[1]) :], chats[1]])
         return TrainingData(train, val, origin, seed)
-    return text_with_long_rows(seqs, val_seqs, seq_len, seed, tokenizer, origin, train_seqs, chats)
+    return text_with_long_rows(seqs, val_seqs, seq_len, seed, tokenizer, origin, read, chats)
 
 
 def save_whole(t: torch.Tensor, path: Path) -> None:
@@ -182,7 +188,7 @@ def text_with_long_rows(seqs: torch.Tensor, val_seqs: int, seq_len: int, seed: i
     sequences `chats` (train, val) brings, and adds long rows so that they are the same share of what it trains on;
     validation keeps its number of sequences (--val-tokens): the validation conversations, a share of long rows made
     from the held-out text only, and the held-out text."""
-    share = RECALL_SHARE + TASK_SHARE
+    share = LONG_SHARE
     train_text, val_text = seqs[:-val_seqs], seqs[-val_seqs:]
 
     def pool(rows: torch.Tensor) -> torch.Tensor:

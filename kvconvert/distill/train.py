@@ -44,8 +44,9 @@ TRAIN_SETS = {
 }
 
 
-DATA_VERSION = 3  # of how training sequences are made (2: long --data text gets recall and task rows; 3: --data
-# text gets the teacher's conversations for an instruct teacher); resumes check it
+DATA_VERSION = 4  # of how training sequences are made (2: long --data text gets recall and task rows; 3: --data
+# text gets the teacher's conversations for an instruct teacher; 4: --data text and those conversations sized to
+# what a run reads, long rows included); resumes check it
 
 
 @dataclass
