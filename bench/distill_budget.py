@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bench.common import argument_parser, data_file, peak_memory, write_result
 from bench.distill import AUSTEN_TRAIN, Scorer
+from bench.distill_speed import random_ids
 
 OVERHEAD = 0.15  # the first ratio's share of its distillation time outside the training steps (assumed)
 
@@ -34,19 +35,13 @@ def probe_step_s(folder: Path, opts, steps: int, world) -> float:
     """Seconds per optimizer step of `kvconvert distill`'s loop at `opts`' shapes, from `steps` steps on random ids:
     the median after the first when there are three or more (the first pays for allocation and compilation), else
     the loop's own step time (validation and saving left out)."""
-    import torch
-
-    from kvconvert.distill.data import TrainingData
     from kvconvert.distill.train import train
     from kvconvert.loading import load_any, load_clla
 
     student, teacher = load_clla(folder).model, load_any("smollm2").model
-    g = torch.Generator().manual_seed(0)
-    vocab = student.config.vocab_size
     probe = replace(opts, tokens=steps * opts.batch_size * opts.seq_len, val_tokens=opts.seq_len,
                     eval_every=10**9, save_every=10**9)
-    data = TrainingData(torch.randint(0, vocab, (opts.batch_size * steps, opts.seq_len), generator=g),
-                        torch.randint(0, vocab, (1, opts.seq_len), generator=g), "random token ids")
+    data = random_ids(student.config.vocab_size, opts, steps)
     stamps, rate = [], []
     with tempfile.TemporaryDirectory() as tmp:
         train(student, teacher, data, probe, Path(tmp), world, "smollm2",

@@ -23,6 +23,18 @@ from pathlib import Path
 from bench.common import argument_parser, peak_memory, write_result
 
 
+def random_ids(vocab: int, opts, steps: int):
+    """TrainingData of seeded random token ids: `steps` micro-batches of `opts`' shapes and one validation sequence
+    (throughput does not depend on the values)."""
+    import torch
+
+    from kvconvert.distill.data import TrainingData
+
+    g = torch.Generator().manual_seed(0)
+    return TrainingData(torch.randint(0, vocab, (opts.batch_size * steps, opts.seq_len), generator=g),
+                        torch.randint(0, vocab, (1, opts.seq_len), generator=g), "random token ids")
+
+
 def main() -> None:
     ap = argument_parser(__doc__)
     ap.add_argument("--model", required=True, help="a converted folder (the student)")
@@ -38,7 +50,6 @@ def main() -> None:
     import torch
 
     from kvconvert.distill import dist
-    from kvconvert.distill.data import TrainingData
     from kvconvert.distill.flops import distill_flops_per_token
     from kvconvert.distill.train import DistillOptions, resolve_lengths, train
     from kvconvert.loading import load_any, load_clla
@@ -57,10 +68,7 @@ def main() -> None:
                               grad_checkpointing={"auto": None, "on": True, "off": False}[mode])
         opts = resolve_lengths(base, positions, device)
         opts = replace(opts, tokens=args.steps * opts.batch_size * opts.seq_len, val_tokens=opts.seq_len)
-        g = torch.Generator().manual_seed(0)
-        vocab = student.config.vocab_size
-        data = TrainingData(torch.randint(0, vocab, (opts.batch_size * args.steps, opts.seq_len), generator=g),
-                            torch.randint(0, vocab, (1, opts.seq_len), generator=g), "random token ids")
+        data = random_ids(student.config.vocab_size, opts, args.steps)
         flops = distill_flops_per_token(student, teacher, opts.seq_len)
         stamps = []
         with tempfile.TemporaryDirectory() as tmp, peak_memory(device) as memory:

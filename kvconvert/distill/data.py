@@ -163,11 +163,12 @@ def teacher_chats(teacher, tokenizer, train_seqs: int, unique: int, val_seqs: in
     def rows(n: int, s: int, kind: str) -> torch.Tensor:
         if not n:
             return torch.empty(0, seq_len, dtype=torch.long)
+        sample = lambda: sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu()  # noqa: E731
         if cache_dir is None:
-            return sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu()
+            return sample()
         path = cache_dir / f"chats-{kind}-{n}x{seq_len}-{s}.pt"
         if (world is None or world.rank == 0) and not path.exists():
-            save_whole(sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu(), path)
+            save_whole(sample(), path)
         if world is not None:
             dist.barrier(world)  # every process reaches it once per file, whoever sampled
         return torch.load(path, weights_only=True)
