@@ -2,6 +2,8 @@
 architectures.
 
     python -m bench.convert_scale --arch qwen2-0.5b,llama-1b            # peak RSS and time, per stage
+    python -m bench.convert_scale --source smollm2 --ratio 0.1,0.25 --judge-dtype float32,bfloat16 \
+        --name convert_time_smollm2_cpu                                   # a real checkpoint: time, plan, KLs
 
 Each architecture's folder is made once (bfloat16 safetensors with seeded random weights, config only, no tokenizer;
 `--folder-root`), then `kvconvert convert FOLDER OUT --kv-ratio R` runs as its own process. Its peak resident memory
@@ -68,6 +70,18 @@ def make_folder(arch: str, folder: Path, seed: int = 0) -> int:
     return int(count.read_text())
 
 
+def source_parameters(src: str) -> int:
+    """The parameter count of a real source (read from its config, no weights loaded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvconvert.convert.source import load_source_config, resolve
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_source_config(resolve(src)))
+    return sum(p.numel() for p in model.parameters())
+
+
 class RssSampler(threading.Thread):
     """Samples a process's resident memory (VmRSS) every `every` seconds; `stage` names what it is doing."""
 
@@ -104,9 +118,9 @@ CHILD = ("import sys; from pathlib import Path; from kvconvert.cli import main; 
          "Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM:')))")
 
 
-def run_conversion(folder: Path, out: Path, ratio: float) -> dict:
+def run_conversion(folder: Path | str, out: Path, ratio: float, judge: str | None = None) -> dict:
     """`kvconvert convert` as a child process: its peak RSS, wall time, RSS peak per stage and its record."""
-    args = ["convert", str(folder), str(out), "--kv-ratio", str(ratio)]
+    args = ["convert", str(folder), str(out), "--kv-ratio", str(ratio)] + (["--judge-dtype", judge] if judge else [])
     hwm = out.parent / "vmhwm.txt"
     cmd = [sys.executable, "-c", CHILD, str(hwm), *args]
     env = os.environ | {"COLUMNS": "200", "TQDM_DISABLE": "1"}
@@ -128,31 +142,40 @@ def run_conversion(folder: Path, out: Path, ratio: float) -> dict:
     return {"command": " ".join(["kvconvert", *args]), "wall_s": round(wall, 1), "peak_rss_gib": round(peak_gib, 3),
             "rss_peak_by_stage_gib": {k: round(v, 3) for k, v in sampler.peaks.items()},
             "timings_s": record.get("timings_s"), "plan": record.get("plan"), "kv_ratio": record.get("kv_ratio"),
-            "candidates": len(record.get("candidates", []))}
+            "candidates": len(record.get("candidates", [])), "judge_dtype": record.get("judge_dtype"),
+            "heldout_kl": record.get("heldout_kl"), "recall_kl": record.get("recall_kl")}
 
 
 def main() -> None:
     ap = argument_parser(__doc__)
     ap.add_argument("--arch", default="qwen2-0.5b,llama-1b", help=f"comma-separated, of {', '.join(ARCHS)}")
-    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--source", default=None,
+                    help="a real source instead of --arch (a folder, a .gguf or 'smollm2'): its plans' KLs mean something")
+    ap.add_argument("--ratio", default="0.25", help="comma-separated KV ratios")
+    ap.add_argument("--judge-dtype", default="auto", help="comma-separated --judge-dtype values, each a conversion")
     ap.add_argument("--folder-root", type=Path, default=Path(tempfile.gettempdir()) / "kvconvert-bench-models")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     rows = []
-    for arch in args.arch.split(","):
-        if arch not in ARCHS:
+    for arch in [args.source] if args.source else args.arch.split(","):
+        if not args.source and arch not in ARCHS:
             sys.exit(f"error: unknown --arch {arch} (one of {', '.join(ARCHS)})")
-        folder = args.folder_root / arch
-        n = make_folder(arch, folder)
-        out = Path(tempfile.mkdtemp(prefix=f"convert-{arch}-"))
-        try:
-            row = {"arch": arch, "parameters": n, "weights_fp32_gib": round(4 * n / 2**30, 3), "ratio": args.ratio,
-                   **run_conversion(folder, out / "out", args.ratio)}
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-        row["peak_over_fp32_weights"] = round(row["peak_rss_gib"] / row["weights_fp32_gib"], 3)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        if args.source:
+            folder, n = args.source, source_parameters(args.source)
+        else:
+            folder = args.folder_root / arch
+            n = make_folder(arch, folder)
+        for ratio in (float(r) for r in args.ratio.split(",")):
+            for judge in args.judge_dtype.split(","):
+                out = Path(tempfile.mkdtemp(prefix="convert-"))
+                try:
+                    row = {"arch": arch, "parameters": n, "weights_fp32_gib": round(4 * n / 2**30, 3), "ratio": ratio,
+                           **run_conversion(folder, out / "out", ratio, judge)}
+                finally:
+                    shutil.rmtree(out, ignore_errors=True)
+                row["peak_over_fp32_weights"] = round(row["peak_rss_gib"] / row["weights_fp32_gib"], 3)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     path = write_result(args.name or "convert_scale_cpu", {"rows": rows})
     print(f"wrote {path}")
 

@@ -262,6 +262,10 @@ def test_convert_to_a_ratio(tmp_path, tiny_src):
     assert r.exit_code == 0, r.output
     record = json.loads(r.stdout)
     assert record["kv_ratio"] <= 0.3  # (the step itself: test_the_recall_judge_refines_the_winner_within_its_bytes)
+    for judge in ("float32", "bfloat16"):
+        r = convert(tiny_src, tmp_path / judge, "--kv-ratio", "0.3", "--judge-dtype", judge)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["judge_dtype"] == judge
 
 
 def test_every_override_lands_in_the_config(tmp_path, tiny_src):
@@ -339,6 +343,7 @@ def test_calibration_from_data_files(tmp_path, tiny_src):
         (["--kv-ratio", "0.5", "--rope-keys", "nowhere"], "--rope-keys must be one of"),
         (["--kv-ratio", "0.5", "--rope-keys", "latent", "--rope-bits", "4"], "caches no rope keys"),
         (["--kv-ratio", "0.5", "--rope-keys", "latent", "--rope-dim", "0"], "leaves none"),
+        (["--kv-ratio", "0.5", "--judge-dtype", "float16"], "--judge-dtype must be one of auto, float32, bfloat16"),
     ],
 )
 def test_bad_plans_are_refused(tmp_path, tiny_src, args, needle):
@@ -528,7 +533,7 @@ def test_the_recall_judge_stops_scoring_a_plan_that_cannot_win(monkeypatch):
 
     stopped = choose_plan(comp, 0.12, Overrides(), tokens[-2:], probe=probe)
     scored = RecallProbe.kl_bound
-    monkeypatch.setattr(RecallProbe, "kl_bound", lambda self, m, lp, stop_at=None: scored(self, m, lp))
+    monkeypatch.setattr(RecallProbe, "kl_bound", lambda self, m, lp, stop_at=None, dtype=None: scored(self, m, lp))
     every = choose_plan(comp, 0.12, Overrides(), tokens[-2:], probe=probe)
     assert (stopped.plan, stopped.heldout_kl, stopped.recall_kl) == (every.plan, every.heldout_kl, every.recall_kl)
     assert [c["heldout_kl"] for c in stopped.candidates] == [c["heldout_kl"] for c in every.candidates]

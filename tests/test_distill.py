@@ -259,6 +259,25 @@ def test_data_free_long_sequences_are_packed_from_short_samples(student, tmp_pat
     assert torch.equal(again.train, data.train) and torch.equal(again.val_long, data.val_long)
 
 
+@pytest.mark.parametrize("speedup, dtype", [(10.0, torch.bfloat16), (0.0, torch.float32)])
+def test_the_teacher_samples_in_the_precision_the_device_runs_fastest(student, tmp_path, monkeypatch, speedup, dtype):
+    """make_data samples the teacher under bfloat16 autocast where the device measures it faster, else in float32
+    (convert/precision.py); the training and validation sequences come out whole either way."""
+    src, _, _ = student
+    from kvconvert.convert import precision
+    from kvconvert.distill.run import make_data
+    from kvconvert.loading import load_any
+
+    monkeypatch.setattr(precision, "bf16_speedup", lambda device: speedup)
+    teacher = load_any(str(src))
+    seen = []
+    teacher.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    opts = DistillOptions(tokens=4 * 64, seq_len=64, batch_size=2, val_tokens=128, sample_tokens=4 * 64)
+    data = make_data(teacher.model, teacher.tokenizer, opts, tmp_path, dist.World(), lambda *a: None)
+    assert seen and set(seen) == {dtype}
+    assert data.train.shape[1] == 64 and len(data.train) >= 4 and len(data.val) == 2
+
+
 def test_data_conversations_are_answered_by_the_teacher(student, tmp_path):
     src, _, _ = student
     from kvconvert.distill.data import from_files

@@ -79,6 +79,9 @@ def convert(
     seed: Annotated[int, typer.Option(help="Seed of the sampled calibration text.")] = 0,
     force: ForceOut = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",
+    judge_dtype: Annotated[
+        str, typer.Option(help="Precision of the forwards that sample the calibration text and judge the plans: auto (bfloat16 where this machine measures it faster than float32, else float32), float32, bfloat16. The statistics, fits and the final logit check stay in float32/float64.")
+    ] = "auto",
     threads: Threads = None,
     as_json: RecordJson = False,
     distill_tokens: Annotated[
@@ -112,7 +115,7 @@ def convert(
         opts = ConvertOptions(
             identity=identity, kv_ratio=kv_ratio, context=context, overrides=overrides, group_sizes=parse_group_sizes(groups),
             data=list(data or []), calib_tokens=calib_tokens, long_rows=calib_long_rows, probe_rows=probe_rows,
-            attention_weight=attention_weight, refit=refit, top_up=top_up, seed=seed, force=force, dtype=dtype, log=log, progress=task_progress(bar),
+            attention_weight=attention_weight, refit=refit, top_up=top_up, seed=seed, force=force, dtype=dtype, judge_dtype=judge_dtype, log=log, progress=task_progress(bar),
         )
         if distill is None and not flags.resume:
             record = run_convert(src, out_dir, opts)

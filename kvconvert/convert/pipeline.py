@@ -22,6 +22,7 @@ from .calibrate import (CHAT_SHARE, SAMPLE_PREFIX, chat_rows, collect_inputs, lo
 from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, RecallProbe, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
 from .identity import build_identity, own_weights
+from .precision import JUDGE_DTYPES, forwards_in, judge_dtype
 from .source import Source, SourceRef, load_source, load_source_config, model_type_of, resolve
 
 Log = Callable[[str], None]
@@ -47,6 +48,7 @@ class ConvertOptions:
     seed: int = 0
     force: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    judge_dtype: str = "auto"  # sampling and the planner's judge: auto | float32 | bfloat16 (convert/precision.py)
     check_tokens: int = 64  # tokens of the logit check against the source
     log: Log = field(default=lambda msg: None)
     progress: Callable[[str, int, int], None] = field(default=lambda what, done, total: None)
@@ -98,6 +100,8 @@ def check_options(opts: ConvertOptions) -> None:
         raise KvconvertError("say what to build: --kv-ratio R (e.g. 0.1), --identity, or --latent-dim with plan options")
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise KvconvertError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {opts.dtype}")
+    if opts.judge_dtype not in JUDGE_DTYPES:
+        raise KvconvertError(f"--judge-dtype must be one of {', '.join(JUDGE_DTYPES)}; got {opts.judge_dtype}")
     if ov.group_size is not None and opts.group_sizes:
         raise KvconvertError("--group-size and --groups contradict each other; give one")
     for name, value in (("--kv-bits", ov.kv_bits), ("--rope-bits", ov.rope_bits)):
@@ -372,8 +376,11 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     base = identity_config(source.model.config, source.model_type, name)
     ov = fit_target(base, check_overrides_against(base, opts))
     context = plan_context(base, opts.context)
+    device = next(source.model.parameters()).device
+    fast = judge_dtype(opts.judge_dtype, device)  # sampling and judging only: the statistics stay float32
     t = time.perf_counter()
-    calib, heldout, origin, stream, lead = calibration_tokens(source, opts)
+    with forwards_in(fast, device):
+        calib, heldout, origin, stream, lead = calibration_tokens(source, opts)
     long = long_calibration(source, stream, lead, opts)
     cal = collect_inputs(source.model, calib, progress=lambda d, n: opts.progress("calibrating", d, n), long=long,
                          received=opts.attention_weight > 0)
@@ -382,7 +389,7 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
     comp = Compressor(source.model, source.model_type, name, cal, opts.attention_weight)
     probe = recall_probe(source, stream, lead, opts)
     report = choose_plan(comp, opts.kv_ratio, ov, heldout, log=opts.log, probe=probe, sequential=opts.refit,
-                         top_up=opts.top_up, context=context)
+                         top_up=opts.top_up, context=context, dtype=fast)
     timings["plan_and_build"] = round(time.perf_counter() - t, 3)
     model, plan = report.model, report.plan
     if ov.target == "deepseek-v3":
@@ -404,6 +411,7 @@ def compress(source, name: str, opts: ConvertOptions, timings: dict):
                         "long_rows": 0 if long is None else len(long),
                         "long_len": 0 if long is None else long.shape[1],
                         "attention_weight": opts.attention_weight},
+        "judge_dtype": str(fast).removeprefix("torch."),
         "heldout_kl": report.heldout_kl,
         "recall_kl": report.recall_kl,
         "recall_probe_tokens": probe.tokens.shape[1] if probe is not None else None,

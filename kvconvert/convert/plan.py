@@ -34,6 +34,7 @@ from ..config import (RING_CHUNK, CllaConfig, cached_bytes, describe_latent, key
 from ..errors import KvconvertError
 from ..quant import fake_quantize
 from .groups import Layout, describe_layout, layer_kinds, prefix_groups, prefix_length, uniform_groups
+from .precision import forwards_in
 from .rope import SharedRope
 from .stats import output_sensitivity
 
@@ -490,9 +491,13 @@ class HeadLogp:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, model, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> HeadLogp:
-        """`model`'s log-probabilities after each of `tokens` (B, T), or, for one row, at `positions` only."""
-        hidden = model.model(tokens, use_cache=False)[0]  # the last hidden state (a CLLA or a transformers model)
+    def of(cls, model, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+           dtype: torch.dtype = torch.float32) -> HeadLogp:
+        """`model`'s log-probabilities after each of `tokens` (B, T), or, for one row, at `positions` only; the
+        forward in `dtype` (precision.forwards_in), the LM head on the kept positions in the head's own dtype."""
+        with forwards_in(dtype, tokens.device):
+            hidden = model.model(tokens, use_cache=False)[0]  # the last hidden state (a CLLA or a transformers model)
+        hidden = hidden.to(model.lm_head.weight.dtype)
         return cls(hidden if positions is None else hidden[0, positions], model.lm_head)
 
     def __getitem__(self, index) -> torch.Tensor:
@@ -517,10 +522,11 @@ def kl_sum(ref, mine, length: int, chunk: int = KL_CHUNK) -> float:
 
 
 @torch.no_grad()
-def kl_to_source(model, tokens: torch.Tensor, source_logp, chunk: int = KL_CHUNK) -> float:
+def kl_to_source(model, tokens: torch.Tensor, source_logp, chunk: int = KL_CHUNK,
+                 dtype: torch.dtype = torch.float32) -> float:
     """Mean KL(source ‖ model) per token of `tokens` (B, T); source_logp: the source's log-probabilities there, a
-    (B, T, vocab) tensor or a HeadLogp."""
-    return kl_sum(source_logp, HeadLogp.of(model, tokens), tokens.shape[1], chunk) / tokens.numel()
+    (B, T, vocab) tensor or a HeadLogp; model's forward in `dtype` (HeadLogp.of)."""
+    return kl_sum(source_logp, HeadLogp.of(model, tokens, dtype=dtype), tokens.shape[1], chunk) / tokens.numel()
 
 
 @dataclass(frozen=True)
@@ -552,22 +558,23 @@ class RecallProbe:
         keep = long.any(1)
         return cls(rows[keep], long[keep])
 
-    def row_logp(self, model, i: int) -> HeadLogp:
-        """The model's log-probabilities of row i's scored tokens."""
+    def row_logp(self, model, i: int, dtype: torch.dtype = torch.float32) -> HeadLogp:
+        """The model's log-probabilities of row i's scored tokens (its forward in `dtype`)."""
         keep = self.mask[i, 1:].nonzero().flatten()  # the logits at position i predict token i + 1
-        return HeadLogp.of(model, self.tokens[i, None], keep)
+        return HeadLogp.of(model, self.tokens[i, None], keep, dtype)
 
     @torch.no_grad()
-    def logp(self, model) -> list[HeadLogp]:
+    def logp(self, model, dtype: torch.dtype = torch.float32) -> list[HeadLogp]:
         """Per row, the model's log-probabilities of its scored tokens."""
-        return [self.row_logp(model, i) for i in range(len(self.tokens))]
+        return [self.row_logp(model, i, dtype) for i in range(len(self.tokens))]
 
-    def kl(self, model, source_logp: list[HeadLogp]) -> float:
+    def kl(self, model, source_logp: list[HeadLogp], dtype: torch.dtype = torch.float32) -> float:
         """KL(source ‖ model) over each row's scored tokens, averaged over the rows (source_logp: the source's `logp`)."""
-        return self.kl_bound(model, source_logp)[0]
+        return self.kl_bound(model, source_logp, dtype=dtype)[0]
 
     @torch.no_grad()
-    def kl_bound(self, model, source_logp: list[HeadLogp], stop_at: float = math.inf) -> tuple[float, bool]:
+    def kl_bound(self, model, source_logp: list[HeadLogp], stop_at: float = math.inf,
+                 dtype: torch.dtype = torch.float32) -> tuple[float, bool]:
         """(KL, exact): `kl`, scoring the rows in turn and stopping once the rows scored put the mean at `stop_at` or
         above (every row's KL is ≥ 0), before another row; then (that lower bound, False), with no row scored where
         stop_at ≤ 0. A row costs a forward of the probe's length: the planner stops where a plan can no longer win."""
@@ -575,7 +582,7 @@ class RecallProbe:
         for i, ref in enumerate(source_logp):
             if total / len(source_logp) >= stop_at:
                 return total / len(source_logp), False
-            total += kl_sum(ref, self.row_logp(model, i), len(ref)) / len(ref)
+            total += kl_sum(ref, self.row_logp(model, i, dtype), len(ref)) / len(ref)
         return total / len(source_logp), True
 
 
@@ -617,14 +624,15 @@ class PlanReport:
 def choose_plan(
     comp: Compressor, kv_ratio: float | None, ov: Overrides, heldout: torch.Tensor, per_family: int = 1,
     log: Log = lambda m: None, prefix: bool = True, probe: RecallProbe | None = None, refine: bool = True,
-    sequential: bool = False, top_up: bool = False, context: int | None = None,
+    sequential: bool = False, top_up: bool = False, context: int | None = None, dtype: torch.dtype = torch.float32,
 ) -> PlanReport:
     """Proxy-rank the plans of each (layout, rope heads, rope dim) family, then measure held-out KL on the best
     `per_family` of each; with a `probe` (long-range recall) the RECALL_FINALISTS best are also measured on it and the
     lowest sum wins, then is refined under the same sum.
     `prefix=False` leaves out the prefix layouts, `refine=False` the refinements of the winner (ablations),
     `sequential=True` adds its sequential refit (`kvconvert convert --refit`), `top_up=True` the bytes it leaves spent
-    per layer group (`--top-up`). Bytes and the ratio are one row's at `context` tokens (None: per token)."""
+    per layer group (`--top-up`). Bytes and the ratio are one row's at `context` tokens (None: per token). The
+    judge's forwards (the source's and every judged plan's) run in `dtype` (convert/precision.py)."""
     base = comp.base
     src = source_bytes(base, context)
     budget = int(kv_ratio * src) if kv_ratio is not None else None
@@ -668,14 +676,14 @@ def choose_plan(
             finest[key] = (proxy, p)
     chosen += finest.values()
     log(f"planning: {len(plans) + len(mixed)} plans, {len(chosen)} built")
-    source_logp = HeadLogp.of(comp.src, heldout)
-    probe_logp = probe.logp(comp.src) if probe is not None else None
+    source_logp = HeadLogp.of(comp.src, heldout, dtype=dtype)
+    probe_logp = probe.logp(comp.src, dtype) if probe is not None else None
     results: list[dict] = []
 
     def recall(p: Plan, model, kl: float, bound: float) -> float | None:
         """p's recall KL, or None where scoring the probe's rows stopped once held-out KL plus recall KL reached
         `bound`, the best score so far (lossless: p cannot win). Recorded in p's entry of the candidates."""
-        rkl, exact = probe.kl_bound(model, probe_logp, bound - kl)
+        rkl, exact = probe.kl_bound(model, probe_logp, bound - kl, dtype)
         entry = next(r for r in reversed(results) if r["plan"] == p.describe())
         if not exact:
             entry["recall_kl_at_least"] = rkl
@@ -691,7 +699,7 @@ def choose_plan(
         math.inf where it cannot beat the bound (see `recall`)."""
         with comp.transient_fits():  # the judged plans are of different families: their fits are not reused
             model = comp.build(p)
-        kl = kl_to_source(model, heldout, source_logp)
+        kl = kl_to_source(model, heldout, source_logp, dtype=dtype)
         ratio = plan_bytes(base, p, context) / src
         log(f"  {p.describe()}: KV ratio {ratio:.4f}, held-out KL {kl:.4f}")
         results.append({"plan": p.describe(), "kv_ratio": ratio, "proxy": proxy, "heldout_kl": kl, "recall_kl": None})

@@ -66,6 +66,16 @@ def load_initial(ckpt: Path):
 
 
 def make_data(teacher, tokenizer, opts: DistillOptions, ckpt: Path, world: dist.World, progress) -> training_data.TrainingData:
+    """The run's training and validation sequences; what the teacher writes for them (text, conversations, answers)
+    it samples in bfloat16 where this device runs that faster, as a conversion does (convert/precision.py)."""
+    from ..convert.precision import forwards_in, judge_dtype
+
+    device = torch.device(world.device)
+    with forwards_in(judge_dtype("auto", device), device):
+        return _make_data(teacher, tokenizer, opts, ckpt, world, progress)
+
+
+def _make_data(teacher, tokenizer, opts: DistillOptions, ckpt: Path, world: dist.World, progress) -> training_data.TrainingData:
     val_seqs = -(-opts.val_tokens // opts.seq_len)
     needed = opts.steps(world) * opts.global_batch(world)
     pool = max(opts.global_batch(world), min(needed, -(-opts.sample_tokens // opts.seq_len)))

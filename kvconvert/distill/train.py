@@ -44,9 +44,10 @@ TRAIN_SETS = {
 }
 
 
-DATA_VERSION = 4  # of how training sequences are made (2: long --data text gets recall and task rows; 3: --data
+DATA_VERSION = 5  # of how training sequences are made (2: long --data text gets recall and task rows; 3: --data
 # text gets the teacher's conversations for an instruct teacher; 4: --data text and those conversations sized to
-# what a run reads, long rows included); resumes check it
+# what a run reads, long rows included; 5: the teacher samples in bfloat16 where it runs faster,
+# convert/precision.py); resumes check it
 
 
 @dataclass
