@@ -5,6 +5,9 @@ architectures.
     python -m bench.convert_scale --source smollm2 --ratio 0.1,0.25 --judge-dtype float32,bfloat16 \
         --name convert_time_smollm2_cpu                                   # a real checkpoint: time, plan, KLs
 
+With --source, a real checkpoint instead (SmolLM2 by name): the same figures, and the plan's held-out and
+recall KLs, for each --ratio and --judge-dtype.
+
 Each architecture's folder is made once (bfloat16 safetensors with seeded random weights, config only, no tokenizer;
 `--folder-root`), then `kvconvert convert FOLDER OUT --kv-ratio R` runs as its own process. Its peak resident memory
 (the kernel's high-water mark, VmHWM, read as it exits) is set against the model's weights in float32, the
@@ -143,20 +146,25 @@ def run_conversion(folder: Path | str, out: Path, ratio: float, judge: str | Non
             "rss_peak_by_stage_gib": {k: round(v, 3) for k, v in sampler.peaks.items()},
             "timings_s": record.get("timings_s"), "plan": record.get("plan"), "kv_ratio": record.get("kv_ratio"),
             "candidates": len(record.get("candidates", [])), "judge_dtype": record.get("judge_dtype"),
-            "heldout_kl": record.get("heldout_kl"), "recall_kl": record.get("recall_kl")}
+            "heldout_kl": record.get("heldout_kl"), "recall_kl": record.get("recall_kl"),
+            # plans the recall probe scored on every row, and those it stopped (plan.RecallProbe.kl_bound)
+            "recall_scored": sum(c.get("recall_kl") is not None for c in record.get("candidates", [])),
+            "recall_stopped": sum("recall_kl_at_least" in c for c in record.get("candidates", []))}
 
 
 def main() -> None:
     ap = argument_parser(__doc__)
     ap.add_argument("--arch", default="qwen2-0.5b,llama-1b", help=f"comma-separated, of {', '.join(ARCHS)}")
     ap.add_argument("--source", default=None,
-                    help="a real source instead of --arch (a folder, a .gguf or 'smollm2'): its plans' KLs mean something")
+                    help="a real source in place of --arch (a folder, a .gguf or 'smollm2'): its plans' KLs mean something")
     ap.add_argument("--ratio", default="0.25", help="comma-separated KV ratios")
     ap.add_argument("--judge-dtype", default="auto", help="comma-separated --judge-dtype values, each a conversion")
     ap.add_argument("--folder-root", type=Path, default=Path(tempfile.gettempdir()) / "kvconvert-bench-models")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     rows = []
+    if args.source and args.arch != ap.get_default("arch"):
+        sys.exit("error: --source replaces --arch: give one")
     for arch in [args.source] if args.source else args.arch.split(","):
         if not args.source and arch not in ARCHS:
             sys.exit(f"error: unknown --arch {arch} (one of {', '.join(ARCHS)})")
@@ -176,7 +184,8 @@ def main() -> None:
                 row["peak_over_fp32_weights"] = round(row["peak_rss_gib"] / row["weights_fp32_gib"], 3)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    path = write_result(args.name or "convert_scale_cpu", {"rows": rows})
+    default = f"convert_time_{Path(args.source).stem}_cpu" if args.source else "convert_scale_cpu"
+    path = write_result(args.name or default, {"rows": rows})
     print(f"wrote {path}")
 
 

@@ -456,6 +456,36 @@ def test_the_planner_weighs_prefix_layouts_and_keeps_layout_overrides():
 
 
 
+def test_proxy_errors_make_each_group_fit_once_and_sum_as_plan_by_plan(monkeypatch):
+    """The planner's proxy over every candidate (uniform and prefix layouts, both rope-head counts) equals each
+    plan's groups summed one by one, to the bit, with each distinct latent fit made once."""
+    from kvconvert.convert import build, plan as planning
+    from kvconvert.convert.plan import Overrides, enumerate_plans, prefix_layouts, proxy_errors
+
+    src = tiny_source("llama", num_hidden_layers=6)
+    tokens = torch.randint(0, VOCAB, (16, 48), generator=torch.Generator().manual_seed(0))
+    comp = Compressor(src, "llama", "tiny", collect_inputs(src, tokens))
+    budget = int(0.3 * kv_bytes_per_token(comp.base))
+    plans = enumerate_plans(comp.base, budget, Overrides(), max_layouts=2)
+    for layout in prefix_layouts(comp.base, 1, 2):
+        plans += enumerate_plans(comp.base, budget, Overrides(groups=layout))
+    assert len({p.groups for p in plans}) >= 3 and len({p.rope_heads for p in plans}) == 2
+    fits = []
+    real = build.fit_latent
+    monkeypatch.setattr(build, "fit_latent", lambda *a, **k: (fits.append(1), real(*a, **k))[1])
+    got = proxy_errors(comp, plans)
+    keys = {planning.proxy_fit_key(p, g) for p in plans for g in p.groups}
+    assert len(fits) == len(keys) < sum(len(p.groups) for p in plans)
+    for p, e in zip(plans, got):
+        ref = 0.0
+        for i, g in enumerate(p.groups):
+            fit = comp.latent_fit(g, p.rope_dim, p.select_rope, p.activation_aware, p.rope_heads, p.rope_from_latent,
+                                  p.key_weight, weighted=False)
+            ref += planning.group_error(fit, p, p.group_segments(i))
+            ref += planning.rope_term(comp.rope_choice(g, p.rope_dim, p.select_rope, p.rope_heads), p)
+        assert e == ref
+
+
 def test_the_recall_judge_refines_the_winner_within_its_bytes():
     """With a recall probe, the winner of the families is refined (lighter keys in the fit, an 8-bit head before a
     4-bit tail, latent widths per group, a sequential refit) at no more bytes; the plan kept has the lowest held-out KL plus recall KL of all that were judged

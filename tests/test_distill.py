@@ -259,23 +259,26 @@ def test_data_free_long_sequences_are_packed_from_short_samples(student, tmp_pat
     assert torch.equal(again.train, data.train) and torch.equal(again.val_long, data.val_long)
 
 
-@pytest.mark.parametrize("speedup, dtype", [(10.0, torch.bfloat16), (0.0, torch.float32)])
-def test_the_teacher_samples_in_the_precision_the_device_runs_fastest(student, tmp_path, monkeypatch, speedup, dtype):
-    """make_data samples the teacher under bfloat16 autocast where the device measures it faster, else in float32
-    (convert/precision.py); the training and validation sequences come out whole either way."""
+@pytest.mark.parametrize("sample_dtype, native, dtype", [("auto", True, torch.bfloat16), ("auto", False, torch.float32),
+                                                          ("float32", True, torch.float32)])
+def test_the_teacher_samples_in_its_sample_dtype(student, tmp_path, monkeypatch, sample_dtype, native, dtype):
+    """make_data samples the teacher in opts.sample_dtype: auto is bfloat16 autocast where the hardware has it
+    natively (convert/precision.py); the resolved precision is part of a resume's fingerprint."""
     src, _, _ = student
     from kvconvert.convert import precision
     from kvconvert.distill.run import make_data
     from kvconvert.loading import load_any
 
-    monkeypatch.setattr(precision, "bf16_speedup", lambda device: speedup)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     teacher = load_any(str(src))
     seen = []
     teacher.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    opts = DistillOptions(tokens=4 * 64, seq_len=64, batch_size=2, val_tokens=128, sample_tokens=4 * 64)
+    opts = DistillOptions(tokens=4 * 64, seq_len=64, batch_size=2, val_tokens=128, sample_tokens=4 * 64,
+                          sample_dtype=sample_dtype)
     data = make_data(teacher.model, teacher.tokenizer, opts, tmp_path, dist.World(), lambda *a: None)
     assert seen and set(seen) == {dtype}
     assert data.train.shape[1] == 64 and len(data.train) >= 4 and len(data.val) == 2
+    assert opts.fingerprint(dist.World(), "t")["sample_dtype"] == str(dtype).removeprefix("torch.")
 
 
 def test_data_conversations_are_answered_by_the_teacher(student, tmp_path):
@@ -295,6 +298,16 @@ def test_data_conversations_are_answered_by_the_teacher(student, tmp_path):
     text_rows = len(small.read_text().encode()) // 64  # the byte tokenizer: a token a byte
     assert mixed.train.shape[0] + mixed.val.shape[0] == text_rows + round(text_rows / 3)  # a quarter are chats
     assert any("<|im_start|>" in teacher.tokenizer.decode(r) for r in mixed.val)
+    cache = tmp_path / "samples"  # answered once: a resumed run (or another process) reads the saved answers
+    first = from_files(teacher.tokenizer, [f], 64, 2, 4, 0, teacher.model, chat_seqs=6, cache_dir=cache)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("kvconvert.convert.calibrate.chat_rows", lambda *a, **k: pytest.fail("answered again"))
+        again = from_files(teacher.tokenizer, [f], 64, 2, 4, 0, teacher.model, chat_seqs=6, cache_dir=cache)
+    assert torch.equal(again.train, first.train) and torch.equal(again.val, first.val)
+    f.write_text(json.dumps({"prompt": "Another question."}))  # other conversations: answered anew, beside
+    other = from_files(teacher.tokenizer, [f], 64, 2, 4, 0, teacher.model, chat_seqs=6, cache_dir=cache)
+    assert len(list(cache.glob("answers-*.pt"))) == 2 and "Another question" in teacher.tokenizer.decode(
+        torch.cat([other.train, other.val]).flatten())
 
 
 def test_long_range_validation_kl_counts_only_the_marked_tokens(student):

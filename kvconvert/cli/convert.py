@@ -80,7 +80,7 @@ def convert(
     force: ForceOut = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype on disk: auto (the source's), float32, bfloat16, float16.")] = "auto",
     judge_dtype: Annotated[
-        str, typer.Option(help="Precision of the forwards that sample the calibration text and judge the plans: auto (bfloat16 where this machine measures it faster than float32, else float32), float32, bfloat16. The statistics, fits and the final logit check stay in float32/float64.")
+        str, typer.Option(help="Precision of the forwards that sample the calibration text (and, with --distill-tokens, the teacher's training text) and judge the plans: auto (bfloat16 where the hardware multiplies it natively: GPUs from Ampere on, CPUs with AVX512-BF16 or AMX; else float32), float32, bfloat16. The statistics, fits and the final logit check stay in float32/float64.")
     ] = "auto",
     threads: Threads = None,
     as_json: RecordJson = False,

@@ -464,18 +464,50 @@ def proxy_error(comp: Compressor, plan: Plan) -> float:
     (Compressor.fit_cov), but in those terms the few most-read tokens' quantization noise outweighs every width's
     regression error, and the proxy would rank narrow 8-bit latents over the 4-bit ones the held-out judge prefers
     (at 0.25 on SmolLM2: 160 @ 8 bit, held-out KL 0.24, over 288 @ 4 bit)."""
-    err = 0.0
-    rope_noise = quantizer_noise(plan.rope_bits, rope_quant_group(plan.rope_dim, plan.quant_group))
-    for i, g in enumerate(plan.groups):
-        choice = comp.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads)
-        fit = comp.latent_fit(g, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads,
-                              plan.rope_from_latent, plan.key_weight, weighted=False)
-        err += group_error(fit, plan, plan.group_segments(i))
-        if not plan.rope_from_latent:
-            err += choice.error + rope_noise * choice.kept_energy
-        elif isinstance(choice, SharedRope):  # what stays position-free loses its rotation; rope keys per kv head
-            err += choice.error  # keep every pair and need no map onto the first layer: nothing lost
-    return err
+    return proxy_errors(comp, [plan])[0]
+
+
+def proxy_fit_key(plan: Plan, group: tuple[int, ...]) -> tuple:
+    """What the proxy's latent fit of `group` under `plan` depends on (Compressor.latent_fit's arguments)."""
+    return (group, plan.rope_dim, plan.select_rope, plan.activation_aware, plan.rope_heads, plan.rope_from_latent,
+            plan.key_weight)
+
+
+def proxy_errors(comp: Compressor, plans: list[Plan]) -> list[float]:
+    """proxy_error of each plan, with each distinct group fit made once: the plans' terms are gathered by the fit
+    they read and computed fit by fit, then summed per plan in its groups' order (the same sums as one plan at a
+    time). Plans of different layouts share many groups (a prefix layout's single layers and pairs are the uniform
+    layouts' own), and a fit cache of a tenth of the weights' bytes holds fewer fits than one layout has."""
+    uses: dict[tuple, list[tuple[int, int]]] = {}
+    for j, p in enumerate(plans):
+        for i, g in enumerate(p.groups):
+            uses.setdefault(proxy_fit_key(p, g), []).append((j, i))
+    terms = [[0.0] * (2 * len(p.groups)) for p in plans]  # per plan: (latent, rope) per group, in group order
+    for (g, *args), where in sorted(uses.items(), key=lambda kv: kv[0][0][0]):  # a first layer's fits share its C^-1/2
+        with comp.transient_fits():
+            fit = comp.latent_fit(g, *args, weighted=False)
+            for j, i in where:
+                plan = plans[j]
+                terms[j][2 * i] = group_error(fit, plan, plan.group_segments(i))
+                terms[j][2 * i + 1] = rope_term(comp.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads),
+                                                plan)
+    out = []
+    for t in terms:
+        err = 0.0
+        for x in t:
+            err += x
+        out.append(err)
+    return out
+
+
+def rope_term(choice, plan: Plan) -> float:
+    """The rope keys' part of a group's proxy error: what RoPE pair selection leaves out and the cached keys'
+    quantization noise, or (rope keys from the latent) for a shared rope key, its position-free rest."""
+    if not plan.rope_from_latent:
+        return choice.error + quantizer_noise(plan.rope_bits, rope_quant_group(plan.rope_dim, plan.quant_group)) * choice.kept_energy
+    if isinstance(choice, SharedRope):  # what stays position-free loses its rotation; rope keys per kv head
+        return choice.error  # keep every pair and need no map onto the first layer: nothing lost
+    return 0.0
 
 
 KL_CHUNK = 32  # positions whose (rows, positions, vocab) log-probabilities are held at once
@@ -495,7 +527,7 @@ class HeadLogp:
            dtype: torch.dtype = torch.float32) -> HeadLogp:
         """`model`'s log-probabilities after each of `tokens` (B, T), or, for one row, at `positions` only; the
         forward in `dtype` (precision.forwards_in), the LM head on the kept positions in the head's own dtype."""
-        with forwards_in(dtype, tokens.device):
+        with forwards_in(dtype, model.lm_head.weight.device):
             hidden = model.model(tokens, use_cache=False)[0]  # the last hidden state (a CLLA or a transformers model)
         hidden = hidden.to(model.lm_head.weight.dtype)
         return cls(hidden if positions is None else hidden[0, positions], model.lm_head)
@@ -652,6 +684,8 @@ def choose_plan(
             raise KvconvertError(f"--kv-ratio {kv_ratio:g} is out of reach {what}(smallest reachable ratio: {reach:.4f})")
         raise KvconvertError("the plan options contradict each other or the model's shapes (no valid plan)")
 
+    proxy = dict(zip(map(id, plans + mixed), proxy_errors(comp, plans + mixed)))  # each group's fit made once
+
     def picks(candidates: list[Plan]) -> list[tuple[float, Plan]]:
         """The `per_family` lowest-proxy plans of each (layout, rope heads, rope dim) family."""
         families: dict = {}
@@ -659,8 +693,7 @@ def choose_plan(
             families.setdefault((p.groups, p.rope_heads, p.rope_dim, p.rope_from_latent), []).append(p)
         out = []
         for members in families.values():
-            with comp.transient_fits():  # the members share their groups' fits; the next family has others
-                out += sorted(((proxy_error(comp, p), p) for p in members), key=lambda t: t[0])[:per_family]
+            out += sorted(((proxy[id(p)], p) for p in members), key=lambda t: t[0])[:per_family]
         return out
 
     chosen = picks(plans)

@@ -13,6 +13,8 @@ ask the student to look further back than one sample.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import textwrap
 from dataclasses import dataclass, field
@@ -71,7 +73,7 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
     """Pack --data files; the last `val_seqs` sequences are held out (a contiguous slice: no overlap with training).
     Conversations in the files (.jsonl "messages" or "prompt" lines) are answered by the teacher in its chat
     template (calibrate.chat_rows): beside text they make CHAT_SHARE of the sequences, alone `chat_seqs` of them
-    plus the validation ones. Text alone, for an instruct teacher, gets conversations the teacher writes in its
+    plus the validation ones (answered once, as the sampled conversations below are). Text alone, for an instruct teacher, gets conversations the teacher writes in its
     template (`teacher_chats`; distilled on text alone, a 5% conversion's chat agreement fell, docs/results.md),
     CHAT_SHARE of them and the text, and of validation (at most CHAT_SHARE × `chat_seqs` sampled, then cycled;
     saved under `cache_dir` by the first of `world`'s processes and read by all); at sequences past SAMPLE_LEN long
@@ -94,8 +96,11 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
         text_rows = seqs.shape[0]
         n_chat = round(CHAT_SHARE / (1 - CHAT_SHARE) * text_rows) if text_rows else chat_seqs + val_seqs
         n_chat = max(n_chat, 2)
-        chats = chat_rows(teacher, tokenizer, data.chats, n_chat * seq_len, seq_len, seed,
-                          progress and (lambda d, n: progress("answering the --data conversations", d, n)))
+        digest = hashlib.sha256(json.dumps(data.chats, sort_keys=True).encode()).hexdigest()[:16]
+        chats = made_once(
+            lambda: chat_rows(teacher, tokenizer, data.chats, n_chat * seq_len, seq_len, seed,
+                              progress and (lambda d, n: progress("answering the --data conversations", d, n))),
+            cache_dir and cache_dir / f"answers-{digest}-{n_chat}x{seq_len}-{seed}.pt", world)
         held = max(1, round(val_seqs * n_chat / (n_chat + text_rows)))  # validation keeps the mix
         held_text = min(max(0, val_seqs - held), max(0, text_rows - 1))
         train = torch.cat([seqs[: text_rows - held_text], chats[: len(chats) - held]])
@@ -143,6 +148,18 @@ def save_whole(t: torch.Tensor, path: Path) -> None:
     tmp.rename(path)
 
 
+def made_once(make: Callable[[], torch.Tensor], path: Path | None, world: dist.World | None) -> torch.Tensor:
+    """make(); with `path`, what the first of `world`'s processes made and saved there, read by every process (all
+    train on the same sequences, and a resumed run on the ones it started with, without sampling them again)."""
+    if path is None:
+        return make()
+    if (world is None or world.rank == 0) and not path.exists():
+        save_whole(make().cpu(), path)
+    if world is not None:
+        dist.barrier(world)  # every process reaches it once per file, whoever made it
+    return torch.load(path, weights_only=True)
+
+
 def text_read(rows: torch.Tensor, train_seqs: int | None, seed: int) -> torch.Tensor:
     """The text sequences a run reads: `train_seqs` of them, a seeded subset in their order, when the text is longer
     (what is added beside the text is then a share of what the run trains on, not of a corpus it never reaches)."""
@@ -163,15 +180,8 @@ def teacher_chats(teacher, tokenizer, train_seqs: int, unique: int, val_seqs: in
     def rows(n: int, s: int, kind: str) -> torch.Tensor:
         if not n:
             return torch.empty(0, seq_len, dtype=torch.long)
-        sample = lambda: sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu()  # noqa: E731
-        if cache_dir is None:
-            return sample()
-        path = cache_dir / f"chats-{kind}-{n}x{seq_len}-{s}.pt"
-        if (world is None or world.rank == 0) and not path.exists():
-            save_whole(sample(), path)
-        if world is not None:
-            dist.barrier(world)  # every process reaches it once per file, whoever sampled
-        return torch.load(path, weights_only=True)
+        return made_once(lambda: sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu(),
+                         cache_dir and cache_dir / f"chats-{kind}-{n}x{seq_len}-{s}.pt", world)
 
     train = rows(min(max(1, unique), train_seqs), seed, "train")
     if train_seqs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -67,11 +68,11 @@ def load_initial(ckpt: Path):
 
 def make_data(teacher, tokenizer, opts: DistillOptions, ckpt: Path, world: dist.World, progress) -> training_data.TrainingData:
     """The run's training and validation sequences; what the teacher writes for them (text, conversations, answers)
-    it samples in bfloat16 where this device runs that faster, as a conversion does (convert/precision.py)."""
+    it samples in opts.sample_dtype (convert/precision.py: auto is bfloat16 where the hardware has it natively)."""
     from ..convert.precision import forwards_in, judge_dtype
 
     device = torch.device(world.device)
-    with forwards_in(judge_dtype("auto", device), device):
+    with forwards_in(judge_dtype(opts.sample_dtype, device), device):
         return _make_data(teacher, tokenizer, opts, ckpt, world, progress)
 
 
@@ -227,6 +228,7 @@ def convert_and_distill(
         raise KvconvertError("--identity is already exact; there is nothing to distill")
     job = Conversion.start(src, out, opts, plan_checks=not resume)
     ckpt = checkpoint_dir(job.out, ckpt_given)
+    distill = replace(distill, sample_dtype=opts.judge_dtype)  # the teacher samples as the conversion does
     world = dist.init(distill.device)
     check_distill_options(distill, world)
     if distill.data:

@@ -46,7 +46,7 @@ TRAIN_SETS = {
 
 DATA_VERSION = 5  # of how training sequences are made (2: long --data text gets recall and task rows; 3: --data
 # text gets the teacher's conversations for an instruct teacher; 4: --data text and those conversations sized to
-# what a run reads, long rows included; 5: the teacher samples in bfloat16 where it runs faster,
+# what a run reads, long rows included; 5: the teacher samples in bfloat16 where the hardware has native bfloat16,
 # convert/precision.py); resumes check it
 
 
@@ -74,14 +74,19 @@ class DistillOptions:
     grad_checkpointing: bool | None = None  # None: on for GPU, and on CPU past CPU_CHECKPOINT_TOKENS a micro-batch
     fsdp: bool = False  # shard student and teacher over the torchrun processes (FSDP2) instead of replicating (DDP)
     logit_chunk: int | None = None  # tokens whose full-vocabulary logits exist at once (None: by device; 0: all)
+    sample_dtype: str = "auto"  # what the teacher writes, it samples in: convert/precision.py (convert's --judge-dtype)
 
     def fingerprint(self, world: dist.World, teacher: str) -> dict:
-        """What a resumed run must share with the interrupted one to continue it exactly."""
+        """What a resumed run must share with the interrupted one to continue it exactly (the teacher's samples
+        included: their precision as resolved on this hardware)."""
+        from ..convert.precision import judge_dtype
+
         keep = ("tokens", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay",
                 "clip", "temperature", "hidden_weight", "train", "val_tokens", "sample_tokens", "seed", "fsdp")
         d = {k: getattr(self, k) for k in keep}
+        sampled_in = str(judge_dtype(self.sample_dtype, torch.device(world.device))).removeprefix("torch.")
         return d | {"data": [str(Path(p).resolve()) for p in self.data], "world_size": world.size, "teacher": teacher,
-                    "data_version": DATA_VERSION}
+                    "data_version": DATA_VERSION, "sample_dtype": sampled_in}
 
     def global_batch(self, world: dist.World) -> int:
         return self.batch_size * self.grad_accum * world.size
