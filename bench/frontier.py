@@ -80,7 +80,8 @@ def measure_ratios(source, windows, ratios: list[float], rope_keys: str | None, 
             wall = time.perf_counter() - t
             model = load_clla(out).model
             row = {"name": f"CLLA {ratio:g}", "target": ratio, "kv_ratio": record["kv_ratio"], "kv_bytes_per_token": record["kv_bytes_per_token"],
-                   "plan": record["plan"], "conversion_s": round(wall, 1), "conversion_timings_s": record["timings_s"]}
+                   "plan": record["plan"], "conversion_s": round(wall, 1), "conversion_timings_s": record["timings_s"],
+                   "judge_dtype": record.get("judge_dtype", "float32")}  # conversions before --judge-dtype: float32
             row |= evaluate(model, source.tokenizer, windows, source.model, trials)
             if long_trials:
                 row["long_suite"] = long_suite(model, source.tokenizer, 4096, long_trials, reference_suite)

@@ -461,6 +461,7 @@ def test_proxy_errors_make_each_group_fit_once_and_sum_as_plan_by_plan(monkeypat
     plan's groups summed one by one, to the bit, with each distinct latent fit made once."""
     from kvconvert.convert import build, plan as planning
     from kvconvert.convert.plan import Overrides, enumerate_plans, prefix_layouts, proxy_errors
+    from kvconvert.convert.rope import SharedRope
 
     src = tiny_source("llama", num_hidden_layers=6)
     tokens = torch.randint(0, VOCAB, (16, 48), generator=torch.Generator().manual_seed(0))
@@ -476,14 +477,20 @@ def test_proxy_errors_make_each_group_fit_once_and_sum_as_plan_by_plan(monkeypat
     got = proxy_errors(comp, plans)
     keys = {planning.proxy_fit_key(p, g) for p in plans for g in p.groups}
     assert len(fits) == len(keys) < sum(len(p.groups) for p in plans)
-    for p, e in zip(plans, got):
+    for p, e in zip(plans, got):  # the plan-by-plan sum, written out
         ref = 0.0
+        noise = planning.quantizer_noise(p.rope_bits, planning.rope_quant_group(p.rope_dim, p.quant_group))
         for i, g in enumerate(p.groups):
+            choice = comp.rope_choice(g, p.rope_dim, p.select_rope, p.rope_heads)
             fit = comp.latent_fit(g, p.rope_dim, p.select_rope, p.activation_aware, p.rope_heads, p.rope_from_latent,
                                   p.key_weight, weighted=False)
             ref += planning.group_error(fit, p, p.group_segments(i))
-            ref += planning.rope_term(comp.rope_choice(g, p.rope_dim, p.select_rope, p.rope_heads), p)
+            if not p.rope_from_latent:
+                ref += choice.error + noise * choice.kept_energy
+            elif isinstance(choice, SharedRope):
+                ref += choice.error
         assert e == ref
+    assert any(not p.rope_from_latent for p in plans) or any(p.rope_heads == 1 for p in plans)  # a rope term counted
 
 
 def test_the_recall_judge_refines_the_winner_within_its_bytes():

@@ -684,7 +684,7 @@ def choose_plan(
             raise KvconvertError(f"--kv-ratio {kv_ratio:g} is out of reach {what}(smallest reachable ratio: {reach:.4f})")
         raise KvconvertError("the plan options contradict each other or the model's shapes (no valid plan)")
 
-    proxy = dict(zip(map(id, plans + mixed), proxy_errors(comp, plans + mixed)))  # each group's fit made once
+    proxies = dict(zip(map(id, plans + mixed), proxy_errors(comp, plans + mixed)))  # each group's fit made once
 
     def picks(candidates: list[Plan]) -> list[tuple[float, Plan]]:
         """The `per_family` lowest-proxy plans of each (layout, rope heads, rope dim) family."""
@@ -693,7 +693,7 @@ def choose_plan(
             families.setdefault((p.groups, p.rope_heads, p.rope_dim, p.rope_from_latent), []).append(p)
         out = []
         for members in families.values():
-            out += sorted(((proxy[id(p)], p) for p in members), key=lambda t: t[0])[:per_family]
+            out += sorted(((proxies[id(p)], p) for p in members), key=lambda t: t[0])[:per_family]
         return out
 
     chosen = picks(plans)

@@ -11,6 +11,8 @@ The choice is read from the hardware, not timed, so that one machine always samp
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import KvconvertError
@@ -23,8 +25,9 @@ def native_bf16(device: torch.device) -> bool:
     or AMX on a CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if device.type == "cpu":  # torch.cpu's own probes (private; absent ones read as no)
+        probes = (getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(probe() for probe in probes)
     return False
 
 
@@ -41,5 +44,5 @@ def forwards_in(dtype: torch.dtype, device: torch.device):
     """A context in which the forwards on `device` run in `dtype`: bfloat16 autocast, or autocast off (float32, even
     inside an enclosing autocast)."""
     if dtype == torch.float32:
-        return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

@@ -77,16 +77,13 @@ class DistillOptions:
     sample_dtype: str = "auto"  # what the teacher writes, it samples in: convert/precision.py (convert's --judge-dtype)
 
     def fingerprint(self, world: dist.World, teacher: str) -> dict:
-        """What a resumed run must share with the interrupted one to continue it exactly (the teacher's samples
-        included: their precision as resolved on this hardware)."""
-        from ..convert.precision import judge_dtype
-
+        """What a resumed run must share with the interrupted one to continue it exactly (not sample_dtype: what the
+        teacher sampled is saved in the checkpoint folder and read back, never sampled again)."""
         keep = ("tokens", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay",
                 "clip", "temperature", "hidden_weight", "train", "val_tokens", "sample_tokens", "seed", "fsdp")
         d = {k: getattr(self, k) for k in keep}
-        sampled_in = str(judge_dtype(self.sample_dtype, torch.device(world.device))).removeprefix("torch.")
         return d | {"data": [str(Path(p).resolve()) for p in self.data], "world_size": world.size, "teacher": teacher,
-                    "data_version": DATA_VERSION, "sample_dtype": sampled_in}
+                    "data_version": DATA_VERSION}
 
     def global_batch(self, world: dist.World) -> int:
         return self.batch_size * self.grad_accum * world.size
