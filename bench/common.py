@@ -107,8 +107,9 @@ def calibrated(source, calib_tokens: int = 3072):
 
 def planned(source, ratio: float):
     """`source` (load_source("smollm2")) calibrated and planned as `kvconvert convert SRC OUT --kv-ratio ratio
-    --judge-dtype float32` does (the studies that use it were recorded so): a namespace of base (the identity config), ov (the overrides), heldout, cal, comp (its
-    Compressor), probe (the recall probe) and report (the planner's PlanReport)."""
+    --judge-dtype float32` does (the studies that use it were recorded so): a namespace of base (the identity
+    config), ov (the overrides), heldout, cal, comp (its Compressor), probe (the recall probe) and report (the
+    planner's PlanReport)."""
     from types import SimpleNamespace
 
     import kvconvert.convert.pipeline as pipeline

@@ -22,7 +22,7 @@ from .calibrate import (CHAT_SHARE, SAMPLE_PREFIX, chat_rows, collect_inputs, lo
 from .plan import QUANT_GROUPS, TAIL_BITS, Overrides, RecallProbe, choose_plan, fit_target, proxy_error
 from .export import atomic_folder, check_output, conversion_record, write_conversion_json, write_model
 from .identity import build_identity, own_weights
-from .precision import JUDGE_DTYPES, forwards_in, judge_dtype
+from .precision import check_judge_dtype, forwards_in, judge_dtype
 from .source import Source, SourceRef, load_source, load_source_config, model_type_of, resolve
 
 Log = Callable[[str], None]
@@ -100,8 +100,7 @@ def check_options(opts: ConvertOptions) -> None:
         raise KvconvertError("say what to build: --kv-ratio R (e.g. 0.1), --identity, or --latent-dim with plan options")
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise KvconvertError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {opts.dtype}")
-    if opts.judge_dtype not in JUDGE_DTYPES:
-        raise KvconvertError(f"--judge-dtype must be one of {', '.join(JUDGE_DTYPES)}; got {opts.judge_dtype}")
+    check_judge_dtype(opts.judge_dtype)
     if ov.group_size is not None and opts.group_sizes:
         raise KvconvertError("--group-size and --groups contradict each other; give one")
     for name, value in (("--kv-bits", ov.kv_bits), ("--rope-bits", ov.rope_bits)):

@@ -492,7 +492,7 @@ def proxy_errors(comp: Compressor, plans: list[Plan]) -> list[float]:
                 terms[j][2 * i + 1] = rope_term(comp.rope_choice(g, plan.rope_dim, plan.select_rope, plan.rope_heads),
                                                 plan)
     out = []
-    for t in terms:
+    for t in terms:  # added in order, as one plan at a time does (not sum(): from Python 3.12 it compensates)
         err = 0.0
         for x in t:
             err += x
@@ -504,7 +504,8 @@ def rope_term(choice, plan: Plan) -> float:
     """The rope keys' part of a group's proxy error: what RoPE pair selection leaves out and the cached keys'
     quantization noise, or (rope keys from the latent) for a shared rope key, its position-free rest."""
     if not plan.rope_from_latent:
-        return choice.error + quantizer_noise(plan.rope_bits, rope_quant_group(plan.rope_dim, plan.quant_group)) * choice.kept_energy
+        noise = quantizer_noise(plan.rope_bits, rope_quant_group(plan.rope_dim, plan.quant_group))
+        return choice.error + noise * choice.kept_energy
     if isinstance(choice, SharedRope):  # what stays position-free loses its rotation; rope keys per kv head
         return choice.error  # keep every pair and need no map onto the first layer: nothing lost
     return 0.0

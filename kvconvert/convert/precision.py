@@ -31,10 +31,15 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def judge_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype `--judge-dtype name` means on `device`."""
+def check_judge_dtype(name: str) -> None:
+    """Refuse a --judge-dtype that is none of JUDGE_DTYPES."""
     if name not in JUDGE_DTYPES:
         raise KvconvertError(f"--judge-dtype must be one of {', '.join(JUDGE_DTYPES)}; got {name}")
+
+
+def judge_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype `--judge-dtype name` means on `device`."""
+    check_judge_dtype(name)
     if name == "bfloat16" or (name == "auto" and native_bf16(device)):
         return torch.bfloat16
     return torch.float32

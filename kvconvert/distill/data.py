@@ -73,8 +73,8 @@ def from_files(tokenizer, paths: list[Path], seq_len: int, val_seqs: int, batch_
     """Pack --data files; the last `val_seqs` sequences are held out (a contiguous slice: no overlap with training).
     Conversations in the files (.jsonl "messages" or "prompt" lines) are answered by the teacher in its chat
     template (calibrate.chat_rows): beside text they make CHAT_SHARE of the sequences, alone `chat_seqs` of them
-    plus the validation ones (answered once, as the sampled conversations below are). Text alone, for an instruct teacher, gets conversations the teacher writes in its
-    template (`teacher_chats`; distilled on text alone, a 5% conversion's chat agreement fell, docs/results.md),
+    plus the validation ones (answered once, as the sampled conversations below are). Text alone, for an instruct
+    teacher, gets conversations the teacher writes in its template (`teacher_chats`; distilled on text alone, a 5% conversion's chat agreement fell, docs/results.md),
     CHAT_SHARE of them and the text, and of validation (at most CHAT_SHARE × `chat_seqs` sampled, then cycled;
     saved under `cache_dir` by the first of `world`'s processes and read by all); at sequences past SAMPLE_LEN long
     rows are added beside both (`text_with_long_rows`). With `train_seqs`, the sequences a run reads, the training
@@ -152,7 +152,7 @@ def made_once(make: Callable[[], torch.Tensor], path: Path | None, world: dist.W
     """make(); with `path`, what the first of `world`'s processes made and saved there, read by every process (all
     train on the same sequences, and a resumed run on the ones it started with, without sampling them again)."""
     if path is None:
-        return make()
+        return make().cpu()
     if (world is None or world.rank == 0) and not path.exists():
         save_whole(make().cpu(), path)
     if world is not None:
@@ -180,7 +180,7 @@ def teacher_chats(teacher, tokenizer, train_seqs: int, unique: int, val_seqs: in
     def rows(n: int, s: int, kind: str) -> torch.Tensor:
         if not n:
             return torch.empty(0, seq_len, dtype=torch.long)
-        return made_once(lambda: sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress).cpu(),
+        return made_once(lambda: sample_chats(teacher, tokenizer, n * seq_len, seq_len, s, progress),
                          cache_dir and cache_dir / f"chats-{kind}-{n}x{seq_len}-{s}.pt", world)
 
     train = rows(min(max(1, unique), train_seqs), seed, "train")
